@@ -1,0 +1,118 @@
+"""``lmcache-node``: run a cache node, or ask one for its status.
+
+    lmcache-node run [--config FILE] [--listen ADDR ...] [--data-dir DIR] [--memory SIZE] ...
+    lmcache-node status [--node ADDR] [--json]
+
+Every ``run`` flag is also an ``LMCACHE_MESH_<KEY>`` environment variable and a TOML key;
+flags win over the environment, which wins over the file (``--config`` or
+``LMCACHE_MESH_CONFIG``), which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lmcache_mesh.transports import TransportError
+
+from .client import Client
+from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig
+from .errors import MeshError
+from .node import VERSION
+from .sizes import format_size
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcache-node", description="lmcache-mesh cache node")
+    parser.add_argument("--version", action="version", version=f"lmcache-node {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a cache node in the foreground (SIGTERM/SIGINT stop it cleanly)")
+    run.add_argument("--config", metavar="FILE", help=f"TOML config file (also {ENV_PREFIX}CONFIG)")
+    for name, key, meta in NodeConfig.options():
+        default = NodeConfig.default_of(name)
+        if isinstance(default, int) and key in ("memory", "disk", "max-record", "max-header", "writeback-queue"):
+            default = format_size(default)
+        elif isinstance(default, tuple):
+            default = " ".join(default)
+        help_text = f"{meta['help']} (default: {'the host name' if default == '' else default}; env {ENV_PREFIX}{key.replace('-', '_').upper()})"
+        kwargs: dict[str, Any] = {"dest": key, "metavar": meta["metavar"] or key.upper().replace("-", "_"), "help": help_text}
+        if key == "listen":
+            kwargs["action"] = "append"
+        run.add_argument(f"--{key}", **kwargs)
+
+    status = sub.add_parser("status", help="show a running node's members, tiers and counters")
+    status.add_argument("--node", default=f"tcp://127.0.0.1:{DEFAULT_PORT}", metavar="ADDR", help="node to ask (default: %(default)s)")
+    status.add_argument("--json", action="store_true", help="print the stable JSON document instead of a table")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds to wait for the node (default: %(default)s)")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    overrides: dict[str, Any] = {}
+    for _, key, _ in NodeConfig.options():
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = ",".join(value) if key == "listen" else value
+    config_file = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
+    config = NodeConfig.load(config_file, overrides=overrides)
+    return run(config)
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    node = s["node"]
+    print(f"node     {node['name']}  {node['address']}  zone={node['zone']}  v{node['version']}  up {node['uptime_s']:.0f} s")
+    print("members")
+    for m in s["members"]:
+        share = f"{100 * m.get('ring_share', 0):.0f}%"
+        print(f"  {m['name']:<20} {m['address']:<28} zone={m['zone']:<10} {m['state']:<8} {m['reachability']:<7} ring {share}")
+    print("tiers")
+    for name, t in s["tiers"].items():
+        print(
+            f"  {name:<7} {format_size(t['used_bytes'])} / {format_size(t['capacity_bytes'])}"
+            f"  {t['entries']} chunks  {t['evictions']} evictions"
+        )
+    c = s["counters"]
+    lookups = c["hits_memory"] + c["hits_disk"] + c["misses"]
+    rate = f"{100 * (c['hits_memory'] + c['hits_disk']) / lookups:.1f}%" if lookups else "-"
+    print(
+        f"counters hits memory={c['hits_memory']} disk={c['hits_disk']}  misses={c['misses']}  hit rate {rate}"
+        f"  puts={c['puts']}  in={format_size(c['bytes_in'])}  out={format_size(c['bytes_out'])}"
+        f"  checksum failures={c['checksum_failures']}"
+    )
+    if c.get("errors"):
+        print("errors   " + "  ".join(f"{k}={v}" for k, v in sorted(c["errors"].items())))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.node, timeout_s=args.timeout) as client:
+        stats = client.stats()
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2, sort_keys=True)
+        print()
+    else:
+        _print_status(stats)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_status(args)
+    except (MeshError, TransportError, ValueError) as exc:
+        print(f"lmcache-node {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

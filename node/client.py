@@ -1,0 +1,216 @@
+"""Clients of a node over ZeroMQ: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+Both speak :mod:`.protocol` and share its request builders and reply readers; only the
+waiting differs. Every payload received is checked against its record checksum; a bad
+one is counted in ``checksum_failures`` and returned as a miss, never as data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from lmcache_mesh.transports import dealer
+
+from .errors import DeadlineExceeded, Unavailable
+from .protocol import Op, Reply, decode_reply, get_results, peek_request_id, put_request, request_header
+from .records import Buffer, ChunkRecord
+
+DEFAULT_TIMEOUT_S = 5.0
+MAX_REPLY_FRAME_BYTES = 1 << 30  # what we accept from a node we chose to talk to
+
+
+def _payloads(records: list[ChunkRecord | None]) -> list[memoryview | None]:
+    return [None if r is None else memoryview(r.payload) for r in records]
+
+
+class Client:
+    """Blocking client of one node; thread-safe (calls are serialised).
+
+    ``timeout_s`` bounds each call; on expiry it raises DeadlineExceeded and reconnects,
+    so a reply that arrives late is never mistaken for the next one.
+    """
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.checksum_failures = 0
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket[Any] | None = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.address}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close(0)
+                self._sock = None
+
+    def _call(self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None) -> Reply:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            if self._sock is None:
+                raise Unavailable(f"client of {self.address} is closed")
+            rid = next(self._ids)
+            header = request_header(op, rid, max(int(timeout * 1000), 1), **fields)
+            self._sock.send_multipart([header, *frames], copy=False)
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining_ms = (deadline - time.monotonic()) * 1000
+                if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+                    # Drop whatever is queued or late on this socket and start clean.
+                    self._sock.close(0)
+                    self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES)
+                    raise DeadlineExceeded(f"no reply from {self.address} to {op.name} within {timeout:g} s")
+                reply = [f.buffer for f in self._sock.recv_multipart(copy=False)]
+                if peek_request_id(reply[0]) == rid:
+                    return decode_reply(reply)
+
+    def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return self._call(Op.PING, {}, timeout_s=timeout_s).fields
+
+    def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+        self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
+
+    def put_records(self, records: Sequence[ChunkRecord]) -> None:
+        if records:
+            self._call(Op.PUT, *put_request(records))
+
+    def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        return _payloads(self.get_records(keys))
+
+    def get_records(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+        if not keys:
+            return []
+        records, bad = get_results(self._call(Op.GET, {"keys": list(keys)}), keys)
+        self.checksum_failures += bad
+        return records
+
+    def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
+        return int(self._call(Op.LOOKUP, {"keys": list(keys)}).fields["hits"]) if keys else 0
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return int(self._call(Op.DELETE, {"keys": list(keys)}).fields["deleted"]) if keys else 0
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self._call(Op.STATS, {}).fields["stats"]
+        return stats
+
+
+class AsyncClient:
+    """asyncio client of one node; many calls may be in flight at once on one socket.
+
+    Bound to the event loop of its first call. The constructor does no I/O.
+    """
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.checksum_failures = 0
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[list[Buffer]]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncClient {self.address} inflight={len(self._pending)}>"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(f"client of {self.address} closed"))
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def _read_replies(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            reply = [f.buffer for f in frames]
+            fut = self._pending.get(peek_request_id(reply[0]))
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def _call(self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None) -> Reply:
+        if self._closed:
+            raise Unavailable(f"client of {self.address} is closed")
+        if self._sock is None:
+            self._ctx = zmq.asyncio.Context()
+            self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES)
+            self._reader = asyncio.create_task(self._read_replies(), name=f"lmcache-client-{self.address}")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        rid = next(self._ids)
+        fut: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            header = request_header(op, rid, max(int(timeout * 1000), 1), **fields)
+            await self._sock.send_multipart([header, *frames], copy=False)
+            reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no reply from {self.address} to {op.name} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        return decode_reply(reply)
+
+    async def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return (await self._call(Op.PING, {}, timeout_s=timeout_s)).fields
+
+    async def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+        await self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
+
+    async def put_records(self, records: Sequence[ChunkRecord]) -> None:
+        if records:
+            await self._call(Op.PUT, *put_request(records))
+
+    async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        return _payloads(await self.get_records(keys))
+
+    async def get_records(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+        if not keys:
+            return []
+        records, bad = get_results(await self._call(Op.GET, {"keys": list(keys)}), keys)
+        self.checksum_failures += bad
+        return records
+
+    async def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
+        return int((await self._call(Op.LOOKUP, {"keys": list(keys)})).fields["hits"]) if keys else 0
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        return int((await self._call(Op.DELETE, {"keys": list(keys)})).fields["deleted"]) if keys else 0
+
+    async def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = (await self._call(Op.STATS, {})).fields["stats"]
+        return stats

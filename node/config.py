@@ -1,0 +1,182 @@
+"""NodeConfig: every setting of a cache node, with its one default.
+
+CLI flags, ``LMCACHE_MESH_<KEY>`` environment variables and TOML keys are all derived from
+the fields below (the key is the flag name; TOML accepts ``data-dir`` or ``data_dir``).
+Precedence: flags > environment > TOML file > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .sizes import parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "LMCACHE_MESH_"
+DEFAULT_PORT = 7700
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "lmcache-mesh")
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _parse_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"expected a list of strings (or a comma-separated string), got {value!r}")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _opt(key: str, help: str, parse: Callable[[Any], Any] = str, metavar: str | None = None, **kw: Any) -> Any:
+    return field(metadata={"key": key, "help": help, "parse": parse, "metavar": metavar}, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Settings of one cache node (the daemon, or an embedded :class:`Node`)."""
+
+    name: str = _opt("name", "node name shown to peers and in status", default="")
+    listen: tuple[str, ...] = _opt(
+        "listen",
+        "endpoint(s) to serve on, tcp://HOST:PORT or ipc:///PATH; repeat or comma-separate",
+        _parse_list,
+        "ADDR",
+        default=(f"tcp://127.0.0.1:{DEFAULT_PORT}",),
+    )
+    data_dir: str = _opt("data-dir", "directory of the disk tier and node state", metavar="DIR", default_factory=default_data_dir)
+    memory_bytes: int = _opt("memory", "memory tier budget, e.g. 512MiB, 4GiB", parse_size, "SIZE", default=1 << 30)
+    disk_bytes: int = _opt("disk", "disk tier budget, e.g. 4GiB; 0 turns the disk tier off", parse_size, "SIZE", default=4 << 30)
+    zone: str = _opt("zone", "failure zone (rack, site); replicas go to distinct zones", default="default")
+    metrics_port: int = _opt("metrics-port", "serve Prometheus metrics on this HTTP port; 0 = off", _parse_int, "PORT", default=0)
+    metrics_host: str = _opt("metrics-host", "address the metrics endpoint binds", metavar="HOST", default="127.0.0.1")
+    max_record_bytes: int = _opt(
+        "max-record", "largest chunk payload accepted; larger PUTs get a TOO_LARGE error", parse_size, "SIZE", default=64 << 20
+    )
+    max_header_bytes: int = _opt(
+        "max-header", "largest request header accepted (msgpack frame)", parse_size, "SIZE", default=1 << 20
+    )
+    max_keys_per_request: int = _opt(
+        "max-keys", "most keys or records in one request", _parse_int, "N", default=4096
+    )
+    max_inflight_requests: int = _opt(
+        "max-inflight", "requests handled concurrently; more wait in the socket queue", _parse_int, "N", default=256
+    )
+    writeback_queue_bytes: int = _opt(
+        "writeback-queue",
+        "bytes of memory evictions queued for the disk writer; beyond it write-backs are dropped (counted)",
+        parse_size,
+        "SIZE",
+        default=256 << 20,
+    )
+    persist_on_shutdown: bool = _opt(
+        "persist-on-shutdown", "on clean shutdown, write the memory tier back to disk", _parse_bool, "BOOL", default=True
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", socket.gethostname())
+        for ep in self.listen:
+            if not (ep.startswith("tcp://") or ep.startswith("ipc://")):
+                raise ValueError(f"listen: endpoint {ep!r} must start with tcp:// or ipc://")
+        for name in ("memory_bytes", "disk_bytes", "writeback_queue_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_record_bytes", "max_header_bytes", "max_keys_per_request", "max_inflight_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    # loading
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(field name, key, metadata)`` for every setting, in declaration order."""
+        return [(f.name, f.metadata["key"], dict(f.metadata)) for f in fields(cls)]
+
+    @classmethod
+    def default_of(cls, name: str) -> Any:
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+
+    @classmethod
+    def load(
+        cls,
+        config_file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> NodeConfig:
+        """Merge TOML file < environment < ``overrides`` (flags, by key) over the defaults.
+
+        Raises ValueError naming the source, the key and the bad value.
+        """
+        by_key = {key: (name, meta) for name, key, meta in cls.options()}
+        values: dict[str, Any] = {}
+
+        def apply(source: str, key: str, raw: Any) -> None:
+            norm = key.replace("_", "-")
+            if norm not in by_key:
+                raise ValueError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(by_key))}")
+            name, meta = by_key[norm]
+            try:
+                values[name] = meta["parse"](raw)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{source}: bad value for {norm!r}: {exc}") from exc
+
+        if config_file is not None:
+            try:
+                with open(config_file, "rb") as f:
+                    table = tomllib.load(f)
+            except OSError as exc:
+                raise ValueError(f"cannot read config file {config_file}: {exc}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"config file {config_file} is not valid TOML: {exc}") from exc
+            table = table.get("node", table)
+            for key, raw in table.items():
+                apply(f"config file {config_file}", key, raw)
+        for var, raw in (os.environ if env is None else env).items():
+            if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
+                key = var[len(ENV_PREFIX) :].lower()
+                apply(f"environment {var}", key, raw)
+        for key, raw in (overrides or {}).items():
+            apply(f"--{key}", key, raw)
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ValueError(f"invalid configuration: {exc}") from exc
+
+    def with_(self, **changes: Any) -> NodeConfig:
+        return replace(self, **changes)

@@ -1,0 +1,98 @@
+"""Namespaces and chained chunk keys.
+
+A namespace id names the only set of engines that may share KV: same model weights, same
+KV layout, same chunk size, same tenant. A chunk key names one chunk of tokens *and the
+whole prefix before it*, because each key hashes the previous key with the chunk's tokens:
+
+    k_0 = H(ns || tokens[0:C]),   k_i = H(k_{i-1} || tokens[iC:(i+1)C])
+
+with H = blake2b, 16-byte digest, tokens as little-endian int32. Nothing here depends on
+Python's ``hash``, the process or the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+KEY_BYTES = 16
+"""Length of namespace ids and chunk keys in bytes (blake2b-128)."""
+
+_INT32 = struct.Struct("<i")
+
+
+def _canonical(value: Any, where: str) -> Any:
+    """``value`` with mapping keys sorted, so equal descriptors encode to equal bytes."""
+    if isinstance(value, Mapping):
+        items = []
+        for k in value:
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: mapping keys must be str, got {k!r}")
+            items.append(k)
+        return {k: _canonical(value[k], f"{where}.{k}") for k in sorted(items)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, f"{where}[]") for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    raise TypeError(f"{where}: {type(value).__name__} is not allowed in a namespace descriptor")
+
+
+def namespace_id(
+    model_fingerprint: bytes,
+    layout: Mapping[str, Any],
+    chunk_tokens: int = 256,
+    tenant: str | bytes | None = None,
+) -> bytes:
+    """The 16-byte namespace id for a model, its KV layout, a chunk size and a tenant.
+
+    ``model_fingerprint`` must digest the model's weights and metadata (not its file name).
+    ``layout`` describes the engine's KV layout: engine kind, dtype, n_layers, n_kv_heads,
+    head_dim, block/V layout. Any difference in any of these gives another namespace.
+    """
+    if not isinstance(model_fingerprint, (bytes, bytearray)) or not model_fingerprint:
+        raise ValueError("model_fingerprint must be non-empty bytes (a digest of the model's weights)")
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if tenant is not None and not isinstance(tenant, (str, bytes)):
+        raise TypeError(f"tenant must be str, bytes or None, got {type(tenant).__name__}")
+    descriptor = {
+        "chunk_tokens": chunk_tokens,
+        "fingerprint": bytes(model_fingerprint),
+        "layout": _canonical(layout, "layout"),
+        "tenant": tenant,
+    }
+    packed = msgpack.packb(descriptor, use_bin_type=True)
+    return hashlib.blake2b(packed, digest_size=KEY_BYTES).digest()
+
+
+def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
+    """Tokens as little-endian int32; raises ValueError for ids outside int32."""
+    try:
+        return struct.pack(f"<{len(tokens)}i", *tokens)
+    except struct.error as exc:
+        raise ValueError(f"token ids must be ints in the int32 range: {exc}") from exc
+
+
+def chunk_keys(namespace: bytes, tokens: Sequence[int], chunk_tokens: int = 256) -> list[bytes]:
+    """Chained keys for every *full* chunk of ``tokens``; a partial tail gets no key."""
+    if len(namespace) != KEY_BYTES:
+        raise ValueError(f"namespace must be {KEY_BYTES} bytes, got {len(namespace)}")
+    if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if hasattr(tokens, "tolist"):  # numpy arrays and torch tensors, without importing either
+        tokens = tokens.tolist()
+    n_full = len(tokens) // chunk_tokens
+    data = tokens_to_bytes(tokens[: n_full * chunk_tokens])
+    step = chunk_tokens * _INT32.size
+    keys: list[bytes] = []
+    prev = bytes(namespace)
+    for i in range(n_full):
+        h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
+        h.update(data[i * step : (i + 1) * step])
+        prev = h.digest()
+        keys.append(prev)
+    return keys

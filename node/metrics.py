@@ -1,0 +1,96 @@
+"""Prometheus metrics of a node.
+
+Counters and gauges are read from :meth:`Node.stats` at scrape time, so there is one set
+of books; request latency is a histogram observed by the server. Each node has its own
+registry, so several nodes can live in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .node import Node
+
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class _StatsCollector(Collector):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._node.stats()
+        c, tiers = stats["counters"], stats["tiers"]
+        hits = CounterMetricFamily("lmcache_hits", "Chunks served, by tier", labels=["tier"])
+        hits.add_metric(["memory"], c["hits_memory"])
+        hits.add_metric(["disk"], c["hits_disk"])
+        yield hits
+        for name, key, doc in (
+            ("lmcache_misses", "misses", "Chunks asked for and not found"),
+            ("lmcache_puts", "puts", "Chunks stored"),
+            ("lmcache_bytes_in", "bytes_in", "Payload bytes stored"),
+            ("lmcache_bytes_out", "bytes_out", "Payload bytes served"),
+            ("lmcache_deletes", "deletes", "Chunks deleted on request"),
+            ("lmcache_checksum_failures", "checksum_failures", "Records dropped for a bad checksum"),
+        ):
+            yield CounterMetricFamily(name, doc, value=c[key])
+        errors = CounterMetricFamily("lmcache_request_errors", "Error replies, by code", labels=["code"])
+        for code, n in sorted(c["errors"].items()):
+            errors.add_metric([code], n)
+        yield errors
+        evictions = CounterMetricFamily("lmcache_evictions", "Chunks evicted, by tier", labels=["tier"])
+        used = GaugeMetricFamily("lmcache_tier_bytes", "Bytes held, by tier", labels=["tier"])
+        capacity = GaugeMetricFamily("lmcache_tier_capacity_bytes", "Byte budget, by tier", labels=["tier"])
+        entries = GaugeMetricFamily("lmcache_tier_entries", "Chunks held, by tier", labels=["tier"])
+        for tier, t in tiers.items():
+            evictions.add_metric([tier], t["evictions"])
+            used.add_metric([tier], t["used_bytes"])
+            capacity.add_metric([tier], t["capacity_bytes"])
+            entries.add_metric([tier], t["entries"])
+        yield from (evictions, used, capacity, entries)
+        disk = tiers.get("disk", {})
+        yield CounterMetricFamily("lmcache_disk_write_errors", "Failed disk writes (full disk, I/O error)", value=disk.get("write_errors", 0))
+        yield CounterMetricFamily("lmcache_writeback_dropped", "Memory evictions not written back (queue full)", value=disk.get("writeback_dropped", 0))
+        members = GaugeMetricFamily("lmcache_members", "Members of the mesh, by state", labels=["state"])
+        for state in ("alive", "suspect", "dead", "left"):
+            members.add_metric([state], sum(1 for m in stats["members"] if m["state"] == state))
+        yield members
+
+
+class NodeMetrics:
+    """The metrics of one node, and an optional HTTP endpoint serving them."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(node))
+        self.latency = Histogram(
+            "lmcache_request_seconds",
+            "Time from receiving a request to sending its reply",
+            ["op", "outcome"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS_S,
+        )
+        self._server: Any = None
+
+    def observe(self, op: str, outcome: str, seconds: float) -> None:
+        self.latency.labels(op, outcome).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` over HTTP in a background thread."""
+        self._server = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if isinstance(self._server, tuple):
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=2)
+        self._server = None

@@ -1,0 +1,169 @@
+"""Node: one cache node's state and API, usable in-process (edge boxes, tests).
+
+The daemon serves a Node over ZeroMQ; an engine on the same machine may instead hold a
+Node directly. Both expose the same calls as :class:`~lmcache_mesh.node.client.Client`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .config import NodeConfig
+from .errors import Unavailable
+from .records import Buffer, ChunkRecord
+from .tiers import DiskTier, MemoryTier, RecoveryReport, TieredStore
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Node:
+    """A cache node's tiers and counters. Thread-safe; the constructor does no I/O.
+
+    The disk tier is opened (and recovered) by :meth:`open`, or on first use.
+    """
+
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        self.config = config or NodeConfig()
+        disk = None
+        if self.config.disk_bytes > 0:
+            disk = DiskTier(self.config.data_path, self.config.disk_bytes, self.config.writeback_queue_bytes)
+        self.store = TieredStore(MemoryTier(self.config.memory_bytes), disk)
+        self.addresses: list[str] = []
+        self.started_at = time.time()
+        self.checksum_failures = 0
+        self.errors: dict[str, int] = {}
+        self._state = "new"  # new -> open -> closed
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.config.name} {self._state} {self.store!r}>"
+
+    def __enter__(self) -> Node:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> RecoveryReport:
+        """Open the disk tier and rebuild its index; idempotent."""
+        with self._lock:
+            if self._state == "closed":
+                raise Unavailable(f"node {self.config.name} is closed")
+            if self._state == "new":
+                report = self.store.disk.open() if self.store.disk is not None else RecoveryReport()
+                self._state = "open"
+                if report.discarded or report.temp_removed:
+                    logger.warning(
+                        "- recovery discarded %d corrupt/torn files and %d temp files",
+                        report.discarded,
+                        report.temp_removed,
+                    )
+                return report
+        return self.store.disk.recovery if self.store.disk is not None else RecoveryReport()
+
+    def close(self) -> int:
+        """Write memory back to disk (per ``persist_on_shutdown``) and close; returns records written."""
+        with self._lock:
+            if self._state != "open":
+                self._state = "closed"
+                return 0
+            self._state = "closed"
+        return self.store.close(persist=self.config.persist_on_shutdown)
+
+    def _ready(self) -> None:
+        if self._state != "open":
+            self.open()
+
+    # the client API
+
+    def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+        """Store one chunk. A writable buffer is copied, so later changes cannot corrupt the cache."""
+        view = memoryview(payload)
+        if not view.readonly:
+            payload = view.tobytes()
+        self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
+
+    def put_records(self, records: Sequence[ChunkRecord]) -> None:
+        self._ready()
+        for record in records:
+            self.store.put(record)
+
+    def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """Payloads (read-only views) per key, None per miss."""
+        return [None if r is None else memoryview(r.payload).toreadonly() for r in self.get_records(keys)]
+
+    def get_records(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+        self._ready()
+        return self.store.get_many(keys)
+
+    def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
+        """How many leading ``keys`` are cached. No side effects (no pins, no counters)."""
+        self._ready()
+        return self.store.lookup(keys)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        self._ready()
+        return self.store.delete(keys)
+
+    def pin(self, keys: Sequence[bytes]) -> int:
+        self._ready()
+        return self.store.pin(keys)
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        self.store.unpin(keys)
+
+    def ping(self) -> dict[str, Any]:
+        return {"name": self.config.name, "version": VERSION}
+
+    def count_error(self, code_name: str) -> None:
+        with self._lock:
+            self.errors[code_name] = self.errors.get(code_name, 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        """The ``status --json`` document: node, members, tiers, counters."""
+        address = self.addresses[0] if self.addresses else "embedded"
+        tier_stats = self.store.stats()
+        counters = tier_stats["counters"]
+        counters["checksum_failures"] = self.checksum_failures + sum(
+            t.get("corrupt_discarded", 0) for t in tier_stats["tiers"].values()
+        )
+        with self._lock:
+            counters["errors"] = dict(self.errors)
+        report = self.store.disk.recovery if self.store.disk is not None else RecoveryReport()
+        return {
+            "node": {
+                "name": self.config.name,
+                "address": address,
+                "addresses": list(self.addresses),
+                "zone": self.config.zone,
+                "version": VERSION,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "state": self._state,
+                "recovery": {
+                    "recovered": report.recovered,
+                    "discarded": report.discarded,
+                    "temp_removed": report.temp_removed,
+                },
+            },
+            "members": [
+                {
+                    "name": self.config.name,
+                    "address": address,
+                    "zone": self.config.zone,
+                    "state": "alive",
+                    "reachability": "direct",
+                    "ring_share": 1.0,
+                }
+            ],
+            "tiers": tier_stats["tiers"],
+            "counters": counters,
+        }

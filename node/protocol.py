@@ -1,0 +1,205 @@
+"""The node's wire protocol: one msgpack header frame, then raw payload frames.
+
+Request header: ``{"v": version, "op": Op, "id": request id, "timeout_ms": budget, ...}``
+with per-op fields; PUT is followed by one payload frame per record. Reply header:
+``{"v", "id", "ok": true, ...}`` (GET followed by one frame per found record) or
+``{"v", "id", "ok": false, "code": ErrorCode, "error": message}``.
+
+Payloads never go inside msgpack: they travel as their own frames, zero-copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from .errors import BadRequest, MeshError, TooLarge, UnknownOp, UnsupportedVersion, error_from_wire
+from .keys import KEY_BYTES
+from .records import Buffer, ChunkRecord, RecordHeader
+
+PROTOCOL_VERSION_MIN = 1
+PROTOCOL_VERSION_MAX = 1
+PROTOCOL_VERSION = 1
+"""Version 1: PING, PUT, GET, LOOKUP, DELETE, STATS."""
+
+DEFAULT_TIMEOUT_MS = 5000
+
+
+class Op(IntEnum):
+    # APPEND ONLY: the numbers are on the wire.
+    PING = 1
+    PUT = 2
+    GET = 3
+    LOOKUP = 4
+    DELETE = 5
+    STATS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds a node enforces on every request before acting on it."""
+
+    max_header_bytes: int = 1 << 20
+    max_record_bytes: int = 64 << 20
+    max_keys: int = 4096
+
+
+@dataclass(slots=True)
+class Request:
+    op: Op
+    id: int
+    timeout_ms: int
+    fields: dict[str, Any]
+    payloads: list[Buffer] = field(default_factory=list)
+
+
+def encode_header(m: dict[str, Any]) -> bytes:
+    return msgpack.packb(m, use_bin_type=True)
+
+
+def request_header(op: Op, request_id: int, timeout_ms: int, **fields: Any) -> bytes:
+    return encode_header({"v": PROTOCOL_VERSION, "op": int(op), "id": request_id, "timeout_ms": timeout_ms, **fields})
+
+
+def ok_reply(request_id: int, **fields: Any) -> bytes:
+    return encode_header({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields})
+
+
+def error_reply(request_id: int, error: MeshError) -> bytes:
+    return encode_header(
+        {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "code": int(error.code), "error": str(error)}
+    )
+
+
+def _unpack_map(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
+    if len(frame) > limit:
+        raise TooLarge(f"{what} of {len(frame)} bytes exceeds the limit of {limit}")
+    try:
+        m = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadRequest(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(m, dict):
+        raise BadRequest(f"{what} must be a msgpack map, got {type(m).__name__}")
+    return m
+
+
+def peek_request_id(frame: Buffer) -> int:
+    """The request id from a header that may be otherwise broken (0 if unreadable)."""
+    try:
+        m = msgpack.unpackb(frame, raw=False)
+        rid = m.get("id") if isinstance(m, dict) else None
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0 else 0
+    except Exception:
+        return 0
+
+
+def _keys(m: dict[str, Any], limits: Limits) -> list[bytes]:
+    keys = m.get("keys")
+    if not isinstance(keys, list):
+        raise BadRequest("field 'keys' must be a list of 16-byte keys")
+    if len(keys) > limits.max_keys:
+        raise TooLarge(f"{len(keys)} keys in one request exceed the limit of {limits.max_keys}")
+    for k in keys:
+        if not isinstance(k, bytes) or len(k) != KEY_BYTES:
+            raise BadRequest(f"every key must be {KEY_BYTES} bytes, got {k!r:.60}")
+    return keys
+
+
+def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
+    """Parse and validate a whole request; raises a typed MeshError, never anything else."""
+    if not frames:
+        raise BadRequest("empty message")
+    m = _unpack_map(frames[0], limits.max_header_bytes, "request header")
+    version = m.get("v")
+    if not isinstance(version, int) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} not supported; must be in range "
+            f"[{PROTOCOL_VERSION_MIN}, {PROTOCOL_VERSION_MAX}]"
+        )
+    rid, timeout_ms, op_code = m.get("id"), m.get("timeout_ms", DEFAULT_TIMEOUT_MS), m.get("op")
+    if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+        raise BadRequest(f"field 'id' must be a non-negative int, got {rid!r:.40}")
+    if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
+        raise BadRequest(f"field 'timeout_ms' must be a positive int, got {timeout_ms!r:.40}")
+    try:
+        op = Op(op_code)
+    except ValueError:
+        raise UnknownOp(f"unknown op {op_code!r:.40}; this node knows {', '.join(o.name for o in Op)}") from None
+    fields_: dict[str, Any] = {}
+    payloads = list(frames[1:])
+    if op is Op.PUT:
+        raw = m.get("records")
+        if not isinstance(raw, list) or not raw:
+            raise BadRequest("PUT needs a non-empty list 'records' of record headers")
+        if len(raw) > limits.max_keys:
+            raise TooLarge(f"{len(raw)} records in one PUT exceed the limit of {limits.max_keys}")
+        if len(raw) != len(payloads):
+            raise BadRequest(f"PUT has {len(raw)} record headers but {len(payloads)} payload frames")
+        headers = [RecordHeader.from_wire(h) for h in raw]
+        for h in headers:
+            if h.length > limits.max_record_bytes:
+                raise TooLarge(f"record of {h.length} bytes exceeds the limit of {limits.max_record_bytes}")
+        fields_["headers"] = headers
+    elif payloads:
+        raise BadRequest(f"{op.name} takes no payload frames, got {len(payloads)}")
+    elif op in (Op.GET, Op.LOOKUP, Op.DELETE):
+        fields_["keys"] = _keys(m, limits)
+    return Request(op, rid, timeout_ms, fields_, payloads)
+
+
+@dataclass(slots=True)
+class Reply:
+    id: int
+    fields: dict[str, Any]
+    payloads: list[Buffer]
+
+
+def decode_reply(frames: Sequence[Buffer], max_header_bytes: int = 1 << 20) -> Reply:
+    """Parse a reply; an error reply raises its typed MeshError."""
+    if not frames:
+        raise BadRequest("empty reply")
+    m = _unpack_map(frames[0], max_header_bytes, "reply header")
+    version = m.get("v")
+    if not isinstance(version, int) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
+        raise UnsupportedVersion(f"reply with protocol version {version!r}")
+    rid = m.get("id")
+    if not isinstance(rid, int):
+        raise BadRequest("reply without an id")
+    if m.get("ok") is not True:
+        raise error_from_wire(m.get("code"), m.get("error", "error reply without a message"))
+    return Reply(rid, m, list(frames[1:]))
+
+
+# per-op request builders and reply readers, shared by every client
+
+
+def put_request(records: Sequence[ChunkRecord]) -> tuple[dict[str, Any], list[Buffer]]:
+    return {"records": [r.header.to_wire() for r in records]}, [r.payload for r in records]
+
+
+def get_results(reply: Reply, keys: Sequence[bytes]) -> tuple[list[ChunkRecord | None], int]:
+    """Verified records per key (None per miss or bad record) and how many failed verification."""
+    raw = reply.fields.get("records")
+    if not isinstance(raw, list) or len(raw) != len(keys):
+        raise BadRequest("GET reply has no per-key 'records' list of the right length")
+    out: list[ChunkRecord | None] = []
+    bad = 0
+    frames = iter(reply.payloads)
+    for key, h in zip(keys, raw):
+        if h is None:
+            out.append(None)
+            continue
+        payload = next(frames, None)
+        try:
+            header = RecordHeader.from_wire(h)
+            if payload is None or header.key != key:
+                raise BadRequest("GET reply record does not match its key or lacks a payload")
+            out.append(ChunkRecord.verified(header, payload))
+        except MeshError:
+            bad += 1
+            out.append(None)
+    return out, bad

@@ -1,0 +1,166 @@
+"""Chunk records: a msgpack header plus the raw KV payload of one chunk.
+
+The header carries everything a reader needs to trust and use the payload: format
+version, key, namespace, token count, layout, dtype, shape, codec, payload length and an
+xxh3-64 checksum of the payload. Decoding checks length, then version, then checksum;
+every failure is a typed error, and a record that fails is never handed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+import xxhash
+
+from .errors import BadRequest, ChecksumMismatch, TooLarge, UnsupportedVersion
+from .keys import KEY_BYTES
+
+RECORD_VERSION_MIN = 1
+RECORD_VERSION_MAX = 1
+RECORD_VERSION = 1
+"""Version of the record header layout we write."""
+
+MAX_RECORD_HEADER_BYTES = 16 * 1024
+"""Largest encoded record header we accept; a header only describes a payload."""
+
+Buffer = Union[bytes, bytearray, memoryview]
+"""Any bytes-like payload; records keep it without copying."""
+
+META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
+"""Keys a caller may pass in ``meta`` when putting a chunk."""
+
+
+def checksum(payload: Buffer) -> int:
+    """xxh3-64 of the payload bytes."""
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    """What is known about one chunk's payload; ``length`` and ``checksum`` bind it."""
+
+    key: bytes
+    namespace: bytes
+    length: int
+    checksum: int
+    tokens: int = 0
+    layout: Mapping[str, Any] = field(default_factory=dict)
+    dtype: str = "uint8"
+    shape: tuple[int, ...] = ()
+    codec: str = "raw"
+    version: int = RECORD_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        """The header as a msgpack-ready map (the on-disk and on-wire form)."""
+        return {
+            "v": self.version,
+            "key": self.key,
+            "ns": self.namespace,
+            "len": self.length,
+            "xxh3": self.checksum,
+            "tokens": self.tokens,
+            "layout": dict(self.layout),
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "codec": self.codec,
+        }
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_wire(), use_bin_type=True)
+
+    @classmethod
+    def from_wire(cls, m: object) -> RecordHeader:
+        """Validate a decoded header map; raises BadRequest/UnsupportedVersion naming the field."""
+        if not isinstance(m, dict):
+            raise BadRequest(f"record header must be a map, got {type(m).__name__}")
+        version = m.get("v")
+        if not isinstance(version, int) or not RECORD_VERSION_MIN <= version <= RECORD_VERSION_MAX:
+            raise UnsupportedVersion(
+                f"record version {version!r} not supported; must be in range "
+                f"[{RECORD_VERSION_MIN}, {RECORD_VERSION_MAX}]"
+            )
+        key, ns = m.get("key"), m.get("ns")
+        for name, value in (("key", key), ("ns", ns)):
+            if not isinstance(value, bytes) or len(value) != KEY_BYTES:
+                raise BadRequest(f"record header field {name!r} must be {KEY_BYTES} bytes, got {value!r:.60}")
+        length, digest, tokens = m.get("len"), m.get("xxh3"), m.get("tokens", 0)
+        for name, value in (("len", length), ("xxh3", digest), ("tokens", tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BadRequest(f"record header field {name!r} must be a non-negative int, got {value!r:.60}")
+        layout, dtype, shape, codec = m.get("layout", {}), m.get("dtype", "uint8"), m.get("shape", []), m.get("codec", "raw")
+        if not isinstance(layout, dict):
+            raise BadRequest(f"record header field 'layout' must be a map, got {type(layout).__name__}")
+        if not isinstance(dtype, str) or not isinstance(codec, str):
+            raise BadRequest("record header fields 'dtype' and 'codec' must be strings")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise BadRequest(f"record header field 'shape' must be a list of non-negative ints, got {shape!r:.60}")
+        assert isinstance(key, bytes) and isinstance(ns, bytes)  # narrowed above, for the type checker
+        return cls(key, ns, length, digest, tokens, layout, dtype, tuple(shape), codec, version)  # type: ignore[arg-type]
+
+    @classmethod
+    def decode(cls, data: Buffer) -> RecordHeader:
+        if len(data) > MAX_RECORD_HEADER_BYTES:
+            raise TooLarge(f"record header of {len(data)} bytes exceeds {MAX_RECORD_HEADER_BYTES}")
+        try:
+            m = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise BadRequest(f"record header is not valid msgpack: {exc}") from exc
+        return cls.from_wire(m)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """One chunk: its header and its payload (kept as given, never copied)."""
+
+    header: RecordHeader
+    payload: Buffer
+
+    @property
+    def key(self) -> bytes:
+        return self.header.key
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.length
+
+    @classmethod
+    def build(
+        cls, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
+    ) -> ChunkRecord:
+        """A record for ``payload``, checksummed now; ``meta`` holds optional META_FIELDS."""
+        if len(key) != KEY_BYTES or len(namespace) != KEY_BYTES:
+            raise ValueError(f"key and namespace must be {KEY_BYTES} bytes each")
+        meta = dict(meta or {})
+        unknown = set(meta) - set(META_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown meta keys {sorted(unknown)}; allowed: {', '.join(META_FIELDS)}")
+        view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
+        header = RecordHeader.from_wire(
+            {
+                "v": RECORD_VERSION,
+                "key": bytes(key),
+                "ns": bytes(namespace),
+                "len": len(view),
+                "xxh3": checksum(view),
+                "tokens": meta.get("tokens", 0),
+                "layout": meta.get("layout", {}),
+                "dtype": meta.get("dtype", "uint8"),
+                "shape": list(meta.get("shape", ())),
+                "codec": meta.get("codec", "raw"),
+            }
+        )
+        return cls(header, view)
+
+    @classmethod
+    def verified(cls, header: RecordHeader, payload: Buffer) -> ChunkRecord:
+        """The record if ``payload`` matches ``header``; raises ChecksumMismatch otherwise."""
+        if len(payload) != header.length:
+            raise ChecksumMismatch(
+                f"payload of {len(payload)} bytes for key {header.key.hex()} but header says {header.length}"
+            )
+        if checksum(payload) != header.checksum:
+            raise ChecksumMismatch(f"payload checksum mismatch for key {header.key.hex()}")
+        return cls(header, payload)

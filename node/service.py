@@ -1,0 +1,137 @@
+"""NodeServer: serves a Node's API over ZeroMQ ROUTER sockets (tcp:// and ipc://).
+
+Each request is decoded and validated in full before anything changes: a malformed
+header, an unknown version or op, an oversize record or a checksum mismatch gets a typed
+error reply and leaves the node as it was. Memory-tier work runs on the event loop; disk
+reads and deletes run in worker threads, bounded by the request's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lmcache_mesh.transports import ZmqRouter
+
+from .errors import DeadlineExceeded, InternalError, MeshError
+from .node import Node
+from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
+from .records import ChunkRecord
+
+logger = logging.getLogger(__name__)
+
+Observer = Callable[[str, str, float], None]
+"""Called after each request with (op name, outcome, seconds); must not block."""
+
+
+class NodeServer:
+    """Binds ``node.config.listen`` and answers requests until :meth:`stop`."""
+
+    def __init__(self, node: Node, observe: Observer | None = None) -> None:
+        cfg = node.config
+        self.node = node
+        self.limits = Limits(cfg.max_header_bytes, cfg.max_record_bytes, cfg.max_keys_per_request)
+        # Frames a little above our own limits still reach us, so they get an error reply;
+        # libzmq drops the connection of a peer sending anything larger.
+        self._router = ZmqRouter(cfg.listen, 2 * max(cfg.max_record_bytes, cfg.max_header_bytes))
+        self._observe = observe
+        self._slots = asyncio.Semaphore(cfg.max_inflight_requests)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<NodeServer {self.node.config.name} {self._router!r} inflight={len(self._tasks)}>"
+
+    async def start(self) -> list[str]:
+        """Bind every endpoint and start answering; returns the bound addresses."""
+        bound = self._router.bind()
+        self.node.addresses = bound
+        self._loop_task = asyncio.create_task(self._serve(), name="lmcache-node-serve")
+        return bound
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop reading, let requests in flight finish (up to ``grace_s``), close the sockets."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        self._router.close()
+
+    async def _serve(self) -> None:
+        while True:
+            peer, frames = await self._router.recv()
+            received = time.monotonic()
+            await self._slots.acquire()
+            task = asyncio.create_task(self._answer(peer, frames, received))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, peer: bytes, frames: list[Any], received: float) -> None:
+        op_name, outcome = "INVALID", "ok"
+        try:
+            buffers = [f.buffer for f in frames]
+            try:
+                request = decode_request(buffers, self.limits)
+                op_name = request.op.name
+                deadline = received + request.timeout_ms / 1000.0
+                reply = await self._dispatch(request, deadline)
+            except MeshError as exc:
+                outcome = exc.code.name
+                self.node.count_error(exc.code.name)
+                rid = peek_request_id(buffers[0]) if buffers else 0
+                logger.debug("x %s request %d from %s: %s", op_name, rid, peer.hex(), exc)
+                reply = [error_reply(rid, exc)]
+            except Exception as exc:  # a bug must not take the node down
+                logger.exception("x internal error answering %s", op_name)
+                outcome = "INTERNAL"
+                self.node.count_error("INTERNAL")
+                rid = peek_request_id(buffers[0]) if buffers else 0
+                reply = [error_reply(rid, InternalError(f"{type(exc).__name__}: {exc}"))]
+            await self._router.send(peer, reply)
+        finally:
+            self._slots.release()
+            if self._observe is not None:
+                self._observe(op_name, outcome, time.monotonic() - received)
+
+    async def _dispatch(self, req: Request, deadline: float) -> list[Any]:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"request {req.id} waited past its {req.timeout_ms} ms deadline")
+        store = self.node.store
+        if req.op is Op.PING:
+            return [ok_reply(req.id, **self.node.ping())]
+        if req.op is Op.PUT:
+            # Verify every record before storing any: a bad one means nothing changes.
+            records = [ChunkRecord.verified(h, p) for h, p in zip(req.fields["headers"], req.payloads)]
+            self.node.put_records(records)
+            return [ok_reply(req.id, stored=len(records))]
+        if req.op is Op.GET:
+            keys = req.fields["keys"]
+            if store.in_memory(keys):
+                found = self.node.get_records(keys)
+            else:
+                found = await self._in_thread(self.node.get_records, keys, deadline=deadline)
+            headers = [None if r is None else r.header.to_wire() for r in found]
+            return [ok_reply(req.id, records=headers), *(r.payload for r in found if r is not None)]
+        if req.op is Op.LOOKUP:
+            return [ok_reply(req.id, hits=self.node.lookup(req.fields["keys"]))]
+        if req.op is Op.DELETE:
+            deleted = await self._in_thread(self.node.delete, req.fields["keys"], deadline=None)
+            return [ok_reply(req.id, deleted=deleted)]
+        if req.op is Op.STATS:
+            return [ok_reply(req.id, stats=self.node.stats())]
+        raise InternalError(f"op {req.op.name} has no handler")  # pragma: no cover - Op and this table agree
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any, deadline: float | None) -> Any:
+        work = asyncio.to_thread(fn, *args)
+        if deadline is None:
+            return await work  # a delete must finish once started: nothing half-done
+        try:
+            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("deadline passed while reading from disk") from None
+

@@ -1,0 +1,386 @@
+"""L3: records as files on local disk under a byte budget, crash-safe, recovered at start.
+
+One file per record, ``chunks/<2 hex>/<32 hex>.rec``:
+
+    magic "LMCR" | u16 file version | u16 reserved | u32 header length |
+    u64 xxh3 of header | msgpack record header | payload
+
+Writes go to a temp file, are fsynced, renamed into place and the directory is fsynced,
+so a crash leaves either the old state or the whole new file. At start the index is rebuilt
+from the files: temp files, torn files (size disagrees with the header) and files whose
+header fails its checksum are deleted. The payload checksum is verified on every read; a
+record that fails is deleted and counted, never returned.
+
+Eviction is LRU by last read. Write-backs from the memory tier go through a bounded queue
+to one writer thread, so no caller waits on the disk; queued records stay readable.
+Thread-safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from ..errors import MeshError
+from ..records import ChunkRecord, RecordHeader
+
+logger = logging.getLogger(__name__)
+
+FILE_MAGIC = b"LMCR"
+FILE_VERSION = 1
+_PREFIX = struct.Struct("<4sHHIQ")  # magic, version, reserved, header length, header xxh3
+MAX_FILE_HEADER_BYTES = 16 * 1024
+_SUFFIX = ".rec"
+_TMP_SUFFIX = ".tmp"
+
+
+class CorruptFile(MeshError):
+    """A record file on disk is torn, truncated or fails a checksum."""
+
+
+def encode_file(record: ChunkRecord) -> tuple[bytes, memoryview]:
+    """The prefix+header bytes and the payload view of a record file."""
+    header = record.header.encode()
+    prefix = _PREFIX.pack(FILE_MAGIC, FILE_VERSION, 0, len(header), xxhash.xxh3_64_intdigest(header))
+    return prefix + header, memoryview(record.payload)
+
+
+def decode_file_header(head: bytes, file_size: int | None = None) -> tuple[RecordHeader, int]:
+    """The record header and payload offset from the start of a file; raises CorruptFile."""
+    if len(head) < _PREFIX.size:
+        raise CorruptFile(f"file of {len(head)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, _, hlen, hsum = _PREFIX.unpack_from(head)
+    if magic != FILE_MAGIC:
+        raise CorruptFile(f"bad magic {magic!r}")
+    if version != FILE_VERSION:
+        raise CorruptFile(f"file version {version} not supported; must be {FILE_VERSION}")
+    if hlen > MAX_FILE_HEADER_BYTES or len(head) < _PREFIX.size + hlen:
+        raise CorruptFile(f"header length {hlen} is out of range or truncated")
+    raw = head[_PREFIX.size : _PREFIX.size + hlen]
+    if xxhash.xxh3_64_intdigest(raw) != hsum:
+        raise CorruptFile("header checksum mismatch")
+    try:
+        header = RecordHeader.decode(raw)
+    except MeshError as exc:
+        raise CorruptFile(f"bad record header: {exc}") from exc
+    offset = _PREFIX.size + hlen
+    if file_size is not None and file_size != offset + header.length:
+        raise CorruptFile(f"torn file: {file_size} bytes on disk, header says {offset + header.length}")
+    return header, offset
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What start-up found in the data dir."""
+
+    recovered: int = 0
+    recovered_bytes: int = 0
+    discarded: int = 0
+    temp_removed: int = 0
+    evicted_over_budget: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class DiskCounters:
+    writes: int = 0
+    write_errors: int = 0
+    writeback_dropped: int = 0
+    evictions: int = 0
+    corrupt_discarded: int = 0
+
+
+@dataclass(slots=True)
+class _Slot:
+    size: int
+    header: RecordHeader = field(repr=False)
+
+
+class DiskTier:
+    """Byte-budgeted, crash-safe record files under ``<data_dir>/chunks``."""
+
+    def __init__(self, data_dir: Path | str, capacity_bytes: int, max_pending_bytes: int = 256 << 20) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"disk capacity must be >= 0 bytes, got {capacity_bytes}")
+        self.data_dir = Path(data_dir)
+        self.capacity_bytes = capacity_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.counters = DiskCounters()
+        self._root = self.data_dir / "chunks"
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, _Slot] = OrderedDict()  # LRU first
+        self._used = 0
+        self._pending: dict[bytes, ChunkRecord] = {}
+        self._pending_bytes = 0
+        self._queue: queue.Queue[ChunkRecord | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self.recovery = RecoveryReport()
+
+    def __repr__(self) -> str:
+        return f"<DiskTier {len(self._index)} files {self._used}/{self.capacity_bytes} B at {self.data_dir}>"
+
+    # lifecycle
+
+    def open(self) -> RecoveryReport:
+        """Lock the data dir, rebuild the index from disk and start the writer thread."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise MeshError(
+                f"data dir {self.data_dir} is in use by another lmcache-node process (lock held)"
+            ) from exc
+        self._lock_fd = fd
+        self.recovery = self._recover()
+        self._writer = threading.Thread(target=self._write_loop, name="lmcache-disk-writer", daemon=True)
+        self._writer.start()
+        return self.recovery
+
+    def close(self) -> None:
+        """Finish queued writes, stop the writer thread and release the data dir."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write has reached disk; False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+
+    # queries
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._index or key in self._pending
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index) + [k for k in self._pending if k not in self._index]
+
+    def read(self, key: bytes) -> ChunkRecord | None:
+        """The verified record, or None on a miss or a corrupt file (which is then deleted)."""
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None:
+                return pending
+            slot = self._index.get(key)
+            if slot is None:
+                return None
+            self._index.move_to_end(key)
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None  # evicted or deleted since we looked
+        try:
+            header, offset = decode_file_header(data, len(data))
+            if header.key != key:
+                raise CorruptFile(f"file holds key {header.key.hex()}")
+            return ChunkRecord.verified(header, memoryview(data)[offset:])
+        except MeshError as exc:
+            logger.warning("x %s: corrupt record file dropped: %s", path.name, exc)
+            with self._lock:
+                self.counters.corrupt_discarded += 1
+                if self._index.get(key) is slot:
+                    self._forget(key)
+            _unlink(path)
+            return None
+
+    # writes
+
+    def submit(self, record: ChunkRecord) -> bool:
+        """Queue ``record`` for the writer thread; False (counted) when the queue is full."""
+        if record.nbytes > self.capacity_bytes or self._writer is None:
+            return False
+        with self._lock:
+            if record.key in self._pending or record.key in self._index:
+                return True
+            if self._pending_bytes + record.nbytes > self.max_pending_bytes:
+                self.counters.writeback_dropped += 1
+                return False
+            self._pending[record.key] = record
+            self._pending_bytes += record.nbytes
+        self._queue.put(record)
+        return True
+
+    def write(self, record: ChunkRecord) -> bool:
+        """Write ``record`` now, crash-safe; False (counted and logged) on a full or failing disk."""
+        size = record.nbytes
+        if size > self.capacity_bytes:
+            return False
+        victims: list[bytes] = []
+        with self._lock:
+            if record.key in self._index:
+                return True
+            while self._used + size > self.capacity_bytes and self._index:
+                victim, slot = self._index.popitem(last=False)
+                victims.append(victim)
+                self._used -= slot.size
+        for victim in victims:
+            _unlink(self._path(victim))
+        path = self._path(record.key)
+        try:
+            _write_atomic(path, *encode_file(record))
+        except OSError as exc:
+            with self._lock:
+                self.counters.write_errors += 1
+            level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
+            logger.log(level, "x disk write of %s failed (%s); record not stored on disk", path.name, exc)
+            return False
+        with self._lock:
+            self._index[record.key] = _Slot(size, record.header)
+            self._used += size
+            self.counters.writes += 1
+            self.counters.evictions += len(victims)
+        return True
+
+    def remove(self, key: bytes) -> bool:
+        with self._lock:
+            present = key in self._index
+            if present:
+                self._forget(key)
+            queued = self._pending.pop(key, None)
+            if queued is not None:
+                self._pending_bytes -= queued.nbytes
+        if present:
+            _unlink(self._path(key))
+        return present
+
+    # internals
+
+    def _forget(self, key: bytes) -> None:
+        slot = self._index.pop(key)
+        self._used -= slot.size
+
+    def _path(self, key: bytes) -> Path:
+        h = key.hex()
+        return self._root / h[:2] / (h + _SUFFIX)
+
+    def _write_loop(self) -> None:
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            with self._lock:
+                still_wanted = self._pending.get(record.key) is record
+            if still_wanted:
+                self.write(record)
+            with self._lock:
+                deleted_meanwhile = still_wanted and self._pending.get(record.key) is not record
+                if not deleted_meanwhile and still_wanted:
+                    del self._pending[record.key]
+                    self._pending_bytes -= record.nbytes
+            if deleted_meanwhile:
+                self.remove(record.key)
+
+    def _recover(self) -> RecoveryReport:
+        started = time.monotonic()
+        found: list[tuple[float, bytes, _Slot]] = []
+        discarded = temp_removed = 0
+        for sub in sorted(p for p in self._root.iterdir() if p.is_dir()):
+            for path in sub.iterdir():
+                if path.name.endswith(_TMP_SUFFIX):
+                    _unlink(path)
+                    temp_removed += 1
+                    continue
+                if not path.name.endswith(_SUFFIX):
+                    continue
+                try:
+                    st = path.stat()
+                    with open(path, "rb") as f:
+                        head = f.read(_PREFIX.size + MAX_FILE_HEADER_BYTES)
+                    header, _ = decode_file_header(head, st.st_size)
+                    if header.key.hex() + _SUFFIX != path.name:
+                        raise CorruptFile(f"file name does not match key {header.key.hex()}")
+                except (OSError, CorruptFile) as exc:
+                    logger.warning("x %s: discarded at start-up: %s", path.name, exc)
+                    _unlink(path)
+                    discarded += 1
+                    continue
+                found.append((st.st_mtime, header.key, _Slot(header.length, header)))
+        found.sort(key=lambda t: t[0])
+        for _, key, slot in found:
+            self._index[key] = slot
+            self._used += slot.size
+        evicted = 0
+        while self._used > self.capacity_bytes and self._index:
+            key, slot = self._index.popitem(last=False)
+            self._used -= slot.size
+            _unlink(self._path(key))
+            evicted += 1
+        self.counters.corrupt_discarded += discarded
+        return RecoveryReport(
+            recovered=len(self._index),
+            recovered_bytes=self._used,
+            discarded=discarded,
+            temp_removed=temp_removed,
+            evicted_over_budget=evicted,
+            seconds=time.monotonic() - started,
+        )
+
+
+def _write_atomic(path: Path, head: bytes, payload: memoryview) -> None:
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for chunk in (memoryview(head), payload):
+                while chunk:
+                    n = os.write(fd, chunk)
+                    chunk = chunk[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,221 @@
+"""L1: records in memory under a byte budget, evicted by S3-FIFO, with pinning.
+
+S3-FIFO (Yang et al., SOSP'23) keeps a small FIFO (10% of the budget) for new entries, a
+main FIFO for entries seen again, and a ghost FIFO of recently evicted keys. One-hit
+wonders (a prompt seen once) leave through the small queue without disturbing the main
+one; a key that comes back while still a ghost goes straight to main. Hits only bump a
+2-bit counter, so a read never reorders a queue.
+
+Pinned entries are never evicted; callers pin chunks between LOOKUP and GET.
+Not thread-safe: :class:`TieredStore` holds the lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..errors import NoSpace
+from ..records import ChunkRecord
+
+_MAX_FREQ = 3
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: ChunkRecord
+    in_main: bool
+    freq: int = 0
+    pins: int = 0
+    on_disk: bool = False
+    """True when the disk tier holds the same record, so eviction needs no write-back."""
+
+
+class MemoryTier:
+    """Byte-budgeted S3-FIFO cache of chunk records keyed by chunk key."""
+
+    def __init__(self, capacity_bytes: int, small_fraction: float = 0.1) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"memory capacity must be >= 0 bytes, got {capacity_bytes}")
+        if not 0.0 < small_fraction < 1.0:
+            raise ValueError(f"small_fraction must be in (0, 1), got {small_fraction}")
+        self.capacity_bytes = capacity_bytes
+        self._small_limit = int(capacity_bytes * small_fraction)
+        self._entries: dict[bytes, _Entry] = {}
+        self._small: OrderedDict[bytes, None] = OrderedDict()
+        self._main: OrderedDict[bytes, None] = OrderedDict()
+        self._ghost: OrderedDict[bytes, None] = OrderedDict()
+        self._small_bytes = 0
+        self._main_bytes = 0
+        self._pinned_bytes = 0
+        self.evictions = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryTier {len(self._entries)} entries {self.used_bytes}/{self.capacity_bytes} B "
+            f"small={len(self._small)} main={len(self._main)} ghost={len(self._ghost)}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    @property
+    def used_bytes(self) -> int:
+        return self._small_bytes + self._main_bytes
+
+    def keys(self) -> list[bytes]:
+        return list(self._entries)
+
+    def get(self, key: bytes) -> ChunkRecord | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry.freq = min(entry.freq + 1, _MAX_FREQ)
+        return entry.record
+
+    def is_on_disk(self, key: bytes) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.on_disk
+
+    def mark_on_disk(self, key: bytes) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.on_disk = True
+
+    def put(self, record: ChunkRecord, on_disk: bool = False) -> list[tuple[ChunkRecord, bool]]:
+        """Admit ``record``; returns the evicted ``(record, on_disk)`` pairs.
+
+        Raises NoSpace (admitting nothing, evicting nothing) when pinned entries leave too
+        little room. Re-putting a key replaces the record and keeps its pins.
+        """
+        size = record.nbytes
+        old = self._entries.get(record.key)
+        if old is not None:
+            if old.record.header == record.header:
+                old.on_disk = old.on_disk or on_disk
+                return []
+            pins = old.pins
+            self._drop(record.key)
+        else:
+            pins = 0
+        if size + self._pinned_bytes > self.capacity_bytes:
+            raise NoSpace(
+                f"memory tier cannot admit {size} bytes: capacity {self.capacity_bytes}, "
+                f"pinned {self._pinned_bytes}"
+            )
+        evicted = self._make_room(size)
+        in_main = record.key in self._ghost
+        if in_main:
+            del self._ghost[record.key]
+        entry = _Entry(record, in_main, pins=pins, on_disk=on_disk)
+        self._entries[record.key] = entry
+        if in_main:
+            self._main[record.key] = None
+            self._main_bytes += size
+        else:
+            self._small[record.key] = None
+            self._small_bytes += size
+        if pins:
+            self._pinned_bytes += size
+        return evicted
+
+    def remove(self, key: bytes) -> ChunkRecord | None:
+        """Drop ``key`` even when pinned (an explicit delete wins over a pin)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._drop(key)
+        return entry.record
+
+    def pin(self, key: bytes) -> bool:
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        if entry.pins == 0:
+            self._pinned_bytes += entry.record.nbytes
+        entry.pins += 1
+        return True
+
+    def unpin(self, key: bytes) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry.pins == 0:
+            return
+        entry.pins -= 1
+        if entry.pins == 0:
+            self._pinned_bytes -= entry.record.nbytes
+
+    def pinned_bytes(self) -> int:
+        return self._pinned_bytes
+
+    def items(self) -> list[tuple[ChunkRecord, bool]]:
+        """Every ``(record, on_disk)``, main queue first (the ones worth keeping most)."""
+        order = list(self._main) + list(self._small)
+        return [(self._entries[k].record, self._entries[k].on_disk) for k in order]
+
+    # eviction
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key)
+        size = entry.record.nbytes
+        if entry.in_main:
+            del self._main[key]
+            self._main_bytes -= size
+        else:
+            del self._small[key]
+            self._small_bytes -= size
+        if entry.pins:
+            self._pinned_bytes -= size
+
+    def _make_room(self, size: int) -> list[tuple[ChunkRecord, bool]]:
+        evicted: list[tuple[ChunkRecord, bool]] = []
+        # Each pass over an entry either evicts it, lowers its counter or moves it small->main,
+        # so the loop ends; the bound only guards against a bookkeeping bug.
+        budget = 2 * (_MAX_FREQ + 2) * (len(self._entries) + 1)
+        main_spins = 0  # passes over main that evicted nothing (all hot or pinned)
+        while self.used_bytes + size > self.capacity_bytes and budget > 0:
+            budget -= 1
+            main_stuck = main_spins > (_MAX_FREQ + 1) * len(self._main)
+            if self._small and (self._small_bytes > self._small_limit or not self._main or main_stuck):
+                victim = self._evict_small()
+            else:
+                victim = self._evict_main()
+                main_spins = 0 if victim is not None else main_spins + 1
+            if victim is not None:
+                evicted.append(victim)
+        if self.used_bytes + size > self.capacity_bytes:
+            raise NoSpace(f"memory tier could not free {size} bytes")  # pragma: no cover - bookkeeping bug
+        return evicted
+
+    def _evict_small(self) -> tuple[ChunkRecord, bool] | None:
+        key, _ = self._small.popitem(last=False)
+        entry = self._entries[key]
+        size = entry.record.nbytes
+        self._small_bytes -= size
+        if entry.freq > 0 or entry.pins:
+            # Seen again while in probation (or in use): it earns a place in main.
+            entry.in_main = True
+            entry.freq = 0
+            self._main[key] = None
+            self._main_bytes += size
+            return None
+        del self._entries[key]
+        self._ghost[key] = None
+        while len(self._ghost) > max(len(self._main), 1):
+            self._ghost.popitem(last=False)
+        self.evictions += 1
+        return entry.record, entry.on_disk
+
+    def _evict_main(self) -> tuple[ChunkRecord, bool] | None:
+        key, _ = self._main.popitem(last=False)
+        entry = self._entries[key]
+        if entry.freq > 0 or entry.pins:
+            entry.freq = max(entry.freq - 1, 0)
+            self._main[key] = None
+            return None
+        self._main_bytes -= entry.record.nbytes
+        del self._entries[key]
+        self.evictions += 1
+        return entry.record, entry.on_disk

@@ -1,0 +1,184 @@
+"""Memory and disk tiers behind one thread-safe interface.
+
+Puts land in memory; what memory evicts is written back to disk (queued, off the
+caller's path) unless disk already holds it. A disk hit is promoted to memory and stays on
+disk, so evicting it again costs nothing. On close, memory is written back so that a clean
+shutdown loses nothing that fits the disk budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import NoSpace
+from ..records import ChunkRecord
+from .disk import DiskTier
+from .memory import MemoryTier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TierCounters:
+    puts: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    hits_memory: int = 0
+    hits_disk: int = 0
+    misses: int = 0
+    deletes: int = 0
+    promotions: int = 0
+
+
+class TieredStore:
+    """Memory (L1) over an optional disk tier (L3). All methods are thread-safe.
+
+    Only :meth:`get_many` (on a memory miss) and :meth:`close` touch the disk on the
+    calling thread; callers on an event loop run those in a worker thread.
+    """
+
+    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None) -> None:
+        self.memory = memory
+        self.disk = disk
+        self.counters = TierCounters()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<TieredStore {self.memory!r} {self.disk!r}>"
+
+    def put(self, record: ChunkRecord) -> None:
+        """Store ``record``; raises NoSpace only if no tier can take it."""
+        with self._lock:
+            self.counters.puts += 1
+            self.counters.bytes_in += record.nbytes
+            try:
+                evicted = self.memory.put(record)
+            except NoSpace:
+                if self.disk is None or record.nbytes > self.disk.capacity_bytes:
+                    raise
+                evicted = [(record, False)]  # too big for memory: straight to disk
+        self._write_back(evicted)
+
+    def _write_back(self, evicted: list[tuple[ChunkRecord, bool]]) -> None:
+        if self.disk is None:
+            return
+        for record, on_disk in evicted:
+            if not on_disk:
+                self.disk.submit(record)
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self.memory:
+                return True
+        return self.disk is not None and key in self.disk
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` are present in any tier. No side effects."""
+        n = 0
+        for key in keys:
+            if not self.contains(key):
+                break
+            n += 1
+        return n
+
+    def in_memory(self, keys: Sequence[bytes]) -> bool:
+        with self._lock:
+            return all(k in self.memory for k in keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+        """Records for ``keys`` (None per miss), promoting disk hits into memory."""
+        out: list[ChunkRecord | None] = []
+        for key in keys:
+            with self._lock:
+                record = self.memory.get(key)
+                if record is not None:
+                    self.counters.hits_memory += 1
+                    self.counters.bytes_out += record.nbytes
+                    out.append(record)
+                    continue
+            record = self.disk.read(key) if self.disk is not None else None
+            with self._lock:
+                if record is None:
+                    self.counters.misses += 1
+                    out.append(None)
+                    continue
+                self.counters.hits_disk += 1
+                self.counters.bytes_out += record.nbytes
+                evicted = self._promote(record)
+            self._write_back(evicted)
+            out.append(record)
+        return out
+
+    def _promote(self, record: ChunkRecord) -> list[tuple[ChunkRecord, bool]]:
+        try:
+            evicted = self.memory.put(record, on_disk=True)
+        except NoSpace:
+            return []
+        self.counters.promotions += 1
+        return evicted
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        deleted = 0
+        for key in keys:
+            with self._lock:
+                hit = self.memory.remove(key) is not None
+            if self.disk is not None:
+                hit = self.disk.remove(key) or hit
+            deleted += hit
+        with self._lock:
+            self.counters.deletes += deleted
+        return deleted
+
+    def pin(self, keys: Sequence[bytes]) -> int:
+        """Pin the leading ``keys`` held in memory; returns how many were pinned."""
+        with self._lock:
+            n = 0
+            for key in keys:
+                if not self.memory.pin(key):
+                    break
+                n += 1
+            return n
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                self.memory.unpin(key)
+
+    def close(self, persist: bool = True) -> int:
+        """Write memory back to disk (if ``persist``) and stop the disk tier; returns records written."""
+        written = 0
+        if self.disk is not None:
+            if persist:
+                with self._lock:
+                    # Least valuable first: if disk fills, LRU eviction drops those, not main's.
+                    items = [r for r, on_disk in reversed(self.memory.items()) if not on_disk]
+                for record in items:
+                    written += self.disk.write(record)
+            self.disk.close()
+        return written
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            memory = {
+                "capacity_bytes": self.memory.capacity_bytes,
+                "used_bytes": self.memory.used_bytes,
+                "pinned_bytes": self.memory.pinned_bytes(),
+                "entries": len(self.memory),
+                "evictions": self.memory.evictions,
+            }
+            counters = asdict(self.counters)
+        tiers: dict[str, Any] = {"memory": memory}
+        if self.disk is not None:
+            tiers["disk"] = {
+                "capacity_bytes": self.disk.capacity_bytes,
+                "used_bytes": self.disk.used_bytes,
+                "pending_bytes": self.disk.pending_bytes,
+                "entries": len(self.disk),
+                "path": str(self.disk.data_dir),
+                **asdict(self.disk.counters),
+            }
+        return {"tiers": tiers, "counters": counters}

@@ -1,0 +1,142 @@
+"""ZeroMQ ROUTER/DEALER plumbing: bind, connect, socket limits, error translation.
+
+Frames are sent and received zero-copy (``copy=False``): a received frame's ``buffer`` is
+a read-only memoryview that stays valid as long as someone holds it. Senders must not
+change a buffer after handing it over; callers here only send immutable buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from typing import Any, Union
+
+import zmq
+import zmq.asyncio
+
+Frame = Union[bytes, memoryview, zmq.Frame]
+
+# Longest ipc:// path the kernel accepts (sun_path is 108 bytes including the NUL).
+MAX_IPC_PATH = 107
+
+
+class TransportError(Exception):
+    """A socket could not be bound or connected; the message says which endpoint and why."""
+
+
+def check_endpoint(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if len(os.fsencode(path)) > MAX_IPC_PATH:
+            raise TransportError(
+                f"ipc path too long ({len(path)} > {MAX_IPC_PATH} bytes): {endpoint}; use a shorter path"
+            )
+    elif not endpoint.startswith("tcp://"):
+        raise TransportError(f"unsupported endpoint {endpoint!r}: use tcp://HOST:PORT or ipc:///PATH")
+
+
+def _configure(sock: zmq.Socket[Any], max_message_bytes: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    # A peer sending a single frame above this is disconnected by libzmq before we see it;
+    # the node checks its (smaller) application limits itself and answers with an error.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
+class ZmqRouter:
+    """An asyncio ROUTER socket bound to one or more endpoints.
+
+    ``recv()`` yields ``(peer id, frames)``; ``send(peer id, frames)`` answers. Both run on
+    the event loop that created the socket and never block it.
+    """
+
+    def __init__(self, endpoints: Sequence[str], max_message_bytes: int) -> None:
+        for ep in endpoints:
+            check_endpoint(ep)
+        self.endpoints = list(endpoints)
+        self.max_message_bytes = max_message_bytes
+        self.bound: list[str] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+
+    def __repr__(self) -> str:
+        return f"<ZmqRouter {' '.join(self.bound or self.endpoints)}>"
+
+    def bind(self) -> list[str]:
+        """Bind every endpoint; returns the bound addresses (a tcp port 0 becomes the real one)."""
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        _configure(sock, self.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to a vanished peer are dropped, not errors
+        try:
+            for ep in self.endpoints:
+                if ep.startswith("ipc://"):
+                    _remove_stale_ipc(ep[len("ipc://") :])
+                try:
+                    sock.bind(ep)
+                except zmq.ZMQError as exc:
+                    raise TransportError(f"cannot listen on {ep}: {exc.strerror}") from exc
+                self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except BaseException:
+            sock.close(0)
+            self._ctx.term()
+            raise
+        self._sock = sock
+        return self.bound
+
+    async def recv(self) -> tuple[bytes, list[zmq.Frame]]:
+        assert self._sock is not None, "bind() first"
+        frames = await self._sock.recv_multipart(copy=False)
+        return frames[0].bytes, frames[1:]
+
+    async def send(self, peer: bytes, frames: Sequence[Frame]) -> None:
+        assert self._sock is not None, "bind() first"
+        await self._sock.send_multipart([peer, *frames], copy=False)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        for ep in self.bound:
+            if ep.startswith("ipc://"):
+                try:
+                    os.unlink(ep[len("ipc://") :])
+                except FileNotFoundError:
+                    pass
+
+
+def dealer(ctx: zmq.Context[Any], endpoint: str, max_message_bytes: int) -> zmq.Socket[Any]:
+    """A DEALER connected to ``endpoint`` (works for zmq.Context and zmq.asyncio.Context)."""
+    check_endpoint(endpoint)
+    sock = ctx.socket(zmq.DEALER)
+    _configure(sock, max_message_bytes)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise TransportError(f"cannot connect to {endpoint}: {exc.strerror}") from exc
+    return sock
+
+
+def _remove_stale_ipc(path: str) -> None:
+    """Remove a socket file left by a killed process; refuse one a live process serves."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise TransportError(f"cannot listen on ipc://{path}: another process is serving it")
