@@ -1,0 +1,66 @@
+"""NodeConfig: defaults, TOML, environment, flags, and their precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmcache_mesh.node import NodeConfig
+
+
+def test_defaults_are_sane() -> None:
+    c = NodeConfig()
+    assert c.listen == ("tcp://127.0.0.1:7700",)
+    assert c.memory_bytes == 1 << 30 and c.disk_bytes == 4 << 30
+    assert c.name  # the host name
+    assert c.data_dir.endswith("lmcache-mesh")
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "node.toml"
+    f.write_text('[node]\nmemory = "256MiB"\ndisk = "1GiB"\nzone = "file-zone"\ndata_dir = "/from/file"\n')
+    env = {"LMCACHE_MESH_DISK": "2GiB", "LMCACHE_MESH_ZONE": "env-zone", "UNRELATED": "x"}
+    c = NodeConfig.load(f, env=env, overrides={"zone": "flag-zone"})
+    assert c.memory_bytes == 256 << 20  # file
+    assert c.disk_bytes == 2 << 30  # env beats file
+    assert c.zone == "flag-zone"  # flag beats env
+    assert c.data_dir == "/from/file"
+    assert c.max_record_bytes == NodeConfig().max_record_bytes  # default
+
+
+def test_file_without_a_node_table_and_lists(tmp_path: Path) -> None:
+    f = tmp_path / "node.toml"
+    f.write_text('listen = ["tcp://127.0.0.1:9000", "ipc:///tmp/x.sock"]\npersist-on-shutdown = false\n')
+    c = NodeConfig.load(f, env={})
+    assert c.listen == ("tcp://127.0.0.1:9000", "ipc:///tmp/x.sock") and c.persist_on_shutdown is False
+
+
+def test_env_list_is_comma_separated() -> None:
+    c = NodeConfig.load(env={"LMCACHE_MESH_LISTEN": "tcp://127.0.0.1:1, ipc:///tmp/a"})
+    assert c.listen == ("tcp://127.0.0.1:1", "ipc:///tmp/a")
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"env": {"LMCACHE_MESH_MEMORY": "lots"}}, "environment LMCACHE_MESH_MEMORY: bad value for 'memory'"),
+        ({"env": {"LMCACHE_MESH_COLOUR": "red"}}, "unknown setting 'colour'"),
+        ({"overrides": {"listen": "http://x"}}, "must start with tcp:// or ipc://"),
+        ({"overrides": {"metrics-port": "70000"}}, "metrics_port must be in"),
+        ({"overrides": {"max-keys": "0"}}, "max_keys_per_request must be > 0"),
+        ({"overrides": {"persist-on-shutdown": "maybe"}}, "expected a boolean"),
+    ],
+)
+def test_bad_values_name_the_source_and_key(source: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NodeConfig.load(env=source.get("env", {}), overrides=source.get("overrides"))  # type: ignore[arg-type]
+
+
+def test_bad_toml_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("memory = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        NodeConfig.load(f, env={})
+    with pytest.raises(ValueError, match="cannot read config file"):
+        NodeConfig.load(tmp_path / "missing.toml", env={})

@@ -1,0 +1,64 @@
+"""Request decoding: every malformed variant gets its own typed error."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from lmcache_mesh.node import BadRequest, ChunkRecord, TooLarge, UnknownOp, UnsupportedVersion
+from lmcache_mesh.node.errors import ErrorCode, error_from_wire
+from lmcache_mesh.node.protocol import Limits, Op, decode_request, peek_request_id, request_header
+
+LIMITS = Limits(max_header_bytes=4096, max_record_bytes=1000, max_keys=8)
+REC = ChunkRecord.build(b"k" * 16, b"x" * 10, b"n" * 16)
+
+
+def hdr(**m: object) -> bytes:
+    return msgpack.packb({"v": 1, "id": 7, "timeout_ms": 100, **m})
+
+
+def test_valid_requests_decode() -> None:
+    r = decode_request([request_header(Op.GET, 3, 50, keys=[b"a" * 16])], LIMITS)
+    assert (r.op, r.id, r.timeout_ms, r.fields["keys"]) == (Op.GET, 3, 50, [b"a" * 16])
+    r = decode_request([hdr(op=2, records=[REC.header.to_wire()]), b"x" * 10], LIMITS)
+    assert r.op is Op.PUT and r.fields["headers"] == [REC.header] and len(r.payloads) == 1
+    assert decode_request([hdr(op=1)], LIMITS).op is Op.PING
+
+
+@pytest.mark.parametrize(
+    "frames, error, message",
+    [
+        ([], BadRequest, "empty message"),
+        ([b"\xc1\xc1"], BadRequest, "not valid msgpack"),
+        ([msgpack.packb("hello")], BadRequest, "must be a msgpack map"),
+        ([b"\x80" * 5000], TooLarge, "request header of 5000 bytes exceeds the limit of 4096"),
+        ([hdr(v=2, op=1)], UnsupportedVersion, r"protocol version 2 not supported; must be in range \[1, 1\]"),
+        ([hdr(v="1", op=1)], UnsupportedVersion, "not supported"),
+        ([hdr(op=99)], UnknownOp, "unknown op 99"),
+        ([hdr(op=1, id=-1)], BadRequest, "'id' must be a non-negative int"),
+        ([hdr(op=1, timeout_ms=0)], BadRequest, "'timeout_ms' must be a positive int"),
+        ([hdr(op=3)], BadRequest, "'keys' must be a list"),
+        ([hdr(op=3, keys=[b"short"])], BadRequest, "every key must be 16 bytes"),
+        ([hdr(op=3, keys=[b"k" * 16] * 9)], TooLarge, "9 keys in one request exceed the limit of 8"),
+        ([hdr(op=3, keys=[b"k" * 16]), b"extra"], BadRequest, "GET takes no payload frames"),
+        ([hdr(op=2, records=[])], BadRequest, "non-empty list 'records'"),
+        ([hdr(op=2, records=[REC.header.to_wire()])], BadRequest, "1 record headers but 0 payload frames"),
+        ([hdr(op=2, records=[{**REC.header.to_wire(), "len": 5000}]), b"x"], TooLarge, "record of 5000 bytes exceeds"),
+        ([hdr(op=2, records=[{**REC.header.to_wire(), "v": 9}]), b"x"], UnsupportedVersion, "record version 9"),
+    ],
+)
+def test_malformed_requests(frames: list[bytes], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        decode_request(frames, LIMITS)
+
+
+def test_request_id_is_recovered_from_broken_headers_when_possible() -> None:
+    assert peek_request_id(hdr(op=99, id=42)) == 42
+    assert peek_request_id(b"\xc1") == 0
+    assert peek_request_id(msgpack.packb({"id": "x"})) == 0
+
+
+def test_every_error_code_maps_back_to_its_exception() -> None:
+    for code in ErrorCode:
+        assert error_from_wire(int(code), "m").code is code
+    assert error_from_wire(999, "m").code is ErrorCode.INTERNAL
