@@ -1,6 +1,6 @@
 """lmcache_mesh.node: chunk keys and records, storage tiers, the node service and its clients.
 
-    from lmcache_mesh.node import Client, AsyncClient, Node, NodeConfig, namespace_id, chunk_keys
+from lmcache_mesh.node import Client, AsyncClient, Node, NodeConfig, namespace_id, chunk_keys
 """
 
 from .client import AsyncClient, Client

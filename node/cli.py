@@ -35,20 +35,43 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help=f"TOML config file (also {ENV_PREFIX}CONFIG)")
     for name, key, meta in NodeConfig.options():
         default = NodeConfig.default_of(name)
-        if isinstance(default, int) and key in ("memory", "disk", "max-record", "max-header", "writeback-queue"):
+        if isinstance(default, int) and key in (
+            "memory",
+            "disk",
+            "max-record",
+            "max-header",
+            "writeback-queue",
+        ):
             default = format_size(default)
         elif isinstance(default, tuple):
             default = " ".join(default)
         help_text = f"{meta['help']} (default: {'the host name' if default == '' else default}; env {ENV_PREFIX}{key.replace('-', '_').upper()})"
-        kwargs: dict[str, Any] = {"dest": key, "metavar": meta["metavar"] or key.upper().replace("-", "_"), "help": help_text}
+        kwargs: dict[str, Any] = {
+            "dest": key,
+            "metavar": meta["metavar"] or key.upper().replace("-", "_"),
+            "help": help_text,
+        }
         if key == "listen":
             kwargs["action"] = "append"
         run.add_argument(f"--{key}", **kwargs)
 
     status = sub.add_parser("status", help="show a running node's members, tiers and counters")
-    status.add_argument("--node", default=f"tcp://127.0.0.1:{DEFAULT_PORT}", metavar="ADDR", help="node to ask (default: %(default)s)")
-    status.add_argument("--json", action="store_true", help="print the stable JSON document instead of a table")
-    status.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds to wait for the node (default: %(default)s)")
+    status.add_argument(
+        "--node",
+        default=f"tcp://127.0.0.1:{DEFAULT_PORT}",
+        metavar="ADDR",
+        help="node to ask (default: %(default)s)",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print the stable JSON document instead of a table"
+    )
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="seconds to wait for the node (default: %(default)s)",
+    )
     return parser
 
 
@@ -67,11 +90,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _print_status(s: dict[str, Any]) -> None:
     node = s["node"]
-    print(f"node     {node['name']}  {node['address']}  zone={node['zone']}  v{node['version']}  up {node['uptime_s']:.0f} s")
+    print(
+        f"node     {node['name']}  {node['address']}  zone={node['zone']}  v{node['version']}  up {node['uptime_s']:.0f} s"
+    )
     print("members")
     for m in s["members"]:
         share = f"{100 * m.get('ring_share', 0):.0f}%"
-        print(f"  {m['name']:<20} {m['address']:<28} zone={m['zone']:<10} {m['state']:<8} {m['reachability']:<7} ring {share}")
+        print(
+            f"  {m['name']:<20} {m['address']:<28} zone={m['zone']:<10} {m['state']:<8} {m['reachability']:<7} ring {share}"
+        )
     print("tiers")
     for name, t in s["tiers"].items():
         print(

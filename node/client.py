@@ -42,7 +42,7 @@ class Client:
         self.address = address
         self.timeout_s = timeout_s
         self.checksum_failures = 0
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -62,7 +62,9 @@ class Client:
                 self._sock.close(0)
                 self._sock = None
 
-    def _call(self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None) -> Reply:
+    def _call(
+        self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None
+    ) -> Reply:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
             if self._sock is None:
@@ -73,7 +75,7 @@ class Client:
             deadline = time.monotonic() + timeout
             while True:
                 remaining_ms = (deadline - time.monotonic()) * 1000
-                if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+                if remaining_ms <= 0 or not self._sock.poll(int(remaining_ms) + 1):
                     # Drop whatever is queued or late on this socket and start clean.
                     self._sock.close(0)
                     self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES)
@@ -85,7 +87,9 @@ class Client:
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
         return self._call(Op.PING, {}, timeout_s=timeout_s).fields
 
-    def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+    def put(
+        self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
+    ) -> None:
         self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
     def put_records(self, records: Sequence[ChunkRecord]) -> None:
@@ -159,12 +163,14 @@ class AsyncClient:
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart(copy=False)
-            reply = [f.buffer for f in frames]
+            reply: list[Buffer] = [f.buffer for f in frames]
             fut = self._pending.get(peek_request_id(reply[0]))
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
-    async def _call(self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None) -> Reply:
+    async def _call(
+        self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None
+    ) -> Reply:
         if self._closed:
             raise Unavailable(f"client of {self.address} is closed")
         if self._sock is None:
@@ -180,7 +186,9 @@ class AsyncClient:
             await self._sock.send_multipart([header, *frames], copy=False)
             reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"no reply from {self.address} to {op.name} within {timeout:g} s") from None
+            raise DeadlineExceeded(
+                f"no reply from {self.address} to {op.name} within {timeout:g} s"
+            ) from None
         finally:
             self._pending.pop(rid, None)
         return decode_reply(reply)
@@ -188,7 +196,9 @@ class AsyncClient:
     async def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
         return (await self._call(Op.PING, {}, timeout_s=timeout_s)).fields
 
-    async def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+    async def put(
+        self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
+    ) -> None:
         await self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
     async def put_records(self, records: Sequence[ChunkRecord]) -> None:

@@ -56,7 +56,9 @@ def _parse_int(value: Any) -> int:
     return int(value)
 
 
-def _opt(key: str, help: str, parse: Callable[[Any], Any] = str, metavar: str | None = None, **kw: Any) -> Any:
+def _opt(
+    key: str, help: str, parse: Callable[[Any], Any] = str, metavar: str | None = None, **kw: Any
+) -> Any:
     return field(metadata={"key": key, "help": help, "parse": parse, "metavar": metavar}, **kw)
 
 
@@ -72,14 +74,31 @@ class NodeConfig:
         "ADDR",
         default=(f"tcp://127.0.0.1:{DEFAULT_PORT}",),
     )
-    data_dir: str = _opt("data-dir", "directory of the disk tier and node state", metavar="DIR", default_factory=default_data_dir)
-    memory_bytes: int = _opt("memory", "memory tier budget, e.g. 512MiB, 4GiB", parse_size, "SIZE", default=1 << 30)
-    disk_bytes: int = _opt("disk", "disk tier budget, e.g. 4GiB; 0 turns the disk tier off", parse_size, "SIZE", default=4 << 30)
+    data_dir: str = _opt(
+        "data-dir",
+        "directory of the disk tier and node state",
+        metavar="DIR",
+        default_factory=default_data_dir,
+    )
+    memory_bytes: int = _opt(
+        "memory", "memory tier budget, e.g. 512MiB, 4GiB", parse_size, "SIZE", default=1 << 30
+    )
+    disk_bytes: int = _opt(
+        "disk", "disk tier budget, e.g. 4GiB; 0 turns the disk tier off", parse_size, "SIZE", default=4 << 30
+    )
     zone: str = _opt("zone", "failure zone (rack, site); replicas go to distinct zones", default="default")
-    metrics_port: int = _opt("metrics-port", "serve Prometheus metrics on this HTTP port; 0 = off", _parse_int, "PORT", default=0)
-    metrics_host: str = _opt("metrics-host", "address the metrics endpoint binds", metavar="HOST", default="127.0.0.1")
+    metrics_port: int = _opt(
+        "metrics-port", "serve Prometheus metrics on this HTTP port; 0 = off", _parse_int, "PORT", default=0
+    )
+    metrics_host: str = _opt(
+        "metrics-host", "address the metrics endpoint binds", metavar="HOST", default="127.0.0.1"
+    )
     max_record_bytes: int = _opt(
-        "max-record", "largest chunk payload accepted; larger PUTs get a TOO_LARGE error", parse_size, "SIZE", default=64 << 20
+        "max-record",
+        "largest chunk payload accepted; larger PUTs get a TOO_LARGE error",
+        parse_size,
+        "SIZE",
+        default=64 << 20,
     )
     max_header_bytes: int = _opt(
         "max-header", "largest request header accepted (msgpack frame)", parse_size, "SIZE", default=1 << 20
@@ -88,7 +107,11 @@ class NodeConfig:
         "max-keys", "most keys or records in one request", _parse_int, "N", default=4096
     )
     max_inflight_requests: int = _opt(
-        "max-inflight", "requests handled concurrently; more wait in the socket queue", _parse_int, "N", default=256
+        "max-inflight",
+        "requests handled concurrently; more wait in the socket queue",
+        _parse_int,
+        "N",
+        default=256,
     )
     writeback_queue_bytes: int = _opt(
         "writeback-queue",
@@ -98,7 +121,11 @@ class NodeConfig:
         default=256 << 20,
     )
     persist_on_shutdown: bool = _opt(
-        "persist-on-shutdown", "on clean shutdown, write the memory tier back to disk", _parse_bool, "BOOL", default=True
+        "persist-on-shutdown",
+        "on clean shutdown, write the memory tier back to disk",
+        _parse_bool,
+        "BOOL",
+        default=True,
     )
 
     def __post_init__(self) -> None:
@@ -130,7 +157,9 @@ class NodeConfig:
     @classmethod
     def default_of(cls, name: str) -> Any:
         f = next(f for f in fields(cls) if f.name == name)
-        return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        if f.default is MISSING:
+            return f.default_factory()  # type: ignore[operator]
+        return f.default
 
     @classmethod
     def load(

@@ -65,7 +65,9 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
 
 def run(config: NodeConfig) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     if config.disk_bytes > 0:
         config.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)

@@ -54,8 +54,16 @@ class _StatsCollector(Collector):
             entries.add_metric([tier], t["entries"])
         yield from (evictions, used, capacity, entries)
         disk = tiers.get("disk", {})
-        yield CounterMetricFamily("lmcache_disk_write_errors", "Failed disk writes (full disk, I/O error)", value=disk.get("write_errors", 0))
-        yield CounterMetricFamily("lmcache_writeback_dropped", "Memory evictions not written back (queue full)", value=disk.get("writeback_dropped", 0))
+        yield CounterMetricFamily(
+            "lmcache_disk_write_errors",
+            "Failed disk writes (full disk, I/O error)",
+            value=disk.get("write_errors", 0),
+        )
+        yield CounterMetricFamily(
+            "lmcache_writeback_dropped",
+            "Memory evictions not written back (queue full)",
+            value=disk.get("writeback_dropped", 0),
+        )
         members = GaugeMetricFamily("lmcache_members", "Members of the mesh, by state", labels=["state"])
         for state in ("alive", "suspect", "dead", "left"):
             members.add_metric([state], sum(1 for m in stats["members"] if m["state"] == state))

@@ -84,7 +84,9 @@ class Node:
 
     # the client API
 
-    def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+    def put(
+        self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
+    ) -> None:
         """Store one chunk. A writable buffer is copied, so later changes cannot corrupt the cache."""
         view = memoryview(payload)
         if not view.readonly:

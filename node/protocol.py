@@ -58,11 +58,14 @@ class Request:
 
 
 def encode_header(m: dict[str, Any]) -> bytes:
-    return msgpack.packb(m, use_bin_type=True)
+    packed: bytes = msgpack.packb(m, use_bin_type=True)
+    return packed
 
 
 def request_header(op: Op, request_id: int, timeout_ms: int, **fields: Any) -> bytes:
-    return encode_header({"v": PROTOCOL_VERSION, "op": int(op), "id": request_id, "timeout_ms": timeout_ms, **fields})
+    return encode_header(
+        {"v": PROTOCOL_VERSION, "op": int(op), "id": request_id, "timeout_ms": timeout_ms, **fields}
+    )
 
 
 def ok_reply(request_id: int, **fields: Any) -> bytes:
@@ -126,9 +129,11 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
         raise BadRequest(f"field 'timeout_ms' must be a positive int, got {timeout_ms!r:.40}")
     try:
-        op = Op(op_code)
+        op = Op(op_code) if isinstance(op_code, int) else Op(-1)
     except ValueError:
-        raise UnknownOp(f"unknown op {op_code!r:.40}; this node knows {', '.join(o.name for o in Op)}") from None
+        raise UnknownOp(
+            f"unknown op {op_code!r:.40}; this node knows {', '.join(o.name for o in Op)}"
+        ) from None
     fields_: dict[str, Any] = {}
     payloads = list(frames[1:])
     if op is Op.PUT:
@@ -189,7 +194,7 @@ def get_results(reply: Reply, keys: Sequence[bytes]) -> tuple[list[ChunkRecord |
     out: list[ChunkRecord | None] = []
     bad = 0
     frames = iter(reply.payloads)
-    for key, h in zip(keys, raw):
+    for key, h in zip(keys, raw, strict=True):
         if h is None:
             out.append(None)
             continue

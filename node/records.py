@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import xxhash
@@ -26,7 +26,7 @@ RECORD_VERSION = 1
 MAX_RECORD_HEADER_BYTES = 16 * 1024
 """Largest encoded record header we accept; a header only describes a payload."""
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 """Any bytes-like payload; records keep it without copying."""
 
 META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
@@ -69,7 +69,8 @@ class RecordHeader:
         }
 
     def encode(self) -> bytes:
-        return msgpack.packb(self.to_wire(), use_bin_type=True)
+        packed: bytes = msgpack.packb(self.to_wire(), use_bin_type=True)
+        return packed
 
     @classmethod
     def from_wire(cls, m: object) -> RecordHeader:
@@ -89,14 +90,23 @@ class RecordHeader:
         length, digest, tokens = m.get("len"), m.get("xxh3"), m.get("tokens", 0)
         for name, value in (("len", length), ("xxh3", digest), ("tokens", tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise BadRequest(f"record header field {name!r} must be a non-negative int, got {value!r:.60}")
-        layout, dtype, shape, codec = m.get("layout", {}), m.get("dtype", "uint8"), m.get("shape", []), m.get("codec", "raw")
+                raise BadRequest(
+                    f"record header field {name!r} must be a non-negative int, got {value!r:.60}"
+                )
+        layout, dtype, shape, codec = (
+            m.get("layout", {}),
+            m.get("dtype", "uint8"),
+            m.get("shape", []),
+            m.get("codec", "raw"),
+        )
         if not isinstance(layout, dict):
             raise BadRequest(f"record header field 'layout' must be a map, got {type(layout).__name__}")
         if not isinstance(dtype, str) or not isinstance(codec, str):
             raise BadRequest("record header fields 'dtype' and 'codec' must be strings")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise BadRequest(f"record header field 'shape' must be a list of non-negative ints, got {shape!r:.60}")
+            raise BadRequest(
+                f"record header field 'shape' must be a list of non-negative ints, got {shape!r:.60}"
+            )
         assert isinstance(key, bytes) and isinstance(ns, bytes)  # narrowed above, for the type checker
         return cls(key, ns, length, digest, tokens, layout, dtype, tuple(shape), codec, version)  # type: ignore[arg-type]
 

@@ -47,7 +47,7 @@ class NodeServer:
 
     async def start(self) -> list[str]:
         """Bind every endpoint and start answering; returns the bound addresses."""
-        bound = self._router.bind()
+        bound: list[str] = self._router.bind()
         self.node.addresses = bound
         self._loop_task = asyncio.create_task(self._serve(), name="lmcache-node-serve")
         return bound
@@ -106,7 +106,9 @@ class NodeServer:
             return [ok_reply(req.id, **self.node.ping())]
         if req.op is Op.PUT:
             # Verify every record before storing any: a bad one means nothing changes.
-            records = [ChunkRecord.verified(h, p) for h, p in zip(req.fields["headers"], req.payloads)]
+            records = [
+                ChunkRecord.verified(h, p) for h, p in zip(req.fields["headers"], req.payloads, strict=True)
+            ]
             self.node.put_records(records)
             return [ok_reply(req.id, stored=len(records))]
         if req.op is Op.GET:
@@ -134,4 +136,3 @@ class NodeServer:
             return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline passed while reading from disk") from None
-

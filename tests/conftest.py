@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,8 @@ DaemonFactory = Callable[..., Daemon]
 def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     started: list[Daemon] = []
 
-    def make(*extra: str, data_dir: Path | None = None, ipc: bool = True, env: dict[str, str] | None = None) -> Daemon:
-        d = start_daemon(data_dir or tmp_path / f"data{len(started)}", *extra, ipc=ipc, env=env)
+    def make(*extra: str, data_dir: Path | None = None, **kw: Any) -> Daemon:
+        d = start_daemon(data_dir or tmp_path / f"data{len(started)}", *extra, **kw)
         started.append(d)
         return d
 

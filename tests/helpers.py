@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,13 @@ def node_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmcache_mesh.node.cli", *args]
 
 
-def start_daemon(data_dir: Path, *extra: str, ipc: bool = True, env: dict[str, str] | None = None) -> Daemon:
+def start_daemon(
+    data_dir: Path,
+    *extra: str,
+    ipc: bool = True,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Daemon:
     sock_dir = short_tmpdir()
     listen = ["--listen", "tcp://127.0.0.1:0"]
     if ipc:
@@ -60,6 +66,7 @@ def start_daemon(data_dir: Path, *extra: str, ipc: bool = True, env: dict[str, s
         stderr=subprocess.STDOUT,
         text=True,
         env=full_env,
+        preexec_fn=preexec_fn,
     )
     assert proc.stdout is not None
     lines: list[str] = []

@@ -11,12 +11,12 @@ import os
 import socket
 import stat
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-Frame = Union[bytes, memoryview, zmq.Frame]
+Frame = bytes | memoryview | zmq.Frame
 
 # Longest ipc:// path the kernel accepts (sun_path is 108 bytes including the NUL).
 MAX_IPC_PATH = 107
@@ -114,7 +114,7 @@ class ZmqRouter:
 def dealer(ctx: zmq.Context[Any], endpoint: str, max_message_bytes: int) -> zmq.Socket[Any]:
     """A DEALER connected to ``endpoint`` (works for zmq.Context and zmq.asyncio.Context)."""
     check_endpoint(endpoint)
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     _configure(sock, max_message_bytes)
     try:
         sock.connect(endpoint)

@@ -11,7 +11,14 @@ import pytest
 
 from lmcache_mesh.node import chunk_keys, namespace_id
 
-LAYOUT = {"engine": "llama.cpp", "dtype": "f16", "n_layers": 8, "n_kv_heads": 4, "head_dim": 64, "v_trans": True}
+LAYOUT = {
+    "engine": "llama.cpp",
+    "dtype": "f16",
+    "n_layers": 8,
+    "n_kv_heads": 4,
+    "head_dim": 64,
+    "v_trans": True,
+}
 
 
 def test_namespace_is_16_bytes_and_stable() -> None:

@@ -12,7 +12,9 @@ from ..helpers import payload
 
 
 def config(tmp_path: Path, **kw: object) -> NodeConfig:
-    return NodeConfig(name="n1", listen=(), data_dir=str(tmp_path), memory_bytes=64 << 10, disk_bytes=1 << 20, **kw)  # type: ignore[arg-type]
+    return NodeConfig(
+        name="n1", listen=(), data_dir=str(tmp_path), memory_bytes=64 << 10, disk_bytes=1 << 20, **kw
+    )  # type: ignore[arg-type]
 
 
 def test_put_get_lookup_delete(tmp_path: Path, ns: bytes, keys: list[bytes]) -> None:

@@ -32,7 +32,11 @@ def test_valid_requests_decode() -> None:
         ([b"\xc1\xc1"], BadRequest, "not valid msgpack"),
         ([msgpack.packb("hello")], BadRequest, "must be a msgpack map"),
         ([b"\x80" * 5000], TooLarge, "request header of 5000 bytes exceeds the limit of 4096"),
-        ([hdr(v=2, op=1)], UnsupportedVersion, r"protocol version 2 not supported; must be in range \[1, 1\]"),
+        (
+            [hdr(v=2, op=1)],
+            UnsupportedVersion,
+            r"protocol version 2 not supported; must be in range \[1, 1\]",
+        ),
         ([hdr(v="1", op=1)], UnsupportedVersion, "not supported"),
         ([hdr(op=99)], UnknownOp, "unknown op 99"),
         ([hdr(op=1, id=-1)], BadRequest, "'id' must be a non-negative int"),
@@ -43,8 +47,16 @@ def test_valid_requests_decode() -> None:
         ([hdr(op=3, keys=[b"k" * 16]), b"extra"], BadRequest, "GET takes no payload frames"),
         ([hdr(op=2, records=[])], BadRequest, "non-empty list 'records'"),
         ([hdr(op=2, records=[REC.header.to_wire()])], BadRequest, "1 record headers but 0 payload frames"),
-        ([hdr(op=2, records=[{**REC.header.to_wire(), "len": 5000}]), b"x"], TooLarge, "record of 5000 bytes exceeds"),
-        ([hdr(op=2, records=[{**REC.header.to_wire(), "v": 9}]), b"x"], UnsupportedVersion, "record version 9"),
+        (
+            [hdr(op=2, records=[{**REC.header.to_wire(), "len": 5000}]), b"x"],
+            TooLarge,
+            "record of 5000 bytes exceeds",
+        ),
+        (
+            [hdr(op=2, records=[{**REC.header.to_wire(), "v": 9}]), b"x"],
+            UnsupportedVersion,
+            "record version 9",
+        ),
     ],
 )
 def test_malformed_requests(frames: list[bytes], error: type[Exception], message: str) -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from lmcache_mesh.node import BadRequest, ChecksumMismatch, ChunkRecord, RecordHeader, TooLarge, UnsupportedVersion
+from lmcache_mesh.node import (
+    BadRequest,
+    ChecksumMismatch,
+    ChunkRecord,
+    RecordHeader,
+    TooLarge,
+    UnsupportedVersion,
+)
 from lmcache_mesh.node.tiers.disk import CorruptFile, decode_file_header, encode_file
 
 DATA = Path(__file__).parent / "data"

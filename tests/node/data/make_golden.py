@@ -20,7 +20,9 @@ def golden_record() -> ChunkRecord:
     ns = namespace_id(b"golden-model", {"engine": "test", "dtype": "f16"}, 4)
     key = chunk_keys(ns, [1, 2, 3, 4], 4)[0]
     payload = bytes(range(256)) * 4
-    return ChunkRecord.build(key, payload, ns, {"tokens": 4, "dtype": "f16", "shape": [2, 256], "layout": {"n_layers": 2}})
+    return ChunkRecord.build(
+        key, payload, ns, {"tokens": 4, "dtype": "f16", "shape": [2, 256], "layout": {"n_layers": 2}}
+    )
 
 
 def main() -> None:

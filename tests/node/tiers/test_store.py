@@ -27,7 +27,11 @@ def test_memory_evictions_are_written_back_and_served_from_disk(tmp_path: Path) 
     assert store.disk is not None and store.disk.flush(10)
     assert store.lookup([rec(i).key for i in range(20)]) == 20
     got = store.get_many([rec(0).key, rec(19).key, b"z" * 16])
-    assert [None if r is None else bytes(r.payload) for r in got] == [bytes(rec(0).payload), bytes(rec(19).payload), None]
+    assert [None if r is None else bytes(r.payload) for r in got] == [
+        bytes(rec(0).payload),
+        bytes(rec(19).payload),
+        None,
+    ]
     c = store.counters
     assert (c.hits_disk, c.hits_memory, c.misses, c.promotions) == (1, 1, 1, 1)
     assert rec(0).key in store.memory  # promoted
