@@ -19,7 +19,7 @@ import msgpack
 
 from .errors import BadRequest, MeshError, TooLarge, UnknownOp, UnsupportedVersion, error_from_wire
 from .keys import KEY_BYTES
-from .records import Buffer, ChunkRecord, RecordHeader
+from .records import Buffer, ChunkRecord, RecordHeader, unpack_map
 
 PROTOCOL_VERSION_MIN = 1
 PROTOCOL_VERSION_MAX = 1
@@ -78,18 +78,6 @@ def error_reply(request_id: int, error: MeshError) -> bytes:
     )
 
 
-def _unpack_map(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
-    if len(frame) > limit:
-        raise TooLarge(f"{what} of {len(frame)} bytes exceeds the limit of {limit}")
-    try:
-        m = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise BadRequest(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(m, dict):
-        raise BadRequest(f"{what} must be a msgpack map, got {type(m).__name__}")
-    return m
-
-
 def peek_request_id(frame: Buffer) -> int:
     """The request id from a header that may be otherwise broken (0 if unreadable)."""
     try:
@@ -116,7 +104,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
     """Parse and validate a whole request; raises a typed MeshError, never anything else."""
     if not frames:
         raise BadRequest("empty message")
-    m = _unpack_map(frames[0], limits.max_header_bytes, "request header")
+    m = unpack_map(frames[0], limits.max_header_bytes, "request header")
     version = m.get("v")
     if not isinstance(version, int) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
         raise UnsupportedVersion(
@@ -167,7 +155,7 @@ def decode_reply(frames: Sequence[Buffer], max_header_bytes: int = 1 << 20) -> R
     """Parse a reply; an error reply raises its typed MeshError."""
     if not frames:
         raise BadRequest("empty reply")
-    m = _unpack_map(frames[0], max_header_bytes, "reply header")
+    m = unpack_map(frames[0], max_header_bytes, "reply header")
     version = m.get("v")
     if not isinstance(version, int) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
         raise UnsupportedVersion(f"reply with protocol version {version!r}")

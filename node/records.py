@@ -33,6 +33,19 @@ META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
 """Keys a caller may pass in ``meta`` when putting a chunk."""
 
 
+def unpack_map(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
+    """Decode a msgpack map of at most ``limit`` bytes; raises TooLarge or BadRequest naming ``what``."""
+    if len(frame) > limit:
+        raise TooLarge(f"{what} of {len(frame)} bytes exceeds the limit of {limit}")
+    try:
+        m = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadRequest(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(m, dict):
+        raise BadRequest(f"{what} must be a msgpack map, got {type(m).__name__}")
+    return m
+
+
 def checksum(payload: Buffer) -> int:
     """xxh3-64 of the payload bytes."""
     return xxhash.xxh3_64_intdigest(payload)
@@ -112,13 +125,7 @@ class RecordHeader:
 
     @classmethod
     def decode(cls, data: Buffer) -> RecordHeader:
-        if len(data) > MAX_RECORD_HEADER_BYTES:
-            raise TooLarge(f"record header of {len(data)} bytes exceeds {MAX_RECORD_HEADER_BYTES}")
-        try:
-            m = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise BadRequest(f"record header is not valid msgpack: {exc}") from exc
-        return cls.from_wire(m)
+        return cls.from_wire(unpack_map(data, MAX_RECORD_HEADER_BYTES, "record header"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ import asyncio
 import resource
 import signal
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -57,6 +59,16 @@ def test_async_client_with_many_requests_in_flight(daemon: Daemon, ns: bytes, ke
             assert (await c.stats())["counters"]["puts"] == len(keys)
 
     asyncio.run(main())
+
+
+def wait_for_writeback(c: Client, timeout_s: float = 20.0) -> dict[str, Any]:
+    """The disk tier's stats once the node's write-back queue has drained."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        disk: dict[str, Any] = c.stats()["tiers"]["disk"]
+        if disk["pending_bytes"] == 0 or time.monotonic() > deadline:
+            return disk
+        time.sleep(0.05)
 
 
 def _raw(daemon: Daemon, frames: list[bytes]) -> dict[str, object]:
@@ -168,11 +180,7 @@ def test_kill9_then_planted_torn_and_corrupt_files_are_discarded_on_restart(
     with d.client() as c:
         for i, k in enumerate(keys[:12]):
             c.put(k, payload(i, 32 << 10), namespace=ns)
-        # Wait until the write-back queue has drained.
-        for _ in range(200):
-            if c.stats()["tiers"]["disk"]["pending_bytes"] == 0:
-                break
-            asyncio.run(asyncio.sleep(0.05))
+        wait_for_writeback(c)
     d.stop(signal.SIGKILL)
     files = {p.name[:32]: p for p in (data / "chunks").rglob("*.rec")}
     on_disk = [i for i, k in enumerate(keys[:12]) if k.hex() in files]
@@ -210,11 +218,7 @@ def test_failing_disk_writes_are_counted_and_the_node_keeps_serving(
     with d.client() as c:
         for i, k in enumerate(keys[:20]):
             c.put(k, payload(i, 32 << 10), namespace=ns)  # write-backs fail: files above 16 KiB
-        for _ in range(200):
-            disk = c.stats()["tiers"]["disk"]
-            if disk["pending_bytes"] == 0:
-                break
-            asyncio.run(asyncio.sleep(0.05))
+        disk = wait_for_writeback(c)
         assert disk["write_errors"] > 0 and disk["entries"] == 0
         assert c.get(keys[19:20])[0] is not None  # still in memory, still served
         assert c.ping()["name"]

@@ -96,7 +96,7 @@ def _wire(**changes: object) -> bytes:
     "data, error, message",
     [
         (b"\xc1garbage", BadRequest, "not valid msgpack"),
-        (msgpack.packb([1, 2]), BadRequest, "must be a map"),
+        (msgpack.packb([1, 2]), BadRequest, "must be a msgpack map"),
         (_wire(v=99), UnsupportedVersion, r"must be in range \[1, 1\]"),
         (_wire(key=b"short"), BadRequest, "'key' must be 16 bytes"),
         (_wire(len=-1), BadRequest, "'len' must be a non-negative int"),
