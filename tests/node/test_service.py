@@ -1,0 +1,97 @@
+"""NodeServer in-process: deadlines and the concurrency bound, over real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from lmcache_mesh.node import ChunkRecord, Node, NodeConfig
+from lmcache_mesh.node.errors import ErrorCode
+from lmcache_mesh.node.protocol import Op, request_header
+from lmcache_mesh.node.service import NodeServer
+from lmcache_mesh.node.tiers import DiskTier
+
+from ..helpers import payload
+
+
+class StalledDisk(DiskTier):
+    """A disk tier whose reads take half a second: a disk that has stopped answering quickly."""
+
+    def read(self, key: bytes) -> ChunkRecord | None:
+        time.sleep(0.5)
+        return super().read(key)
+
+
+@asynccontextmanager
+async def stalled_node(
+    tmp_path: Path, record: ChunkRecord, **config: Any
+) -> AsyncIterator[zmq.asyncio.Socket]:
+    """A served node whose disk holds ``record`` behind a stalled read, and a raw DEALER to it."""
+    cfg = NodeConfig(
+        name="n", listen=("tcp://127.0.0.1:0",), data_dir=str(tmp_path), memory_bytes=1 << 20, **config
+    )
+    node = Node(cfg)
+    node.store.disk = StalledDisk(tmp_path, 1 << 20)
+    node.open()
+    assert node.store.disk.write(record)
+    server = NodeServer(node)
+    (address,) = await server.start()
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        ctx.term()
+        await server.stop()
+        node.close()
+
+
+async def reply(sock: zmq.asyncio.Socket) -> tuple[dict[str, Any], list[bytes]]:
+    frames = await sock.recv_multipart()
+    return msgpack.unpackb(frames[0]), frames[1:]
+
+
+def test_a_disk_read_past_the_deadline_gets_deadline_exceeded_and_the_node_keeps_serving(
+    tmp_path: Path, ns: bytes, keys: list[bytes]
+) -> None:
+    async def main() -> None:
+        async with stalled_node(tmp_path, ChunkRecord.build(keys[0], payload(0), ns)) as sock:
+            await sock.send_multipart([request_header(Op.GET, 1, 100, keys=[keys[0]])])
+            await sock.send_multipart([request_header(Op.PING, 2, 1000)])
+            first, _ = await reply(sock)
+            second, _ = await reply(sock)
+            # The ping is answered while the slow disk read is still going on.
+            assert first["id"] == 2 and first["ok"] is True
+            assert second["id"] == 1 and second["code"] == ErrorCode.DEADLINE_EXCEEDED
+            await sock.send_multipart([request_header(Op.GET, 3, 5000, keys=[keys[0]])])
+            third, frames = await reply(sock)
+            assert third["ok"] is True and frames == [payload(0)]
+
+    asyncio.run(main())
+
+
+def test_requests_waiting_for_a_slot_count_against_their_deadline(
+    tmp_path: Path, ns: bytes, keys: list[bytes]
+) -> None:
+    async def main() -> None:
+        record = ChunkRecord.build(keys[0], payload(0), ns)
+        async with stalled_node(tmp_path, record, max_inflight_requests=1) as sock:
+            await sock.send_multipart(
+                [request_header(Op.GET, 1, 5000, keys=[keys[0]])]
+            )  # holds the only slot
+            await sock.send_multipart([request_header(Op.PING, 2, 50)])  # waits 0.5 s for it
+            by_id = {r["id"]: r for r, _ in [await reply(sock), await reply(sock)]}
+            assert by_id[1]["ok"] is True
+            assert by_id[2]["code"] == ErrorCode.DEADLINE_EXCEEDED
+
+    asyncio.run(main())
