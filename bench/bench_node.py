@@ -1,0 +1,675 @@
+"""Benchmark of one lmcache-node daemon over ZeroMQ, against a numpy memcpy baseline.
+
+What it measures, all against a real ``lmcache-node run`` subprocess started here
+(memory tier 2 GiB, no disk tier) and the blocking :class:`Client`:
+
+* memcpy baseline: ``np.copyto(dst, src)`` of each record size, median of many reps, GB/s;
+* PUT: ``client.put(key, payload, namespace=ns)`` with distinct keys (the client's xxh3
+  checksum is included: this is what a user gets), one request outstanding;
+* GET: ``client.get([key])``, one record per request, one request outstanding, and a
+  pipelined variant ``client.get(keys8)`` (8 records in one request). The client verifies
+  the xxh3 checksum of every payload it receives, so every byte is read;
+* record sizes 256 KiB, 1 MiB, 4 MiB, 16 MiB, over ipc:// and tcp://127.0.0.1; each cell
+  is GB/s = payload bytes / median seconds per call, and its ratio to memcpy of that size;
+* LOOKUP latency of a 128-key chain, all present: p50/p99 over 2000 calls, per transport,
+  and PING latency as the round-trip floor;
+* daemon RSS (VmRSS) right after start (before any request) and after the load;
+* for diagnosis, minor page faults per call in this process and in the daemon.
+
+A PUT cell stores at most 1 GiB (half the memory tier), so no eviction is timed; every
+cell's records are deleted after it.
+
+It prints a table and writes JSON (machine info, baselines, cells, ratios, targets and
+pass/fail) to ``bench/results/bench_node.json`` unless ``--out`` says otherwise.
+
+Run:  python bench/bench_node.py            (full run, under a minute)
+      python bench/bench_node.py --quick    (smoke check: 1 MiB and 4 MiB, fewer reps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import queue
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmcache_mesh.node import VERSION, ChunkRecord, Client, chunk_keys, namespace_id
+
+KIB = 1 << 10
+MIB = 1 << 20
+FULL_SIZES = (256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
+QUICK_SIZES = (1 * MIB, 4 * MIB)
+BATCH = 8
+LOOKUP_CHUNKS = 128
+CHUNK_TOKENS = 256
+LOOKUP_PAYLOAD = 1 * KIB
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+CLIENT_TIMEOUT_S = 30.0
+WARMUP_CALLS = 2  # untimed calls before each timed cell
+DAEMON_MEMORY = "2GiB"
+PUT_MAX_BYTES = 1 << 30  # bytes one PUT cell may store: half the memory tier, so no eviction is timed
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_node.json"
+
+# Targets (issue): GET 4 MiB single-record vs memcpy, LOOKUP p99, idle RSS.
+TARGET_GET_IPC_RATIO = 0.25
+TARGET_GET_TCP_RATIO = 0.15
+TARGET_LOOKUP_P99_MS = 1.0
+TARGET_IDLE_RSS_MB = 80.0
+TARGET_SIZE = 4 * MIB
+
+
+@dataclass(frozen=True)
+class Settings:
+    sizes: tuple[int, ...]
+    cell_seconds: float  # time budget of one timed cell (adaptive reps)
+    min_reps: int
+    max_reps: int
+    lookup_reps: int
+    memcpy_seconds: float
+
+
+FULL = Settings(FULL_SIZES, cell_seconds=1.2, min_reps=5, max_reps=5000, lookup_reps=2000, memcpy_seconds=0.4)
+QUICK = Settings(
+    QUICK_SIZES, cell_seconds=0.3, min_reps=3, max_reps=1000, lookup_reps=300, memcpy_seconds=0.15
+)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    reps: int
+    median_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+    client_faults_per_call: float = 0.0
+    daemon_faults_per_call: float = 0.0
+
+
+FaultProbe = Callable[[], tuple[int, int]]
+"""Returns (client, daemon) minor page-fault counts so far."""
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in [0, 100])."""
+    idx = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
+    return sorted_values[idx]
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def time_calls(
+    fn: Callable[[int], object],
+    budget_s: float,
+    min_reps: int,
+    max_reps: int,
+    warmup: int = WARMUP_CALLS,
+    probe: FaultProbe | None = None,
+) -> Timing:
+    """Time ``fn(i)`` for i = 0, 1, ...; reps chosen so the cell takes about ``budget_s``.
+
+    ``probe``, if given, is read around the timed loop to count page faults per call.
+    """
+    i = 0
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn(i)
+        i += 1
+    estimate = max((time.perf_counter() - t0) / max(warmup, 1), 1e-7)
+    reps = int(min(max_reps, max(min_reps, budget_s / estimate)))
+    samples: list[float] = []
+    with _no_gc():
+        before = probe() if probe else (0, 0)
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn(i)
+            samples.append(time.perf_counter() - start)
+            i += 1
+        after = probe() if probe else (0, 0)
+    samples.sort()
+    return Timing(
+        reps,
+        statistics.median(samples),
+        _percentile(samples, 10),
+        _percentile(samples, 90),
+        samples[0],
+        (after[0] - before[0]) / reps,
+        (after[1] - before[1]) / reps,
+    )
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    tcp: str
+    ipc: str
+    workdir: Path
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+
+
+def _short_tmpdir() -> Path:
+    """A temp dir short enough for an ipc:// socket path (sun_path is 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="lmb-"))
+    if len(os.fsencode(str(path / "n.sock"))) <= 100:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="lmb-", dir="/tmp"))
+
+
+def _daemon_env() -> dict[str, str]:
+    # No LMCACHE_MESH_* settings from the caller's environment: the flags below are the config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_MESH_")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _pump_lines(stream: Any, out: queue.Queue[str | None]) -> None:
+    for line in stream:
+        out.put(line)
+    out.put(None)
+
+
+def _parse_addresses(line: str) -> tuple[str, str] | None:
+    m = re.search(r"serving on (.+?) \(", line)
+    if m is None:
+        return None
+    addrs = m.group(1).split()
+    tcp = next((a for a in addrs if a.startswith("tcp://")), None)
+    ipc = next((a for a in addrs if a.startswith("ipc://")), None)
+    return (tcp, ipc) if tcp and ipc else None
+
+
+def start_daemon() -> Daemon:
+    """Start ``lmcache-node run`` on tcp port 0 and an ipc socket; wait for its serving line."""
+    workdir = _short_tmpdir()
+    log_path = workdir / "daemon.stderr"
+    cmd = [
+        sys.executable, "-m", "lmcache_mesh.node.cli", "run",
+        "--listen", "tcp://127.0.0.1:0",
+        "--listen", f"ipc://{workdir / 'n.sock'}",
+        "--data-dir", str(workdir / "data"),
+        "--memory", DAEMON_MEMORY, "--disk", "0", "--max-record", "64MiB",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=_daemon_env())
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump_lines, args=(proc.stdout, lines), daemon=True).start()
+    daemon = Daemon(proc, "", "", workdir, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        daemon.lines.append(line.rstrip("\n"))
+        addrs = _parse_addresses(line)
+        if addrs is not None:
+            daemon.tcp, daemon.ipc = addrs
+            return daemon
+    stop_daemon(daemon)
+    raise RuntimeError(
+        "daemon did not print its serving line within "
+        f"{STARTUP_TIMEOUT_S:g} s:\n" + "\n".join(daemon.lines) + "\n" + log_path.read_text()[-4000:]
+    )
+
+
+def wait_ready(address: str, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
+    """Ping until the daemon answers; returns seconds waited. Raises on timeout."""
+    start = time.monotonic()
+    with Client(address, timeout_s=1.0) as client:
+        while True:
+            try:
+                client.ping(timeout_s=1.0)
+                return time.monotonic() - start
+            except Exception:
+                if time.monotonic() - start > timeout_s:
+                    raise
+                time.sleep(0.05)
+
+
+def stop_daemon(daemon: Daemon) -> int | None:
+    """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code (None if killed)."""
+    proc = daemon.proc
+    code: int | None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        code = None
+    shutil.rmtree(daemon.workdir, ignore_errors=True)
+    return code
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of ``pid`` so far (field 10 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def fault_probe(daemon_pid: int) -> FaultProbe:
+    return lambda: (resource.getrusage(resource.RUSAGE_SELF).ru_minflt, minor_faults(daemon_pid))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+class Keys:
+    """Distinct 16-byte keys for the whole run."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def take(self, n: int) -> list[bytes]:
+        out = [b"bench-key-" + (self._n + i).to_bytes(6, "little") for i in range(n)]
+        self._n += n
+        return out
+
+
+def make_payload(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+def memcpy_baseline(size: int, s: Settings) -> dict[str, Any]:
+    src = make_payload(size, 1)
+    dst = np.zeros_like(src)
+    np.copyto(dst, src)  # fault both in
+    t = time_calls(lambda _i: np.copyto(dst, src), s.memcpy_seconds, 20, 200_000, warmup=5)
+    return {"size": size, "reps": t.reps, "median_s": t.median_s, "gbps": gbps(size, t.median_s)}
+
+
+def bench_put(
+    client: Client, ns: bytes, keys: Keys, size: int, s: Settings, probe: FaultProbe
+) -> tuple[Timing, list[bytes]]:
+    payload = make_payload(size, 2)
+    max_reps = min(s.max_reps, max(s.min_reps, PUT_MAX_BYTES // size - 2))
+    pool = keys.take(max_reps + WARMUP_CALLS)
+    used: list[bytes] = []
+
+    def put(i: int) -> None:
+        client.put(pool[i], payload, namespace=ns)
+        used.append(pool[i])
+
+    return time_calls(put, s.cell_seconds, s.min_reps, max_reps, probe=probe), used
+
+
+def _check_get(got: Sequence[memoryview | None], expected: np.ndarray) -> None:
+    for view in got:
+        if view is None or len(view) != expected.nbytes or bytes(view[:4096]) != expected[:4096].tobytes():
+            raise RuntimeError("GET returned a miss or the wrong payload")
+
+
+def bench_get(
+    client: Client, ns: bytes, keys: Keys, size: int, batch: int, s: Settings, probe: FaultProbe
+) -> tuple[Timing, list[bytes]]:
+    """Put ``batch`` records of ``size``, then time ``client.get(those keys)``."""
+    payload = make_payload(size, 3)
+    ks = keys.take(batch)
+    client.put_records([ChunkRecord.build(k, payload, ns) for k in ks])
+    _check_get(client.get(ks), payload)
+    t = time_calls(lambda _i: client.get(ks), s.cell_seconds, s.min_reps, s.max_reps, probe=probe)
+    return t, ks
+
+
+def latency(call: Callable[[], object], reps: int, warmup: int = 20) -> dict[str, Any]:
+    """p50/p90/p99/max in ms of ``reps`` sequential calls (one outstanding)."""
+    for _ in range(warmup):
+        call()
+    samples: list[float] = []
+    with _no_gc():
+        for _ in range(reps):
+            start = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - start)
+    ms = sorted(x * 1000.0 for x in samples)
+    return {
+        "reps": reps,
+        "p50_ms": _percentile(ms, 50),
+        "p90_ms": _percentile(ms, 90),
+        "p99_ms": _percentile(ms, 99),
+        "max_ms": ms[-1],
+    }
+
+
+def bench_lookup(client: Client, keys: Sequence[bytes], reps: int) -> dict[str, Any]:
+    def lookup() -> None:
+        hits = client.lookup(keys)
+        if hits != len(keys):
+            raise RuntimeError(f"LOOKUP found {hits} of {len(keys)} keys")
+
+    return {"keys": len(keys), **latency(lookup, reps)}
+
+
+def lookup_keys() -> tuple[bytes, list[bytes]]:
+    ns = namespace_id(b"bench", {"engine": "bench"}, CHUNK_TOKENS)
+    return ns, chunk_keys(ns, list(range(LOOKUP_CHUNKS * CHUNK_TOKENS)), CHUNK_TOKENS)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _cell(
+    op: str, transport: str, size: int, batch: int, t: Timing, memcpy: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    rate = gbps(size * batch, t.median_s)
+    return {
+        "op": op,
+        "transport": transport,
+        "size": size,
+        "records_per_call": batch,
+        "reps": t.reps,
+        "median_s": t.median_s,
+        "p10_s": t.p10_s,
+        "p90_s": t.p90_s,
+        "min_s": t.min_s,
+        "gbps": rate,
+        "ratio_to_memcpy": rate / memcpy[size]["gbps"],
+        "client_minor_faults_per_call": t.client_faults_per_call,
+        "daemon_minor_faults_per_call": t.daemon_faults_per_call,
+    }
+
+
+def bench_transport(
+    transport: str,
+    address: str,
+    s: Settings,
+    memcpy: dict[int, dict[str, Any]],
+    keys: Keys,
+    probe: FaultProbe,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """PUT/GET cells for every size, then LOOKUP and PING latency, over one transport."""
+    cells: list[dict[str, Any]] = []
+    ns = namespace_id(b"bench-bulk", {"engine": "bench"}, CHUNK_TOKENS)
+    with Client(address, timeout_s=CLIENT_TIMEOUT_S) as client:
+        for size in s.sizes:
+            t, used = bench_put(client, ns, keys, size, s, probe)
+            cells.append(_cell("put", transport, size, 1, t, memcpy))
+            client.delete(used)
+            for batch, op in ((1, "get"), (BATCH, "get_batch")):
+                t, used = bench_get(client, ns, keys, size, batch, s, probe)
+                cells.append(_cell(op, transport, size, batch, t, memcpy))
+                client.delete(used)
+            log(f"  {transport} {_size_str(size)} done")
+        _, lkeys = lookup_keys()
+        lookup = bench_lookup(client, lkeys, s.lookup_reps)
+        ping = latency(client.ping, s.lookup_reps)
+        if client.checksum_failures:
+            raise RuntimeError(f"{client.checksum_failures} GET payloads failed their checksum")
+    return cells, lookup, ping
+
+
+def put_lookup_chain(address: str) -> None:
+    ns, keys = lookup_keys()
+    payload = make_payload(LOOKUP_PAYLOAD, 4)
+    with Client(address, timeout_s=CLIENT_TIMEOUT_S) as client:
+        client.put_records([ChunkRecord.build(k, payload, ns) for k in keys])
+        if client.lookup(keys) != len(keys):
+            raise RuntimeError("LOOKUP chain not fully present after PUT")
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": sys.version.split()[0],
+        "python_impl": platform.python_implementation(),
+        "numpy": np.__version__,
+        "pyzmq": __import__("zmq").__version__,
+        "libzmq": __import__("zmq").zmq_version(),
+        "lmcache_node": VERSION,
+    }
+
+
+def find_cell(cells: Sequence[dict[str, Any]], op: str, transport: str, size: int) -> dict[str, Any] | None:
+    return next(
+        (c for c in cells if c["op"] == op and c["transport"] == transport and c["size"] == size), None
+    )
+
+
+def evaluate_targets(
+    cells: Sequence[dict[str, Any]], lookup: dict[str, dict[str, Any]], idle_rss: float
+) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+    for transport, need in (("ipc", TARGET_GET_IPC_RATIO), ("tcp", TARGET_GET_TCP_RATIO)):
+        cell = find_cell(cells, "get", transport, TARGET_SIZE)
+        value = None if cell is None else cell["ratio_to_memcpy"]
+        targets.append({
+            "name": f"GET 4 MiB over {transport} (single record) / memcpy",
+            "value": value, "op": ">=", "threshold": need,
+            "passed": None if value is None else value >= need,
+        })  # fmt: skip
+    for transport, res in lookup.items():
+        value = res["p99_ms"]
+        targets.append({
+            "name": f"LOOKUP {LOOKUP_CHUNKS} keys p99 over {transport} (ms)",
+            "value": value, "op": "<=", "threshold": TARGET_LOOKUP_P99_MS,
+            "passed": value <= TARGET_LOOKUP_P99_MS,
+        })  # fmt: skip
+    targets.append({
+        "name": "idle daemon RSS (MB)", "value": idle_rss, "op": "<=", "threshold": TARGET_IDLE_RSS_MB,
+        "passed": idle_rss <= TARGET_IDLE_RSS_MB,
+    })  # fmt: skip
+    return targets
+
+
+def run(s: Settings, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    started = time.monotonic()
+    log("memcpy baseline ...")
+    memcpy = {size: memcpy_baseline(size, s) for size in s.sizes}
+    log("starting daemon ...")
+    daemon = start_daemon()
+    exit_code: int | None = None
+    try:
+        rss_start = rss_mb(daemon.proc.pid)  # before any request
+        ready_s = wait_ready(daemon.ipc)
+        rss_idle_after_ping = rss_mb(daemon.proc.pid)
+        put_lookup_chain(daemon.ipc)
+        keys = Keys()
+        cells: list[dict[str, Any]] = []
+        lookup: dict[str, dict[str, Any]] = {}
+        ping: dict[str, dict[str, Any]] = {}
+        probe = fault_probe(daemon.proc.pid)
+        for transport, address in (("ipc", daemon.ipc), ("tcp", daemon.tcp)):
+            log(f"{transport}: {address}")
+            c, lookup[transport], ping[transport] = bench_transport(
+                transport, address, s, memcpy, keys, probe, log
+            )
+            cells += c
+        with Client(daemon.ipc, timeout_s=CLIENT_TIMEOUT_S) as client:
+            node_stats = client.stats()
+        rss_after = rss_mb(daemon.proc.pid)
+    finally:
+        exit_code = stop_daemon(daemon)
+    if exit_code != 0:
+        raise RuntimeError(f"daemon exited with {exit_code!r} after SIGTERM (None = had to be killed)")
+    return {
+        "benchmark": "bench_node",
+        "quick": quick,
+        "settings": asdict(s),
+        "machine": machine_info(),
+        "daemon": {
+            "serving_line": next((ln for ln in daemon.lines if "serving on" in ln), ""),
+            "ready_after_s": ready_s,
+            "exit_code": exit_code,
+            "rss_idle_mb": rss_start,
+            "rss_after_first_ping_mb": rss_idle_after_ping,
+            "rss_after_load_mb": rss_after,
+            "memory_tier_entries_at_end": node_stats["tiers"]["memory"]["entries"],
+            "memory_tier_used_bytes_at_end": node_stats["tiers"]["memory"]["used_bytes"],
+        },
+        "memcpy": {str(k): v for k, v in memcpy.items()},
+        "cells": cells,
+        "lookup": lookup,
+        "ping": ping,
+        "targets": evaluate_targets(cells, lookup, rss_start),
+        "elapsed_s": time.monotonic() - started,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _size_str(size: int) -> str:
+    return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    out = [
+        f"lmcache-node benchmark{' (quick)' if r['quick'] else ''}: {m['platform']}, {m['cpu_count']} CPUs, "
+        f"Python {m['python']}, numpy {m['numpy']}, libzmq {m['libzmq']}",
+        "",
+        "memcpy baseline (np.copyto, median)",
+    ]
+    for size, b in r["memcpy"].items():
+        out.append(f"  {_size_str(int(size)):>8}  {b['gbps']:7.2f} GB/s  ({b['reps']} reps)")
+    out.append("  (sizes that fit the CPU caches copy far faster, so their ratios below are harsh)")
+    out += ["", "throughput: GB/s of payload (median per call), x = ratio to memcpy of the record size"]
+    header = f"  {'size':>8} | " + " | ".join(
+        f"{t + ' ' + op:>22}" for t in ("ipc", "tcp") for op in ("put", "get", "get x8")
+    )
+    out += [header, "  " + "-" * (len(header) - 2)]
+    ops = (("put", "put"), ("get", "get"), ("get_batch", "get x8"))
+    for size in r["settings"]["sizes"]:
+        row = []
+        for transport in ("ipc", "tcp"):
+            for op, _ in ops:
+                c = find_cell(r["cells"], op, transport, size)
+                row.append(
+                    f"{c['gbps']:6.2f} ({c['ratio_to_memcpy']:5.3f}x) {c['median_s'] * 1e3:6.2f}ms"
+                    if c
+                    else "-"
+                )
+        out.append(f"  {_size_str(size):>8} | " + " | ".join(f"{x:>22}" for x in row))
+    out += ["", "minor page faults per call (client / daemon), same cells"]
+    for size in r["settings"]["sizes"]:
+        row = []
+        for transport in ("ipc", "tcp"):
+            for op, _ in ops:
+                c = find_cell(r["cells"], op, transport, size)
+                row.append(
+                    f"{c['client_minor_faults_per_call']:.0f} / {c['daemon_minor_faults_per_call']:.0f}"
+                    if c
+                    else "-"
+                )
+        out.append(f"  {_size_str(size):>8} | " + " | ".join(f"{x:>22}" for x in row))
+    out += ["", "latency, one request outstanding"]
+    for what, table in (
+        (f"LOOKUP {LOOKUP_CHUNKS} keys (all present)", r["lookup"]),
+        ("PING (for reference)", r["ping"]),
+    ):
+        for transport, lk in table.items():
+            out.append(
+                f"  {what:<28} {transport}: p50 {lk['p50_ms']:.3f} ms  p90 {lk['p90_ms']:.3f} ms  "
+                f"p99 {lk['p99_ms']:.3f} ms  max {lk['max_ms']:.3f} ms  ({lk['reps']} calls)"
+            )
+    d = r["daemon"]
+    out += [
+        "",
+        f"daemon RSS: idle {d['rss_idle_mb']:.1f} MB (after first ping {d['rss_after_first_ping_mb']:.1f} MB), "
+        f"after load {d['rss_after_load_mb']:.1f} MB; exit code {d['exit_code']}",
+        "",
+        "targets",
+    ]
+    for t in r["targets"]:
+        verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        out.append(f"  {verdict:<4}  {t['name']}: {value} {t['op']} {t['threshold']}")
+    out.append(f"\nelapsed {r['elapsed_s']:.1f} s")
+    return "\n".join(out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 MiB and 4 MiB only, fewer reps")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="JSON results path (default: bench/results/bench_node.json)",
+    )
+    p.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=None,
+        help="time budget per timed cell (default: 1.2, quick 0.3)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = QUICK if args.quick else FULL
+    if args.cell_seconds is not None:
+        s = Settings(**{**asdict(s), "cell_seconds": args.cell_seconds})
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = run(s, args.quick, log)
+    print(format_report(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
