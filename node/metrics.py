@@ -83,10 +83,14 @@ class NodeMetrics:
             registry=self.registry,
             buckets=LATENCY_BUCKETS_S,
         )
+        self._children: dict[tuple[str, str], Any] = {}
         self._server: Any = None
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
-        self.latency.labels(op, outcome).observe(seconds)
+        child = self._children.get((op, outcome))
+        if child is None:
+            child = self._children[(op, outcome)] = self.latency.labels(op, outcome)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -66,37 +66,58 @@ class NodeServer:
         while True:
             peer, frames = await self._router.recv()
             received = time.monotonic()
-            await self._slots.acquire()
-            task = asyncio.create_task(self._answer(peer, frames, received))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, peer: bytes, frames: list[Any], received: float) -> None:
-        op_name, outcome = "INVALID", "ok"
-        try:
             buffers = [f.buffer for f in frames]
+            request: Request | MeshError
             try:
                 request = decode_request(buffers, self.limits)
-                op_name = request.op.name
-                deadline = received + request.timeout_ms / 1000.0
-                reply = await self._dispatch(request, deadline)
             except MeshError as exc:
-                outcome = exc.code.name
-                self.node.count_error(exc.code.name)
-                rid = peek_request_id(buffers[0]) if buffers else 0
-                logger.debug("x %s request %d from %s: %s", op_name, rid, peer.hex(), exc)
-                reply = [error_reply(rid, exc)]
-            except Exception as exc:  # a bug must not take the node down
-                logger.exception("x internal error answering %s", op_name)
-                outcome = "INTERNAL"
-                self.node.count_error("INTERNAL")
-                rid = peek_request_id(buffers[0]) if buffers else 0
-                reply = [error_reply(rid, InternalError(f"{type(exc).__name__}: {exc}"))]
-            await self._router.send(peer, reply)
+                request = exc
+            if isinstance(request, Request) and self._needs_thread(request):
+                await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
+                task = asyncio.create_task(self._answer_in_slot(peer, buffers, request, received))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                # Memory-only work never blocks: answering inline saves a task per request.
+                await self._answer(peer, buffers, request, received)
+
+    def _needs_thread(self, req: Request) -> bool:
+        if req.op is Op.DELETE:
+            return True
+        return req.op is Op.GET and not self.node.store.in_memory(req.fields["keys"])
+
+    async def _answer_in_slot(
+        self, peer: bytes, buffers: list[Any], request: Request, received: float
+    ) -> None:
+        try:
+            await self._answer(peer, buffers, request, received)
         finally:
             self._slots.release()
-            if self._observe is not None:
-                self._observe(op_name, outcome, time.monotonic() - received)
+
+    async def _answer(
+        self, peer: bytes, buffers: list[Any], request: Request | MeshError, received: float
+    ) -> None:
+        op_name = request.op.name if isinstance(request, Request) else "INVALID"
+        outcome = "ok"
+        try:
+            if isinstance(request, MeshError):
+                raise request
+            reply = await self._dispatch(request, received + request.timeout_ms / 1000.0)
+        except MeshError as exc:
+            outcome = exc.code.name
+            self.node.count_error(exc.code.name)
+            rid = peek_request_id(buffers[0]) if buffers else 0
+            logger.debug("x %s request %d from %s: %s", op_name, rid, peer.hex(), exc)
+            reply = [error_reply(rid, exc)]
+        except Exception as exc:  # a bug must not take the node down
+            logger.exception("x internal error answering %s", op_name)
+            outcome = "INTERNAL"
+            self.node.count_error("INTERNAL")
+            rid = peek_request_id(buffers[0]) if buffers else 0
+            reply = [error_reply(rid, InternalError(f"{type(exc).__name__}: {exc}"))]
+        await self._router.send(peer, reply)
+        if self._observe is not None:
+            self._observe(op_name, outcome, time.monotonic() - received)
 
     async def _dispatch(self, req: Request, deadline: float) -> list[Any]:
         if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     for d in started:
         if d.proc.poll() is None:
             d.proc.kill()
-            d.proc.communicate(timeout=10)
+        d.stop()
 
 
 @pytest.fixture

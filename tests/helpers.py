@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache_mesh.node import Client
@@ -20,23 +21,25 @@ STARTUP_TIMEOUT_S = 30.0
 
 @dataclass
 class Daemon:
-    """A real ``lmcache-node run`` process."""
+    """A real ``lmcache-node run`` process; a thread keeps reading its output so it never blocks."""
 
     proc: subprocess.Popen[str]
     data_dir: Path
     tcp: str
     ipc: str | None
-    lines: list[str] = field(default_factory=list)
+    lines: list[str]
+    reader: threading.Thread
 
     def client(self, timeout_s: float = 10.0) -> Client:
         return Client(self.tcp, timeout_s=timeout_s)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> str:
-        """Signal the daemon, wait for it, and return the rest of its stdout."""
+        """Signal the daemon, wait for it, and return everything it printed."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=timeout_s)
-        return out
+        self.proc.wait(timeout=timeout_s)
+        self.reader.join(timeout=timeout_s)
+        return "".join(self.lines)
 
 
 def short_tmpdir() -> Path:
@@ -68,23 +71,33 @@ def start_daemon(
         env=full_env,
         preexec_fn=preexec_fn,
     )
-    assert proc.stdout is not None
     lines: list[str] = []
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"serving on (\S+)(?: (\S+))?", line)
-        if m:
-            daemon = Daemon(proc, data_dir, m.group(1), m.group(2), lines)
-            with daemon.client() as c:
-                c.ping()
-            return daemon
-    proc.kill()
-    rest = proc.communicate(timeout=10)[0]
-    raise RuntimeError("daemon did not start:\n" + "".join(lines) + (rest or ""))
+    started: queue.Queue[re.Match[str] | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"serving on (\S+)(?: (\S+))?", line)
+            if m:
+                started.put(m)
+        started.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        m = started.get(timeout=STARTUP_TIMEOUT_S)
+    except queue.Empty:
+        m = None
+    if m is None:
+        proc.kill()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        raise RuntimeError("daemon did not start:\n" + "".join(lines))
+    daemon = Daemon(proc, data_dir, m.group(1), m.group(2), lines, reader)
+    with daemon.client() as c:
+        c.ping()
+    return daemon
 
 
 def payload(i: int, size: int = 4096) -> bytes:

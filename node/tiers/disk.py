@@ -27,6 +27,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +180,11 @@ class DiskTier:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def present(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is on disk (or queued for it), under one lock."""
+        with self._lock:
+            return [key in self._index or key in self._pending for key in keys]
 
     @property
     def used_bytes(self) -> int:

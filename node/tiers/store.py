@@ -70,20 +70,17 @@ class TieredStore:
             if not on_disk:
                 self.disk.submit(record)
 
-    def contains(self, key: bytes) -> bool:
-        with self._lock:
-            if key in self.memory:
-                return True
-        return self.disk is not None and key in self.disk
-
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` are present in any tier. No side effects."""
-        n = 0
-        for key in keys:
-            if not self.contains(key):
-                break
-            n += 1
-        return n
+        with self._lock:
+            n = next((i for i, key in enumerate(keys) if key not in self.memory), len(keys))
+        if n == len(keys) or self.disk is None:
+            return n
+        on_disk = self.disk.present(keys[n:])
+        with self._lock:
+            return next(
+                (n + i for i, key in enumerate(keys[n:]) if not (on_disk[i] or key in self.memory)), len(keys)
+            )
 
     def in_memory(self, keys: Sequence[bytes]) -> bool:
         with self._lock:

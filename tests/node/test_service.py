@@ -89,7 +89,7 @@ def test_requests_waiting_for_a_slot_count_against_their_deadline(
             await sock.send_multipart(
                 [request_header(Op.GET, 1, 5000, keys=[keys[0]])]
             )  # holds the only slot
-            await sock.send_multipart([request_header(Op.PING, 2, 50)])  # waits 0.5 s for it
+            await sock.send_multipart([request_header(Op.GET, 2, 50, keys=[keys[0]])])  # waits 0.5 s for it
             by_id = {r["id"]: r for r, _ in [await reply(sock), await reply(sock)]}
             assert by_id[1]["ok"] is True
             assert by_id[2]["code"] == ErrorCode.DEADLINE_EXCEEDED
