@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -102,12 +102,6 @@ class DiskCounters:
     corrupt_discarded: int = 0
 
 
-@dataclass(slots=True)
-class _Slot:
-    size: int
-    header: RecordHeader = field(repr=False)
-
-
 class DiskTier:
     """Byte-budgeted, crash-safe record files under ``<data_dir>/chunks``."""
 
@@ -120,7 +114,7 @@ class DiskTier:
         self.counters = DiskCounters()
         self._root = self.data_dir / "chunks"
         self._lock = threading.Lock()
-        self._index: OrderedDict[bytes, _Slot] = OrderedDict()  # LRU first
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> payload bytes, LRU first
         self._used = 0
         self._pending: dict[bytes, ChunkRecord] = {}
         self._pending_bytes = 0
@@ -204,8 +198,7 @@ class DiskTier:
             pending = self._pending.get(key)
             if pending is not None:
                 return pending
-            slot = self._index.get(key)
-            if slot is None:
+            if key not in self._index:
                 return None
             self._index.move_to_end(key)
         path = self._path(key)
@@ -223,7 +216,7 @@ class DiskTier:
             logger.warning("x %s: corrupt record file dropped: %s", path.name, exc)
             with self._lock:
                 self.counters.corrupt_discarded += 1
-                if self._index.get(key) is slot:
+                if key in self._index:
                     self._forget(key)
             _unlink(path)
             return None
@@ -255,9 +248,9 @@ class DiskTier:
             if record.key in self._index:
                 return True
             while self._used + size > self.capacity_bytes and self._index:
-                victim, slot = self._index.popitem(last=False)
+                victim, victim_size = self._index.popitem(last=False)
                 victims.append(victim)
-                self._used -= slot.size
+                self._used -= victim_size
         for victim in victims:
             _unlink(self._path(victim))
         path = self._path(record.key)
@@ -270,7 +263,7 @@ class DiskTier:
             logger.log(level, "x disk write of %s failed (%s); record not stored on disk", path.name, exc)
             return False
         with self._lock:
-            self._index[record.key] = _Slot(size, record.header)
+            self._index[record.key] = size
             self._used += size
             self.counters.writes += 1
             self.counters.evictions += len(victims)
@@ -291,8 +284,7 @@ class DiskTier:
     # internals
 
     def _forget(self, key: bytes) -> None:
-        slot = self._index.pop(key)
-        self._used -= slot.size
+        self._used -= self._index.pop(key)
 
     def _path(self, key: bytes) -> Path:
         h = key.hex()
@@ -317,10 +309,13 @@ class DiskTier:
 
     def _recover(self) -> RecoveryReport:
         started = time.monotonic()
-        found: list[tuple[float, bytes, _Slot]] = []
-        discarded = temp_removed = 0
+        found: list[tuple[float, bytes, int]] = []
+        discarded = temp_removed = scanned = 0
         for sub in sorted(p for p in self._root.iterdir() if p.is_dir()):
             for path in sub.iterdir():
+                scanned += 1
+                if scanned % 50_000 == 0:
+                    logger.info("- disk recovery: %d files scanned in %.1f s", scanned, time.monotonic() - started)
                 if path.name.endswith(_TMP_SUFFIX):
                     _unlink(path)
                     temp_removed += 1
@@ -339,15 +334,15 @@ class DiskTier:
                     _unlink(path)
                     discarded += 1
                     continue
-                found.append((st.st_mtime, header.key, _Slot(header.length, header)))
+                found.append((st.st_mtime, header.key, header.length))
         found.sort(key=lambda t: t[0])
-        for _, key, slot in found:
-            self._index[key] = slot
-            self._used += slot.size
+        for _, key, size in found:
+            self._index[key] = size
+            self._used += size
         evicted = 0
         while self._used > self.capacity_bytes and self._index:
-            key, slot = self._index.popitem(last=False)
-            self._used -= slot.size
+            key, size = self._index.popitem(last=False)
+            self._used -= size
             _unlink(self._path(key))
             evicted += 1
         self.counters.corrupt_discarded += discarded
