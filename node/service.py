@@ -128,7 +128,7 @@ class NodeServer:
         if req.op is Op.PUT:
             # Verify every record before storing any: a bad one means nothing changes.
             records = [
-                ChunkRecord.verified(h, p) for h, p in zip(req.fields["headers"], req.payloads, strict=True)
+                ChunkRecord.verified(h, _own(p)) for h, p in zip(req.fields["headers"], req.payloads, strict=True)
             ]
             self.node.put_records(records)
             return [ok_reply(req.id, stored=len(records))]
@@ -157,3 +157,13 @@ class NodeServer:
             return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline passed while reading from disk") from None
+
+
+SMALL_FRAME_BYTES = 64 << 10
+"""Below this, libzmq may place a received frame inside a shared receive buffer."""
+
+
+def _own(buffer: Any) -> Any:
+    # Keeping a small frame would pin the whole shared buffer it sits in, so small payloads
+    # are copied (cheap); large ones have a buffer of their own and are kept zero-copy.
+    return bytes(buffer) if len(buffer) < SMALL_FRAME_BYTES else buffer
