@@ -1,0 +1,510 @@
+"""SWIM membership with Lifeguard suspicion, as a sans-I/O state machine.
+
+The core never sends, sleeps or reads a clock: :meth:`Membership.tick` and
+:meth:`Membership.on_message` take ``now`` and return the datagrams to send as
+``(address, bytes)`` pairs, and :meth:`Membership.next_wakeup` says when ``tick`` is due.
+:class:`~lmcache_mesh.mesh.agent.MeshAgent` drives it over any transport and scheduler.
+
+Protocol (Das et al. 2002; Lifeguard, Dadgar et al. 2017):
+- every probe interval (scaled by local health) ping the next member of a shuffled
+  round-robin; no ack within the probe timeout -> ask ``indirect_checks`` others to ping it;
+  still no ack by the end of the interval -> suspect it;
+- a suspicion becomes death after a timeout that starts high and falls as independent
+  confirmations arrive; the suspect refutes by raising its incarnation;
+- news (alive/suspect/dead) is piggybacked on every message and gossiped to a few random
+  members each gossip interval, each item a bounded number of times (∝ log N);
+- full member tables are exchanged with one random member periodically (push-pull), which
+  is also how a node joins through seed addresses and how a restarted node learns that it
+  was declared dead (and refutes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .broadcast import NEWS_WIRE_BYTES_ESTIMATE, BroadcastQueue
+from .config import MeshConfig, push_pull_scale, remaining_suspicion_s, suspicion_bounds
+from .errors import MalformedMessage
+from .messages import Kind, Message, MsgType, News
+
+logger = logging.getLogger(__name__)
+
+Out = tuple[str, bytes]
+"""A datagram to send: (address, bytes)."""
+
+
+class State(str, Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+@dataclass(slots=True)
+class Member:
+    name: str
+    address: str
+    zone: str = "default"
+    weight: float = 1.0
+    incarnation: int = 0
+    state: State = State.ALIVE
+    since: float = 0.0
+    """When the member entered its current state (scheduler time)."""
+
+    def __repr__(self) -> str:
+        return f"<Member {self.name} {self.state.value} inc={self.incarnation} zone={self.zone}>"
+
+    def news(self, origin: str = "") -> News:
+        kind = {State.ALIVE: Kind.ALIVE, State.SUSPECT: Kind.SUSPECT}.get(self.state, Kind.DEAD)
+        if self.state is State.LEFT:
+            origin = self.name
+        return News(kind, self.name, self.incarnation, self.address, self.zone, self.weight, origin)
+
+
+@dataclass(slots=True)
+class _Suspicion:
+    started: float
+    deadline: float
+    confirmations: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    seq: int
+    indirect_at: float
+    ends_at: float
+    acked: bool = False
+    indirect_sent: bool = False
+
+
+@dataclass(slots=True)
+class _Relay:
+    requester_addr: str
+    requester_seq: int
+    nack_at: float
+
+
+ChangeListener = Callable[[Member, "State | None"], None]
+"""Called with (member, previous state or None when new) after every state change."""
+
+
+class Membership:
+    """One node's view of the cluster. Not thread-safe: call it from one scheduler thread."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        name: str,
+        address: str,
+        zone: str = "default",
+        weight: float = 1.0,
+        rng: random.Random | None = None,
+        on_change: ChangeListener | None = None,
+    ) -> None:
+        self.config = config
+        self.me = Member(name, address, zone, weight)
+        self.members: dict[str, Member] = {name: self.me}
+        self.rng = rng or random.Random()
+        self.on_change = on_change
+        self.counters: dict[str, int] = {
+            "messages_in": 0,
+            "messages_out": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "malformed": 0,
+            "probes": 0,
+            "probe_failures": 0,
+            "refutes": 0,
+        }
+        self._queue = BroadcastQueue(config.retransmit_mult, self.num_alive)
+        self._awareness = 0
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._probe_order: list[str] = []
+        self._suspicions: dict[str, _Suspicion] = {}
+        self._relays: dict[int, _Relay] = {}
+        self._seeds: list[str] = []
+        self._next_join_at = float("inf")
+        self._next_probe_at = float("inf")
+        self._next_gossip_at = float("inf")
+        self._next_push_pull_at = float("inf")
+        self._next_reclaim_at = float("inf")
+        self._leaving = False
+
+    def __repr__(self) -> str:
+        counts = {s: 0 for s in State}
+        for m in self.members.values():
+            counts[m.state] += 1
+        summary = " ".join(f"{s.value}={n}" for s, n in counts.items() if n)
+        return f"<Membership {self.me.name} inc={self.me.incarnation} {summary}>"
+
+    # queries
+
+    def num_alive(self) -> int:
+        return sum(1 for m in self.members.values() if m.state in (State.ALIVE, State.SUSPECT))
+
+    def alive_members(self) -> list[Member]:
+        return [m for m in self.members.values() if m.state in (State.ALIVE, State.SUSPECT)]
+
+    @property
+    def awareness(self) -> int:
+        """Lifeguard local health: 0 is healthy; each step slows our own probing."""
+        return self._awareness
+
+    def next_wakeup(self) -> float:
+        times = [
+            self._next_probe_at,
+            self._next_gossip_at,
+            self._next_push_pull_at,
+            self._next_reclaim_at,
+            self._next_join_at,
+        ]
+        if self._probe is not None:
+            times.append(self._probe.ends_at)
+            if not self._probe.indirect_sent and not self._probe.acked:
+                times.append(self._probe.indirect_at)
+        times.extend(s.deadline for s in self._suspicions.values())
+        times.extend(r.nack_at for r in self._relays.values())
+        return min(times)
+
+    # lifecycle
+
+    def start(self, now: float, seeds: Sequence[str] = ()) -> list[Out]:
+        """Begin probing and gossiping; join through ``seeds`` (addresses) if given."""
+        cfg = self.config
+        self.me.since = now
+        self._next_probe_at = now + self.rng.uniform(0, cfg.probe_interval_s)
+        self._next_gossip_at = now + self.rng.uniform(0, cfg.gossip_interval_s)
+        self._next_push_pull_at = now + push_pull_scale(cfg.push_pull_interval_s, 1)
+        self._next_reclaim_at = now + cfg.dead_reclaim_s
+        self._seeds = [s for s in seeds if s != self.me.address]
+        out: list[Out] = []
+        if self._seeds:
+            out = self._join(now)
+        return out
+
+    def join(self, now: float, seeds: Sequence[str]) -> list[Out]:
+        """Join the cluster that ``seeds`` belong to (also on a running node)."""
+        self._seeds = [s for s in seeds if s != self.me.address]
+        return self._join(now)
+
+    def leave(self, now: float) -> list[Out]:
+        """Announce a graceful leave to several members at once (they spread it further)."""
+        self._leaving = True
+        news = News(
+            Kind.DEAD,
+            self.me.name,
+            self.me.incarnation,
+            self.me.address,
+            self.me.zone,
+            self.me.weight,
+            self.me.name,
+        )
+        peers = self._random_members(max(self.config.gossip_nodes, 5), include_dead=False)
+        return [
+            self._send(m.address, Message(MsgType.GOSSIP, self.me.name, self.me.address, gossip=[news]))
+            for m in peers
+        ]
+
+    # the protocol
+
+    def tick(self, now: float) -> list[Out]:
+        out: list[Out] = []
+        cfg = self.config
+        if self._seeds and now >= self._next_join_at:
+            if self.num_alive() > 1:
+                self._next_join_at = float("inf")
+            else:
+                out += self._join(now)
+        out += self._tick_probe(now)
+        for name, s in list(self._suspicions.items()):
+            if now >= s.deadline:
+                member = self.members.get(name)
+                if member is not None and member.state is State.SUSPECT:
+                    self._apply(News(Kind.DEAD, name, member.incarnation, origin=self.me.name), now)
+                self._suspicions.pop(name, None)
+        for seq, relay in list(self._relays.items()):
+            if now >= relay.nack_at:
+                del self._relays[seq]
+                out.append(
+                    self._send(
+                        relay.requester_addr,
+                        Message(MsgType.NACK, self.me.name, self.me.address, seq=relay.requester_seq),
+                    )
+                )
+        if now >= self._next_gossip_at:
+            self._next_gossip_at = now + cfg.gossip_interval_s
+            if len(self._queue):
+                for m in self._random_members(cfg.gossip_nodes, include_dead=True, now=now):
+                    gossip = self._queue.take(cfg.max_datagram_bytes)
+                    if not gossip:
+                        break
+                    out.append(
+                        self._send(
+                            m.address, Message(MsgType.GOSSIP, self.me.name, self.me.address, gossip=gossip)
+                        )
+                    )
+        if now >= self._next_push_pull_at:
+            self._next_push_pull_at = now + push_pull_scale(cfg.push_pull_interval_s, self.num_alive())
+            peers = self._random_members(1, include_dead=False)
+            if peers:
+                out.append(self._send(peers[0].address, self._push_pull(reply=False)))
+        if now >= self._next_reclaim_at:
+            self._next_reclaim_at = now + cfg.dead_reclaim_s / 4
+            for name, m in list(self.members.items()):
+                if m.state in (State.DEAD, State.LEFT) and now - m.since >= cfg.dead_reclaim_s:
+                    del self.members[name]
+        return out
+
+    def on_message(self, src_addr: str, data: bytes, now: float) -> list[Out]:
+        """Handle one datagram; malformed input is counted and dropped, never raised."""
+        self.counters["messages_in"] += 1
+        self.counters["bytes_in"] += len(data)
+        try:
+            msg = Message.decode(data)
+        except MalformedMessage as exc:
+            self.counters["malformed"] += 1
+            logger.debug("x %s: malformed datagram from %s: %s", self.me.name, src_addr, exc)
+            return []
+        if msg.src == self.me.name:
+            return []
+        for news in msg.gossip:
+            self._apply(news, now)
+        out: list[Out] = []
+        if msg.type is MsgType.PING:
+            if not msg.target or msg.target == self.me.name:
+                out.append(
+                    self._send(
+                        msg.src_addr,
+                        self._with_gossip(Message(MsgType.ACK, self.me.name, self.me.address, seq=msg.seq)),
+                    )
+                )
+        elif msg.type is MsgType.ACK:
+            if self._probe is not None and self._probe.seq == msg.seq:
+                if not self._probe.acked:
+                    self._probe.acked = True
+                    self._awareness = max(0, self._awareness - 1)
+            elif msg.seq in self._relays:
+                relay = self._relays.pop(msg.seq)
+                out.append(
+                    self._send(
+                        relay.requester_addr,
+                        Message(MsgType.ACK, self.me.name, self.me.address, seq=relay.requester_seq),
+                    )
+                )
+        elif msg.type is MsgType.PING_REQ:
+            seq = self._next_seq()
+            self._relays[seq] = _Relay(msg.src_addr, msg.seq, now + self.config.probe_timeout_s)
+            ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=msg.target)
+            out.append(self._send(msg.target_addr, self._with_gossip(ping)))
+        elif msg.type is MsgType.PUSH_PULL:
+            for news in msg.state:
+                self._apply(news, now)
+            if not msg.reply:
+                out.append(self._send(msg.src_addr, self._push_pull(reply=True)))
+        return out
+
+    # internals
+
+    def _join(self, now: float) -> list[Out]:
+        self._next_join_at = now + max(self.config.probe_interval_s, 0.5)
+        return [self._send(seed, self._push_pull(reply=False)) for seed in self._seeds]
+
+    def _tick_probe(self, now: float) -> list[Out]:
+        out: list[Out] = []
+        cfg = self.config
+        scale = self._awareness + 1
+        probe = self._probe
+        if probe is not None:
+            target = self.members.get(probe.target)
+            if (
+                not probe.acked
+                and not probe.indirect_sent
+                and now >= probe.indirect_at
+                and target is not None
+            ):
+                probe.indirect_sent = True
+                helpers = [
+                    m
+                    for m in self._random_members(cfg.indirect_checks + 1, include_dead=False)
+                    if m.name != probe.target
+                ]
+                for helper in helpers[: cfg.indirect_checks]:
+                    req = Message(
+                        MsgType.PING_REQ,
+                        self.me.name,
+                        self.me.address,
+                        seq=probe.seq,
+                        target=target.name,
+                        target_addr=target.address,
+                    )
+                    out.append(self._send(helper.address, req))
+            if now >= probe.ends_at:
+                self._probe = None
+                if not probe.acked:
+                    self.counters["probe_failures"] += 1
+                    self._awareness = min(cfg.awareness_max_multiplier - 1, self._awareness + 1)
+                    if target is not None and target.state is State.ALIVE:
+                        self._apply(
+                            News(Kind.SUSPECT, target.name, target.incarnation, origin=self.me.name), now
+                        )
+        if self._probe is None and now >= self._next_probe_at:
+            self._next_probe_at = now + cfg.probe_interval_s * scale
+            target = self._next_probe_target()
+            if target is not None:
+                self.counters["probes"] += 1
+                seq = self._next_seq()
+                self._probe = _Probe(
+                    target.name, seq, now + cfg.probe_timeout_s * scale, now + cfg.probe_interval_s * scale
+                )
+                ping = self._with_gossip(
+                    Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=target.name)
+                )
+                if target.state is State.SUSPECT:
+                    # Lifeguard's buddy system: tell a suspect it is suspected, so it can refute.
+                    ping.gossip.insert(0, target.news(origin=self.me.name))
+                out.append(self._send(target.address, ping))
+        return out
+
+    def _next_probe_target(self) -> Member | None:
+        for _ in range(2):
+            while self._probe_order:
+                m = self.members.get(self._probe_order.pop())
+                if m is not None and m is not self.me and m.state in (State.ALIVE, State.SUSPECT):
+                    return m
+            self._probe_order = [m.name for m in self.alive_members() if m is not self.me]
+            self.rng.shuffle(self._probe_order)
+        return None
+
+    def _random_members(self, k: int, include_dead: bool, now: float = 0.0) -> list[Member]:
+        pool = [
+            m
+            for m in self.members.values()
+            if m is not self.me
+            and (
+                m.state in (State.ALIVE, State.SUSPECT)
+                or (include_dead and m.state is State.DEAD and now - m.since < self.config.gossip_to_dead_s)
+            )
+        ]
+        return self.rng.sample(pool, min(k, len(pool)))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _push_pull(self, reply: bool) -> Message:
+        state = [m.news(origin=self.me.name) for m in self.members.values()]
+        return Message(MsgType.PUSH_PULL, self.me.name, self.me.address, state=state, reply=reply)
+
+    def _with_gossip(self, msg: Message) -> Message:
+        msg.gossip = self._queue.take(self.config.max_datagram_bytes // 4)
+        return msg
+
+    def _send(self, address: str, msg: Message) -> Out:
+        data = msg.encode()
+        self.counters["messages_out"] += 1
+        self.counters["bytes_out"] += len(data)
+        return address, data
+
+    def _transition(self, member: Member, new: State, now: float, reason: str, is_new: bool = False) -> None:
+        old = None if is_new else member.state
+        member.state = new
+        member.since = now
+        if new is not State.SUSPECT:
+            self._suspicions.pop(member.name, None)
+        logger.debug(
+            "- %s: %s %s -> %s (%s)",
+            self.me.name,
+            member.name,
+            old.value if old else "new",
+            new.value,
+            reason,
+        )
+        if self.on_change is not None:
+            self.on_change(member, old)
+
+    def _refute(self, incarnation: int) -> None:
+        self.counters["refutes"] += 1
+        self.me.incarnation = max(self.me.incarnation, incarnation) + 1
+        self._queue.queue(self.me.news())
+
+    def _apply(self, news: News, now: float) -> None:
+        """Apply one membership fact, queueing it for further gossip if it changed anything."""
+        if news.name == self.me.name:
+            if news.kind is Kind.ALIVE:
+                if news.incarnation > self.me.incarnation:
+                    self._refute(news.incarnation)  # a view of an earlier life of ours
+            elif (
+                not (self._leaving and news.origin == self.me.name)
+                and news.incarnation >= self.me.incarnation
+            ):
+                self._refute(news.incarnation)
+            return
+        member = self.members.get(news.name)
+        if news.kind is Kind.ALIVE:
+            if member is None:
+                member = Member(
+                    news.name, news.address, news.zone, news.weight, news.incarnation, State.ALIVE, now
+                )
+                self.members[news.name] = member
+                self._queue.queue(news)
+                self._transition(member, State.ALIVE, now, "joined", is_new=True)
+            elif news.incarnation > member.incarnation:
+                member.incarnation = news.incarnation
+                member.address, member.zone, member.weight = (
+                    news.address or member.address,
+                    news.zone or member.zone,
+                    news.weight,
+                )
+                self._queue.queue(news)
+                if member.state is not State.ALIVE:
+                    self._transition(member, State.ALIVE, now, f"alive at inc {news.incarnation}")
+            return
+        if (
+            member is None
+            or news.incarnation < member.incarnation
+            or member.state in (State.DEAD, State.LEFT)
+        ):
+            return
+        if news.kind is Kind.SUSPECT:
+            if member.state is State.SUSPECT and news.incarnation == member.incarnation:
+                self._confirm(member.name, news.origin, now)
+                return
+            member.incarnation = news.incarnation
+            low, high = suspicion_bounds(self.config, self.num_alive())
+            self._suspicions[member.name] = _Suspicion(now, now + high, {news.origin})
+            self._transition(member, State.SUSPECT, now, f"suspected by {news.origin}")
+            self._confirm(member.name, news.origin, now, first=True)
+            self._queue.queue(news)
+            return
+        member.incarnation = news.incarnation
+        left = news.origin == news.name
+        self._transition(
+            member,
+            State.LEFT if left else State.DEAD,
+            now,
+            "left" if left else f"declared dead by {news.origin}",
+        )
+        self._queue.queue(news)
+
+    def _confirm(self, name: str, origin: str, now: float, first: bool = False) -> None:
+        s = self._suspicions.get(name)
+        if s is None or (origin in s.confirmations and not first):
+            return
+        s.confirmations.add(origin)
+        n = self.num_alive()
+        expected = max(0, min(int(self.config.suspicion_mult) - 2, n - 2))
+        low, high = suspicion_bounds(self.config, n)
+        remaining = remaining_suspicion_s(len(s.confirmations) - 1, expected, now - s.started, low, high)
+        s.deadline = now + max(remaining, 0.0)
+        if not first:
+            member = self.members[name]
+            self._queue.queue(News(Kind.SUSPECT, name, member.incarnation, origin=origin))
+
+
+__all__ = ["NEWS_WIRE_BYTES_ESTIMATE", "Member", "Membership", "Out", "State"]

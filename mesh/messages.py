@@ -1,0 +1,151 @@
+"""Mesh wire messages: one msgpack map per datagram, validated at decode.
+
+    {"v": 1, "t": MsgType, "src": sender name, "sa": sender address, ...fields, "g": [broadcast, ...]}
+
+Broadcasts (membership news, piggybacked on any message) are compact lists
+``[kind, name, incarnation, address, zone, weight, from]``. Unknown fields are ignored, so
+fields may be added; the numbers below may not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from .errors import MalformedMessage
+
+MESH_VERSION_MIN = 1
+MESH_VERSION_MAX = 1
+MESH_VERSION = 1
+MAX_MESSAGE_BYTES = 4 << 20
+"""Largest datagram we decode (a push-pull of a few thousand members fits)."""
+
+
+class MsgType(IntEnum):
+    # APPEND ONLY: the numbers are on the wire.
+    PING = 1
+    ACK = 2
+    PING_REQ = 3
+    NACK = 4
+    PUSH_PULL = 5
+    GOSSIP = 6
+
+
+class Kind(IntEnum):
+    # APPEND ONLY: the numbers are on the wire.
+    ALIVE = 1
+    SUSPECT = 2
+    DEAD = 3
+
+
+@dataclass(frozen=True, slots=True)
+class News:
+    """One membership fact: ``name`` is in state ``kind`` at ``incarnation`` (said by ``origin``)."""
+
+    kind: Kind
+    name: str
+    incarnation: int
+    address: str = ""
+    zone: str = ""
+    weight: float = 1.0
+    origin: str = ""
+
+    def to_wire(self) -> list[Any]:
+        return [
+            int(self.kind),
+            self.name,
+            self.incarnation,
+            self.address,
+            self.zone,
+            self.weight,
+            self.origin,
+        ]
+
+    @classmethod
+    def from_wire(cls, raw: object) -> News:
+        if not isinstance(raw, list) or len(raw) < 7:
+            raise MalformedMessage(f"broadcast must be a list of 7 fields, got {raw!r:.80}")
+        kind, name, inc, address, zone, weight, origin = raw[:7]
+        try:
+            k = Kind(kind)
+        except ValueError:
+            raise MalformedMessage(f"unknown broadcast kind {kind!r}") from None
+        if not isinstance(name, str) or not name:
+            raise MalformedMessage("broadcast name must be a non-empty string")
+        if not isinstance(inc, int) or isinstance(inc, bool) or inc < 0:
+            raise MalformedMessage(f"incarnation must be a non-negative int, got {inc!r}")
+        if not all(isinstance(s, str) for s in (address, zone, origin)):
+            raise MalformedMessage("broadcast address, zone and origin must be strings")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < 1e6:
+            raise MalformedMessage(f"weight must be a positive number, got {weight!r}")
+        return cls(k, name, inc, address, zone, float(weight), origin)
+
+
+@dataclass(slots=True)
+class Message:
+    type: MsgType
+    src: str
+    src_addr: str
+    seq: int = 0
+    target: str = ""
+    target_addr: str = ""
+    state: list[News] = field(default_factory=list)
+    """PUSH_PULL: the sender's whole member table."""
+    reply: bool = False
+    """PUSH_PULL: True for the answer to a push (which must not be answered again)."""
+    gossip: list[News] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        m: dict[str, Any] = {"v": MESH_VERSION, "t": int(self.type), "src": self.src, "sa": self.src_addr}
+        if self.seq:
+            m["seq"] = self.seq
+        if self.target:
+            m["tg"] = self.target
+            m["ta"] = self.target_addr
+        if self.type is MsgType.PUSH_PULL:
+            m["st"] = [n.to_wire() for n in self.state]
+            m["r"] = self.reply
+        if self.gossip:
+            m["g"] = [n.to_wire() for n in self.gossip]
+        packed: bytes = msgpack.packb(m, use_bin_type=True)
+        return packed
+
+    @classmethod
+    def decode(cls, data: bytes) -> Message:
+        """Raises MalformedMessage (never anything else) on any bad input."""
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise MalformedMessage(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        try:
+            m = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise MalformedMessage(f"not valid msgpack: {type(exc).__name__}") from exc
+        if not isinstance(m, dict):
+            raise MalformedMessage("message must be a map")
+        v = m.get("v")
+        if not isinstance(v, int) or not MESH_VERSION_MIN <= v <= MESH_VERSION_MAX:
+            raise MalformedMessage(
+                f"mesh version {v!r} not supported; must be in range [{MESH_VERSION_MIN}, {MESH_VERSION_MAX}]"
+            )
+        raw_type = m.get("t")
+        try:
+            t = MsgType(raw_type if isinstance(raw_type, int) else -1)
+        except ValueError:
+            raise MalformedMessage(f"unknown message type {m.get('t')!r}") from None
+        src, sa, seq = m.get("src"), m.get("sa"), m.get("seq", 0)
+        target, ta = m.get("tg", ""), m.get("ta", "")
+        if not (isinstance(src, str) and isinstance(sa, str) and isinstance(target, str) and isinstance(ta, str)) or not src:
+            raise MalformedMessage("src, sa, tg and ta must be strings (src non-empty)")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise MalformedMessage("seq must be an int")
+        state = [News.from_wire(x) for x in _list(m.get("st", []), "st")]
+        gossip = [News.from_wire(x) for x in _list(m.get("g", []), "g")]
+        return cls(t, src, sa, seq, target, ta, state, bool(m.get("r", False)), gossip)
+
+
+def _list(value: object, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MalformedMessage(f"field {name!r} must be a list")
+    return value
