@@ -38,12 +38,23 @@ class MeshConfig:
     awareness_max_multiplier: int = 8
     """Lifeguard: a node that misses acks slows its own probing by up to this factor."""
     dead_reclaim_s: float = 60.0
-    """Forget dead and left members after this long (their name may then rejoin as new)."""
+    """Forget members that left gracefully after this long."""
+    reconnect_interval_s: float = 30.0
+    """Every this many seconds, try a push-pull with one random dead member: how a healed
+    partition finds its other half again."""
+    reconnect_timeout_s: float = 24 * 3600.0
+    """Stop trying to reconnect to (and forget) a dead member after this long."""
     max_datagram_bytes: int = 64 * 1024
     """Largest gossip datagram we build; piggybacked broadcasts fill it up to this size."""
 
     def __post_init__(self) -> None:
-        for name in ("probe_interval_s", "probe_timeout_s", "gossip_interval_s", "push_pull_interval_s"):
+        for name in (
+            "probe_interval_s",
+            "probe_timeout_s",
+            "gossip_interval_s",
+            "push_pull_interval_s",
+            "reconnect_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.probe_timeout_s >= self.probe_interval_s:
@@ -89,6 +100,7 @@ class MeshConfig:
             push_pull_interval_s=2.0,
             gossip_to_dead_s=5.0,
             dead_reclaim_s=10.0,
+            reconnect_interval_s=1.0,
         )
 
 

@@ -134,6 +134,7 @@ class Membership:
         self._next_gossip_at = float("inf")
         self._next_push_pull_at = float("inf")
         self._next_reclaim_at = float("inf")
+        self._next_reconnect_at = float("inf")
         self._leaving = False
 
     def __repr__(self) -> str:
@@ -163,6 +164,7 @@ class Membership:
             self._next_push_pull_at,
             self._next_reclaim_at,
             self._next_join_at,
+            self._next_reconnect_at,
         ]
         if self._probe is not None:
             times.append(self._probe.ends_at)
@@ -182,6 +184,7 @@ class Membership:
         self._next_gossip_at = now + self.rng.uniform(0, cfg.gossip_interval_s)
         self._next_push_pull_at = now + push_pull_scale(cfg.push_pull_interval_s, 1)
         self._next_reclaim_at = now + cfg.dead_reclaim_s
+        self._next_reconnect_at = now + cfg.reconnect_interval_s
         self._seeds = [s for s in seeds if s != self.me.address]
         out: list[Out] = []
         if self._seeds:
@@ -254,10 +257,16 @@ class Membership:
             peers = self._random_members(1, include_dead=False)
             if peers:
                 out.append(self._send(peers[0].address, self._push_pull(reply=False)))
+        if now >= self._next_reconnect_at:
+            self._next_reconnect_at = now + cfg.reconnect_interval_s
+            dead = [m for m in self.members.values() if m.state is State.DEAD]
+            if dead:
+                out.append(self._send(self.rng.choice(dead).address, self._push_pull(reply=False)))
         if now >= self._next_reclaim_at:
             self._next_reclaim_at = now + cfg.dead_reclaim_s / 4
             for name, m in list(self.members.items()):
-                if m.state in (State.DEAD, State.LEFT) and now - m.since >= cfg.dead_reclaim_s:
+                keep_s = cfg.dead_reclaim_s if m.state is State.LEFT else cfg.reconnect_timeout_s
+                if m.state in (State.DEAD, State.LEFT) and now - m.since >= keep_s:
                     del self.members[name]
         return out
 

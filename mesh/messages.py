@@ -136,7 +136,15 @@ class Message:
             raise MalformedMessage(f"unknown message type {m.get('t')!r}") from None
         src, sa, seq = m.get("src"), m.get("sa"), m.get("seq", 0)
         target, ta = m.get("tg", ""), m.get("ta", "")
-        if not (isinstance(src, str) and isinstance(sa, str) and isinstance(target, str) and isinstance(ta, str)) or not src:
+        if (
+            not (
+                isinstance(src, str)
+                and isinstance(sa, str)
+                and isinstance(target, str)
+                and isinstance(ta, str)
+            )
+            or not src
+        ):
             raise MalformedMessage("src, sa, tg and ta must be strings (src non-empty)")
         if not isinstance(seq, int) or isinstance(seq, bool):
             raise MalformedMessage("seq must be an int")

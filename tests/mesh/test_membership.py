@@ -1,0 +1,133 @@
+"""SWIM + Lifeguard membership, run on the in-process network's virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache_mesh.mesh.config import MeshConfig, suspicion_bounds
+from lmcache_mesh.mesh.membership import Membership, State
+from lmcache_mesh.mesh.messages import Kind, Message, MsgType, News
+
+from .sim import Sim
+
+
+def test_ten_nodes_join_through_one_seed() -> None:
+    sim = Sim(10, seed=1)
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    assert repr(sim.agents["n3"].membership).endswith("alive=10>")
+
+
+def test_a_crashed_node_is_declared_dead_by_everyone_within_the_suspicion_bound() -> None:
+    cfg = MeshConfig.lan()
+    sim = Sim(10, seed=2, config=cfg)
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.crash("n7")
+    low, high = suspicion_bounds(cfg, 10)
+    # Found by a probe within a few probe intervals, then at most the maximum suspicion time.
+    took = sim.run_until(lambda: sim.all_see("n7", State.DEAD), timeout_s=high + 10 * cfg.probe_interval_s)
+    assert took is not None, {o: sim.view(o)["n7"] for o in sim.agents}
+    assert all(member == "n7" for _, _, member, _ in sim.deaths)
+
+
+def test_confirmations_shorten_the_suspicion() -> None:
+    """Lifeguard: with many independent suspicions, death comes well before the maximum timeout."""
+    cfg = MeshConfig.lan()
+    sim = Sim(30, seed=3, config=cfg)
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=20) is not None
+    sim.crash("n5")
+    took = sim.run_until(lambda: sim.all_see("n5", State.DEAD), timeout_s=120)
+    low, high = suspicion_bounds(cfg, 30)
+    assert took is not None and took < high
+
+
+def test_graceful_leave_is_seen_as_left_not_dead() -> None:
+    sim = Sim(8, seed=4)
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.agents["n2"].leave()
+    sim.net.run_for(0.5)
+    sim.crash("n2")
+    assert sim.run_until(lambda: sim.all_see("n2", State.LEFT), timeout_s=5) is not None
+    assert {state for _, _, _, state in sim.deaths} == {State.LEFT}
+
+
+def test_a_restarted_node_rejoins_and_refutes_its_death() -> None:
+    sim = Sim(6, seed=5, config=MeshConfig.local())
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.crash("n4")
+    assert sim.run_until(lambda: sim.all_see("n4", State.DEAD), timeout_s=30) is not None
+    dead_inc = sim.agents["n0"].membership.members["n4"].incarnation
+    sim.add("n4").start(["a0"])  # same name and address, incarnation starts from 0 again
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    assert sim.agents["n0"].membership.members["n4"].incarnation > dead_inc
+
+
+def test_a_partition_of_two_thirds_heals() -> None:
+    sim = Sim(9, seed=6, config=MeshConfig.local())
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    big = [f"a{i}" for i in range(6)]
+    small = [f"a{i}" for i in range(6, 9)]
+    sim.net.partition(big, small)
+
+    def split() -> bool:  # each side has declared the other dead
+        return all(
+            sim.view(f"n{i}")[f"n{j}"] is State.DEAD and sim.view(f"n{j}")[f"n{i}"] is State.DEAD
+            for i in range(6)
+            for j in range(6, 9)
+        )
+
+    assert sim.run_until(split, timeout_s=60) is not None
+    sim.net.heal()
+    took = sim.run_until(sim.converged, timeout_s=30)
+    assert took is not None, {o: sim.view(o) for o in ("n0", "n8")}
+
+
+def test_a_short_blackout_is_refuted_not_fatal() -> None:
+    """A node that misses a few probes is suspected, hears of it, refutes, and stays alive."""
+    cfg = MeshConfig.lan()
+    sim = Sim(8, seed=7, config=cfg)
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.net.partition(["a3"])  # a3 alone, shorter than the minimum suspicion timeout
+    sim.net.run_for(suspicion_bounds(cfg, 8)[0] * 0.5)
+    sim.net.heal()
+    assert sim.run_until(sim.converged, timeout_s=30) is not None
+    assert not sim.deaths
+    n3 = sim.agents["n3"].membership
+    assert n3.counters["refutes"] >= 1 and n3.me.incarnation >= 1  # it was suspected, and refuted
+
+
+def test_malformed_datagrams_are_counted_and_change_nothing() -> None:
+    m = Membership(MeshConfig.local(), "x", "ax")
+    m.start(0.0)
+    before = dict(m.members)
+    for data in (
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        Message(MsgType.GOSSIP, "y", "ay").encode().replace(b"\x01", b"\x09", 1),
+    ):
+        assert m.on_message("ay", data, 1.0) == []
+    assert m.counters["malformed"] == 3 and m.members == before
+
+
+def test_suspicion_of_self_is_refuted_with_a_higher_incarnation() -> None:
+    m = Membership(MeshConfig.local(), "x", "ax")
+    m.start(0.0)
+    gossip = Message(MsgType.GOSSIP, "y", "ay", gossip=[News(Kind.SUSPECT, "x", 0, origin="y")]).encode()
+    m.on_message("ay", gossip, 1.0)
+    assert m.me.incarnation == 1 and m.counters["refutes"] == 1
+
+
+@pytest.mark.parametrize("state_news", [Kind.SUSPECT, Kind.DEAD])
+def test_news_about_unknown_members_other_than_alive_is_ignored(state_news: Kind) -> None:
+    m = Membership(MeshConfig.local(), "x", "ax")
+    m.start(0.0)
+    m.on_message(
+        "ay", Message(MsgType.GOSSIP, "y", "ay", gossip=[News(state_news, "z", 3, origin="y")]).encode(), 1.0
+    )
+    assert "z" not in m.members
