@@ -1,6 +1,7 @@
 """``lmcache-node``: run a cache node, or ask one for its status.
 
     lmcache-node run [--config FILE] [--listen ADDR ...] [--data-dir DIR] [--memory SIZE] ...
+    lmcache-node join SEED_ADDR [--node ADDR]
     lmcache-node status [--node ADDR] [--json]
 
 Every ``run`` flag is also an ``LMCACHE_MESH_<KEY>`` environment variable and a TOML key;
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +53,27 @@ def _build_parser() -> argparse.ArgumentParser:
             "metavar": meta["metavar"] or key.upper().replace("-", "_"),
             "help": help_text,
         }
-        if key == "listen":
+        if key in ("listen", "join"):
             kwargs["action"] = "append"
         run.add_argument(f"--{key}", **kwargs)
+
+    join = sub.add_parser("join", help="make a running node join the mesh that SEED_ADDR belongs to")
+    join.add_argument(
+        "seed", nargs="+", metavar="SEED_ADDR", help="address of a mesh member, tcp://HOST:PORT"
+    )
+    join.add_argument(
+        "--node",
+        default=f"tcp://127.0.0.1:{DEFAULT_PORT}",
+        metavar="ADDR",
+        help="node to instruct (default: %(default)s)",
+    )
+    join.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the join (default: %(default)s)",
+    )
 
     status = sub.add_parser("status", help="show a running node's members, tiers and counters")
     status.add_argument(
@@ -82,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for _, key, _ in NodeConfig.options():
         value = getattr(args, key)
         if value is not None:
-            overrides[key] = ",".join(value) if key == "listen" else value
+            overrides[key] = ",".join(value) if key in ("listen", "join") else value
     config_file = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
     config = NodeConfig.load(config_file, overrides=overrides)
     return run(config)
@@ -128,11 +148,33 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_join(args: argparse.Namespace) -> int:
+    with Client(args.node, timeout_s=min(args.wait, 5.0)) as client:
+        before = {m["name"] for m in client.stats()["members"]}
+        client.join(args.seed)
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            members = client.stats()["members"]
+            alive = [m for m in members if m["state"] == "alive"]
+            if len(alive) > 1:
+                new = sorted({m["name"] for m in alive} - before)
+                print(f"joined: {len(alive)} members alive" + (f" (new: {', '.join(new)})" if new else ""))
+                return 0
+            time.sleep(0.1)
+    print(
+        f"lmcache-node join: error: no member of {' '.join(args.seed)} answered within {args.wait:g} s",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "join":
+            return _cmd_join(args)
         return _cmd_status(args)
     except (MeshError, TransportError, ValueError) as exc:
         print(f"lmcache-node {args.command}: error: {exc}", file=sys.stderr)

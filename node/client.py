@@ -116,6 +116,10 @@ class Client:
         stats: dict[str, Any] = self._call(Op.STATS, {}).fields["stats"]
         return stats
 
+    def join(self, seeds: Sequence[str]) -> None:
+        """Make the node join the mesh that ``seeds`` (tcp:// addresses) belong to."""
+        self._call(Op.JOIN, {"seeds": list(seeds)})
+
 
 class AsyncClient:
     """asyncio client of one node; many calls may be in flight at once on one socket.
@@ -224,3 +228,6 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = (await self._call(Op.STATS, {})).fields["stats"]
         return stats
+
+    async def join(self, seeds: Sequence[str]) -> None:
+        await self._call(Op.JOIN, {"seeds": list(seeds)})

@@ -8,7 +8,6 @@ Precedence: flags > environment > TOML file > defaults.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -66,7 +65,7 @@ def _opt(
 class NodeConfig:
     """Settings of one cache node (the daemon, or an embedded :class:`Node`)."""
 
-    name: str = _opt("name", "node name shown to peers and in status", default="")
+    name: str = _opt("name", "node name, unique in the mesh; default: HOST:PORT", default="")
     listen: tuple[str, ...] = _opt(
         "listen",
         "endpoint(s) to serve on, tcp://HOST:PORT or ipc:///PATH; repeat or comma-separate",
@@ -87,6 +86,25 @@ class NodeConfig:
         "disk", "disk tier budget, e.g. 4GiB; 0 turns the disk tier off", parse_size, "SIZE", default=4 << 30
     )
     zone: str = _opt("zone", "failure zone (rack, site); replicas go to distinct zones", default="default")
+    join: tuple[str, ...] = _opt(
+        "join",
+        "seed node address(es) of the mesh to join, tcp://HOST:PORT; repeat or comma-separate",
+        _parse_list,
+        "ADDR",
+        default=(),
+    )
+    advertise: str = _opt(
+        "advertise",
+        "address peers use to reach this node; default: the first tcp:// listen address",
+        metavar="ADDR",
+        default="",
+    )
+    mesh_profile: str = _opt(
+        "mesh-profile",
+        "membership timings: lan, wan (edge links) or local (one machine)",
+        metavar="PROFILE",
+        default="lan",
+    )
     metrics_port: int = _opt(
         "metrics-port", "serve Prometheus metrics on this HTTP port; 0 = off", _parse_int, "PORT", default=0
     )
@@ -129,8 +147,11 @@ class NodeConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.name:
-            object.__setattr__(self, "name", socket.gethostname())
+        if self.mesh_profile not in ("lan", "wan", "local"):
+            raise ValueError(f"mesh_profile must be lan, wan or local, got {self.mesh_profile!r}")
+        for ep in (*self.join, *([self.advertise] if self.advertise else [])):
+            if not ep.startswith("tcp://"):
+                raise ValueError(f"join/advertise: peer address {ep!r} must be tcp://HOST:PORT")
         for ep in self.listen:
             if not (ep.startswith("tcp://") or ep.startswith("ipc://")):
                 raise ValueError(f"listen: endpoint {ep!r} must start with tcp:// or ipc://")

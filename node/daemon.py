@@ -10,8 +10,10 @@ import asyncio
 import logging
 import shutil
 import signal
+import socket
 import sys
 
+from .cluster import PROFILES, Cluster
 from .config import NodeConfig
 from .metrics import NodeMetrics
 from .node import VERSION, Node
@@ -37,18 +39,56 @@ def _warn_if_disk_budget_exceeds_free_space(config: NodeConfig) -> None:
         )
 
 
+def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
+    """The tcp:// address peers should use for this node (None: ipc only, no mesh)."""
+    if config.advertise:
+        return config.advertise
+    tcp = next((b for b in bound if b.startswith("tcp://")), None)
+    if tcp is None:
+        return None
+    host, _, port = tcp[len("tcp://") :].rpartition(":")
+    if host in ("0.0.0.0", "*", "[::]", "::"):
+        host = socket.gethostbyname(socket.gethostname())
+        logger.warning(
+            "listening on all interfaces; advertising %s to peers (set --advertise to choose)", host
+        )
+    return f"tcp://{host}:{port}"
+
+
+def _start_cluster(node: Node, bound: list[str]) -> Cluster | None:
+    cfg = node.config
+    address = advertised_address(cfg, bound)
+    if address is None:
+        logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
+        return None
+    if not cfg.name:
+        node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
+    weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
+    cluster = Cluster(node.name, address, cfg.zone, weight, PROFILES[cfg.mesh_profile]())
+    node.cluster = cluster
+    cluster.start(asyncio.get_running_loop(), cfg.join)
+    return cluster
+
+
 async def serve(node: Node, metrics: NodeMetrics) -> int:
     server = NodeServer(node, observe=metrics.observe)
     bound = await server.start()
     cfg = node.config
+    cluster = _start_cluster(node, bound)
     disk = f"disk {format_size(cfg.disk_bytes)} at {cfg.data_path}" if cfg.disk_bytes else "no disk tier"
     report = node.open()
     print(
-        f"lmcache-node {cfg.name} v{VERSION} serving on {' '.join(bound)} "
+        f"lmcache-node {node.name} v{VERSION} serving on {' '.join(bound)} "
         f"(memory {format_size(cfg.memory_bytes)}, {disk}; recovered {report.recovered} chunks, "
         f"discarded {report.discarded})",
         flush=True,
     )
+    if cluster is not None:
+        joining = f"; joining {' '.join(cfg.join)}" if cfg.join else ""
+        print(
+            f"mesh: {node.name} at {cluster.membership.me.address} ({cfg.mesh_profile} timings){joining}",
+            flush=True,
+        )
     if cfg.metrics_port:
         print(f"metrics on http://{cfg.metrics_host}:{cfg.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
@@ -57,6 +97,8 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("lmcache-node: shutting down", flush=True)
+    if cluster is not None:
+        await cluster.leave()
     await server.stop()
     written = await asyncio.to_thread(node.close)
     print(f"lmcache-node: stopped; wrote {written} memory records back to disk", flush=True)

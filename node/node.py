@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import NodeConfig
 from .errors import Unavailable
 from .records import Buffer, ChunkRecord
 from .tiers import DiskTier, MemoryTier, RecoveryReport, TieredStore
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,9 @@ class Node:
         if self.config.disk_bytes > 0:
             disk = DiskTier(self.config.data_path, self.config.disk_bytes, self.config.writeback_queue_bytes)
         self.store = TieredStore(MemoryTier(self.config.memory_bytes), disk)
+        self.name = self.config.name or socket.gethostname()
         self.addresses: list[str] = []
+        self.cluster: Cluster | None = None
         self.started_at = time.time()
         self.checksum_failures = 0
         self.errors: dict[str, int] = {}
@@ -43,7 +49,7 @@ class Node:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<Node {self.config.name} {self._state} {self.store!r}>"
+        return f"<Node {self.name} {self._state} {self.store!r}>"
 
     def __enter__(self) -> Node:
         self.open()
@@ -56,7 +62,7 @@ class Node:
         """Open the disk tier and rebuild its index; idempotent."""
         with self._lock:
             if self._state == "closed":
-                raise Unavailable(f"node {self.config.name} is closed")
+                raise Unavailable(f"node {self.name} is closed")
             if self._state == "new":
                 report = self.store.disk.open() if self.store.disk is not None else RecoveryReport()
                 self._state = "open"
@@ -123,11 +129,17 @@ class Node:
         self.store.unpin(keys)
 
     def ping(self) -> dict[str, Any]:
-        return {"name": self.config.name, "version": VERSION}
+        return {"name": self.name, "version": VERSION}
 
     def count_error(self, code_name: str) -> None:
         with self._lock:
             self.errors[code_name] = self.errors.get(code_name, 0) + 1
+
+    def _members(self, address: str) -> list[dict[str, Any]]:
+        if self.cluster is not None:
+            return self.cluster.members_status()
+        me = {"name": self.name, "address": address, "zone": self.config.zone, "state": "alive"}
+        return [{**me, "reachability": "direct", "incarnation": 0, "ring_share": 1.0}]
 
     def stats(self) -> dict[str, Any]:
         """The ``status --json`` document: node, members, tiers, counters."""
@@ -142,7 +154,7 @@ class Node:
         report = self.store.disk.recovery if self.store.disk is not None else RecoveryReport()
         return {
             "node": {
-                "name": self.config.name,
+                "name": self.name,
                 "address": address,
                 "addresses": list(self.addresses),
                 "zone": self.config.zone,
@@ -156,16 +168,7 @@ class Node:
                     "temp_removed": report.temp_removed,
                 },
             },
-            "members": [
-                {
-                    "name": self.config.name,
-                    "address": address,
-                    "zone": self.config.zone,
-                    "state": "alive",
-                    "reachability": "direct",
-                    "ring_share": 1.0,
-                }
-            ],
+            "members": self._members(address),
             "tiers": tier_stats["tiers"],
             "counters": counters,
         }

@@ -24,7 +24,7 @@ from .records import Buffer, ChunkRecord, RecordHeader, unpack_map
 PROTOCOL_VERSION_MIN = 1
 PROTOCOL_VERSION_MAX = 1
 PROTOCOL_VERSION = 1
-"""Version 1: PING, PUT, GET, LOOKUP, DELETE, STATS."""
+"""Version 1: PING, PUT, GET, LOOKUP, DELETE, STATS, MESH, JOIN."""
 
 DEFAULT_TIMEOUT_MS = 5000
 
@@ -37,6 +37,10 @@ class Op(IntEnum):
     LOOKUP = 4
     DELETE = 5
     STATS = 6
+    MESH = 7
+    """A membership/gossip datagram from a peer: one payload frame, no reply."""
+    JOIN = 8
+    """Ask this node to join the cluster of the given seed addresses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +141,20 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
             if h.length > limits.max_record_bytes:
                 raise TooLarge(f"record of {h.length} bytes exceeds the limit of {limits.max_record_bytes}")
         fields_["headers"] = headers
+    elif op is Op.MESH:
+        sender = m.get("from")
+        if not isinstance(sender, str) or len(payloads) != 1:
+            raise BadRequest("MESH needs a string 'from' and exactly one payload frame")
+        fields_["from"] = sender
     elif payloads:
         raise BadRequest(f"{op.name} takes no payload frames, got {len(payloads)}")
     elif op in (Op.GET, Op.LOOKUP, Op.DELETE):
         fields_["keys"] = _keys(m, limits)
+    elif op is Op.JOIN:
+        seeds = m.get("seeds")
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, str) for s in seeds):
+            raise BadRequest("JOIN needs a non-empty list 'seeds' of addresses")
+        fields_["seeds"] = seeds
     return Request(op, rid, timeout_ms, fields_, payloads)
 
 

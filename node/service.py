@@ -16,7 +16,7 @@ from typing import Any
 
 from lmcache_mesh.transports import ZmqRouter
 
-from .errors import DeadlineExceeded, InternalError, MeshError
+from .errors import DeadlineExceeded, InternalError, MeshError, Unavailable
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
 from .records import ChunkRecord
@@ -72,7 +72,9 @@ class NodeServer:
                 request = decode_request(buffers, self.limits)
             except MeshError as exc:
                 request = exc
-            if isinstance(request, Request) and self._needs_thread(request):
+            if isinstance(request, Request) and request.op is Op.MESH:
+                self._mesh_datagram(request)  # one-way: gossip gets no reply
+            elif isinstance(request, Request) and self._needs_thread(request):
                 await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
                 task = asyncio.create_task(self._answer_in_slot(peer, buffers, request, received))
                 self._tasks.add(task)
@@ -80,6 +82,13 @@ class NodeServer:
             else:
                 # Memory-only work never blocks: answering inline saves a task per request.
                 await self._answer(peer, buffers, request, received)
+
+    def _mesh_datagram(self, req: Request) -> None:
+        cluster = self.node.cluster
+        if cluster is None:
+            self.node.count_error("MESH_WITHOUT_CLUSTER")
+            return
+        cluster.on_datagram(req.fields["from"], bytes(req.payloads[0]))
 
     def _needs_thread(self, req: Request) -> bool:
         if req.op is Op.DELETE:
@@ -128,7 +137,8 @@ class NodeServer:
         if req.op is Op.PUT:
             # Verify every record before storing any: a bad one means nothing changes.
             records = [
-                ChunkRecord.verified(h, _own(p)) for h, p in zip(req.fields["headers"], req.payloads, strict=True)
+                ChunkRecord.verified(h, _own(p))
+                for h, p in zip(req.fields["headers"], req.payloads, strict=True)
             ]
             self.node.put_records(records)
             return [ok_reply(req.id, stored=len(records))]
@@ -147,6 +157,11 @@ class NodeServer:
             return [ok_reply(req.id, deleted=deleted)]
         if req.op is Op.STATS:
             return [ok_reply(req.id, stats=self.node.stats())]
+        if req.op is Op.JOIN:
+            if self.node.cluster is None:
+                raise Unavailable("this node runs without a mesh")
+            self.node.cluster.join(req.fields["seeds"])
+            return [ok_reply(req.id, seeds=req.fields["seeds"])]
         raise InternalError(f"op {req.op.name} has no handler")  # pragma: no cover - Op and this table agree
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any, deadline: float | None) -> Any:

@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,11 +56,12 @@ def start_daemon(
     data_dir: Path,
     *extra: str,
     ipc: bool = True,
+    tcp: str = "tcp://127.0.0.1:0",
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
 ) -> Daemon:
     sock_dir = short_tmpdir()
-    listen = ["--listen", "tcp://127.0.0.1:0"]
+    listen = ["--listen", tcp]
     if ipc:
         listen += ["--listen", f"ipc://{sock_dir}/n.sock"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -98,6 +100,12 @@ def start_daemon(
     with daemon.client() as c:
         c.ping()
     return daemon
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def payload(i: int, size: int = 4096) -> bytes:

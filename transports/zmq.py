@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -140,3 +141,63 @@ def _remove_stale_ipc(path: str) -> None:
     finally:
         probe.close()
     raise TransportError(f"cannot listen on ipc://{path}: another process is serving it")
+
+
+class ZmqDatagramTransport:
+    """Best-effort datagrams to peers' ROUTER sockets over DEALERs (a DatagramTransport).
+
+    Each datagram goes out as ``[envelope, data]``: the envelope is a constant first frame
+    chosen by the owner (it tells the receiving node what the frame is and who sent it).
+    Sends never block: datagrams for a peer still connecting are queued (up to
+    ``queue_limit``), and beyond that, as for a peer that is down, they are dropped and
+    counted, as UDP would lose them. Inbound datagrams are not read here: the node that owns
+    the ROUTER hands them to :meth:`deliver`. Use from one thread (the event loop's).
+    """
+
+    def __init__(self, address: str, envelope: bytes, max_peers: int = 1024, queue_limit: int = 256) -> None:
+        self.address = address
+        self.on_receive: Callable[[str, bytes], None] | None = None
+        self.dropped = 0
+        self.sent = 0
+        self._envelope = envelope
+        self._max_peers = max_peers
+        self._queue_limit = queue_limit
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._peers: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<ZmqDatagramTransport {self.address} peers={len(self._peers)} sent={self.sent} dropped={self.dropped}>"
+
+    def send(self, to: str, data: bytes) -> None:
+        sock = self._peers.get(to)
+        if sock is None:
+            try:
+                check_endpoint(to)
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, self._queue_limit)
+                sock.connect(to)
+            except (zmq.ZMQError, TransportError):
+                self.dropped += 1
+                return
+            self._peers[to] = sock
+            while len(self._peers) > self._max_peers:
+                _, old = self._peers.popitem(last=False)
+                old.close(0)
+        else:
+            self._peers.move_to_end(to)
+        try:
+            sock.send_multipart([self._envelope, data], flags=zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.Again:
+            self.dropped += 1
+
+    def deliver(self, sender: str, data: bytes) -> None:
+        """Hand an inbound datagram to the owner's receiver (called by whoever reads the ROUTER)."""
+        if self.on_receive is not None:
+            self.on_receive(sender, data)
+
+    def close(self) -> None:
+        for sock in self._peers.values():
+            sock.close(0)
+        self._peers.clear()

@@ -315,7 +315,9 @@ class DiskTier:
             for path in sub.iterdir():
                 scanned += 1
                 if scanned % 50_000 == 0:
-                    logger.info("- disk recovery: %d files scanned in %.1f s", scanned, time.monotonic() - started)
+                    logger.info(
+                        "- disk recovery: %d files scanned in %.1f s", scanned, time.monotonic() - started
+                    )
                 if path.name.endswith(_TMP_SUFFIX):
                     _unlink(path)
                     temp_removed += 1

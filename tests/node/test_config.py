@@ -13,7 +13,7 @@ def test_defaults_are_sane() -> None:
     c = NodeConfig()
     assert c.listen == ("tcp://127.0.0.1:7700",)
     assert c.memory_bytes == 1 << 30 and c.disk_bytes == 4 << 30
-    assert c.name  # the host name
+    assert c.name == "" and c.join == () and c.mesh_profile == "lan"  # name: HOST:PORT, decided at start
     assert c.data_dir.endswith("lmcache-mesh")
 
 

@@ -1,0 +1,102 @@
+"""Cluster: this node's place in the mesh — membership, gossip transport and hash ring.
+
+Membership runs on the daemon's event loop (the loop is the scheduler); its datagrams go
+out over ZeroMQ DEALERs and come in through the node's own ROUTER as MESH requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from lmcache_mesh.mesh.agent import MeshAgent
+from lmcache_mesh.mesh.config import MeshConfig
+from lmcache_mesh.mesh.membership import Member, Membership, State
+from lmcache_mesh.mesh.ring import HashRing, RingMember
+from lmcache_mesh.transports.zmq import ZmqDatagramTransport
+
+from .protocol import Op, request_header
+
+logger = logging.getLogger(__name__)
+
+PROFILES = {"lan": MeshConfig.lan, "wan": MeshConfig.wan, "local": MeshConfig.local}
+
+
+class Cluster:
+    """Membership, gossip and placement for one node. Use from the event loop's thread."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        zone: str,
+        weight: float,
+        config: MeshConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        envelope = request_header(Op.MESH, 0, 1000, **{"from": address})
+        self.transport = ZmqDatagramTransport(address, envelope)
+        self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
+        self.ring = HashRing([RingMember(name, zone, weight)])
+        self._agent: MeshAgent | None = None
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.membership!r} {self.ring!r}>"
+
+    @property
+    def name(self) -> str:
+        name: str = self.membership.me.name
+        return name
+
+    def start(self, loop: asyncio.AbstractEventLoop, seeds: Sequence[str] = ()) -> None:
+        self._agent = MeshAgent(self.membership, self.transport, loop)
+        self._agent.start(seeds)
+
+    def on_datagram(self, sender: str, data: bytes) -> None:
+        self.transport.deliver(sender, data)
+
+    def join(self, seeds: Sequence[str]) -> None:
+        if self._agent is None:
+            raise RuntimeError("cluster not started")
+        self._agent.join(seeds)
+
+    async def leave(self, linger_s: float | None = None) -> None:
+        """Announce a graceful leave, give it a moment to spread, then stop."""
+        if self._agent is None:
+            return
+        if self.membership.num_alive() > 1:
+            self._agent.leave()
+            await asyncio.sleep(
+                linger_s if linger_s is not None else 3 * self.membership.config.gossip_interval_s
+            )
+        self._agent.stop()
+        self.transport.close()
+        self._agent = None
+
+    def _changed(self, member: Member, old: State | None) -> None:
+        if old is None or (old in (State.ALIVE, State.SUSPECT)) != (
+            member.state in (State.ALIVE, State.SUSPECT)
+        ):
+            live = self.membership.alive_members()
+            self.ring = HashRing(RingMember(m.name, m.zone, m.weight) for m in live)
+            logger.info(
+                "- %s: %s is %s; ring has %d members", self.name, member.name, member.state.value, len(live)
+            )
+
+    def members_status(self) -> list[dict[str, Any]]:
+        shares = self.ring.shares()
+        return [
+            {
+                "name": m.name,
+                "address": m.address,
+                "zone": m.zone,
+                "state": m.state.value,
+                "reachability": "direct",
+                "incarnation": m.incarnation,
+                "ring_share": round(shares.get(m.name, 0.0), 4),
+            }
+            for m in sorted(self.membership.members.values(), key=lambda m: m.name)
+        ]

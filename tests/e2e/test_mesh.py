@@ -1,0 +1,95 @@
+"""Real daemons on 127.0.0.x forming a mesh over ZeroMQ."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..conftest import DaemonFactory
+from ..helpers import Daemon, free_port, node_command
+
+PROFILE = ("--mesh-profile", "local")
+
+
+def members(d: Daemon) -> dict[str, dict[str, Any]]:
+    with d.client() as c:
+        return {m["name"]: m for m in c.stats()["members"]}
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    return None
+
+
+def start_node(factory: DaemonFactory, i: int, port: int, *extra: str) -> Daemon:
+    host = f"127.0.0.{i}"
+    return factory(
+        "--name",
+        f"node{i}",
+        "--zone",
+        f"z{i % 2}",
+        "--disk",
+        "0",
+        *PROFILE,
+        *extra,
+        tcp=f"tcp://{host}:{port}",
+        ipc=False,
+    )
+
+
+def test_five_daemons_join_detect_a_kill_and_rejoin(daemon_factory: DaemonFactory) -> None:
+    ports = {i: free_port(f"127.0.0.{i}") for i in range(1, 6)}
+    nodes = {1: start_node(daemon_factory, 1, ports[1])}
+    seed = nodes[1].tcp
+    for i in range(2, 6):
+        nodes[i] = start_node(daemon_factory, i, ports[i], "--join", seed)
+
+    def all_alive(expected: int) -> Callable[[], bool]:
+        return lambda: all(
+            sum(m["state"] == "alive" for m in members(d).values()) == expected for d in nodes.values()
+        )
+
+    assert wait_until(all_alive(5), timeout_s=20) is not None, {i: members(d) for i, d in nodes.items()}
+    view = members(nodes[3])
+    assert view["node5"]["address"] == nodes[5].tcp and view["node5"]["zone"] == "z1"
+    assert abs(sum(m["ring_share"] for m in view.values()) - 1.0) < 0.01
+
+    nodes[4].stop(signal.SIGKILL)
+    killed = nodes.pop(4)
+    took = wait_until(
+        lambda: all(members(d)["node4"]["state"] == "dead" for d in nodes.values()), timeout_s=30
+    )
+    assert took is not None, {i: members(d)["node4"] for i, d in nodes.items()}
+    dead_inc = members(nodes[1])["node4"]["incarnation"]
+
+    nodes[4] = start_node(daemon_factory, 4, ports[4], "--join", seed)
+    assert killed.tcp == nodes[4].tcp
+    assert wait_until(all_alive(5), timeout_s=20) is not None
+    assert members(nodes[2])["node4"]["incarnation"] > dead_inc
+
+
+def test_graceful_stop_is_seen_as_left(daemon_factory: DaemonFactory) -> None:
+    a = start_node(daemon_factory, 6, free_port("127.0.0.6"))
+    b = start_node(daemon_factory, 7, free_port("127.0.0.7"), "--join", a.tcp)
+    assert wait_until(lambda: members(a).get("node7", {}).get("state") == "alive", 20) is not None
+    b.stop(signal.SIGTERM)
+    assert b.proc.returncode == 0
+    assert wait_until(lambda: members(a)["node7"]["state"] == "left", 10) is not None
+
+
+def test_join_command_joins_a_running_node(daemon_factory: DaemonFactory) -> None:
+    a = start_node(daemon_factory, 8, free_port("127.0.0.8"))
+    b = start_node(daemon_factory, 9, free_port("127.0.0.9"))
+    r = subprocess.run(
+        node_command("join", a.tcp, "--node", b.tcp), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "joined: 2 members alive" in r.stdout
+    assert wait_until(lambda: members(a).get("node9", {}).get("state") == "alive", 10) is not None
