@@ -92,22 +92,40 @@ class Client:
     ) -> None:
         self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
-    def put_records(self, records: Sequence[ChunkRecord]) -> None:
+    def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
         if records:
-            self._call(Op.PUT, *put_request(records))
+            fields, frames = put_request(records)
+            self._call(Op.PUT, {**fields, "replica": replica}, frames)
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return _payloads(self.get_records(keys))
 
-    def get_records(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+    def get_records(
+        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None
+    ) -> list[ChunkRecord | None]:
+        """Verified records per key, None per miss; ``local``: this node's tiers only."""
         if not keys:
             return []
-        records, bad = get_results(self._call(Op.GET, {"keys": list(keys)}), keys)
+        reply = self._call(Op.GET, {"keys": list(keys), "local": local}, timeout_s=timeout_s)
+        records, bad = get_results(reply, keys)
         self.checksum_failures += bad
         return records
 
     def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
-        return int(self._call(Op.LOOKUP, {"keys": list(keys)}).fields["hits"]) if keys else 0
+        """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``."""
+        return int(self._call(Op.LOOKUP, {"keys": list(keys), "local": local}).fields["hits"]) if keys else 0
+
+    def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
+        """Mesh-wide: the longest cached prefix and the members holding each key."""
+        if not keys:
+            return 0, []
+        f = self._call(Op.LOOKUP, {"keys": list(keys), "holders": True}).fields
+        return int(f["hits"]), f["holders"]
+
+    def rank(self, keys: Sequence[bytes], candidates: Sequence[str]) -> list[tuple[str, int]]:
+        """``candidates`` (node names) ordered by the cached prefix of ``keys`` each holds."""
+        f = self._call(Op.RANK, {"keys": list(keys), "candidates": list(candidates)}).fields
+        return [(name, int(n)) for name, n in f["ranking"]]
 
     def delete(self, keys: Sequence[bytes]) -> int:
         return int(self._call(Op.DELETE, {"keys": list(keys)}).fields["deleted"]) if keys else 0
@@ -205,22 +223,49 @@ class AsyncClient:
     ) -> None:
         await self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
-    async def put_records(self, records: Sequence[ChunkRecord]) -> None:
+    async def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
         if records:
-            await self._call(Op.PUT, *put_request(records))
+            fields, frames = put_request(records)
+            await self._call(Op.PUT, {**fields, "replica": replica}, frames)
 
     async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return _payloads(await self.get_records(keys))
 
-    async def get_records(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+    async def get_records(
+        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None
+    ) -> list[ChunkRecord | None]:
         if not keys:
             return []
-        records, bad = get_results(await self._call(Op.GET, {"keys": list(keys)}), keys)
+        reply = await self._call(Op.GET, {"keys": list(keys), "local": local}, timeout_s=timeout_s)
+        records, bad = get_results(reply, keys)
         self.checksum_failures += bad
         return records
 
     async def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
-        return int((await self._call(Op.LOOKUP, {"keys": list(keys)})).fields["hits"]) if keys else 0
+        if not keys:
+            return 0
+        return int((await self._call(Op.LOOKUP, {"keys": list(keys), "local": local})).fields["hits"])
+
+    async def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
+        if not keys:
+            return 0, []
+        f = (await self._call(Op.LOOKUP, {"keys": list(keys), "holders": True})).fields
+        return int(f["hits"]), f["holders"]
+
+    async def rank(self, keys: Sequence[bytes], candidates: Sequence[str]) -> list[tuple[str, int]]:
+        f = (await self._call(Op.RANK, {"keys": list(keys), "candidates": list(candidates)})).fields
+        return [(name, int(n)) for name, n in f["ranking"]]
+
+    async def announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        """Peer call: tell a key owner that ``holder`` now holds ``add`` and dropped ``remove``."""
+        await self._call(Op.ANNOUNCE, {"holder": holder, "add": list(add), "remove": list(remove)})
+
+    async def who_has(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[list[str]]:
+        """Peer call: which members the owner knows to hold each key."""
+        holders: list[list[str]] = (
+            await self._call(Op.WHO_HAS, {"keys": list(keys)}, timeout_s=timeout_s)
+        ).fields["holders"]
+        return holders
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         return int((await self._call(Op.DELETE, {"keys": list(keys)})).fields["deleted"]) if keys else 0

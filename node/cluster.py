@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmcache_mesh.mesh.agent import MeshAgent
@@ -42,6 +42,10 @@ class Cluster:
         self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
         self.ring = HashRing([RingMember(name, zone, weight)])
         self._agent: MeshAgent | None = None
+        self.on_gone: list[Callable[[str], None]] = []
+        """Called with a member's name when it is declared dead or leaves."""
+        self.on_joined: list[Callable[[str], None]] = []
+        """Called with a member's name when it joins (or comes back)."""
 
     def __repr__(self) -> str:
         return f"<Cluster {self.membership!r} {self.ring!r}>"
@@ -85,6 +89,12 @@ class Cluster:
             logger.info(
                 "- %s: %s is %s; ring has %d members", self.name, member.name, member.state.value, len(live)
             )
+        if member.state in (State.DEAD, State.LEFT):
+            for callback in self.on_gone:
+                callback(member.name)
+        elif old is None or old in (State.DEAD, State.LEFT):
+            for callback in self.on_joined:
+                callback(member.name)
 
     def members_status(self) -> list[dict[str, Any]]:
         shares = self.ring.shares()

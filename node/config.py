@@ -99,6 +99,13 @@ class NodeConfig:
         metavar="ADDR",
         default="",
     )
+    replicas: int = _opt(
+        "replicas",
+        "copies of each chunk kept on its ring owners (distinct zones where possible)",
+        _parse_int,
+        "N",
+        default=2,
+    )
     mesh_profile: str = _opt(
         "mesh-profile",
         "membership timings: lan, wan (edge links) or local (one machine)",
@@ -147,6 +154,8 @@ class NodeConfig:
     )
 
     def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= 16:
+            raise ValueError(f"replicas must be in [1, 16], got {self.replicas}")
         if self.mesh_profile not in ("lan", "wan", "local"):
             raise ValueError(f"mesh_profile must be lan, wan or local, got {self.mesh_profile!r}")
         for ep in (*self.join, *([self.advertise] if self.advertise else [])):

@@ -15,6 +15,7 @@ import sys
 
 from .cluster import PROFILES, Cluster
 from .config import NodeConfig
+from .coordinator import MeshCoordinator
 from .metrics import NodeMetrics
 from .node import VERSION, Node
 from .service import NodeServer
@@ -75,6 +76,13 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
     bound = await server.start()
     cfg = node.config
     cluster = _start_cluster(node, bound)
+    coordinator = None
+    if cluster is not None:
+        coordinator = MeshCoordinator(node, cluster, replicas=cfg.replicas)
+        cluster.on_gone.append(coordinator.forget)
+        cluster.on_joined.append(lambda _name: coordinator.ring_changed())
+        server.coordinator = coordinator
+        coordinator.start()
     disk = f"disk {format_size(cfg.disk_bytes)} at {cfg.data_path}" if cfg.disk_bytes else "no disk tier"
     report = node.open()
     print(
@@ -97,6 +105,9 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("lmcache-node: shutting down", flush=True)
+    if coordinator is not None:
+        await coordinator.flush()
+        await coordinator.aclose()
     if cluster is not None:
         await cluster.leave()
     await server.stop()

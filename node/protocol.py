@@ -41,6 +41,12 @@ class Op(IntEnum):
     """A membership/gossip datagram from a peer: one payload frame, no reply."""
     JOIN = 8
     """Ask this node to join the cluster of the given seed addresses."""
+    ANNOUNCE = 9
+    """A holder tells a key's owner which keys it now holds ("add") or dropped ("remove")."""
+    WHO_HAS = 10
+    """Ask a key's owner which members hold each key."""
+    RANK = 11
+    """Order candidate nodes by how long a prefix of a key chain each holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +98,24 @@ def peek_request_id(frame: Buffer) -> int:
         return 0
 
 
-def _keys(m: dict[str, Any], limits: Limits) -> list[bytes]:
-    keys = m.get("keys")
+def _flag(m: dict[str, Any], name: str) -> bool:
+    value = m.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"field {name!r} must be a boolean, got {value!r:.40}")
+    return value
+
+
+def _strings(m: dict[str, Any], name: str) -> list[str]:
+    value = m.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"field {name!r} must be a list of strings")
+    return value
+
+
+def _keys(m: dict[str, Any], limits: Limits, name: str = "keys") -> list[bytes]:
+    keys = m.get(name, [] if name != "keys" else None)
     if not isinstance(keys, list):
-        raise BadRequest("field 'keys' must be a list of 16-byte keys")
+        raise BadRequest(f"field {name!r} must be a list of 16-byte keys")
     if len(keys) > limits.max_keys:
         raise TooLarge(f"{len(keys)} keys in one request exceed the limit of {limits.max_keys}")
     for k in keys:
@@ -141,6 +161,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
             if h.length > limits.max_record_bytes:
                 raise TooLarge(f"record of {h.length} bytes exceeds the limit of {limits.max_record_bytes}")
         fields_["headers"] = headers
+        fields_["replica"] = _flag(m, "replica")
     elif op is Op.MESH:
         sender = m.get("from")
         if not isinstance(sender, str) or len(payloads) != 1:
@@ -148,8 +169,19 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         fields_["from"] = sender
     elif payloads:
         raise BadRequest(f"{op.name} takes no payload frames, got {len(payloads)}")
-    elif op in (Op.GET, Op.LOOKUP, Op.DELETE):
+    elif op in (Op.GET, Op.LOOKUP, Op.DELETE, Op.WHO_HAS, Op.RANK):
         fields_["keys"] = _keys(m, limits)
+        fields_["local"] = _flag(m, "local")
+        fields_["holders"] = _flag(m, "holders")
+        if op is Op.RANK:
+            fields_["candidates"] = _strings(m, "candidates")
+    elif op is Op.ANNOUNCE:
+        holder = m.get("holder")
+        if not isinstance(holder, str) or not holder:
+            raise BadRequest("ANNOUNCE needs a non-empty string 'holder'")
+        fields_["holder"] = holder
+        fields_["add"] = _keys(m, limits, "add")
+        fields_["remove"] = _keys(m, limits, "remove")
     elif op is Op.JOIN:
         seeds = m.get("seeds")
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, str) for s in seeds):

@@ -16,6 +16,7 @@ from typing import Any
 
 from lmcache_mesh.transports import ZmqRouter
 
+from .coordinator import MeshCoordinator
 from .errors import DeadlineExceeded, InternalError, MeshError, Unavailable
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
@@ -41,6 +42,8 @@ class NodeServer:
         self._slots = asyncio.Semaphore(cfg.max_inflight_requests)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self.coordinator: MeshCoordinator | None = None
+        """Set by the daemon when the node is part of a mesh."""
 
     def __repr__(self) -> str:
         return f"<NodeServer {self.node.config.name} {self._router!r} inflight={len(self._tasks)}>"
@@ -91,9 +94,18 @@ class NodeServer:
         cluster.on_datagram(req.fields["from"], bytes(req.payloads[0]))
 
     def _needs_thread(self, req: Request) -> bool:
-        if req.op is Op.DELETE:
+        """True when answering may wait (disk, peers): such requests get a task and a slot."""
+        if req.op in (Op.DELETE, Op.RANK):
             return True
-        return req.op is Op.GET and not self.node.store.in_memory(req.fields["keys"])
+        if req.op is Op.GET:
+            return not self.node.store.in_memory(req.fields["keys"])
+        if req.op is Op.LOOKUP:
+            return self._mesh_wide(req)
+        return False
+
+    def _mesh_wide(self, req: Request) -> bool:
+        c = self.coordinator
+        return c is not None and not req.fields["local"] and c.cluster.membership.num_alive() > 1
 
     async def _answer_in_slot(
         self, peer: bytes, buffers: list[Any], request: Request, received: float
@@ -141,6 +153,8 @@ class NodeServer:
                 for h, p in zip(req.fields["headers"], req.payloads, strict=True)
             ]
             self.node.put_records(records)
+            if self.coordinator is not None:
+                self.coordinator.stored(records, replicate=not req.fields["replica"])
             return [ok_reply(req.id, stored=len(records))]
         if req.op is Op.GET:
             keys = req.fields["keys"]
@@ -148,13 +162,46 @@ class NodeServer:
                 found = self.node.get_records(keys)
             else:
                 found = await self._in_thread(self.node.get_records, keys, deadline=deadline)
+            if self.coordinator is not None and self._mesh_wide(req) and None in found:
+                found = await self.coordinator.get(keys, found, deadline)
             headers = [None if r is None else r.header.to_wire() for r in found]
             return [ok_reply(req.id, records=headers), *(r.payload for r in found if r is not None)]
         if req.op is Op.LOOKUP:
-            return [ok_reply(req.id, hits=self.node.lookup(req.fields["keys"]))]
+            keys = req.fields["keys"]
+            if self.coordinator is not None and self._mesh_wide(req):
+                hits, holders = await self.coordinator.lookup(keys, deadline)
+            else:
+                hits = self.node.lookup(keys)
+                holders = [[self.node.name]] * hits + [[] for _ in keys[hits:]]
+            if req.fields["holders"]:
+                return [ok_reply(req.id, hits=hits, holders=holders)]
+            return [ok_reply(req.id, hits=hits)]
         if req.op is Op.DELETE:
             deleted = await self._in_thread(self.node.delete, req.fields["keys"], deadline=None)
+            if self.coordinator is not None:
+                self.coordinator.removed(req.fields["keys"])
             return [ok_reply(req.id, deleted=deleted)]
+        if req.op is Op.WHO_HAS:
+            holders = (
+                self.coordinator.who_has(req.fields["keys"])
+                if self.coordinator
+                else [[] for _ in req.fields["keys"]]
+            )
+            return [ok_reply(req.id, holders=holders)]
+        if req.op is Op.ANNOUNCE:
+            if self.coordinator is not None:
+                self.coordinator.on_announce(req.fields["holder"], req.fields["add"], req.fields["remove"])
+            return [ok_reply(req.id)]
+        if req.op is Op.RANK:
+            keys, candidates = req.fields["keys"], req.fields["candidates"]
+            if self.coordinator is not None:
+                ranking = await self.coordinator.rank(keys, candidates, deadline)
+            else:
+                n = self.node.lookup(keys)
+                ranking = sorted(
+                    ((c, n if c == self.node.name else 0) for c in candidates), key=lambda r: -r[1]
+                )
+            return [ok_reply(req.id, ranking=[list(r) for r in ranking])]
         if req.op is Op.STATS:
             return [ok_reply(req.id, stats=self.node.stats())]
         if req.op is Op.JOIN:

@@ -82,6 +82,23 @@ class TieredStore:
                 (n + i for i, key in enumerate(keys[n:]) if not (on_disk[i] or key in self.memory)), len(keys)
             )
 
+    def keys(self) -> list[bytes]:
+        """Every key held in any tier (a snapshot)."""
+        with self._lock:
+            held = set(self.memory.keys())
+        if self.disk is not None:
+            held.update(self.disk.keys())
+        return list(held)
+
+    def present(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is held in some tier (any order, not just a prefix)."""
+        with self._lock:
+            here = [key in self.memory for key in keys]
+        if self.disk is not None and not all(here):
+            on_disk = self.disk.present(keys)
+            here = [a or b for a, b in zip(here, on_disk, strict=True)]
+        return here
+
     def in_memory(self, keys: Sequence[bytes]) -> bool:
         with self._lock:
             return all(k in self.memory for k in keys)

@@ -93,3 +93,45 @@ def test_join_command_joins_a_running_node(daemon_factory: DaemonFactory) -> Non
     assert r.returncode == 0, r.stderr
     assert "joined: 2 members alive" in r.stdout
     assert wait_until(lambda: members(a).get("node9", {}).get("state") == "alive", 10) is not None
+
+
+def test_a_chunk_put_on_one_node_is_found_everywhere_and_survives_its_node(daemon_factory: DaemonFactory) -> None:
+    from lmcache_mesh.node import chunk_keys, namespace_id
+
+    from ..helpers import payload
+
+    base = 20
+    ports = {i: free_port(f"127.0.0.{i}") for i in range(base, base + 5)}
+    nodes = {base: start_node(daemon_factory, base, ports[base])}
+    for i in range(base + 1, base + 5):
+        nodes[i] = start_node(daemon_factory, i, ports[i], "--join", nodes[base].tcp)
+    assert wait_until(lambda: all(len(members(d)) == 5 for d in nodes.values()), 20) is not None
+    time.sleep(1.0)  # let the rings settle everywhere
+
+    ns = namespace_id(b"mesh-test", {"engine": "test"}, 16)
+    keys = chunk_keys(ns, list(range(16 * 8)), 16)
+    a, e = nodes[base], nodes[base + 4]
+    with a.client() as c:
+        for i, k in enumerate(keys):
+            c.put(k, payload(i, 64 << 10), namespace=ns)
+
+    def replicated() -> bool:
+        with e.client() as c:
+            n, holders = c.locate(keys)
+        return n == len(keys) and all(len(h) >= 2 for h in holders)
+
+    assert wait_until(replicated, 10) is not None
+    with e.client() as c:
+        assert c.lookup(keys) == 8 and c.lookup(keys, local=True) == 0
+        got = c.get(keys)
+        assert [bytes(g) if g is not None else None for g in got] == [payload(i, 64 << 10) for i in range(8)]
+        ranking = c.rank(keys, [f"node{i}" for i in nodes])
+        assert ranking[0] == (f"node{base}", 8)
+
+    a.stop(signal.SIGKILL)
+    survivors = [d for i, d in nodes.items() if i != base]
+    assert wait_until(lambda: all(members(d)[f"node{base}"]["state"] == "dead" for d in survivors), 30) is not None
+    reader = nodes[base + 2]
+    with reader.client() as c:
+        got = c.get(keys)
+        assert [bytes(g) if g is not None else None for g in got] == [payload(i, 64 << 10) for i in range(8)]

@@ -1,0 +1,352 @@
+"""MeshCoordinator: what a node does with the mesh around its own tiers.
+
+- **Replication.** A PUT from a client is stored locally, then copied to the key's ring
+  owners (R of them) in the background: never on the caller's path, dropped and counted
+  when a peer is slow or gone.
+- **Announcements.** Every node tells each key's owners that it holds the key (batched),
+  and owners keep a :class:`HolderIndex`. "Who holds k" is then one question to k's owner.
+- **Mesh-wide LOOKUP and GET.** Local tiers first; then the owners say who holds the rest;
+  then holders (or owners) are asked for the bytes, all within the request's deadline. A
+  peer that fails or is late is a miss, never an error for the engine. Fetched chunks are
+  kept locally, since the engine here is likely to want them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lmcache_mesh.mesh.index import HolderIndex
+from lmcache_mesh.mesh.membership import State
+
+from .client import AsyncClient
+from .errors import MeshError
+from .records import ChunkRecord
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .node import Node
+
+logger = logging.getLogger(__name__)
+
+REANNOUNCE_DELAY_S = 0.5
+"""Membership changes within this window cost one re-announcement, not one each."""
+
+ANNOUNCE_BATCH_KEYS = 1024
+"""Keys per ANNOUNCE request (below the default per-request key limit)."""
+
+
+class PeerPool:
+    """One AsyncClient per peer address, at most ``max_peers`` (least recently used closed)."""
+
+    def __init__(self, timeout_s: float, max_peers: int = 256) -> None:
+        self.timeout_s = timeout_s
+        self.max_peers = max_peers
+        self._clients: OrderedDict[str, AsyncClient] = OrderedDict()
+
+    def get(self, address: str) -> AsyncClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = AsyncClient(address, timeout_s=self.timeout_s)
+            while len(self._clients) > self.max_peers:
+                _, old = self._clients.popitem(last=False)
+                asyncio.get_running_loop().create_task(old.aclose())
+        else:
+            self._clients.move_to_end(address)
+        return client
+
+    async def aclose(self) -> None:
+        clients = list(self._clients.values())
+        self._clients.clear()
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+
+
+class MeshCoordinator:
+    """Replication, announcements and mesh-wide reads for one node. Runs on the event loop."""
+
+    def __init__(
+        self,
+        node: Node,
+        cluster: Cluster,
+        replicas: int = 2,
+        flush_interval_s: float = 0.05,
+        peer_timeout_s: float = 2.0,
+        max_index_keys: int = 1_000_000,
+        max_queued_bytes: int = 256 << 20,
+    ) -> None:
+        self.node = node
+        self.cluster = cluster
+        self.replicas = replicas
+        self.flush_interval_s = flush_interval_s
+        self.index = HolderIndex(max_index_keys)
+        self.peers = PeerPool(peer_timeout_s)
+        self.counters: dict[str, int] = defaultdict(int)
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        self._adds: dict[str, set[bytes]] = defaultdict(set)  # owner name -> keys we now hold
+        self._removes: dict[str, set[bytes]] = defaultdict(set)
+        self._replicate: dict[str, list[ChunkRecord]] = defaultdict(list)  # owner name -> records to copy
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._reannounce: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<MeshCoordinator R={self.replicas} {self.index!r} queued={self._queued_bytes}B>"
+
+    @property
+    def me(self) -> str:
+        return self.cluster.name
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._flush_loop(), name="lmcache-mesh-flush")
+
+    async def aclose(self) -> None:
+        if self._reannounce is not None:
+            self._reannounce.cancel()
+            self._reannounce = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.peers.aclose()
+
+    # writes
+
+    def stored(self, records: Sequence[ChunkRecord], replicate: bool) -> None:
+        """Records are now held here: announce them, and copy them to their owners if asked."""
+        for record in records:
+            for owner in self.cluster.ring.owners(record.key, self.replicas):
+                if owner == self.me:
+                    self.index.add(self.me, [record.key])
+                    continue
+                self._adds[owner].add(record.key)
+                self._removes[owner].discard(record.key)
+                if replicate:
+                    if self._queued_bytes + record.nbytes > self._max_queued_bytes:
+                        self.counters["replication_dropped"] += 1
+                        continue
+                    self._replicate[owner].append(record)
+                    self._queued_bytes += record.nbytes
+        self._wake.set()
+
+    def removed(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            for owner in self.cluster.ring.owners(key, self.replicas):
+                if owner == self.me:
+                    self.index.remove(self.me, [key])
+                else:
+                    self._removes[owner].add(key)
+                    self._adds[owner].discard(key)
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # never let a bug stop replication for good
+                logger.exception("x mesh flush failed")
+            await asyncio.sleep(self.flush_interval_s)
+
+    async def flush(self) -> None:
+        """Send queued announcements and replicas, one batch per owner, concurrently."""
+        adds, removes, replicate = self._adds, self._removes, self._replicate
+        self._adds, self._removes, self._replicate = defaultdict(set), defaultdict(set), defaultdict(list)
+        self._queued_bytes = 0
+        jobs = []
+        for owner in set(adds) | set(removes) | set(replicate):
+            address = self._address(owner)
+            if address is None:
+                self.counters["announce_dropped"] += 1
+                continue
+            jobs.append(
+                self._send_to_owner(
+                    address, adds.get(owner, set()), removes.get(owner, set()), replicate.get(owner, [])
+                )
+            )
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def _send_to_owner(
+        self, address: str, adds: set[bytes], removes: set[bytes], records: list[ChunkRecord]
+    ) -> None:
+        client = self.peers.get(address)
+        try:
+            if records:
+                await client.put_records(records, replica=True)
+                self.counters["replicated"] += len(records)
+            add, remove = list(adds), list(removes)
+            for i in range(0, max(len(add), len(remove)), ANNOUNCE_BATCH_KEYS):
+                batch = slice(i, i + ANNOUNCE_BATCH_KEYS)
+                await client.announce(self.me, add[batch], remove[batch])
+                self.counters["announced"] += len(add[batch]) + len(remove[batch])
+        except (MeshError, OSError) as exc:
+            self.counters["peer_errors"] += 1
+            logger.debug("x replication/announce to %s failed: %s", address, exc)
+
+    # owner side
+
+    def on_announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        self.index.add(holder, add)
+        self.index.remove(holder, remove)
+
+    def who_has(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """Holders of each key known here (this node's own tiers included)."""
+        local = self.node.store.present(keys)
+        return [
+            ([self.me] if here else []) + [h for h in self.index.holders(k) if h != self.me]
+            for k, here in zip(keys, local, strict=True)
+        ]
+
+    def forget(self, member: str) -> None:
+        self.index.forget(member)
+        self.ring_changed()
+
+    def ring_changed(self) -> None:
+        """Owners moved: re-announce what we hold, once the membership settles (debounced)."""
+        if self._reannounce is None:
+            self._reannounce = asyncio.get_running_loop().call_later(REANNOUNCE_DELAY_S, self._reannounce_all)
+
+    def _reannounce_all(self) -> None:
+        self._reannounce = None
+        keys = self.node.store.keys()
+        self.counters["reannounced"] += len(keys)
+        for key in keys:
+            for owner in self.cluster.ring.owners(key, self.replicas):
+                if owner == self.me:
+                    self.index.add(self.me, [key])
+                else:
+                    self._adds[owner].add(key)
+        self._wake.set()
+
+    # reads
+
+    async def locate(self, keys: Sequence[bytes], deadline: float) -> list[list[str]]:
+        """Live holders of each key, asking each key's primary owner (one round, in parallel)."""
+        holders: list[list[str]] = [[] for _ in keys]
+        by_owner: dict[str, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            owners = self.cluster.ring.owners(key, 1)
+            by_owner[owners[0] if owners else self.me].append(i)
+        remote = [(owner, idx) for owner, idx in by_owner.items() if owner != self.me]
+        if self.me in by_owner:
+            mine = by_owner[self.me]
+            for i, hs in zip(mine, self.who_has([keys[i] for i in mine]), strict=True):
+                holders[i] = hs
+        answers = await asyncio.gather(
+            *(self._ask_owner(owner, [keys[i] for i in idx], deadline) for owner, idx in remote)
+        )
+        for (_, idx), answer in zip(remote, answers, strict=True):
+            for i, hs in zip(idx, answer, strict=True):
+                holders[i] = hs
+        alive = {
+            m.name
+            for m in self.cluster.membership.members.values()
+            if m.state in (State.ALIVE, State.SUSPECT)
+        }
+        local = self.node.store.present(keys)
+        return [
+            sorted(set(h for h in hs if h in alive) | ({self.me} if here else set()))
+            for hs, here in zip(holders, local, strict=True)
+        ]
+
+    async def _ask_owner(self, owner: str, keys: list[bytes], deadline: float) -> list[list[str]]:
+        address = self._address(owner)
+        remaining = deadline - time.monotonic()
+        if address is None or remaining <= 0:
+            return [[] for _ in keys]
+        try:
+            return await self.peers.get(address).who_has(keys, timeout_s=remaining)
+        except (MeshError, OSError) as exc:
+            self.counters["peer_errors"] += 1
+            logger.debug("x who_has at %s failed: %s", owner, exc)
+            return [[] for _ in keys]
+
+    async def lookup(self, keys: Sequence[bytes], deadline: float) -> tuple[int, list[list[str]]]:
+        """Longest prefix of ``keys`` cached anywhere, and who holds each key of it."""
+        holders = await self.locate(keys, deadline)
+        n = next((i for i, hs in enumerate(holders) if not hs), len(keys))
+        return n, holders
+
+    async def get(
+        self, keys: Sequence[bytes], local: list[ChunkRecord | None], deadline: float
+    ) -> list[ChunkRecord | None]:
+        """Fill the local misses from holders, then from ring owners, within ``deadline``."""
+        missing = [i for i, r in enumerate(local) if r is None]
+        if not missing:
+            return local
+        found = list(local)
+        holders = await self.locate([keys[i] for i in missing], deadline)
+        candidates: dict[int, list[str]] = {}
+        for i, hs in zip(missing, holders, strict=True):
+            owners = self.cluster.ring.owners(keys[i], self.replicas)
+            candidates[i] = [h for h in hs if h != self.me] + [
+                o for o in owners if o != self.me and o not in hs
+            ]
+        fetched: list[ChunkRecord] = []
+        for attempt in range(self.replicas + 1):  # each round asks every missing key's next candidate
+            plan: dict[str, list[int]] = defaultdict(list)
+            for i in missing:
+                if found[i] is None and attempt < len(candidates[i]):
+                    plan[candidates[i][attempt]].append(i)
+            if not plan or time.monotonic() >= deadline:
+                break
+            results = await asyncio.gather(
+                *(self._fetch(peer, [keys[i] for i in idx], deadline) for peer, idx in plan.items())
+            )
+            for idx, records in zip(plan.values(), results, strict=True):
+                for i, record in zip(idx, records, strict=True):
+                    if record is not None:
+                        found[i] = record
+                        fetched.append(record)
+        if fetched:
+            self.counters["remote_hits"] += len(fetched)
+            try:
+                self.node.put_records(fetched)
+                self.stored(fetched, replicate=False)
+            except MeshError:
+                pass  # keeping a copy is an optimisation; the caller has its bytes
+        self.counters["remote_misses"] += sum(1 for i in missing if found[i] is None)
+        return found
+
+    async def _fetch(self, peer: str, keys: list[bytes], deadline: float) -> list[ChunkRecord | None]:
+        address = self._address(peer)
+        remaining = deadline - time.monotonic()
+        if address is None or remaining <= 0:
+            return [None] * len(keys)
+        try:
+            client = self.peers.get(address)
+            records = await client.get_records(keys, local=True, timeout_s=remaining)
+            self.node.checksum_failures += client.checksum_failures
+            client.checksum_failures = 0
+            return records
+        except (MeshError, OSError) as exc:
+            self.counters["peer_errors"] += 1
+            logger.debug("x remote GET from %s failed: %s", peer, exc)
+            return [None] * len(keys)
+
+    async def rank(
+        self, keys: Sequence[bytes], candidates: Sequence[str], deadline: float
+    ) -> list[tuple[str, int]]:
+        """Candidates ordered by how many leading chunks of ``keys`` each holds (KV-aware routing)."""
+        holders = await self.locate(keys, deadline)
+        scores = []
+        for name in candidates:
+            n = next((i for i, hs in enumerate(holders) if name not in hs), len(keys))
+            scores.append((name, n))
+        return sorted(scores, key=lambda s: -s[1])
+
+    def _address(self, name: str) -> str | None:
+        m = self.cluster.membership.members.get(name)
+        if m is None or m.state not in (State.ALIVE, State.SUSPECT):
+            return None
+        address: str = m.address
+        return address
+
+    def stats(self) -> dict[str, Any]:
+        return {"index_keys": len(self.index), "replicas": self.replicas, **self.counters}
