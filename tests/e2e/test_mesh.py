@@ -95,7 +95,9 @@ def test_join_command_joins_a_running_node(daemon_factory: DaemonFactory) -> Non
     assert wait_until(lambda: members(a).get("node9", {}).get("state") == "alive", 10) is not None
 
 
-def test_a_chunk_put_on_one_node_is_found_everywhere_and_survives_its_node(daemon_factory: DaemonFactory) -> None:
+def test_a_chunk_put_on_one_node_is_found_everywhere_and_survives_its_node(
+    daemon_factory: DaemonFactory,
+) -> None:
     from lmcache_mesh.node import chunk_keys, namespace_id
 
     from ..helpers import payload
@@ -130,7 +132,10 @@ def test_a_chunk_put_on_one_node_is_found_everywhere_and_survives_its_node(daemo
 
     a.stop(signal.SIGKILL)
     survivors = [d for i, d in nodes.items() if i != base]
-    assert wait_until(lambda: all(members(d)[f"node{base}"]["state"] == "dead" for d in survivors), 30) is not None
+    assert (
+        wait_until(lambda: all(members(d)[f"node{base}"]["state"] == "dead" for d in survivors), 30)
+        is not None
+    )
     reader = nodes[base + 2]
     with reader.client() as c:
         got = c.get(keys)

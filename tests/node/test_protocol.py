@@ -23,6 +23,12 @@ def test_valid_requests_decode() -> None:
     r = decode_request([hdr(op=2, records=[REC.header.to_wire()]), b"x" * 10], LIMITS)
     assert r.op is Op.PUT and r.fields["headers"] == [REC.header] and len(r.payloads) == 1
     assert decode_request([hdr(op=1)], LIMITS).op is Op.PING
+    r = decode_request([hdr(op=7, **{"from": "tcp://127.0.0.1:1"}), b"gossip"], LIMITS)
+    assert r.op is Op.MESH and r.fields["from"] == "tcp://127.0.0.1:1" and r.payloads == [b"gossip"]
+    r = decode_request([hdr(op=9, holder="n1", add=[b"a" * 16])], LIMITS)
+    assert (r.fields["holder"], r.fields["add"], r.fields["remove"]) == ("n1", [b"a" * 16], [])
+    r = decode_request([hdr(op=4, keys=[b"a" * 16], local=True, holders=True)], LIMITS)
+    assert r.fields["local"] and r.fields["holders"]
 
 
 @pytest.mark.parametrize(
@@ -56,6 +62,27 @@ def test_valid_requests_decode() -> None:
             [hdr(op=2, records=[{**REC.header.to_wire(), "v": 9}]), b"x"],
             UnsupportedVersion,
             "record version 9",
+        ),
+        (
+            [hdr(op=2, records=[REC.header.to_wire()], replica="yes"), b"x" * 10],
+            BadRequest,
+            "'replica' must be a boolean",
+        ),
+        ([hdr(op=3, keys=[b"k" * 16], local=1)], BadRequest, "'local' must be a boolean"),
+        (
+            [hdr(op=7, **{"from": "tcp://a:1"})],
+            BadRequest,
+            "MESH needs a string 'from' and exactly one payload",
+        ),
+        ([hdr(op=7), b"d"], BadRequest, "MESH needs a string 'from'"),
+        ([hdr(op=8, seeds=[])], BadRequest, "JOIN needs a non-empty list 'seeds'"),
+        ([hdr(op=9, add=[b"k" * 16])], BadRequest, "ANNOUNCE needs a non-empty string 'holder'"),
+        ([hdr(op=9, holder="h", add=[b"short"])], BadRequest, "every key must be 16 bytes"),
+        ([hdr(op=9, holder="h", remove="x")], BadRequest, "'remove' must be a list"),
+        (
+            [hdr(op=11, keys=[b"k" * 16], candidates=[1])],
+            BadRequest,
+            "'candidates' must be a list of strings",
         ),
     ],
 )
