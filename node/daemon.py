@@ -81,7 +81,7 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
         coordinator = MeshCoordinator(node, cluster, replicas=cfg.replicas)
         cluster.on_gone.append(coordinator.forget)
         cluster.on_joined.append(lambda _name: coordinator.ring_changed())
-        server.coordinator = coordinator
+        server.coordinator = node.coordinator = coordinator
         coordinator.start()
     disk = f"disk {format_size(cfg.disk_bytes)} at {cfg.data_path}" if cfg.disk_bytes else "no disk tier"
     report = node.open()

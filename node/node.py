@@ -21,6 +21,7 @@ from .tiers import DiskTier, MemoryTier, RecoveryReport, TieredStore
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .coordinator import MeshCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Node:
         self.name = self.config.name or socket.gethostname()
         self.addresses: list[str] = []
         self.cluster: Cluster | None = None
+        self.coordinator: MeshCoordinator | None = None
         self.started_at = time.time()
         self.checksum_failures = 0
         self.errors: dict[str, int] = {}
@@ -141,6 +143,15 @@ class Node:
         me = {"name": self.name, "address": address, "zone": self.config.zone, "state": "alive"}
         return [{**me, "reachability": "direct", "incarnation": 0, "ring_share": 1.0}]
 
+    def _mesh_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.cluster is not None:
+            out["membership"] = dict(self.cluster.membership.counters)
+            out["awareness"] = self.cluster.membership.awareness
+        if self.coordinator is not None:
+            out.update(self.coordinator.stats())
+        return out
+
     def stats(self) -> dict[str, Any]:
         """The ``status --json`` document: node, members, tiers, counters."""
         address = self.addresses[0] if self.addresses else "embedded"
@@ -169,6 +180,7 @@ class Node:
                 },
             },
             "members": self._members(address),
+            "mesh": self._mesh_stats(),
             "tiers": tier_stats["tiers"],
             "counters": counters,
         }
