@@ -42,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "disk",
             "max-record",
             "max-header",
+            "max-request",
             "writeback-queue",
         ):
             default = format_size(default)
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "join":
             return _cmd_join(args)
         return _cmd_status(args)
-    except (MeshError, TransportError, ValueError) as exc:
+    except (MeshError, TransportError, ValueError, OSError) as exc:
         print(f"lmcache-node {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

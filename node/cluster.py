@@ -108,5 +108,6 @@ class Cluster:
                 "incarnation": m.incarnation,
                 "ring_share": round(shares.get(m.name, 0.0), 4),
             }
-            for m in sorted(self.membership.members.values(), key=lambda m: m.name)
+            # list(...) copies in one step, so a scrape from another thread never sees the dict change
+            for m in sorted(list(self.membership.members.values()), key=lambda m: m.name)
         ]

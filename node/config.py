@@ -128,6 +128,9 @@ class NodeConfig:
     max_header_bytes: int = _opt(
         "max-header", "largest request header accepted (msgpack frame)", parse_size, "SIZE", default=1 << 20
     )
+    max_request_bytes: int = _opt(
+        "max-request", "largest sum of payloads in one request", parse_size, "SIZE", default=256 << 20
+    )
     max_keys_per_request: int = _opt(
         "max-keys", "most keys or records in one request", _parse_int, "N", default=4096
     )
@@ -167,7 +170,13 @@ class NodeConfig:
         for name in ("memory_bytes", "disk_bytes", "writeback_queue_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_record_bytes", "max_header_bytes", "max_keys_per_request", "max_inflight_requests"):
+        for name in (
+            "max_record_bytes",
+            "max_header_bytes",
+            "max_request_bytes",
+            "max_keys_per_request",
+            "max_inflight_requests",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:

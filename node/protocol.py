@@ -56,6 +56,8 @@ class Limits:
     max_header_bytes: int = 1 << 20
     max_record_bytes: int = 64 << 20
     max_keys: int = 4096
+    max_request_bytes: int = 256 << 20
+    """All payload frames of one request together."""
 
 
 @dataclass(slots=True)
@@ -88,8 +90,10 @@ def error_reply(request_id: int, error: MeshError) -> bytes:
     )
 
 
-def peek_request_id(frame: Buffer) -> int:
-    """The request id from a header that may be otherwise broken (0 if unreadable)."""
+def peek_request_id(frame: Buffer, max_bytes: int = 1 << 20) -> int:
+    """The request id from a header that may be otherwise broken (0 if unreadable or too big)."""
+    if len(frame) > max_bytes:
+        return 0  # never parse an oversize frame: msgpack can expand it many times over
     try:
         m = msgpack.unpackb(frame, raw=False)
         rid = m.get("id") if isinstance(m, dict) else None
@@ -148,6 +152,9 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         ) from None
     fields_: dict[str, Any] = {}
     payloads = list(frames[1:])
+    total = sum(len(p) for p in payloads)
+    if total > limits.max_request_bytes:
+        raise TooLarge(f"request of {total} payload bytes exceeds the limit of {limits.max_request_bytes}")
     if op is Op.PUT:
         raw = m.get("records")
         if not isinstance(raw, list) or not raw:

@@ -17,7 +17,7 @@ from typing import Any
 from lmcache_mesh.transports import ZmqRouter
 
 from .coordinator import MeshCoordinator
-from .errors import DeadlineExceeded, InternalError, MeshError, Unavailable
+from .errors import ChecksumMismatch, DeadlineExceeded, InternalError, MeshError, Unavailable
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
 from .records import ChunkRecord
@@ -34,10 +34,14 @@ class NodeServer:
     def __init__(self, node: Node, observe: Observer | None = None) -> None:
         cfg = node.config
         self.node = node
-        self.limits = Limits(cfg.max_header_bytes, cfg.max_record_bytes, cfg.max_keys_per_request)
+        self.limits = Limits(
+            cfg.max_header_bytes, cfg.max_record_bytes, cfg.max_keys_per_request, cfg.max_request_bytes
+        )
         # Frames a little above our own limits still reach us, so they get an error reply;
         # libzmq drops the connection of a peer sending anything larger.
-        self._router = ZmqRouter(cfg.listen, 2 * max(cfg.max_record_bytes, cfg.max_header_bytes))
+        self._router = ZmqRouter(
+            cfg.listen, max(cfg.max_record_bytes, cfg.max_header_bytes) + FRAME_SLACK_BYTES
+        )
         self._observe = observe
         self._slots = asyncio.Semaphore(cfg.max_inflight_requests)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -127,14 +131,14 @@ class NodeServer:
         except MeshError as exc:
             outcome = exc.code.name
             self.node.count_error(exc.code.name)
-            rid = peek_request_id(buffers[0]) if buffers else 0
+            rid = peek_request_id(buffers[0], self.limits.max_header_bytes) if buffers else 0
             logger.debug("x %s request %d from %s: %s", op_name, rid, peer.hex(), exc)
             reply = [error_reply(rid, exc)]
         except Exception as exc:  # a bug must not take the node down
             logger.exception("x internal error answering %s", op_name)
             outcome = "INTERNAL"
             self.node.count_error("INTERNAL")
-            rid = peek_request_id(buffers[0]) if buffers else 0
+            rid = peek_request_id(buffers[0], self.limits.max_header_bytes) if buffers else 0
             reply = [error_reply(rid, InternalError(f"{type(exc).__name__}: {exc}"))]
         await self._router.send(peer, reply)
         if self._observe is not None:
@@ -148,10 +152,14 @@ class NodeServer:
             return [ok_reply(req.id, **self.node.ping())]
         if req.op is Op.PUT:
             # Verify every record before storing any: a bad one means nothing changes.
-            records = [
-                ChunkRecord.verified(h, _own(p))
-                for h, p in zip(req.fields["headers"], req.payloads, strict=True)
-            ]
+            try:
+                records = [
+                    ChunkRecord.verified(h, _own(p))
+                    for h, p in zip(req.fields["headers"], req.payloads, strict=True)
+                ]
+            except ChecksumMismatch:
+                self.node.checksum_failures += 1
+                raise
             self.node.put_records(records)
             if self.coordinator is not None:
                 self.coordinator.stored(records, replicate=not req.fields["replica"])
@@ -220,6 +228,9 @@ class NodeServer:
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline passed while reading from disk") from None
 
+
+FRAME_SLACK_BYTES = 1 << 20
+"""Frames up to this much above our limits still reach us and get a TOO_LARGE reply."""
 
 SMALL_FRAME_BYTES = 64 << 10
 """Below this, libzmq may place a received frame inside a shared receive buffer."""

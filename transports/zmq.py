@@ -23,6 +23,10 @@ Frame = bytes | memoryview | zmq.Frame
 MAX_IPC_PATH = 107
 
 
+ROUTER_QUEUE_MESSAGES = 1000
+"""High-water mark of a ROUTER's per-peer queues, in messages."""
+
+
 class TransportError(Exception):
     """A socket could not be bound or connected; the message says which endpoint and why."""
 
@@ -72,6 +76,10 @@ class ZmqRouter:
         sock = self._ctx.socket(zmq.ROUTER)
         _configure(sock, self.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to a vanished peer are dropped, not errors
+        # Bounded queues: a peer that floods us is read no faster than we answer (back-pressure),
+        # and replies to a peer that stopped reading are dropped past the mark.
+        sock.setsockopt(zmq.RCVHWM, ROUTER_QUEUE_MESSAGES)
+        sock.setsockopt(zmq.SNDHWM, ROUTER_QUEUE_MESSAGES)
         try:
             for ep in self.endpoints:
                 if ep.startswith("ipc://"):

@@ -102,8 +102,20 @@ class DiskCounters:
     corrupt_discarded: int = 0
 
 
+@dataclass(slots=True)
+class _Slot:
+    size: int
+    checksum: int
+    """Checksum of the record version on disk: a stale file is never served for a newer one."""
+
+
 class DiskTier:
-    """Byte-budgeted, crash-safe record files under ``<data_dir>/chunks``."""
+    """Byte-budgeted, crash-safe record files under ``<data_dir>/chunks``. Thread-safe.
+
+    One writer thread does every file write and unlink, in submission order, so a delete
+    or a newer version of a key can never be overtaken by an older write of it. The index
+    changes at once (under the lock); the files follow.
+    """
 
     def __init__(self, data_dir: Path | str, capacity_bytes: int, max_pending_bytes: int = 256 << 20) -> None:
         if capacity_bytes < 0:
@@ -114,11 +126,11 @@ class DiskTier:
         self.counters = DiskCounters()
         self._root = self.data_dir / "chunks"
         self._lock = threading.Lock()
-        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> payload bytes, LRU first
+        self._index: OrderedDict[bytes, _Slot] = OrderedDict()  # on disk, LRU first
         self._used = 0
-        self._pending: dict[bytes, ChunkRecord] = {}
+        self._pending: dict[bytes, ChunkRecord] = {}  # queued for writing, newest version per key
         self._pending_bytes = 0
-        self._queue: queue.Queue[ChunkRecord | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, ChunkRecord | bytes] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.recovery = RecoveryReport()
@@ -139,8 +151,12 @@ class DiskTier:
             raise MeshError(
                 f"data dir {self.data_dir} is in use by another lmcache-node process (lock held)"
             ) from exc
+        try:
+            self.recovery = self._recover()
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
-        self.recovery = self._recover()
         self._writer = threading.Thread(target=self._write_loop, name="lmcache-disk-writer", daemon=True)
         self._writer.start()
         return self.recovery
@@ -156,12 +172,11 @@ class DiskTier:
             self._lock_fd = None
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued write has reached disk; False on timeout."""
+        """Wait until every queued write and unlink is done; False on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            with self._lock:
-                if not self._pending:
-                    return True
+            if self._queue.unfinished_tasks == 0 or self._writer is None:
+                return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.002)
@@ -179,6 +194,18 @@ class DiskTier:
         """Whether each key is on disk (or queued for it), under one lock."""
         with self._lock:
             return [key in self._index or key in self._pending for key in keys]
+
+    def holds(self, record: ChunkRecord) -> bool:
+        """True when this exact version of the record is on disk or queued for it."""
+        with self._lock:
+            return self._holds(record)
+
+    def _holds(self, record: ChunkRecord) -> bool:
+        queued = self._pending.get(record.key)
+        if queued is not None:
+            return queued.header == record.header
+        slot = self._index.get(record.key)
+        return slot is not None and slot.checksum == record.header.checksum
 
     @property
     def used_bytes(self) -> int:
@@ -198,7 +225,8 @@ class DiskTier:
             pending = self._pending.get(key)
             if pending is not None:
                 return pending
-            if key not in self._index:
+            slot = self._index.get(key)
+            if slot is None:
                 return None
             self._index.move_to_end(key)
         path = self._path(key)
@@ -211,105 +239,145 @@ class DiskTier:
             header, offset = decode_file_header(data, len(data))
             if header.key != key:
                 raise CorruptFile(f"file holds key {header.key.hex()}")
-            return ChunkRecord.verified(header, memoryview(data)[offset:])
+            record = ChunkRecord.verified(header, memoryview(data)[offset:])
         except MeshError as exc:
             logger.warning("x %s: corrupt record file dropped: %s", path.name, exc)
             with self._lock:
                 self.counters.corrupt_discarded += 1
-                if key in self._index:
+                if self._index.get(key) is slot:
                     self._forget(key)
-            _unlink(path)
+                    self._queue.put(("unlink", key))
             return None
+        if header.checksum != slot.checksum:
+            return None  # an older version still on disk while a newer one is on its way
+        return record
 
     # writes
 
-    def submit(self, record: ChunkRecord) -> bool:
-        """Queue ``record`` for the writer thread; False (counted) when the queue is full."""
+    def submit(self, record: ChunkRecord, block: bool = False) -> bool:
+        """Queue ``record`` for the writer thread; True if it is (or will be) on disk.
+
+        When the queue is full: wait for room if ``block``, else return False (counted).
+        False too when the record exceeds the whole budget.
+        """
         if record.nbytes > self.capacity_bytes or self._writer is None:
             return False
-        with self._lock:
-            if record.key in self._pending or record.key in self._index:
-                return True
-            if self._pending_bytes + record.nbytes > self.max_pending_bytes:
-                self.counters.writeback_dropped += 1
-                return False
-            self._pending[record.key] = record
-            self._pending_bytes += record.nbytes
-        self._queue.put(record)
-        return True
+        while True:
+            with self._lock:
+                if self._holds(record):
+                    return True
+                if self._pending_bytes + record.nbytes <= self.max_pending_bytes or not self._pending:
+                    self._invalidate(record.key)
+                    self._pending[record.key] = record
+                    self._pending_bytes += record.nbytes
+                    self._queue.put(("write", record))
+                    return True
+                if not block:
+                    self.counters.writeback_dropped += 1
+                    return False
+            time.sleep(0.002)
 
-    def write(self, record: ChunkRecord) -> bool:
-        """Write ``record`` now, crash-safe; False (counted and logged) on a full or failing disk."""
+    def remove(self, key: bytes) -> bool:
+        """Forget ``key`` now (its file goes in order with the writes); True if it was held."""
+        with self._lock:
+            return self._invalidate(key)
+
+    def invalidate(self, record: ChunkRecord) -> None:
+        """A different version of ``record`` may be on disk: drop it so it is never served."""
+        with self._lock:
+            if not self._holds(record):
+                self._invalidate(record.key)
+
+    def _invalidate(self, key: bytes) -> bool:
+        held = False
+        queued = self._pending.pop(key, None)
+        if queued is not None:
+            self._pending_bytes -= queued.nbytes
+            held = True
+        if key in self._index:
+            self._forget(key)
+            self._queue.put(("unlink", key))
+            held = True
+        return held
+
+    # the writer thread
+
+    def _write_loop(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is None:
+                self._queue.task_done()
+                return
+            kind, item = op
+            try:
+                if isinstance(item, ChunkRecord):
+                    self._write(item)
+                else:
+                    _unlink(self._path(item))
+            except Exception:  # the writer must outlive any one bad write or unlink
+                logger.exception("x disk writer: %s failed", kind)
+                with self._lock:
+                    self.counters.write_errors += 1
+                    if isinstance(item, ChunkRecord) and self._pending.get(item.key) is item:
+                        del self._pending[item.key]
+                        self._pending_bytes -= item.nbytes
+            finally:
+                self._queue.task_done()
+
+    def _write(self, record: ChunkRecord) -> None:
         size = record.nbytes
-        if size > self.capacity_bytes:
-            return False
         victims: list[bytes] = []
         with self._lock:
-            if record.key in self._index:
-                return True
+            if self._pending.get(record.key) is not record:
+                return  # deleted or superseded while queued
             while self._used + size > self.capacity_bytes and self._index:
-                victim, victim_size = self._index.popitem(last=False)
+                victim, slot = self._index.popitem(last=False)
                 victims.append(victim)
-                self._used -= victim_size
+                self._used -= slot.size
+            self.counters.evictions += len(victims)
         for victim in victims:
             _unlink(self._path(victim))
         path = self._path(record.key)
         try:
             _write_atomic(path, *encode_file(record))
+            ok = True
         except OSError as exc:
-            with self._lock:
-                self.counters.write_errors += 1
-            level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
+            ok = False
+            level = (
+                logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else logging.ERROR
+            )
             logger.log(level, "x disk write of %s failed (%s); record not stored on disk", path.name, exc)
-            return False
         with self._lock:
-            self._index[record.key] = size
-            self._used += size
-            self.counters.writes += 1
-            self.counters.evictions += len(victims)
-        return True
-
-    def remove(self, key: bytes) -> bool:
-        with self._lock:
-            present = key in self._index
-            if present:
-                self._forget(key)
-            queued = self._pending.pop(key, None)
-            if queued is not None:
-                self._pending_bytes -= queued.nbytes
-        if present:
-            _unlink(self._path(key))
-        return present
+            wanted = self._pending.get(record.key) is record
+            if wanted:
+                del self._pending[record.key]
+                self._pending_bytes -= size
+            if not ok:
+                self.counters.write_errors += 1
+            elif wanted:
+                if record.key in self._index:  # an older version's slot: this file replaced it
+                    self._forget(record.key)
+                self._index[record.key] = _Slot(size, record.header.checksum)
+                self._used += size
+                self.counters.writes += 1
+            elif record.key not in self._pending:
+                # Deleted while we wrote it: the file must go (a newer version, if any, is queued after us).
+                if record.key in self._index:
+                    self._forget(record.key)
+                self._queue.put(("unlink", record.key))
 
     # internals
 
     def _forget(self, key: bytes) -> None:
-        self._used -= self._index.pop(key)
+        self._used -= self._index.pop(key).size
 
     def _path(self, key: bytes) -> Path:
         h = key.hex()
         return self._root / h[:2] / (h + _SUFFIX)
 
-    def _write_loop(self) -> None:
-        while True:
-            record = self._queue.get()
-            if record is None:
-                return
-            with self._lock:
-                still_wanted = self._pending.get(record.key) is record
-            if still_wanted:
-                self.write(record)
-            with self._lock:
-                deleted_meanwhile = still_wanted and self._pending.get(record.key) is not record
-                if not deleted_meanwhile and still_wanted:
-                    del self._pending[record.key]
-                    self._pending_bytes -= record.nbytes
-            if deleted_meanwhile:
-                self.remove(record.key)
-
     def _recover(self) -> RecoveryReport:
         started = time.monotonic()
-        found: list[tuple[float, bytes, int]] = []
+        found: list[tuple[float, bytes, _Slot]] = []
         discarded = temp_removed = scanned = 0
         for sub in sorted(p for p in self._root.iterdir() if p.is_dir()):
             for path in sub.iterdir():
@@ -336,15 +404,15 @@ class DiskTier:
                     _unlink(path)
                     discarded += 1
                     continue
-                found.append((st.st_mtime, header.key, header.length))
+                found.append((st.st_mtime, header.key, _Slot(header.length, header.checksum)))
         found.sort(key=lambda t: t[0])
-        for _, key, size in found:
-            self._index[key] = size
-            self._used += size
+        for _, key, slot in found:
+            self._index[key] = slot
+            self._used += slot.size
         evicted = 0
         while self._used > self.capacity_bytes and self._index:
-            key, size = self._index.popitem(last=False)
-            self._used -= size
+            key, slot = self._index.popitem(last=False)
+            self._used -= slot.size
             _unlink(self._path(key))
             evicted += 1
         self.counters.corrupt_discarded += discarded

@@ -27,8 +27,6 @@ class _Entry:
     in_main: bool
     freq: int = 0
     pins: int = 0
-    on_disk: bool = False
-    """True when the disk tier holds the same record, so eviction needs no write-back."""
 
 
 class MemoryTier:
@@ -76,41 +74,29 @@ class MemoryTier:
         entry.freq = min(entry.freq + 1, _MAX_FREQ)
         return entry.record
 
-    def is_on_disk(self, key: bytes) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry.on_disk
+    def put(self, record: ChunkRecord) -> list[ChunkRecord]:
+        """Admit ``record``; returns the records evicted to make room.
 
-    def mark_on_disk(self, key: bytes) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.on_disk = True
-
-    def put(self, record: ChunkRecord, on_disk: bool = False) -> list[tuple[ChunkRecord, bool]]:
-        """Admit ``record``; returns the evicted ``(record, on_disk)`` pairs.
-
-        Raises NoSpace (admitting nothing, evicting nothing) when pinned entries leave too
-        little room. Re-putting a key replaces the record and keeps its pins.
+        Raises NoSpace (admitting nothing, evicting nothing, keeping any old version) when
+        pinned entries leave too little room. Re-putting a key replaces the record and keeps
+        its pins.
         """
         size = record.nbytes
         old = self._entries.get(record.key)
-        if old is not None:
-            if old.record.header == record.header:
-                old.on_disk = old.on_disk or on_disk
-                return []
-            pins = old.pins
-            self._drop(record.key)
-        else:
-            pins = 0
-        if size + self._pinned_bytes > self.capacity_bytes:
+        if old is not None and old.record.header == record.header:
+            return []
+        pins = old.pins if old is not None else 0
+        pinned_elsewhere = self._pinned_bytes - (old.record.nbytes if old is not None and old.pins else 0)
+        if size + pinned_elsewhere > self.capacity_bytes:
             raise NoSpace(
                 f"memory tier cannot admit {size} bytes: capacity {self.capacity_bytes}, "
-                f"pinned {self._pinned_bytes}"
+                f"pinned {pinned_elsewhere}"
             )
+        if old is not None:
+            self._drop(record.key)
+        in_main = self._ghost.pop(record.key, False) is None  # seen recently: skip probation
         evicted = self._make_room(size)
-        in_main = record.key in self._ghost
-        if in_main:
-            del self._ghost[record.key]
-        entry = _Entry(record, in_main, pins=pins, on_disk=on_disk)
+        entry = _Entry(record, in_main, pins=pins)
         self._entries[record.key] = entry
         if in_main:
             self._main[record.key] = None
@@ -150,10 +136,9 @@ class MemoryTier:
     def pinned_bytes(self) -> int:
         return self._pinned_bytes
 
-    def items(self) -> list[tuple[ChunkRecord, bool]]:
-        """Every ``(record, on_disk)``, main queue first (the ones worth keeping most)."""
-        order = list(self._main) + list(self._small)
-        return [(self._entries[k].record, self._entries[k].on_disk) for k in order]
+    def items(self) -> list[ChunkRecord]:
+        """Every record, main queue first (the ones worth keeping most)."""
+        return [self._entries[k].record for k in (*self._main, *self._small)]
 
     # eviction
 
@@ -169,8 +154,8 @@ class MemoryTier:
         if entry.pins:
             self._pinned_bytes -= size
 
-    def _make_room(self, size: int) -> list[tuple[ChunkRecord, bool]]:
-        evicted: list[tuple[ChunkRecord, bool]] = []
+    def _make_room(self, size: int) -> list[ChunkRecord]:
+        evicted: list[ChunkRecord] = []
         # Each pass over an entry either evicts it, lowers its counter or moves it small->main,
         # so the loop ends; the bound only guards against a bookkeeping bug.
         budget = 2 * (_MAX_FREQ + 2) * (len(self._entries) + 1)
@@ -189,7 +174,7 @@ class MemoryTier:
             raise NoSpace(f"memory tier could not free {size} bytes")  # pragma: no cover - bookkeeping bug
         return evicted
 
-    def _evict_small(self) -> tuple[ChunkRecord, bool] | None:
+    def _evict_small(self) -> ChunkRecord | None:
         key, _ = self._small.popitem(last=False)
         entry = self._entries[key]
         size = entry.record.nbytes
@@ -203,12 +188,12 @@ class MemoryTier:
             return None
         del self._entries[key]
         self._ghost[key] = None
-        while len(self._ghost) > max(len(self._main), 1):
+        while len(self._ghost) > max(len(self._entries), 1):  # remember about as many as we hold
             self._ghost.popitem(last=False)
         self.evictions += 1
-        return entry.record, entry.on_disk
+        return entry.record
 
-    def _evict_main(self) -> tuple[ChunkRecord, bool] | None:
+    def _evict_main(self) -> ChunkRecord | None:
         key, _ = self._main.popitem(last=False)
         entry = self._entries[key]
         if entry.freq > 0 or entry.pins:
@@ -218,4 +203,4 @@ class MemoryTier:
         self._main_bytes -= entry.record.nbytes
         del self._entries[key]
         self.evictions += 1
-        return entry.record, entry.on_disk
+        return entry.record

@@ -1,9 +1,13 @@
 """Memory and disk tiers behind one thread-safe interface.
 
-Puts land in memory; what memory evicts is written back to disk (queued, off the
-caller's path) unless disk already holds it. A disk hit is promoted to memory and stays on
-disk, so evicting it again costs nothing. On close, memory is written back so that a clean
-shutdown loses nothing that fits the disk budget.
+Puts land in memory; what memory evicts is queued for the disk (off the caller's path)
+unless the disk already holds that exact version. A disk hit is promoted to memory and stays
+on disk, so evicting it again costs nothing. On close, memory is written back so that a
+clean shutdown loses nothing that fits the disk budget.
+
+Consistency: a re-PUT or DELETE invalidates the disk copy at once (the file follows in
+order), and a disk read is only promoted if the disk still holds that version and memory
+got nothing newer meanwhile. So no read ever returns a version older than the last write.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ class TierCounters:
 class TieredStore:
     """Memory (L1) over an optional disk tier (L3). All methods are thread-safe.
 
-    Only :meth:`get_many` (on a memory miss) and :meth:`close` touch the disk on the
-    calling thread; callers on an event loop run those in a worker thread.
+    Only :meth:`get_many` (on a memory miss) and :meth:`close` touch the disk on the calling
+    thread; callers on an event loop run those in a worker thread.
     """
 
     def __init__(self, memory: MemoryTier, disk: DiskTier | None = None) -> None:
@@ -50,37 +54,44 @@ class TieredStore:
     def __repr__(self) -> str:
         return f"<TieredStore {self.memory!r} {self.disk!r}>"
 
+    def _admissible(self, record: ChunkRecord) -> bool:
+        if record.nbytes + self.memory.pinned_bytes() <= self.memory.capacity_bytes:
+            return True
+        d = self.disk
+        return d is not None and record.nbytes <= d.capacity_bytes
+
     def put(self, record: ChunkRecord) -> None:
-        """Store ``record``; raises NoSpace only if no tier can take it."""
+        self.put_many([record])
+
+    def put_many(self, records: Sequence[ChunkRecord]) -> None:
+        """Store every record, or (NoSpace) none of them when some tier cannot take one."""
+        direct: list[ChunkRecord] = []
+        evicted: list[ChunkRecord] = []
         with self._lock:
-            self.counters.puts += 1
-            self.counters.bytes_in += record.nbytes
-            try:
-                evicted = self.memory.put(record)
-            except NoSpace:
-                if self.disk is None or record.nbytes > self.disk.capacity_bytes:
-                    raise
-                evicted = [(record, False)]  # too big for memory: straight to disk
+            for record in records:
+                if not self._admissible(record):
+                    raise NoSpace(
+                        f"no tier can admit {record.nbytes} bytes (memory {self.memory.capacity_bytes} with "
+                        f"{self.memory.pinned_bytes()} pinned, disk {self.disk.capacity_bytes if self.disk else 0})"
+                    )
+            for record in records:
+                self.counters.puts += 1
+                self.counters.bytes_in += record.nbytes
+                if self.disk is not None:
+                    self.disk.invalidate(record)  # an older version on disk must never be served
+                try:
+                    evicted += self.memory.put(record)
+                except NoSpace:
+                    direct.append(record)  # too big for what memory has unpinned: straight to disk
+        for record in direct:
+            assert self.disk is not None  # _admissible said so
+            self.disk.submit(record, block=True)
         self._write_back(evicted)
 
-    def _write_back(self, evicted: list[tuple[ChunkRecord, bool]]) -> None:
-        if self.disk is None:
-            return
-        for record, on_disk in evicted:
-            if not on_disk:
+    def _write_back(self, evicted: list[ChunkRecord]) -> None:
+        if self.disk is not None:
+            for record in evicted:
                 self.disk.submit(record)
-
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        """How many leading ``keys`` are present in any tier. No side effects."""
-        with self._lock:
-            n = next((i for i, key in enumerate(keys) if key not in self.memory), len(keys))
-        if n == len(keys) or self.disk is None:
-            return n
-        on_disk = self.disk.present(keys[n:])
-        with self._lock:
-            return next(
-                (n + i for i, key in enumerate(keys[n:]) if not (on_disk[i] or key in self.memory)), len(keys)
-            )
 
     def keys(self) -> list[bytes]:
         """Every key held in any tier (a snapshot)."""
@@ -103,6 +114,18 @@ class TieredStore:
         with self._lock:
             return all(k in self.memory for k in keys)
 
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` are present in any tier. No side effects."""
+        with self._lock:
+            n = next((i for i, key in enumerate(keys) if key not in self.memory), len(keys))
+        if n == len(keys) or self.disk is None:
+            return n
+        on_disk = self.disk.present(keys[n:])
+        with self._lock:
+            return next(
+                (n + i for i, key in enumerate(keys[n:]) if not (on_disk[i] or key in self.memory)), len(keys)
+            )
+
     def get_many(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
         """Records for ``keys`` (None per miss), promoting disk hits into memory."""
         out: list[ChunkRecord | None] = []
@@ -115,21 +138,28 @@ class TieredStore:
                     out.append(record)
                     continue
             record = self.disk.read(key) if self.disk is not None else None
+            evicted: list[ChunkRecord] = []
             with self._lock:
+                if record is not None:
+                    newer = self.memory.get(key)
+                    if newer is not None:
+                        record = newer  # put while we read the disk: the newer version wins
+                    elif self.disk is not None and self.disk.holds(record):
+                        evicted = self._promote(record)
+                    else:
+                        record = None  # deleted or replaced while we read it
                 if record is None:
                     self.counters.misses += 1
-                    out.append(None)
-                    continue
-                self.counters.hits_disk += 1
-                self.counters.bytes_out += record.nbytes
-                evicted = self._promote(record)
+                else:
+                    self.counters.hits_disk += 1
+                    self.counters.bytes_out += record.nbytes
             self._write_back(evicted)
             out.append(record)
         return out
 
-    def _promote(self, record: ChunkRecord) -> list[tuple[ChunkRecord, bool]]:
+    def _promote(self, record: ChunkRecord) -> list[ChunkRecord]:
         try:
-            evicted = self.memory.put(record, on_disk=True)
+            evicted = self.memory.put(record)
         except NoSpace:
             return []
         self.counters.promotions += 1
@@ -137,13 +167,12 @@ class TieredStore:
 
     def delete(self, keys: Sequence[bytes]) -> int:
         deleted = 0
-        for key in keys:
-            with self._lock:
-                hit = self.memory.remove(key) is not None
-            if self.disk is not None:
-                hit = self.disk.remove(key) or hit
-            deleted += hit
         with self._lock:
+            for key in keys:
+                hit = self.memory.remove(key) is not None
+                if self.disk is not None:
+                    hit = self.disk.remove(key) or hit
+                deleted += hit
             self.counters.deletes += deleted
         return deleted
 
@@ -163,15 +192,16 @@ class TieredStore:
                 self.memory.unpin(key)
 
     def close(self, persist: bool = True) -> int:
-        """Write memory back to disk (if ``persist``) and stop the disk tier; returns records written."""
+        """Write memory back to disk (if ``persist``), wait for the disk, stop it; returns records queued."""
         written = 0
         if self.disk is not None:
             if persist:
                 with self._lock:
                     # Least valuable first: if disk fills, LRU eviction drops those, not main's.
-                    items = [r for r, on_disk in reversed(self.memory.items()) if not on_disk]
+                    items = list(reversed(self.memory.items()))
                 for record in items:
-                    written += self.disk.write(record)
+                    if not self.disk.holds(record):
+                        written += self.disk.submit(record, block=True)
             self.disk.close()
         return written
 

@@ -41,7 +41,7 @@ async def stalled_node(
     node = Node(cfg)
     node.store.disk = StalledDisk(tmp_path, 1 << 20)
     node.open()
-    assert node.store.disk.write(record)
+    assert node.store.disk.submit(record) and node.store.disk.flush(10)
     server = NodeServer(node)
     (address,) = await server.start()
     ctx = zmq.asyncio.Context()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from lmcache_mesh.node.tiers import DiskTier
 
 def rec(i: int, size: int = 1000) -> ChunkRecord:
     return ChunkRecord.build(i.to_bytes(16, "big"), bytes([i % 251]) * size, b"n" * 16, {"tokens": 16})
+
+
+def write(tier: DiskTier, record: ChunkRecord) -> bool:
+    """Queue a write and wait for it: True when this version is on disk."""
+    tier.submit(record)
+    tier.flush(timeout_s=10)
+    return tier.holds(record)
 
 
 def files(tier: DiskTier) -> list[Path]:
@@ -31,7 +39,7 @@ def tier(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_write_then_read_back_verified(tier: DiskTier) -> None:
-    assert tier.write(rec(1))
+    assert write(tier, rec(1))
     got = tier.read(rec(1).key)
     assert got is not None and got.header == rec(1).header and bytes(got.payload) == bytes(rec(1).payload)
     assert tier.read(rec(2).key) is None
@@ -40,16 +48,16 @@ def test_write_then_read_back_verified(tier: DiskTier) -> None:
 
 def test_budget_evicts_least_recently_read(tier: DiskTier) -> None:
     for i in range(10):
-        assert tier.write(rec(i))
+        assert write(tier, rec(i))
     assert tier.read(rec(0).key) is not None  # 0 is now most recent
-    assert tier.write(rec(10))
+    assert write(tier, rec(10))
     assert rec(1).key not in tier and rec(0).key in tier and rec(10).key in tier
     assert tier.used_bytes == 10_000 and len(files(tier)) == 10
     assert tier.counters.evictions == 1
 
 
 def test_record_over_the_whole_budget_is_refused(tier: DiskTier) -> None:
-    assert not tier.write(rec(1, 20_000))
+    assert not write(tier, rec(1, 20_000))
     assert not tier.submit(rec(1, 20_000))
 
 
@@ -57,7 +65,7 @@ def test_recovery_rebuilds_the_index_and_discards_torn_and_corrupt_files(tmp_pat
     tier = DiskTier(tmp_path, 100_000)
     tier.open()
     for i in range(6):
-        tier.write(rec(i))
+        write(tier, rec(i))
     tier.close()
     paths = {p.name[:32]: p for p in files(tier)}
     # A torn file (crash mid-write would leave only a temp file, but disks and users do worse).
@@ -89,13 +97,14 @@ def test_recovery_rebuilds_the_index_and_discards_torn_and_corrupt_files(tmp_pat
 
 
 def test_payload_corruption_is_caught_on_read_and_the_file_dropped(tier: DiskTier) -> None:
-    tier.write(rec(7))
+    write(tier, rec(7))
     path = files(tier)[0]
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     assert tier.read(rec(7).key) is None
     assert tier.counters.corrupt_discarded == 1
+    assert tier.flush(10)
     assert rec(7).key not in tier and not path.exists()
 
 
@@ -103,7 +112,7 @@ def test_recovery_trims_to_a_smaller_budget(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 10_000)
     tier.open()
     for i in range(8):
-        tier.write(rec(i))
+        write(tier, rec(i))
     tier.close()
     small = DiskTier(tmp_path, 5_000)
     report = small.open()
@@ -119,21 +128,37 @@ def test_queued_writes_are_readable_and_flushed(tier: DiskTier) -> None:
     assert len(files(tier)) == 5 and tier.pending_bytes == 0
 
 
+class GatedDisk(DiskTier):
+    """A disk tier whose writer waits at a gate: lets a test hold writes in the queue."""
+
+    gate: threading.Event
+
+    def _write(self, record: ChunkRecord) -> None:
+        self.gate.wait(10)
+        super()._write(record)
+
+
 def test_full_writeback_queue_drops_and_counts(tmp_path: Path) -> None:
-    t = DiskTier(tmp_path, 100_000, max_pending_bytes=1)
+    t = GatedDisk(tmp_path, 100_000, max_pending_bytes=1500)
+    t.gate = threading.Event()
     t.open()
     try:
-        assert not t.submit(rec(1))
+        assert t.submit(rec(1))  # an empty queue takes any record that fits the budget
+        assert not t.submit(rec(2))  # 2000 queued bytes > 1500
         assert t.counters.writeback_dropped == 1
+        t.gate.set()
+        assert t.flush(10) and rec(1).key in t and rec(2).key not in t
     finally:
+        t.gate.set()
         t.close()
 
 
 def test_remove_deletes_the_file(tier: DiskTier) -> None:
-    tier.write(rec(1))
+    write(tier, rec(1))
     assert tier.remove(rec(1).key)
     assert not tier.remove(rec(1).key)
-    assert files(tier) == [] and tier.used_bytes == 0
+    assert tier.used_bytes == 0 and rec(1).key not in tier  # at once
+    assert tier.flush(10) and files(tier) == []  # the file follows, in order
 
 
 def test_a_second_process_cannot_open_the_same_data_dir(tmp_path: Path, tier: DiskTier) -> None:
@@ -159,17 +184,21 @@ def test_failing_disk_write_is_counted_and_the_tier_keeps_serving(tmp_path: Path
         from lmcache_mesh.node import ChunkRecord
         from lmcache_mesh.node.tiers import DiskTier
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        def write(tier, record):
+            tier.submit(record)
+            tier.flush(timeout_s=10)
+            return tier.holds(record)
         tier = DiskTier({str(tmp_path)!r}, 10_000_000)
         tier.open()
         small = ChunkRecord.build(b"a" * 16, b"x" * 1000, b"n" * 16)
-        assert tier.write(small)
+        assert write(tier, small)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         big = ChunkRecord.build(b"b" * 16, b"y" * 100_000, b"n" * 16)
-        assert not tier.write(big)
+        assert not write(tier, big)
         assert tier.counters.write_errors == 1
         assert tier.read(big.key) is None
         assert bytes(tier.read(small.key).payload) == b"x" * 1000
-        assert tier.write(ChunkRecord.build(b"c" * 16, b"z" * 1000, b"n" * 16))
+        assert write(tier, ChunkRecord.build(b"c" * 16, b"z" * 1000, b"n" * 16))
         tier.close()
         print("ok")
         """

@@ -59,7 +59,8 @@ def test_ghost_hit_goes_to_main() -> None:
         tier.put(rec(i))  # evicts 0 into the ghost queue
     assert rec(0).key not in tier
     tier.put(rec(0))
-    for i in range(20, 29):  # new one-hit wonders leave through the small queue
+    assert tier._entries[rec(0).key].in_main  # a ghost hit skips probation
+    for i in range(20, 40):  # more newcomers than the tier holds: they leave through the small queue
         tier.put(rec(i))
     assert rec(0).key in tier
 
@@ -107,9 +108,21 @@ def test_remove_and_replace() -> None:
     assert tier.used_bytes == 0 and tier.pinned_bytes() == 0 and len(tier) == 0
 
 
-def test_evictions_report_whether_disk_already_has_them() -> None:
+def test_put_returns_what_it_evicted() -> None:
     tier = MemoryTier(200)
-    tier.put(rec(1), on_disk=True)
+    tier.put(rec(1))
     tier.put(rec(2))
     evicted = tier.put(rec(3)) + tier.put(rec(4))
-    assert sorted((r.key, on_disk) for r, on_disk in evicted) == [(rec(1).key, True), (rec(2).key, False)]
+    assert sorted(r.key for r in evicted) == [rec(1).key, rec(2).key]
+
+
+def test_a_refused_replacement_keeps_the_old_version() -> None:
+    tier = MemoryTier(300)
+    tier.put(rec(1))
+    tier.pin(rec(1).key)
+    tier.put(rec(2))
+    tier.pin(rec(2).key)
+    with pytest.raises(NoSpace):
+        tier.put(ChunkRecord.build(rec(2).key, b"z" * 250, b"n" * 16))  # 100 pinned elsewhere + 250 > 300
+    got = tier.get(rec(2).key)
+    assert got is not None and bytes(got.payload) == bytes(rec(2).payload) and tier.used_bytes == 200
