@@ -102,9 +102,9 @@ class Node:
         self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
     def put_records(self, records: Sequence[ChunkRecord]) -> None:
+        """Store all of ``records``, or none of them (NoSpace)."""
         self._ready()
-        for record in records:
-            self.store.put(record)
+        self.store.put_many(records)
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         """Payloads (read-only views) per key, None per miss."""
