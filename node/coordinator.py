@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
@@ -77,11 +78,14 @@ class MeshCoordinator:
         peer_timeout_s: float = 2.0,
         max_index_keys: int = 1_000_000,
         max_queued_bytes: int = 256 << 20,
+        anti_entropy_s: float = 300.0,
     ) -> None:
         self.node = node
         self.cluster = cluster
         self.replicas = replicas
         self.flush_interval_s = flush_interval_s
+        self.anti_entropy_s = anti_entropy_s
+        """Every this many seconds, re-announce everything held here to its owners."""
         self.index = HolderIndex(max_index_keys)
         self.peers = PeerPool(peer_timeout_s)
         self.counters: dict[str, int] = defaultdict(int)
@@ -93,6 +97,7 @@ class MeshCoordinator:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._reannounce: asyncio.TimerHandle | None = None
+        self._anti_entropy: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<MeshCoordinator R={self.replicas} {self.index!r} queued={self._queued_bytes}B>"
@@ -102,9 +107,23 @@ class MeshCoordinator:
         return self.cluster.name
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._flush_loop(), name="lmcache-mesh-flush")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._flush_loop(), name="lmcache-mesh-flush")
+        self._anti_entropy = loop.call_later(
+            self.anti_entropy_s * random.uniform(0.5, 1.0), self._periodic_reannounce
+        )
+
+    def _periodic_reannounce(self) -> None:
+        # Anti-entropy: owners that lost announcements (a failed request, a restart) relearn them.
+        self.ring_changed()
+        self._anti_entropy = asyncio.get_running_loop().call_later(
+            self.anti_entropy_s, self._periodic_reannounce
+        )
 
     async def aclose(self) -> None:
+        if self._anti_entropy is not None:
+            self._anti_entropy.cancel()
+            self._anti_entropy = None
         if self._reannounce is not None:
             self._reannounce.cancel()
             self._reannounce = None

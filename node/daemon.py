@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from .cluster import PROFILES, Cluster
 from .config import NodeConfig
@@ -38,6 +39,20 @@ def _warn_if_disk_budget_exceeds_free_space(config: NodeConfig) -> None:
             format_size(free),
             config.data_path,
         )
+
+
+def _on_loop(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[list[bytes]], None]
+) -> Callable[[list[bytes]], None]:
+    """``fn`` made safe to call from any thread: it runs on ``loop`` (dropped once the loop is closed)."""
+
+    def call(keys: list[bytes]) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, keys)
+        except RuntimeError:
+            pass  # shutting down: the mesh no longer needs to hear of it
+
+    return call
 
 
 def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
@@ -82,6 +97,7 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
         cluster.on_gone.append(coordinator.forget)
         cluster.on_joined.append(lambda _name: coordinator.ring_changed())
         server.coordinator = node.coordinator = coordinator
+        node.store.on_forgotten = _on_loop(asyncio.get_running_loop(), coordinator.removed)
         coordinator.start()
     disk = f"disk {format_size(cfg.disk_bytes)} at {cfg.data_path}" if cfg.disk_bytes else "no disk tier"
     report = node.open()

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +134,8 @@ class DiskTier:
         self._writer: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.recovery = RecoveryReport()
+        self.on_dropped: Callable[[list[bytes]], None] | None = None
+        """Called (on the writer thread) with keys the disk evicted or failed to write."""
 
     def __repr__(self) -> str:
         return f"<DiskTier {len(self._index)} files {self._used}/{self.capacity_bytes} B at {self.data_dir}>"
@@ -337,6 +339,8 @@ class DiskTier:
             self.counters.evictions += len(victims)
         for victim in victims:
             _unlink(self._path(victim))
+        if victims and self.on_dropped is not None:
+            self.on_dropped(victims)
         path = self._path(record.key)
         try:
             _write_atomic(path, *encode_file(record))
@@ -354,6 +358,8 @@ class DiskTier:
                 self._pending_bytes -= size
             if not ok:
                 self.counters.write_errors += 1
+                if self.on_dropped is not None:
+                    self.on_dropped([record.key])
             elif wanted:
                 if record.key in self._index:  # an older version's slot: this file replaced it
                     self._forget(record.key)

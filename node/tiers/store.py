@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,6 +50,16 @@ class TieredStore:
         self.disk = disk
         self.counters = TierCounters()
         self._lock = threading.Lock()
+        self.on_forgotten: Callable[[list[bytes]], None] | None = None
+        """Called, from any thread, with keys that left every tier (not on DELETE: the caller knows)."""
+        if disk is not None:
+            disk.on_dropped = self._dropped_from_disk
+
+    def _dropped_from_disk(self, keys: list[bytes]) -> None:
+        with self._lock:
+            gone = [k for k in keys if k not in self.memory]
+        if gone and self.on_forgotten is not None:
+            self.on_forgotten(gone)
 
     def __repr__(self) -> str:
         return f"<TieredStore {self.memory!r} {self.disk!r}>"
@@ -89,9 +99,9 @@ class TieredStore:
         self._write_back(evicted)
 
     def _write_back(self, evicted: list[ChunkRecord]) -> None:
-        if self.disk is not None:
-            for record in evicted:
-                self.disk.submit(record)
+        lost = [r.key for r in evicted if self.disk is None or not self.disk.submit(r)]
+        if lost and self.on_forgotten is not None:
+            self.on_forgotten(lost)
 
     def keys(self) -> list[bytes]:
         """Every key held in any tier (a snapshot)."""
