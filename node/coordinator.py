@@ -40,6 +40,12 @@ REANNOUNCE_DELAY_S = 0.5
 ANNOUNCE_BATCH_KEYS = 1024
 """Keys per ANNOUNCE request (below the default per-request key limit)."""
 
+REPAIR_BATCH_KEYS = 64
+"""Chunks pulled per GET when repairing replicas."""
+
+MAX_REPAIR_KEYS = 100_000
+"""Most keys waiting for repair at once; beyond that they wait for the next announcement."""
+
 
 class PeerPool:
     """One AsyncClient per peer address, at most ``max_peers`` (least recently used closed)."""
@@ -94,6 +100,7 @@ class MeshCoordinator:
         self._adds: dict[str, set[bytes]] = defaultdict(set)  # owner name -> keys we now hold
         self._removes: dict[str, set[bytes]] = defaultdict(set)
         self._replicate: dict[str, list[ChunkRecord]] = defaultdict(list)  # owner name -> records to copy
+        self._repair: dict[str, set[bytes]] = defaultdict(set)  # holder name -> keys we own and lack
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._reannounce: asyncio.TimerHandle | None = None
@@ -168,6 +175,8 @@ class MeshCoordinator:
             self._wake.clear()
             try:
                 await self.flush()
+                if self._repair:
+                    await self._pull_repairs()
             except Exception:  # never let a bug stop replication for good
                 logger.exception("x mesh flush failed")
             await asyncio.sleep(self.flush_interval_s)
@@ -213,6 +222,38 @@ class MeshCoordinator:
     def on_announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
         self.index.add(holder, add)
         self.index.remove(holder, remove)
+        # Repair: a key we own but do not hold (we are a new owner, or lost our copy) is
+        # pulled from the holder that announced it, so each chunk gets back to R copies.
+        missing = [k for k, here in zip(add, self.node.store.present(add), strict=True) if not here]
+        wanted = [k for k in missing if self.me in self.cluster.ring.owners(k, self.replicas)]
+        room = MAX_REPAIR_KEYS - sum(len(v) for v in self._repair.values())
+        if wanted and room > 0:
+            self._repair[holder].update(wanted[:room])
+            self.counters["repair_dropped"] += max(0, len(wanted) - room)
+            self._wake.set()
+
+    async def _pull_repairs(self) -> None:
+        repair, self._repair = self._repair, defaultdict(set)
+        for holder, keys in repair.items():
+            address = self._address(holder)
+            if address is None:
+                continue
+            wanted = [
+                k for k, here in zip(keys, self.node.store.present(list(keys)), strict=True) if not here
+            ]
+            for i in range(0, len(wanted), REPAIR_BATCH_KEYS):
+                batch = wanted[i : i + REPAIR_BATCH_KEYS]
+                records = await self._fetch(holder, batch, time.monotonic() + self.peers.timeout_s)
+                got = [r for r in records if r is not None]
+                if not got:
+                    break
+                try:
+                    self.node.put_records(got)
+                except MeshError:
+                    self.counters["repair_dropped"] += len(got)
+                    break
+                self.counters["repaired"] += len(got)
+                self.stored(got, replicate=False)
 
     def who_has(self, keys: Sequence[bytes]) -> list[list[str]]:
         """Holders of each key known here (this node's own tiers included)."""

@@ -8,8 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lmcache_mesh.node import chunk_keys, namespace_id
+
 from ..conftest import DaemonFactory
-from ..helpers import Daemon, free_port, node_command
+from ..helpers import Daemon, free_port, node_command, payload
 
 PROFILE = ("--mesh-profile", "local")
 
@@ -98,10 +100,6 @@ def test_join_command_joins_a_running_node(daemon_factory: DaemonFactory) -> Non
 def test_a_chunk_put_on_one_node_is_found_everywhere_and_survives_its_node(
     daemon_factory: DaemonFactory,
 ) -> None:
-    from lmcache_mesh.node import chunk_keys, namespace_id
-
-    from ..helpers import payload
-
     base = 20
     ports = {i: free_port(f"127.0.0.{i}") for i in range(base, base + 5)}
     nodes = {base: start_node(daemon_factory, base, ports[base])}
@@ -140,3 +138,35 @@ def test_a_chunk_put_on_one_node_is_found_everywhere_and_survives_its_node(
     with reader.client() as c:
         got = c.get(keys)
         assert [bytes(g) if g is not None else None for g in got] == [payload(i, 64 << 10) for i in range(8)]
+
+
+def test_replicas_are_repaired_after_an_owner_dies(daemon_factory: DaemonFactory) -> None:
+    base = 30
+    nodes = {base: start_node(daemon_factory, base, free_port(f"127.0.0.{base}"))}
+    for i in range(base + 1, base + 4):
+        nodes[i] = start_node(daemon_factory, i, free_port(f"127.0.0.{i}"), "--join", nodes[base].tcp)
+    assert wait_until(lambda: all(len(members(d)) == 4 for d in nodes.values()), 20) is not None
+    time.sleep(1.0)
+    ns = namespace_id(b"repair-test", {"engine": "test"}, 16)
+    keys = chunk_keys(ns, list(range(16 * 12)), 16)
+    with nodes[base].client() as c:
+        for i, k in enumerate(keys):
+            c.put(k, payload(i, 16 << 10), namespace=ns)
+
+    def copies(reader: Daemon) -> list[list[str]]:
+        with reader.client() as c:
+            return c.locate(keys)[1]
+
+    assert wait_until(lambda: all(len(h) >= 2 for h in copies(nodes[base + 1])), 10) is not None
+    holders = copies(nodes[base + 1])
+    victim = next(i for i in range(base + 1, base + 4) if any(f"node{i}" in h for h in holders))
+    nodes.pop(victim).stop(signal.SIGKILL)
+    reader = nodes[next(i for i in nodes if i != base)]
+    assert wait_until(lambda: members(reader)[f"node{victim}"]["state"] == "dead", 30) is not None
+    took = wait_until(lambda: all(len(h) >= 2 and f"node{victim}" not in h for h in copies(reader)), 20)
+    assert took is not None, copies(reader)
+    repaired = 0
+    for d in nodes.values():
+        with d.client() as c:
+            repaired += c.stats()["mesh"].get("repaired", 0)
+    assert repaired > 0  # the copies came back by repair, not by chance
