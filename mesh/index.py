@@ -4,8 +4,9 @@ Holders announce keys to the owners of each key (adds and removes, in batches), 
 holds k" is one question to k's owner and no node keeps an index of everything cached
 everywhere. Entries are a hint: a GET always verifies the bytes.
 
-Holders are stored as a bitmask of small member ids per key: about 16 bytes of key plus a
-dict slot and a small int, rather than a set of names.
+Holders are stored as a bitmask of small member ids per key rather than a set of names:
+measured (bench/bench_mesh.py) about 100 B per key for one holder and 150 B for two,
+the 49-byte key object included.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 
 
 class HolderIndex:
-    """key -> members that said they hold it; bounded to ``max_keys`` (oldest entries go first)."""
+    """key -> members that said they hold it; bounded to ``max_keys`` (first announced go first)."""
 
     def __init__(self, max_keys: int = 1_000_000) -> None:
         if max_keys < 1:
@@ -40,9 +41,9 @@ class HolderIndex:
 
     def add(self, holder: str, keys: Iterable[bytes]) -> None:
         bit = 1 << self._id(holder)
+        holders = self._holders
         for key in keys:
-            old = self._holders.pop(key, 0)  # re-insert: a fresh announcement is the newest entry
-            self._holders[key] = old | bit
+            holders[key] = holders.get(key, 0) | bit  # in place: re-inserting would grow the table
         while len(self._holders) > self.max_keys:
             del self._holders[next(iter(self._holders))]
             self.dropped += 1

@@ -70,6 +70,9 @@ class _Suspicion:
     started: float
     deadline: float
     confirmations: set[str] = field(default_factory=set)
+    regossip_at: float = 0.0
+    """Until it is refuted or expires, a suspicion is gossiped again now and then: news sent
+    while we were cut off is lost, and the suspect must hear of it to refute it."""
 
 
 @dataclass(slots=True)
@@ -80,6 +83,8 @@ class _Probe:
     ends_at: float
     acked: bool = False
     indirect_sent: bool = False
+    helpers: int = 0
+    nacks: int = 0
 
 
 @dataclass(slots=True)
@@ -121,6 +126,7 @@ class Membership:
             "probe_failures": 0,
             "refutes": 0,
         }
+        self._alive_count = 1
         self._queue = BroadcastQueue(config.retransmit_mult, self.num_alive)
         self._awareness = 0
         self._seq = 0
@@ -147,7 +153,8 @@ class Membership:
     # queries
 
     def num_alive(self) -> int:
-        return sum(1 for m in self.members.values() if m.state in (State.ALIVE, State.SUSPECT))
+        """Members alive or suspect, ourselves included (kept up to date by _transition)."""
+        return self._alive_count
 
     def alive_members(self) -> list[Member]:
         return [m for m in self.members.values() if m.state in (State.ALIVE, State.SUSPECT)]
@@ -170,7 +177,7 @@ class Membership:
             times.append(self._probe.ends_at)
             if not self._probe.indirect_sent and not self._probe.acked:
                 times.append(self._probe.indirect_at)
-        times.extend(s.deadline for s in self._suspicions.values())
+        times.extend(min(s.deadline, s.regossip_at) for s in self._suspicions.values())
         times.extend(r.nack_at for r in self._relays.values())
         return min(times)
 
@@ -182,9 +189,11 @@ class Membership:
         self.me.since = now
         self._next_probe_at = now + self.rng.uniform(0, cfg.probe_interval_s)
         self._next_gossip_at = now + self.rng.uniform(0, cfg.gossip_interval_s)
-        self._next_push_pull_at = now + push_pull_scale(cfg.push_pull_interval_s, 1)
+        # Random phases: nodes started together must not sync full tables in lockstep.
+        self._next_push_pull_at = now + self.rng.uniform(0.5, 1.0) * cfg.push_pull_interval_s
         self._next_reclaim_at = now + cfg.dead_reclaim_s
-        self._next_reconnect_at = now + cfg.reconnect_interval_s
+        self._next_reconnect_at = now + self.rng.uniform(0.5, 1.0) * cfg.reconnect_interval_s
+        self._queue.queue(self.me.news())  # gossip our own arrival, not only through push-pull
         self._seeds = [s for s in seeds if s != self.me.address]
         out: list[Out] = []
         if self._seeds:
@@ -220,17 +229,17 @@ class Membership:
         out: list[Out] = []
         cfg = self.config
         if self._seeds and now >= self._next_join_at:
-            if self.num_alive() > 1:
-                self._next_join_at = float("inf")
-            else:
-                out += self._join(now)
+            out += self._join(now)  # until a seed's full table arrives (see PUSH_PULL below)
         out += self._tick_probe(now)
         for name, s in list(self._suspicions.items()):
+            member = self.members.get(name)
             if now >= s.deadline:
-                member = self.members.get(name)
                 if member is not None and member.state is State.SUSPECT:
                     self._apply(News(Kind.DEAD, name, member.incarnation, origin=self.me.name), now)
                 self._suspicions.pop(name, None)
+            elif now >= s.regossip_at and member is not None:
+                s.regossip_at = now + suspicion_bounds(cfg, self.num_alive())[0] / 2
+                self._queue.queue(News(Kind.SUSPECT, name, member.incarnation, origin=self.me.name))
         for seq, relay in list(self._relays.items()):
             if now >= relay.nack_at:
                 del self._relays[seq]
@@ -253,7 +262,8 @@ class Membership:
                         )
                     )
         if now >= self._next_push_pull_at:
-            self._next_push_pull_at = now + push_pull_scale(cfg.push_pull_interval_s, self.num_alive())
+            interval = push_pull_scale(cfg.push_pull_interval_s, self.num_alive())
+            self._next_push_pull_at = now + self.rng.uniform(0.75, 1.25) * interval
             peers = self._random_members(1, include_dead=False)
             if peers:
                 out.append(self._send(peers[0].address, self._push_pull(reply=False)))
@@ -293,6 +303,9 @@ class Membership:
                         self._with_gossip(Message(MsgType.ACK, self.me.name, self.me.address, seq=msg.seq)),
                     )
                 )
+        elif msg.type is MsgType.NACK:
+            if self._probe is not None and self._probe.seq == msg.seq:
+                self._probe.nacks += 1  # the helper is fine; the target did not answer it either
         elif msg.type is MsgType.ACK:
             if self._probe is not None and self._probe.seq == msg.seq:
                 if not self._probe.acked:
@@ -312,8 +325,10 @@ class Membership:
             ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=msg.target)
             out.append(self._send(msg.target_addr, self._with_gossip(ping)))
         elif msg.type is MsgType.PUSH_PULL:
+            if msg.reply:
+                self._next_join_at = float("inf")  # we hold someone's full table: joined
             for news in msg.state:
-                self._apply(news, now)
+                self._apply(news, now, relayed=True)
             if not msg.reply:
                 out.append(self._send(msg.src_addr, self._push_pull(reply=True)))
         return out
@@ -343,6 +358,7 @@ class Membership:
                     for m in self._random_members(cfg.indirect_checks + 1, include_dead=False)
                     if m.name != probe.target
                 ]
+                probe.helpers = len(helpers[: cfg.indirect_checks])
                 for helper in helpers[: cfg.indirect_checks]:
                     req = Message(
                         MsgType.PING_REQ,
@@ -357,8 +373,13 @@ class Membership:
                 self._probe = None
                 if not probe.acked:
                     self.counters["probe_failures"] += 1
-                    self._awareness = min(cfg.awareness_max_multiplier - 1, self._awareness + 1)
-                    if target is not None and target.state is State.ALIVE:
+                    # Lifeguard: helpers that did not even send a nack suggest *we* are the problem.
+                    missing_nacks = max(0, probe.helpers - probe.nacks) if probe.indirect_sent else 0
+                    self._awareness = min(
+                        cfg.awareness_max_multiplier - 1, self._awareness + 1 + missing_nacks
+                    )
+                    if target is not None and target.state in (State.ALIVE, State.SUSPECT):
+                        # A new suspicion, or an independent confirmation of one that shortens it.
                         self._apply(
                             News(Kind.SUSPECT, target.name, target.incarnation, origin=self.me.name), now
                         )
@@ -422,6 +443,8 @@ class Membership:
 
     def _transition(self, member: Member, new: State, now: float, reason: str, is_new: bool = False) -> None:
         old = None if is_new else member.state
+        live = (State.ALIVE, State.SUSPECT)
+        self._alive_count += (new in live) - (old in live)
         member.state = new
         member.since = now
         if new is not State.SUSPECT:
@@ -442,8 +465,12 @@ class Membership:
         self.me.incarnation = max(self.me.incarnation, incarnation) + 1
         self._queue.queue(self.me.news())
 
-    def _apply(self, news: News, now: float) -> None:
-        """Apply one membership fact, queueing it for further gossip if it changed anything."""
+    def _apply(self, news: News, now: float, relayed: bool = False) -> None:
+        """Apply one membership fact, queueing it for further gossip if it changed anything.
+
+        ``relayed``: the fact comes from someone's member table (push-pull), not from the
+        member that observed it, so it may start a suspicion but never confirms one.
+        """
         if news.name == self.me.name:
             if news.kind is Kind.ALIVE:
                 if news.incarnation > self.me.incarnation:
@@ -482,11 +509,14 @@ class Membership:
             return
         if news.kind is Kind.SUSPECT:
             if member.state is State.SUSPECT and news.incarnation == member.incarnation:
-                self._confirm(member.name, news.origin, now)
+                if not relayed:
+                    self._confirm(member.name, news.origin, now)
                 return
             member.incarnation = news.incarnation
             low, high = suspicion_bounds(self.config, self.num_alive())
-            self._suspicions[member.name] = _Suspicion(now, now + high, {news.origin})
+            self._suspicions[member.name] = _Suspicion(
+                now, now + high, {news.origin}, regossip_at=now + low / 2
+            )
             self._transition(member, State.SUSPECT, now, f"suspected by {news.origin}")
             self._confirm(member.name, news.origin, now, first=True)
             self._queue.queue(news)

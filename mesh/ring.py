@@ -43,6 +43,7 @@ class HashRing:
             count = max(1, round(vnodes * m.weight))
             points.extend((_point(f"{m.name}#{i}".encode()), m.name) for i in range(count))
         points.sort()
+        self._zones_total = len({m.zone for m in self.members.values()})
         self._points = [p for p, _ in points]
         self._owners = [n for _, n in points]
 
@@ -58,7 +59,7 @@ class HashRing:
         if n == 0 or r <= 0:
             return []
         r = min(r, n)
-        zones_total = len({m.zone for m in self.members.values()})
+        zones_total = self._zones_total
         start = bisect.bisect(self._points, int.from_bytes(key[:8], "big"))
         walk: list[str] = []
         seen: set[str] = set()

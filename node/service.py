@@ -104,7 +104,10 @@ class NodeServer:
         if req.op is Op.GET:
             return not self.node.store.in_memory(req.fields["keys"])
         if req.op is Op.LOOKUP:
-            return self._mesh_wide(req)
+            # A chain cached here entirely needs no peer: answer inline.
+            return self._mesh_wide(req) and (
+                req.fields["holders"] or self.node.lookup(req.fields["keys"]) < len(req.fields["keys"])
+            )
         return False
 
     def _mesh_wide(self, req: Request) -> bool:
@@ -176,13 +179,18 @@ class NodeServer:
             return [ok_reply(req.id, records=headers), *(r.payload for r in found if r is not None)]
         if req.op is Op.LOOKUP:
             keys = req.fields["keys"]
-            if self.coordinator is not None and self._mesh_wide(req):
+            if req.fields["holders"] and self.coordinator is not None and self._mesh_wide(req):
                 hits, holders = await self.coordinator.lookup(keys, deadline)
-            else:
-                hits = self.node.lookup(keys)
-                holders = [[self.node.name]] * hits + [[] for _ in keys[hits:]]
-            if req.fields["holders"]:
                 return [ok_reply(req.id, hits=hits, holders=holders)]
+            hits = self.node.lookup(keys)
+            if hits < len(keys) and self.coordinator is not None and self._mesh_wide(req):
+                # Only the part of the chain not cached here needs the owners.
+                more, _ = await self.coordinator.lookup(keys[hits:], deadline)
+                hits += more
+            if req.fields["holders"]:
+                return [
+                    ok_reply(req.id, hits=hits, holders=[[self.node.name]] * hits + [[] for _ in keys[hits:]])
+                ]
             return [ok_reply(req.id, hits=hits)]
         if req.op is Op.DELETE:
             deleted = await self._in_thread(self.node.delete, req.fields["keys"], deadline=None)

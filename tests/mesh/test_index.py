@@ -32,13 +32,14 @@ def test_forgotten_holders_vanish_and_ids_are_compacted() -> None:
     assert idx.holders(K[0])[-1] == "new" and "new" not in idx.holders(K[1])
 
 
-def test_bounded_oldest_first() -> None:
+def test_bounded_first_announced_go_first() -> None:
     idx = HolderIndex(max_keys=5)
     idx.add("a", K[:5])
-    idx.add("a", K[0:1])  # refreshed: now the newest
+    idx.add("b", K[0:1])  # another holder of an existing key: no new entry
     idx.add("b", K[5:7])
     assert len(idx) == 5 and idx.dropped == 2
-    assert idx.holders(K[0]) == ["a"] and idx.holders(K[1]) == [] and idx.holders(K[2]) == []
+    assert idx.holders(K[0]) == [] and idx.holders(K[1]) == []
+    assert idx.holders(K[2]) == ["a"] and idx.holders(K[6]) == ["b"]
 
 
 def test_bad_bound() -> None:

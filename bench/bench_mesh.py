@@ -1,0 +1,1112 @@
+"""Benchmark of the mesh: membership (simulated), ring, holder index, and a real 5-daemon mesh.
+
+What it measures:
+
+1. **Membership convergence vs N** (10, 100, 500 nodes; LAN profile; the real Membership and
+   MeshAgent over a seeded :class:`InProcNetwork` with 1-10 ms delay, on its virtual clock).
+   Every node starts at t=0 and joins through n0. Convergence is the virtual time at which
+   every node first sees every other node ALIVE; it is tracked in O(1) per state change
+   through ``Membership.on_change`` (a per-observer count of peers seen alive), so 500 nodes
+   need no O(N^2) scan; also when 99% of (observer, member) pairs are ALIVE. Median/max
+   over seeds (5/3/1 at 0% loss; fewer for N=100 under loss, where one seed costs up to a
+   minute of CPU), at 0%, 5% and 10% loss (N=500: 0% only unless ``--n500-loss``).
+   Cost, from the first seed: bytes each node sent until convergence (the join storm);
+   bytes/s per node over a steady-state window that starts 10 s after convergence and
+   lasts one push-pull period for that N (so each node's full-state sync is counted once),
+   from the network's ``bytes_by_sender``; the busiest second of the window against the
+   mean second; member-table entries per node and the wire size of one full table (a
+   push-pull message).
+2. **Failure detection** (N=10 and 100, LAN profile, no loss): in a converged cluster,
+   after 10 s plus a random part of one push-pull period (so the crash falls anywhere in the
+   push-pull cycle), crash one node (agent stopped, address detached) and record the
+   virtual time until the first suspicion anywhere, the first DEAD anywhere and until every
+   other node sees it DEAD; one crash per seeded cluster, median/max over trials, against
+   ``suspicion_bounds`` (the Lifeguard min/max suspicion timeout), and against a model in
+   which only push-pull rounds shrink a suspicion (see the report).
+   **False positives** (2b): the first seed of every convergence case keeps running after
+   convergence (N=100 at 5% and 10% loss: 300 virtual seconds) with no crash, so every
+   DEAD transition is of a healthy node: count them (per node-hour), plus suspicions,
+   suspicion episodes (distinct member+incarnation) and refutations.
+3. **Ring balance**: N=10 and 100 members, vnodes 1/16/64/128/256: primary owner
+   (``owners(key, 1)``) of 100k random 16-byte keys; max/mean and min/mean keys per node,
+   max/mean hash-space share (``HashRing.shares``); the fraction of keys whose primary
+   changes when an (N+1)th member joins, against the ideal 1/(N+1), and how many of those
+   moved somewhere other than the new member (should be 0); ring build time (median of 5)
+   and the cost of one ``owners()`` call.
+4. **Index memory**: tracemalloc around a :class:`HolderIndex` holding 200k keys with 2
+   holders each (one ``add`` of all keys per holder): bytes per key for the index structure
+   alone (keys already in memory), and with the 16-byte key objects it keeps alive; for
+   reference with 1 holder, and with holder ids >= 100 (a bitmask above the small-int
+   cache, as in a 100+ node mesh).
+5. **Real mesh**: five ``python -m lmcache_mesh.node.cli run`` daemons on 127.0.0.1..5
+   (``--mesh-profile local --disk 0``, 2..5 ``--join`` node 1), a 128-key chain of 4 KiB
+   chunks PUT on node 1, then: time until node 5's ``Client.locate`` shows all 128 keys;
+   ``Client.lookup(keys)`` on node 5 (mesh-wide: asks each key's ring owner) and on node 1
+   (mesh-wide, all keys local) against ``Client.lookup(keys, local=True)`` on node 1 (local
+   baseline), p50/p90/p99 over 1000 calls (333 for node 1 mesh-wide); PING as the
+   round-trip floor; a mesh-wide GET of the chain from node 4 cold (fetched from peers,
+   once) and again (now cached locally; median of 11), and on node 1 (all local). Daemons
+   get SIGTERM in a ``finally``.
+
+Everything simulated is deterministic for a given seed; wall-clock figures (ring build,
+owners(), section 5) depend on the machine and its load.
+
+It prints a table and writes JSON (machine info, settings, every case) to
+``bench/results/bench_mesh.json`` unless ``--out`` says otherwise.
+
+Run:  python bench/bench_mesh.py              (full run, about 3.5 minutes on 2 cores)
+      python bench/bench_mesh.py --quick      (smoke check, about 1 minute: N <= 100, fewer
+                                               seeds, trials, keys and calls)
+      python bench/bench_mesh.py --only ring,index   (some sections: convergence, detection,
+                                               ring, index, live)
+      python bench/bench_mesh.py --n500-loss  (also N=500 at 5% and 10% loss: minutes more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import queue
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcache_mesh.mesh.agent import MeshAgent
+from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale, suspicion_bounds
+from lmcache_mesh.mesh.index import HolderIndex
+from lmcache_mesh.mesh.membership import Member, Membership, State
+from lmcache_mesh.mesh.messages import Message, MsgType
+from lmcache_mesh.mesh.ring import HashRing, RingMember
+from lmcache_mesh.node import VERSION, ChunkRecord, Client, chunk_keys, namespace_id
+from lmcache_mesh.transports.inproc import InProcNetwork
+
+KIB = 1 << 10
+SIM_DELAY_S = (0.001, 0.010)
+CONVERGE_TIMEOUT_S = 120.0  # virtual
+SETTLE_S = 10.0  # virtual seconds after convergence before a window or a crash
+STEP_S = 0.25  # virtual seconds between predicate checks
+RING_VNODES = (1, 16, 64, 128, 256)
+RING_SIZES = (10, 100)
+CHAIN_KEYS = 128
+CHUNK_TOKENS = 256
+CHAIN_PAYLOAD = 4 * KIB
+MESH_NODES = 5
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+MESH_WAIT_S = 30.0
+GET_REPS = 11  # warm GETs timed (median)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_mesh.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    converge_plan: tuple[tuple[int, float, int], ...]  # (N, loss, seeds)
+    detect_trials: dict[int, int]  # N -> crash trials
+    fp_nodes: int
+    fp_seconds: float  # virtual seconds after convergence (the first seed of that case)
+    fp_losses: tuple[float, ...]
+    ring_keys: int
+    index_keys: int
+    lookup_reps: int
+    n500_loss: bool = False
+
+
+FULL = Settings(
+    converge_plan=(
+        (10, 0.0, 5),
+        (10, 0.05, 5),
+        (10, 0.10, 5),
+        (100, 0.0, 3),
+        (100, 0.05, 2),
+        (100, 0.10, 1),
+        (500, 0.0, 1),
+    ),  # fmt: skip
+    detect_trials={10: 9, 100: 5},
+    fp_nodes=100,
+    fp_seconds=300.0,
+    fp_losses=(0.05, 0.10),
+    ring_keys=100_000,
+    index_keys=200_000,
+    lookup_reps=1000,
+)
+QUICK = Settings(
+    converge_plan=(
+        (10, 0.0, 3),
+        (10, 0.05, 3),
+        (10, 0.10, 3),
+        (100, 0.0, 1),
+        (100, 0.05, 1),
+        (100, 0.10, 1),
+    ),  # fmt: skip
+    detect_trials={10: 3, 100: 2},
+    fp_nodes=100,
+    fp_seconds=100.0,
+    fp_losses=(0.05, 0.10),
+    ring_keys=20_000,
+    index_keys=50_000,
+    lookup_reps=200,
+)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in [0, 100])."""
+    idx = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
+    return sorted_values[idx]
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _max(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def latency(call: Callable[[], object], reps: int, warmup: int = 20) -> dict[str, Any]:
+    """p50/p90/p99/max in ms of ``reps`` sequential calls (one outstanding)."""
+    for _ in range(warmup):
+        call()
+    samples: list[float] = []
+    with _no_gc():
+        for _ in range(reps):
+            start = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - start)
+    ms = sorted(x * 1000.0 for x in samples)
+    return {
+        "reps": reps,
+        "p50_ms": _percentile(ms, 50),
+        "p90_ms": _percentile(ms, 90),
+        "p99_ms": _percentile(ms, 99),
+        "max_ms": ms[-1],
+    }
+
+
+# --------------------------------------------------------------------------- simulated cluster
+
+Listener = Callable[[str, Member, "State | None"], None]
+"""(observer name, member, previous state or None) after every membership state change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    at: float
+    observer: str
+    member: str
+    state: State
+    incarnation: int
+
+
+class SimCluster:
+    """``n`` nodes n0..n{n-1} at a0..a{n-1} over one seeded InProcNetwork; n0 is the seed.
+
+    Tracks, per observer, how many peers it sees ALIVE (updated in O(1) per state change),
+    so ``converged_at`` (first virtual time every node sees every node alive) costs nothing
+    to check. Every SUSPECT/DEAD/LEFT transition is logged in ``transitions``.
+    """
+
+    def __init__(self, n: int, config: MeshConfig, seed: int, loss: float) -> None:
+        self.n = n
+        self.config = config
+        self.net = InProcNetwork(seed=seed, loss=loss, delay_s=SIM_DELAY_S)
+        self.agents: dict[str, MeshAgent] = {}
+        self.listeners: list[Listener] = []
+        self.transitions: list[Transition] = []
+        self.converged_at: float | None = None
+        self.pairs99_at: float | None = None
+        self.bytes_at_convergence = 0
+        self._alive_seen: dict[str, int] = {}
+        self._full = 0
+        self._pairs = 0
+        for i in range(n):
+            self._add(f"n{i}", f"a{i}", random.Random(f"{seed}-n{i}"))
+
+    def _add(self, name: str, address: str, rng: random.Random) -> None:
+        def on_change(member: Member, old: State | None) -> None:
+            self._on_change(name, member, old)
+
+        membership = Membership(self.config, name, address, rng=rng, on_change=on_change)
+        self.agents[name] = MeshAgent(membership, self.net.transport(address), self.net)
+        self._alive_seen[name] = 0
+
+    def _on_change(self, observer: str, member: Member, old: State | None) -> None:
+        was, now = old is State.ALIVE, member.state is State.ALIVE
+        if was != now:
+            self._count_alive(observer, 1 if now else -1)
+        if not now:
+            t = Transition(self.net.time(), observer, member.name, member.state, member.incarnation)
+            self.transitions.append(t)
+        for listener in self.listeners:
+            listener(observer, member, old)
+
+    def _count_alive(self, observer: str, delta: int) -> None:
+        full = self.n - 1
+        before = self._alive_seen[observer]
+        self._alive_seen[observer] = before + delta
+        self._full += (before + delta == full) - (before == full)
+        self._pairs += delta
+        if self.pairs99_at is None and self._pairs >= 0.99 * self.n * full:
+            self.pairs99_at = self.net.time()
+        if self._full == self.n and self.converged_at is None:
+            self.converged_at = self.net.time()
+            self.bytes_at_convergence = self.net.stats.bytes_sent
+
+    def start(self) -> None:
+        for agent in self.agents.values():
+            agent.start(["a0"])
+
+    def crash(self, name: str) -> None:
+        agent = self.agents.pop(name)
+        agent.stop()
+        self.net.detach(agent.transport.address)
+
+    def counter(self, name: str) -> int:
+        return sum(a.membership.counters[name] for a in self.agents.values())
+
+    def run_until(self, predicate: Callable[[], bool], timeout_s: float, step_s: float = STEP_S) -> bool:
+        deadline = self.net.time() + timeout_s
+        while not predicate():
+            if self.net.time() >= deadline:
+                return False
+            self.net.run_for(step_s)
+        return True
+
+    def converge(self, timeout_s: float = CONVERGE_TIMEOUT_S) -> float | None:
+        self.start()
+        self.run_until(lambda: self.converged_at is not None, timeout_s)
+        return self.converged_at
+
+
+def table_wire_bytes(membership: Membership) -> int:
+    """Encoded size of one node's full member table (what a push-pull carries)."""
+    me = membership.me
+    state = [m.news(origin=me.name) for m in membership.members.values()]
+    return len(Message(MsgType.PUSH_PULL, me.name, me.address, state=state).encode())
+
+
+def steady_window(c: SimCluster, seconds: float) -> dict[str, Any]:
+    """Bytes sent per node over ``seconds`` of virtual time, stepped by 1 s to find the peak second."""
+    before = dict(c.net.bytes_by_sender)
+    per_second: list[int] = []
+    for _ in range(int(seconds)):
+        b0 = c.net.stats.bytes_sent
+        c.net.run_for(1.0)
+        per_second.append(c.net.stats.bytes_sent - b0)
+    sent = [
+        c.net.bytes_by_sender.get(a.transport.address, 0) - before.get(a.transport.address, 0)
+        for a in c.agents.values()
+    ]
+    mean_second = sum(per_second) / len(per_second)
+    return {
+        "window_s": seconds,
+        "bytes_per_node_s": sum(sent) / len(sent) / seconds,
+        "max_node_bytes_s": max(sent) / seconds,
+        "peak_second_over_mean": max(per_second) / mean_second if mean_second else None,
+    }
+
+
+def churn_since(c: SimCluster, since: float, refutes_before: int) -> dict[str, Any]:
+    """False suspicions and deaths after ``since`` (no node has crashed: every one is false)."""
+    seconds = c.net.time() - since
+    after = [t for t in c.transitions if t.at > since]
+    dead = [t for t in after if t.state is State.DEAD]
+    suspects = [t for t in after if t.state is State.SUSPECT]
+    node_hours = c.n * seconds / 3600.0
+    return {
+        "virtual_s": seconds,
+        "dead_transitions": len(dead),
+        "members_falsely_dead": len({t.member for t in dead}),
+        "fp_per_node_hour": len(dead) / node_hours,
+        "suspect_transitions": len(suspects),
+        "suspicion_episodes": len({(t.member, t.incarnation) for t in suspects}),
+        "suspicion_episodes_per_node_hour": len({(t.member, t.incarnation) for t in suspects}) / node_hours,
+        "refutes": c.counter("refutes") - refutes_before,
+        "suspect_at_end": sum(
+            m.state is State.SUSPECT for a in c.agents.values() for m in a.membership.members.values()
+        ),
+        "datagrams_lost_total": c.net.stats.lost,
+        "datagrams_sent_total": c.net.stats.sent,
+    }
+
+
+# --------------------------------------------------------------------------- 1. convergence
+
+
+def converge_case(n: int, loss: float, seed: int, after_s: float) -> dict[str, Any]:
+    """One seeded cluster: convergence, join cost; if ``after_s`` > 0 also run that long after
+    convergence: steady-state bytes over one push-pull period (from +10 s), false positives."""
+    cfg = MeshConfig.lan()
+    c = SimCluster(n, cfg, seed, loss)
+    wall = time.perf_counter()
+    took = c.converge()
+    joined = [t for t in c.transitions if took is None or t.at <= took]
+    out: dict[str, Any] = {
+        "n": n,
+        "loss": loss,
+        "seed": seed,
+        "converged_s": took,
+        "pairs99_s": c.pairs99_at,
+        "join_bytes_per_node": c.bytes_at_convergence / n if took is not None else None,
+        "suspect_transitions_before_convergence": sum(t.state is State.SUSPECT for t in joined),
+        "dead_transitions_before_convergence": sum(t.state is State.DEAD for t in joined),
+        "cpu_s_to_converge": time.perf_counter() - wall,
+    }
+    if after_s <= 0 or took is None:
+        return out
+    refutes = c.counter("refutes")
+    pp = push_pull_scale(cfg.push_pull_interval_s, n)
+    c.net.run_for(SETTLE_S)
+    out["push_pull_period_s"] = pp
+    out["steady"] = steady_window(c, pp)
+    c.net.run_for(max(0.0, after_s - SETTLE_S - pp))
+    out["after_convergence"] = churn_since(c, took, refutes)
+    out["member_table_entries"] = statistics.mean(len(a.membership.members) for a in c.agents.values())
+    out["member_table_wire_bytes"] = table_wire_bytes(c.agents["n0"].membership)
+    out["cpu_s_total"] = time.perf_counter() - wall
+    return out
+
+
+def _after_s(s: Settings, n: int, loss: float) -> float:
+    """How long the first seed of a case runs after convergence."""
+    steady = SETTLE_S + float(push_pull_scale(MeshConfig.lan().push_pull_interval_s, n))
+    return max(steady, s.fp_seconds) if (n == s.fp_nodes and loss in s.fp_losses) else steady
+
+
+def bench_convergence(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    plan = [*s.converge_plan, *(((500, 0.05, 1), (500, 0.10, 1)) if s.n500_loss else ())]
+    for n, loss, seeds in plan:
+        start = time.perf_counter()
+        cases = [
+            converge_case(n, loss, 1000 + k, _after_s(s, n, loss) if k == 0 else 0.0) for k in range(seeds)
+        ]
+        times = [cs["converged_s"] for cs in cases]
+        row: dict[str, Any] = {
+            "n": n,
+            "loss": loss,
+            "seeds": seeds,
+            "converged_median_s": _median(times),
+            "converged_max_s": _max(times),
+            "pairs99_median_s": _median([cs["pairs99_s"] for cs in cases]),
+            "not_converged": sum(t is None for t in times),
+            "cases": cases,
+        }
+        rows.append(row)
+        log(
+            f"  N={n} loss={loss:.0%}: converged {_fmt(row['converged_median_s'], '.2f')} s "
+            f"(cpu {time.perf_counter() - start:.1f} s)"
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. failure detection
+
+
+@dataclass
+class _Detection:
+    victim: str
+    observers: int
+    crashed_at: float | None = None
+    first_suspect: float | None = None
+    first_dead: float | None = None
+    all_dead: float | None = None
+    dead_seen: int = 0
+
+    def listen(self, now: Callable[[], float]) -> Listener:
+        def on_change(_observer: str, member: Member, old: State | None) -> None:
+            if member.name != self.victim or self.crashed_at is None:
+                return
+            t = now() - self.crashed_at
+            if member.state is State.SUSPECT and self.first_suspect is None:
+                self.first_suspect = t
+            elif member.state is State.DEAD and old is not State.DEAD:
+                self.dead_seen += 1
+                self.first_dead = t if self.first_dead is None else self.first_dead
+                if self.dead_seen == self.observers:
+                    self.all_dead = t
+
+        return on_change
+
+
+def next_push_pull(cfg: MeshConfig, n: int, after: float) -> float:
+    """Next push-pull round at or after ``after``: every node started at t=0, so all nodes
+    push-pull together at ``interval``, then every ``push_pull_scale(interval, n)``."""
+    first, period = float(cfg.push_pull_interval_s), float(push_pull_scale(cfg.push_pull_interval_s, n))
+    return first if after <= first else first + period * math.ceil((after - first) / period)
+
+
+def detection_trial(n: int, seed: int) -> dict[str, Any]:
+    """Converge, settle 10 s plus a random part of one push-pull period, crash one random
+    non-seed node; times are virtual seconds after the crash."""
+    cfg = MeshConfig.lan()
+    rng = random.Random(seed)
+    c = SimCluster(n, cfg, seed, loss=0.0)
+    d = _Detection(f"n{rng.randrange(1, n)}", observers=n - 1)
+    c.listeners.append(d.listen(c.net.time))
+    if c.converge() is None:
+        return {"n": n, "seed": seed, "converged": False}
+    c.net.run_for(SETTLE_S + rng.uniform(0, push_pull_scale(cfg.push_pull_interval_s, n)))
+    failures = c.counter("probe_failures")
+    d.crashed_at = c.net.time()
+    c.crash(d.victim)
+    _, high = suspicion_bounds(cfg, n)
+    c.run_until(lambda: d.all_dead is not None, timeout_s=high + 60.0)
+    return {
+        "n": n,
+        "seed": seed,
+        "victim": d.victim,
+        "crashed_at_s": d.crashed_at,
+        "first_suspect_s": d.first_suspect,
+        "first_dead_s": d.first_dead,
+        "all_dead_s": d.all_dead,
+        "next_push_pull_s": next_push_pull(cfg, n, d.crashed_at) - d.crashed_at,
+        "probe_failures": c.counter("probe_failures") - failures,
+    }
+
+
+def push_pull_model(case: dict[str, Any], low: float, high: float) -> float | None:
+    """When the first DEAD is expected if only push-pull rounds shrink suspicions:
+    the next push-pull round, clamped to [first suspicion + min, first suspicion + max]."""
+    suspect, pp = case.get("first_suspect_s"), case.get("next_push_pull_s")
+    if suspect is None or pp is None:
+        return None
+    return float(min(max(pp, suspect + low), suspect + high))
+
+
+def _matches_model(case: dict[str, Any], low: float, high: float, within_s: float = 1.0) -> bool:
+    model, dead = push_pull_model(case, low, high), case.get("first_dead_s")
+    return model is not None and dead is not None and abs(dead - model) <= within_s
+
+
+def bench_detection(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    for n, trials in s.detect_trials.items():
+        cfg = MeshConfig.lan()
+        low, high = suspicion_bounds(cfg, n)
+        cases = [detection_trial(n, 2000 + k) for k in range(trials)]
+        for c in cases:
+            c["push_pull_model_s"] = push_pull_model(c, low, high)
+        gap = [
+            c["all_dead_s"] - c["first_suspect_s"]
+            for c in cases
+            if c.get("all_dead_s") is not None and c.get("first_suspect_s") is not None
+        ]
+        first_dead = [c.get("first_dead_s") for c in cases]
+        row = {
+            "n": n,
+            "trials": trials,
+            "suspicion_min_s": low,
+            "suspicion_max_s": high,
+            "probe_interval_s": cfg.probe_interval_s,
+            "first_suspect_median_s": _median([c.get("first_suspect_s") for c in cases]),
+            "first_dead_median_s": _median(first_dead),
+            "first_dead_min_s": min((v for v in first_dead if v is not None), default=None),
+            "all_dead_median_s": _median([c.get("all_dead_s") for c in cases]),
+            "all_dead_max_s": _max([c.get("all_dead_s") for c in cases]),
+            "suspect_to_all_dead_median_s": _median(gap),
+            "suspect_to_all_dead_max_s": _max(gap),
+            "first_dead_matches_push_pull_model": sum(_matches_model(c, low, high) for c in cases),
+            "undetected": sum(c.get("all_dead_s") is None for c in cases),
+            "cases": cases,
+        }
+        rows.append(row)
+        log(f"  detection N={n}: all dead after {_fmt(row['all_dead_median_s'], '.1f')} s (median)")
+    return rows
+
+
+# --------------------------------------------------------------------------- 3. ring
+
+
+def _ring_members(n: int) -> list[RingMember]:
+    return [RingMember(f"node{i}") for i in range(n)]
+
+
+def _build_time(members: list[RingMember], vnodes: int, reps: int = 5) -> float:
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        HashRing(members, vnodes)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def ring_case(n: int, vnodes: int, keys: Sequence[bytes]) -> dict[str, Any]:
+    members = _ring_members(n)
+    ring = HashRing(members, vnodes)
+    start = time.perf_counter()
+    primary = [ring.owners(k, 1)[0] for k in keys]
+    owners_us = (time.perf_counter() - start) / len(keys) * 1e6
+    counts = Counter(primary)
+    mean = len(keys) / n
+    per_node = [counts.get(m.name, 0) for m in members]
+    shares = ring.shares()
+    newcomer = RingMember(f"node{n}")
+    grown = HashRing([*members, newcomer], vnodes)
+    after = [grown.owners(k, 1)[0] for k in keys]
+    moved = sum(1 for a, b in zip(primary, after, strict=True) if a != b)
+    misplaced = sum(1 for a, b in zip(primary, after, strict=True) if a != b and b != newcomer.name)
+    return {
+        "n": n,
+        "vnodes": vnodes,
+        "keys": len(keys),
+        "max_over_mean": max(per_node) / mean,
+        "min_over_mean": min(per_node) / mean,
+        "max_share_over_mean": max(shares.values()) * n,
+        "moved_fraction": moved / len(keys),
+        "ideal_moved_fraction": 1.0 / (n + 1),
+        "moved_over_ideal": (moved / len(keys)) * (n + 1),
+        "moved_not_to_newcomer": misplaced,
+        "build_ms": _build_time(members, vnodes) * 1e3,
+        "owners_us_per_call": owners_us,
+    }
+
+
+def bench_ring(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rng = random.Random(4000)
+    keys = [rng.randbytes(16) for _ in range(s.ring_keys)]
+    rows = []
+    for n in RING_SIZES:
+        for vnodes in RING_VNODES:
+            rows.append(ring_case(n, vnodes, keys))
+        log(f"  ring N={n} done")
+    return rows
+
+
+# --------------------------------------------------------------------------- 4. index memory
+
+
+def _traced() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def index_memory(nkeys: int, holders: int, holder_id_offset: int) -> dict[str, Any]:
+    """Bytes per key of a HolderIndex with ``holders`` holders per key (one ``add`` of all
+    keys per holder, as announcements arrive).
+
+    ``holder_id_offset`` holders are registered first (with no keys) so that the measured
+    holders get ids that high: their bitmasks are then big ints rather than cached small ints.
+    """
+    rng = random.Random(5000)
+    tracemalloc.start()
+    try:
+        base = _traced()
+        keys = [rng.randbytes(16) for _ in range(nkeys)]
+        with_keys = _traced()
+        index = HolderIndex(max_keys=nkeys * 2)
+        for i in range(holder_id_offset):
+            index.add(f"idle{i}", [])
+        before_index = _traced()
+        tracemalloc.reset_peak()
+        for h in range(holders):
+            index.add(f"holder{h}", keys)
+        built = _traced()
+        peak = tracemalloc.get_traced_memory()[1]
+        if len(index) != nkeys or len(index.holders(keys[0])) != holders:
+            raise RuntimeError("HolderIndex lost keys or holders")
+        list_bytes = sys.getsizeof(keys)
+        del keys
+        final = _traced()
+    finally:
+        tracemalloc.stop()
+    return {
+        "keys": nkeys,
+        "holders_per_key": holders,
+        "holder_ids_from": holder_id_offset,
+        "structure_bytes_per_key": (built - before_index) / nkeys,
+        "with_key_objects_bytes_per_key": (final - base) / nkeys,
+        "key_object_bytes_per_key": (with_keys - base - list_bytes) / nkeys,
+        "peak_bytes_per_key_while_adding": (peak - before_index) / nkeys,
+    }
+
+
+def bench_index(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = [index_memory(s.index_keys, h, offset) for h, offset in ((1, 0), (2, 0), (2, 100))]
+    log("  index done")
+    return rows
+
+
+# --------------------------------------------------------------------------- 5. real mesh
+
+
+@dataclass
+class MeshDaemon:
+    index: int
+    proc: subprocess.Popen[str]
+    tcp: str
+    workdir: Path
+    lines: list[str] = field(default_factory=list)
+
+    def client(self, timeout_s: float = 10.0) -> Client:
+        return Client(self.tcp, timeout_s=timeout_s)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _daemon_env() -> dict[str, str]:
+    # No LMCACHE_MESH_* settings from the caller's environment: the flags below are the config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_MESH_")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _pump(proc: subprocess.Popen[str], lines: list[str], started: queue.Queue[str | None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        m = re.search(r"serving on (tcp://\S+)", line)
+        if m:
+            started.put(m.group(1))
+    started.put(None)
+
+
+def start_mesh_daemon(i: int, join: str | None) -> MeshDaemon:
+    """``lmcache-node run`` as node{i} on 127.0.0.{i}; returns once it prints its serving line."""
+    host = f"127.0.0.{i}"
+    workdir = Path(tempfile.mkdtemp(prefix="lmbm-", dir="/tmp"))
+    cmd = [
+        sys.executable, "-m", "lmcache_mesh.node.cli", "run",
+        "--listen", f"tcp://{host}:{free_port(host)}",
+        "--data-dir", str(workdir / "data"),
+        "--name", f"node{i}", "--zone", f"z{i % 2}",
+        "--memory", "256MiB", "--disk", "0", "--mesh-profile", "local",
+        *(["--join", join] if join else []),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_daemon_env()
+    )
+    daemon = MeshDaemon(i, proc, "", workdir)
+    started: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc, daemon.lines, started), daemon=True).start()
+    try:
+        address = started.get(timeout=STARTUP_TIMEOUT_S)
+    except queue.Empty:
+        address = None
+    if address is None:
+        stop_mesh_daemon(daemon)
+        raise RuntimeError(f"node{i} did not start:\n" + "\n".join(daemon.lines[-40:]))
+    daemon.tcp = address
+    return daemon
+
+
+def stop_mesh_daemon(daemon: MeshDaemon) -> int | None:
+    """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code (None if killed)."""
+    proc = daemon.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code: int | None = proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        code = None
+    shutil.rmtree(daemon.workdir, ignore_errors=True)
+    return code
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(step_s)
+    return None
+
+
+def _alive_everywhere(nodes: Sequence[MeshDaemon]) -> bool:
+    for d in nodes:
+        with d.client() as c:
+            members = c.stats()["members"]
+        if sum(m["state"] == "alive" for m in members) != len(nodes):
+            return False
+    return True
+
+
+def _chain() -> tuple[bytes, list[bytes], list[ChunkRecord]]:
+    ns = namespace_id(b"bench-mesh", {"engine": "bench"}, CHUNK_TOKENS)
+    keys = chunk_keys(ns, list(range(CHAIN_KEYS * CHUNK_TOKENS)), CHUNK_TOKENS)
+    records = [
+        ChunkRecord.build(k, i.to_bytes(4, "little") * (CHAIN_PAYLOAD // 4), ns) for i, k in enumerate(keys)
+    ]
+    return ns, keys, records
+
+
+def _timed_get(client: Client, keys: Sequence[bytes], records: Sequence[ChunkRecord]) -> float:
+    start = time.perf_counter()
+    got = client.get(keys)
+    took = time.perf_counter() - start
+    bad = sum(g is None or bytes(g) != bytes(r.payload) for g, r in zip(got, records, strict=True))
+    if bad:
+        raise RuntimeError(f"mesh GET returned {bad} misses or wrong payloads of {len(keys)}")
+    return took
+
+
+def _measure_mesh(nodes: dict[int, MeshDaemon], s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    converged = wait_for(lambda: _alive_everywhere(list(nodes.values())), MESH_WAIT_S, step_s=0.1)
+    if converged is None:
+        raise RuntimeError("the 5 daemons did not all see each other alive")
+    out["all_alive_after_s"] = converged
+    _, keys, records = _chain()
+    first, last, reader = nodes[1], nodes[MESH_NODES], nodes[MESH_NODES - 1]
+    with first.client() as c1, last.client() as c5, reader.client() as c4:
+        start = time.monotonic()
+        c1.put_records(records)
+        out["put_chain_ms"] = (time.monotonic() - start) * 1e3
+        out["locate_all_after_s"] = wait_for(lambda: c5.locate(keys)[0] == len(keys), MESH_WAIT_S)
+        if out["locate_all_after_s"] is None:
+            raise RuntimeError(f"node{MESH_NODES} never located all {len(keys)} keys")
+        holders = c5.locate(keys)[1]
+        out["holders_per_key_mean"] = statistics.mean(len(h) for h in holders)
+        log("  mesh: timing LOOKUP ...")
+        out["lookup_local_node1"] = latency(_checked_lookup(c1, keys, local=True), s.lookup_reps)
+        out["lookup_mesh_node5"] = latency(_checked_lookup(c5, keys, local=False), s.lookup_reps)
+        out["lookup_mesh_node1"] = latency(_checked_lookup(c1, keys, local=False), max(1, s.lookup_reps // 3))
+        out["ping_node5"] = latency(c5.ping, s.lookup_reps)
+        local_before = sum(r is not None for r in c4.get_records(keys, local=True))
+        out["get_node4_local_before"] = local_before
+        out["get_cold_ms"] = _timed_get(c4, keys, records) * 1e3
+        out["get_warm_ms"] = statistics.median(_timed_get(c4, keys, records) for _ in range(GET_REPS)) * 1e3
+        out["get_node4_local_after"] = sum(r is not None for r in c4.get_records(keys, local=True))
+        out["get_local_node1_ms"] = (
+            statistics.median(_timed_get(c1, keys, records) for _ in range(GET_REPS)) * 1e3
+        )
+        out["mesh_stats_node4"] = c4.stats().get("mesh")
+    return out
+
+
+def _checked_lookup(client: Client, keys: Sequence[bytes], local: bool) -> Callable[[], None]:
+    def call() -> None:
+        hits = client.lookup(keys, local=local)
+        if hits != len(keys):
+            raise RuntimeError(f"LOOKUP (local={local}) found {hits} of {len(keys)}")
+
+    return call
+
+
+def bench_live_mesh(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    nodes: dict[int, MeshDaemon] = {}
+    exit_codes: dict[str, int | None] = {}
+    try:
+        nodes[1] = start_mesh_daemon(1, None)
+        for i in range(2, MESH_NODES + 1):
+            nodes[i] = start_mesh_daemon(i, nodes[1].tcp)
+        log(f"  mesh: {MESH_NODES} daemons started")
+        out = _measure_mesh(nodes, s, log)
+    finally:
+        for i, d in nodes.items():
+            exit_codes[f"node{i}"] = stop_mesh_daemon(d)
+    out["exit_codes"] = exit_codes
+    out["lookup_mesh_over_local_p50"] = (
+        out["lookup_mesh_node5"]["p50_ms"] / out["lookup_local_node1"]["p50_ms"]
+    )
+    out["lookup_mesh_over_local_p99"] = (
+        out["lookup_mesh_node5"]["p99_ms"] / out["lookup_local_node1"]["p99_ms"]
+    )
+    out["get_cold_over_warm"] = out["get_cold_ms"] / out["get_warm_ms"]
+    out["bad_exit"] = [n for n, code in exit_codes.items() if code != 0]
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "python_impl": platform.python_implementation(),
+        "msgpack": ".".join(map(str, __import__("msgpack").version)),
+        "pyzmq": __import__("zmq").__version__,
+        "libzmq": __import__("zmq").zmq_version(),
+        "lmcache_node": VERSION,
+    }
+
+
+def _section(name: str, fn: Callable[[], Any], log: Callable[[str], None], timings: dict[str, float]) -> Any:
+    log(f"{name} ...")
+    start = time.monotonic()
+    result = fn()
+    timings[name] = time.monotonic() - start
+    return result
+
+
+SECTIONS = ("convergence", "detection", "ring", "index", "live")
+
+
+def run(s: Settings, quick: bool, sections: Sequence[str], log: Callable[[str], None]) -> dict[str, Any]:
+    started = time.monotonic()
+    t: dict[str, float] = {}
+    result: dict[str, Any] = {
+        "benchmark": "bench_mesh",
+        "quick": quick,
+        "settings": {**asdict(s), "detect_trials": {str(k): v for k, v in s.detect_trials.items()}},
+        "machine": machine_info(),
+        "lan_config": asdict(MeshConfig.lan()),
+        "sim_delay_s": SIM_DELAY_S,
+    }
+    steps: dict[str, Callable[[Settings, Callable[[str], None]], Any]] = {
+        "convergence": bench_convergence,
+        "detection": bench_detection,
+        "ring": bench_ring,
+        "index": bench_index,
+        "live": bench_live_mesh,
+    }
+    for i, name in enumerate(SECTIONS, start=1):
+        if name in sections:
+            result[name] = _section(f"{i}. {name}", functools.partial(steps[name], s, log), log, t)
+    result["section_wall_s"] = t
+    result["elapsed_s"] = time.monotonic() - started
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _report_convergence(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = [
+        "1. membership convergence (LAN profile, delay 1-10 ms, all start at t=0 and join via n0; virtual s)",
+        "  conv = every node sees every node ALIVE; 99% = 99% of (observer, member) pairs ALIVE;",
+        "  join KB = bytes each node sent until conv; steady = from conv+10 s for one push-pull period",
+        "  (each node's full-state sync counted once); peak/mean = busiest 1 s of the window / mean second",
+        f"  {'N':>4} {'loss':>4} {'seeds':>5} | {'conv p50':>8} {'max':>6} {'99% p50':>7} | {'join KB':>7} | "
+        f"{'B/s/node':>8} {'max node':>8} {'peak/mean':>9} | {'table':>5} {'table B':>7}",
+    ]
+    out.append("  " + "-" * (len(out[-1]) - 2))
+    for r in rows:
+        first = r["cases"][0]
+        st = first.get("steady", {})
+        join = first.get("join_bytes_per_node")
+        out.append(
+            f"  {r['n']:>4} {r['loss']:>4.0%} {r['seeds']:>5} | {_fmt(r['converged_median_s'], '8.2f')} "
+            f"{_fmt(r['converged_max_s'], '6.2f')} {_fmt(r['pairs99_median_s'], '7.2f')} | "
+            f"{_fmt(None if join is None else join / 1e3, '7.1f')} | "
+            f"{_fmt(st.get('bytes_per_node_s'), '8.0f')} {_fmt(st.get('max_node_bytes_s'), '8.0f')} "
+            f"{_fmt(st.get('peak_second_over_mean'), '9.1f')} | {_fmt(first.get('member_table_entries'), '5.0f')} "
+            f"{_fmt(first.get('member_table_wire_bytes'), '7.0f')}"
+            + (f"  ({r['not_converged']} did not converge)" if r["not_converged"] else "")
+        )
+    return out
+
+
+def _report_detection(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = [
+        "2. failure detection (LAN, no loss, one crash per seeded cluster at a random point of the",
+        "   push-pull cycle; virtual seconds after the crash; medians unless marked)",
+        f"  {'N':>4} {'trials':>6} | {'1st suspect':>11} {'1st dead':>8} {'min':>5} | {'all dead':>8} {'max':>5} | "
+        f"{'suspect->all dead':>17} {'max':>5} | {'bound min..max':>14} | {'1st dead = model':>16}",
+    ]
+    out.append("  " + "-" * (len(out[-1]) - 2))
+    for r in rows:
+        out.append(
+            f"  {r['n']:>4} {r['trials']:>6} | {_fmt(r['first_suspect_median_s'], '11.2f')} "
+            f"{_fmt(r['first_dead_median_s'], '8.2f')} {_fmt(r['first_dead_min_s'], '5.1f')} | "
+            f"{_fmt(r['all_dead_median_s'], '8.2f')} {_fmt(r['all_dead_max_s'], '5.1f')} | "
+            f"{_fmt(r['suspect_to_all_dead_median_s'], '17.2f')} {_fmt(r['suspect_to_all_dead_max_s'], '5.1f')} | "
+            f"{r['suspicion_min_s']:>6.1f} .. {r['suspicion_max_s']:<5.1f} | "
+            f"{r['first_dead_matches_push_pull_model']:>9} of {r['trials']:<3}"
+            + (f"  ({r['undetected']} undetected)" if r["undetected"] else "")
+        )
+    out += [
+        "  (bound = mesh.config.suspicion_bounds(cfg, N); model = the next push-pull round (all nodes in",
+        "   lockstep), clamped to [1st suspect + min, 1st suspect + max]; '=' means within 1 s)",
+    ]
+    return out
+
+
+def _report_false_positives(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = [
+        "2b. false positives: no crash, after convergence (first seed of each convergence case)",
+        f"  {'N':>4} {'loss':>4} {'virt s':>6} | {'DEAD':>5} {'members':>7} {'per node-h':>10} | "
+        f"{'suspicions':>10} {'episodes':>8} {'ep/node-h':>9} {'refutes':>7} {'suspect@end':>11}",
+    ]
+    out.append("  " + "-" * (len(out[-1]) - 2))
+    for r in rows:
+        for case in r["cases"]:
+            f = case.get("after_convergence")
+            if f is None:
+                continue
+            out.append(
+                f"  {r['n']:>4} {r['loss']:>4.0%} {f['virtual_s']:>6.0f} | {f['dead_transitions']:>5} "
+                f"{f['members_falsely_dead']:>7} {f['fp_per_node_hour']:>10.3f} | {f['suspect_transitions']:>10} "
+                f"{f['suspicion_episodes']:>8} {f['suspicion_episodes_per_node_hour']:>9.1f} {f['refutes']:>7} "
+                f"{f['suspect_at_end']:>11}"
+            )
+    out.append(
+        "  (DEAD: transitions of healthy nodes, any observer; episodes: distinct (member, incarnation) suspected)"
+    )
+    return out
+
+
+def _report_ring(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = [
+        "3. ring balance (primary owner of random 16-byte keys)",
+        f"  {'N':>4} {'vnodes':>6} | {'max/mean':>8} {'min/mean':>8} {'share max/mean':>14} | "
+        f"{'moved':>7} {'ideal':>7} {'x ideal':>7} {'stray':>5} | {'build ms':>8} {'owners() us':>11}",
+    ]
+    out.append("  " + "-" * (len(out[-1]) - 2))
+    for r in rows:
+        out.append(
+            f"  {r['n']:>4} {r['vnodes']:>6} | {r['max_over_mean']:>8.3f} {r['min_over_mean']:>8.3f} "
+            f"{r['max_share_over_mean']:>14.3f} | {r['moved_fraction']:>7.4f} {r['ideal_moved_fraction']:>7.4f} "
+            f"{r['moved_over_ideal']:>7.2f} {r['moved_not_to_newcomer']:>5} | {r['build_ms']:>8.2f} "
+            f"{r['owners_us_per_call']:>11.2f}"
+        )
+    out.append(
+        "  (moved: keys whose primary changes when member N+1 joins; stray: moved elsewhere than to it)"
+    )
+    return out
+
+
+def _report_index(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = [f"4. HolderIndex memory ({rows[0]['keys']} keys, tracemalloc; one add() of all keys per holder)"]
+    for r in rows:
+        out.append(
+            f"  {r['holders_per_key']} holder(s), ids from {r['holder_ids_from']:>3}: "
+            f"structure {r['structure_bytes_per_key']:6.1f} B/key, with key objects "
+            f"{r['with_key_objects_bytes_per_key']:6.1f} B/key, peak while adding "
+            f"{r['peak_bytes_per_key_while_adding']:6.1f} B/key"
+        )
+    out.append(f"  (a 16-byte key object itself is {rows[0]['key_object_bytes_per_key']:.1f} B)")
+    return out
+
+
+def _lat(name: str, lk: dict[str, Any]) -> str:
+    return (
+        f"  {name:<40} p50 {lk['p50_ms']:7.3f} ms  p90 {lk['p90_ms']:7.3f} ms  p99 {lk['p99_ms']:7.3f} ms  "
+        f"max {lk['max_ms']:7.2f} ms  ({lk['reps']} calls)"
+    )
+
+
+def _report_live(m: dict[str, Any]) -> list[str]:
+    return [
+        f"5. real mesh: {MESH_NODES} daemons on 127.0.0.1..{MESH_NODES}, --mesh-profile local, "
+        f"{CHAIN_KEYS}-key chain of {CHAIN_PAYLOAD // KIB} KiB chunks PUT on node1",
+        f"  all see 5 alive {m['all_alive_after_s']:.2f} s after node5 started; PUT chain {m['put_chain_ms']:.1f} ms; "
+        f"node5 locates all keys after {m['locate_all_after_s']:.2f} s; holders/key {m['holders_per_key_mean']:.2f}",
+        _lat(f"LOOKUP {CHAIN_KEYS} keys local=True on node1 (baseline)", m["lookup_local_node1"]),
+        _lat(f"LOOKUP {CHAIN_KEYS} keys mesh-wide on node5", m["lookup_mesh_node5"]),
+        _lat(f"LOOKUP {CHAIN_KEYS} keys mesh-wide on node1 (holder)", m["lookup_mesh_node1"]),
+        _lat("PING node5 (round-trip floor)", m["ping_node5"]),
+        f"  mesh-wide / local LOOKUP: p50 x{m['lookup_mesh_over_local_p50']:.1f}, "
+        f"p99 x{m['lookup_mesh_over_local_p99']:.1f}",
+        f"  GET {CHAIN_KEYS} keys on node4 ({m['get_node4_local_before']} held locally before): "
+        f"cold {m['get_cold_ms']:.2f} ms, again {m['get_warm_ms']:.2f} ms (x{m['get_cold_over_warm']:.1f}); "
+        f"local after: {m['get_node4_local_after']}; node1 (all local) {m['get_local_node1_ms']:.2f} ms",
+        f"  daemon exit codes after SIGTERM: {m['exit_codes']}",
+    ]
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    out = [
+        f"lmcache-mesh benchmark{' (quick)' if r['quick'] else ''}: {m['platform']}, {m['cpu_count']} CPUs, "
+        f"Python {m['python']}, msgpack {m['msgpack']}, libzmq {m['libzmq']}",
+    ]
+    parts: list[tuple[str, Callable[[Any], list[str]]]] = [
+        ("convergence", _report_convergence),
+        ("detection", _report_detection),
+        ("convergence", _report_false_positives),
+        ("ring", _report_ring),
+        ("index", _report_index),
+        ("live", _report_live),
+    ]
+    for key, fmt in parts:
+        if key in r:
+            out += ["", *fmt(r[key])]
+    walls = ", ".join(f"{k} {v:.1f} s" for k, v in r["section_wall_s"].items())
+    out.append(f"\nelapsed {r['elapsed_s']:.1f} s ({walls})")
+    return "\n".join(out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="smoke run: N <= 100, fewer seeds, keys and calls")
+    p.add_argument("--n500-loss", action="store_true", help="also converge N=500 at 5%% and 10%% loss (slow)")
+    p.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="JSON results path (default: bench/results/bench_mesh.json)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = QUICK if args.quick else FULL
+    if args.n500_loss:
+        s = Settings(**{**asdict(s), "n500_loss": True})
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    sections = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"bench_mesh: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    result = run(s, args.quick, sections, log)
+    print(format_report(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
