@@ -70,7 +70,6 @@ import gc
 import json
 import math
 import os
-import platform
 import queue
 import random
 import re
@@ -85,11 +84,12 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchlib import latency, machine_info
 
 from lmcache_mesh.mesh.agent import MeshAgent
 from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale, suspicion_bounds
@@ -97,7 +97,7 @@ from lmcache_mesh.mesh.index import HolderIndex
 from lmcache_mesh.mesh.membership import Member, Membership, State
 from lmcache_mesh.mesh.messages import Message, MsgType
 from lmcache_mesh.mesh.ring import HashRing, RingMember
-from lmcache_mesh.node import VERSION, ChunkRecord, Client, chunk_keys, namespace_id
+from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 from lmcache_mesh.transports.inproc import InProcNetwork
 
 KIB = 1 << 10
@@ -171,12 +171,6 @@ QUICK = Settings(
 # --------------------------------------------------------------------------- small helpers
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (q in [0, 100])."""
-    idx = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
-    return sorted_values[idx]
-
-
 def _median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -185,38 +179,6 @@ def _median(values: Sequence[float | None]) -> float | None:
 def _max(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def latency(call: Callable[[], object], reps: int, warmup: int = 20) -> dict[str, Any]:
-    """p50/p90/p99/max in ms of ``reps`` sequential calls (one outstanding)."""
-    for _ in range(warmup):
-        call()
-    samples: list[float] = []
-    with _no_gc():
-        for _ in range(reps):
-            start = time.perf_counter()
-            call()
-            samples.append(time.perf_counter() - start)
-    ms = sorted(x * 1000.0 for x in samples)
-    return {
-        "reps": reps,
-        "p50_ms": _percentile(ms, 50),
-        "p90_ms": _percentile(ms, 90),
-        "p99_ms": _percentile(ms, 99),
-        "max_ms": ms[-1],
-    }
 
 
 # --------------------------------------------------------------------------- simulated cluster
@@ -853,22 +815,6 @@ def bench_live_mesh(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": sys.version.split()[0],
-        "python_impl": platform.python_implementation(),
-        "msgpack": ".".join(map(str, __import__("msgpack").version)),
-        "pyzmq": __import__("zmq").__version__,
-        "libzmq": __import__("zmq").zmq_version(),
-        "lmcache_node": VERSION,
-    }
-
-
 def _section(name: str, fn: Callable[[], Any], log: Callable[[str], None], timings: dict[str, float]) -> Any:
     log(f"{name} ...")
     start = time.monotonic()
@@ -887,7 +833,7 @@ def run(s: Settings, quick: bool, sections: Sequence[str], log: Callable[[str], 
         "benchmark": "bench_mesh",
         "quick": quick,
         "settings": {**asdict(s), "detect_trials": {str(k): v for k, v in s.detect_trials.items()}},
-        "machine": machine_info(),
+        "machine": machine_info(msgpack=".".join(map(str, __import__("msgpack").version))),
         "lan_config": asdict(MeshConfig.lan()),
         "sim_delay_s": SIM_DELAY_S,
     }

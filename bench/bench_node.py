@@ -29,10 +29,8 @@ Run:  python bench/bench_node.py            (full run, under a minute)
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import queue
 import re
 import resource
@@ -44,15 +42,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import latency, machine_info, no_gc, percentile
 
-from lmcache_mesh.node import VERSION, ChunkRecord, Client, chunk_keys, namespace_id
+from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -112,24 +110,6 @@ FaultProbe = Callable[[], tuple[int, int]]
 """Returns (client, daemon) minor page-fault counts so far."""
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (q in [0, 100])."""
-    idx = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
-    return sorted_values[idx]
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def time_calls(
     fn: Callable[[int], object],
     budget_s: float,
@@ -150,7 +130,7 @@ def time_calls(
     estimate = max((time.perf_counter() - t0) / max(warmup, 1), 1e-7)
     reps = int(min(max_reps, max(min_reps, budget_s / estimate)))
     samples: list[float] = []
-    with _no_gc():
+    with no_gc():
         before = probe() if probe else (0, 0)
         for _ in range(reps):
             start = time.perf_counter()
@@ -162,8 +142,8 @@ def time_calls(
     return Timing(
         reps,
         statistics.median(samples),
-        _percentile(samples, 10),
-        _percentile(samples, 90),
+        percentile(samples, 10),
+        percentile(samples, 90),
         samples[0],
         (after[0] - before[0]) / reps,
         (after[1] - before[1]) / reps,
@@ -364,26 +344,6 @@ def bench_get(
     return t, ks
 
 
-def latency(call: Callable[[], object], reps: int, warmup: int = 20) -> dict[str, Any]:
-    """p50/p90/p99/max in ms of ``reps`` sequential calls (one outstanding)."""
-    for _ in range(warmup):
-        call()
-    samples: list[float] = []
-    with _no_gc():
-        for _ in range(reps):
-            start = time.perf_counter()
-            call()
-            samples.append(time.perf_counter() - start)
-    ms = sorted(x * 1000.0 for x in samples)
-    return {
-        "reps": reps,
-        "p50_ms": _percentile(ms, 50),
-        "p90_ms": _percentile(ms, 90),
-        "p99_ms": _percentile(ms, 99),
-        "max_ms": ms[-1],
-    }
-
-
 def bench_lookup(client: Client, keys: Sequence[bytes], reps: int) -> dict[str, Any]:
     def lookup() -> None:
         hits = client.lookup(keys)
@@ -461,22 +421,6 @@ def put_lookup_chain(address: str) -> None:
             raise RuntimeError("LOOKUP chain not fully present after PUT")
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": sys.version.split()[0],
-        "python_impl": platform.python_implementation(),
-        "numpy": np.__version__,
-        "pyzmq": __import__("zmq").__version__,
-        "libzmq": __import__("zmq").zmq_version(),
-        "lmcache_node": VERSION,
-    }
-
-
 def find_cell(cells: Sequence[dict[str, Any]], op: str, transport: str, size: int) -> dict[str, Any] | None:
     return next(
         (c for c in cells if c["op"] == op and c["transport"] == transport and c["size"] == size), None
@@ -543,7 +487,7 @@ def run(s: Settings, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         "benchmark": "bench_node",
         "quick": quick,
         "settings": asdict(s),
-        "machine": machine_info(),
+        "machine": machine_info(numpy=np.__version__),
         "daemon": {
             "serving_line": next((ln for ln in daemon.lines if "serving on" in ln), ""),
             "ready_after_s": ready_s,
