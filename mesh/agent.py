@@ -15,6 +15,9 @@ from .membership import Membership, Out
 
 logger = logging.getLogger(__name__)
 
+ERROR_BACKOFF_S = 0.1
+"""After a failed tick, wait at least this long before the next one."""
+
 
 class MeshAgent:
     """Feeds datagrams and timer ticks to a Membership and sends what it returns.
@@ -29,6 +32,7 @@ class MeshAgent:
         self._timer: Handle | None = None
         self._timer_at = float("inf")
         self._running = False
+        self._not_before = 0.0
 
     def __repr__(self) -> str:
         return f"<MeshAgent {self.membership!r}>"
@@ -57,7 +61,10 @@ class MeshAgent:
     def _on_receive(self, src: str, data: bytes) -> None:
         if not self._running:
             return
-        self._send(self.membership.on_message(src, data, self.scheduler.time()))
+        try:
+            self._send(self.membership.on_message(src, data, self.scheduler.time()))
+        except Exception:  # a bug on one datagram must not stop membership
+            logger.exception("x %s: error handling a datagram from %s", self.membership.me.name, src)
         self._reschedule()
 
     def _tick(self) -> None:
@@ -65,11 +72,15 @@ class MeshAgent:
         self._timer_at = float("inf")
         if not self._running:
             return
-        self._send(self.membership.tick(self.scheduler.time()))
+        try:
+            self._send(self.membership.tick(self.scheduler.time()))
+        except Exception:  # keep ticking: a silent stop would look like a dead node to everyone
+            logger.exception("x %s: error in a membership tick", self.membership.me.name)
+            self._not_before = self.scheduler.time() + ERROR_BACKOFF_S  # but never spin on a bug
         self._reschedule()
 
     def _reschedule(self) -> None:
-        wake = self.membership.next_wakeup()
+        wake = max(self.membership.next_wakeup(), self._not_before)
         if self._timer is not None and wake >= self._timer_at:
             return
         if self._timer is not None:

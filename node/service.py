@@ -72,23 +72,32 @@ class NodeServer:
     async def _serve(self) -> None:
         while True:
             peer, frames = await self._router.recv()
-            received = time.monotonic()
-            buffers = [f.buffer for f in frames]
-            request: Request | MeshError
             try:
-                request = decode_request(buffers, self.limits)
-            except MeshError as exc:
-                request = exc
-            if isinstance(request, Request) and request.op is Op.MESH:
-                self._mesh_datagram(request)  # one-way: gossip gets no reply
-            elif isinstance(request, Request) and self._needs_thread(request):
-                await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
-                task = asyncio.create_task(self._answer_in_slot(peer, buffers, request, received))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            else:
-                # Memory-only work never blocks: answering inline saves a task per request.
-                await self._answer(peer, buffers, request, received)
+                await self._take(peer, frames)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one request must not stop the node serving the rest
+                logger.exception("x internal error taking a request")
+                self.node.count_error("INTERNAL")
+
+    async def _take(self, peer: bytes, frames: list[Any]) -> None:
+        received = time.monotonic()
+        buffers = [f.buffer for f in frames]
+        request: Request | MeshError
+        try:
+            request = decode_request(buffers, self.limits)
+        except MeshError as exc:
+            request = exc
+        if isinstance(request, Request) and request.op is Op.MESH:
+            self._mesh_datagram(request)  # one-way: gossip gets no reply
+        elif isinstance(request, Request) and self._may_wait(request):
+            await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
+            task = asyncio.create_task(self._answer_in_slot(peer, buffers, request, received))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            # Memory-only work never blocks: answering inline saves a task per request.
+            await self._answer(peer, buffers, request, received)
 
     def _mesh_datagram(self, req: Request) -> None:
         cluster = self.node.cluster
@@ -97,7 +106,7 @@ class NodeServer:
             return
         cluster.on_datagram(req.fields["from"], bytes(req.payloads[0]))
 
-    def _needs_thread(self, req: Request) -> bool:
+    def _may_wait(self, req: Request) -> bool:
         """True when answering may wait (disk, peers): such requests get a task and a slot."""
         if req.op in (Op.DELETE, Op.RANK):
             return True
