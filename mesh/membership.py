@@ -33,6 +33,9 @@ from .messages import Kind, Message, MsgType, News
 
 logger = logging.getLogger(__name__)
 
+NACK_FRACTION = 0.8
+"""A relay nacks this fraction of the probe timeout after a PING_REQ (memberlist's figure)."""
+
 Out = tuple[str, bytes]
 """A datagram to send: (address, bytes)."""
 
@@ -321,7 +324,10 @@ class Membership:
                 )
         elif msg.type is MsgType.PING_REQ:
             seq = self._next_seq()
-            self._relays[seq] = _Relay(msg.src_addr, msg.seq, now + self.config.probe_timeout_s)
+            # Nack before the requester's probe window closes, or it counts against its health.
+            self._relays[seq] = _Relay(
+                msg.src_addr, msg.seq, now + NACK_FRACTION * self.config.probe_timeout_s
+            )
             ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=msg.target)
             out.append(self._send(msg.target_addr, self._with_gossip(ping)))
         elif msg.type is MsgType.PUSH_PULL:
@@ -336,6 +342,9 @@ class Membership:
     # internals
 
     def _join(self, now: float) -> list[Out]:
+        if not self._seeds:  # no seed but ourselves: nothing to retry (and no timer to spin on)
+            self._next_join_at = float("inf")
+            return []
         self._next_join_at = now + max(self.config.probe_interval_s, 0.5)
         return [self._send(seed, self._push_pull(reply=False)) for seed in self._seeds]
 

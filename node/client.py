@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from lmcache_mesh.transports import dealer
 
-from .errors import DeadlineExceeded, Unavailable
+from .errors import BadRequest, DeadlineExceeded, Unavailable
 from .protocol import Op, Reply, decode_reply, get_results, peek_request_id, put_request, request_header
 from .records import Buffer, ChunkRecord
 
@@ -203,10 +203,15 @@ class AsyncClient:
         rid = next(self._ids)
         fut: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        try:
+        sock = self._sock
+
+        async def send_and_wait() -> list[Buffer]:
             header = request_header(op, rid, max(int(timeout * 1000), 1), **fields)
-            await self._sock.send_multipart([header, *frames], copy=False)
-            reply = await asyncio.wait_for(fut, timeout)
+            await sock.send_multipart([header, *frames], copy=False)  # may wait: queues are bounded
+            return await fut
+
+        try:
+            reply = await asyncio.wait_for(send_and_wait(), timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(
                 f"no reply from {self.address} to {op.name} within {timeout:g} s"
@@ -262,9 +267,15 @@ class AsyncClient:
 
     async def who_has(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[list[str]]:
         """Peer call: which members the owner knows to hold each key."""
-        holders: list[list[str]] = (
-            await self._call(Op.WHO_HAS, {"keys": list(keys)}, timeout_s=timeout_s)
-        ).fields["holders"]
+        holders = (await self._call(Op.WHO_HAS, {"keys": list(keys)}, timeout_s=timeout_s)).fields.get(
+            "holders"
+        )
+        if (
+            not isinstance(holders, list)
+            or len(holders) != len(keys)
+            or not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in holders)
+        ):
+            raise BadRequest("WHO_HAS reply needs one list of member names per key")
         return holders
 
     async def delete(self, keys: Sequence[bytes]) -> int:

@@ -25,7 +25,7 @@ from lmcache_mesh.mesh.index import HolderIndex
 from lmcache_mesh.mesh.membership import State
 
 from .client import AsyncClient
-from .errors import MeshError
+from .errors import DeadlineExceeded, MeshError
 from .records import ChunkRecord
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ REANNOUNCE_DELAY_S = 0.5
 
 ANNOUNCE_BATCH_KEYS = 1024
 """Keys per ANNOUNCE request (below the default per-request key limit)."""
+
+REANNOUNCE_SLICE_KEYS = 2048
+"""Keys re-announced per event-loop turn (about 15 ms of work), so the loop stays responsive."""
 
 REPAIR_BATCH_KEYS = 64
 """Chunks pulled per GET when repairing replicas."""
@@ -54,6 +57,7 @@ class PeerPool:
         self.timeout_s = timeout_s
         self.max_peers = max_peers
         self._clients: OrderedDict[str, AsyncClient] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, address: str) -> AsyncClient:
         client = self._clients.get(address)
@@ -61,10 +65,21 @@ class PeerPool:
             client = self._clients[address] = AsyncClient(address, timeout_s=self.timeout_s)
             while len(self._clients) > self.max_peers:
                 _, old = self._clients.popitem(last=False)
-                asyncio.get_running_loop().create_task(old.aclose())
+                self._close(old)
         else:
             self._clients.move_to_end(address)
         return client
+
+    def drop(self, address: str) -> None:
+        """Close the client of a dead or unresponsive peer: what it still queues is discarded."""
+        client = self._clients.pop(address, None)
+        if client is not None:
+            self._close(client)
+
+    def _close(self, client: AsyncClient) -> None:
+        task = asyncio.get_running_loop().create_task(client.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         clients = list(self._clients.values())
@@ -104,6 +119,7 @@ class MeshCoordinator:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._reannounce: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._anti_entropy: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -214,8 +230,7 @@ class MeshCoordinator:
                 await client.announce(self.me, add[batch], remove[batch])
                 self.counters["announced"] += len(add[batch]) + len(remove[batch])
         except (MeshError, OSError) as exc:
-            self.counters["peer_errors"] += 1
-            logger.debug("x replication/announce to %s failed: %s", address, exc)
+            self._peer_failed(address, exc)
 
     # owner side
 
@@ -265,6 +280,9 @@ class MeshCoordinator:
 
     def forget(self, member: str) -> None:
         self.index.forget(member)
+        m = self.cluster.membership.members.get(member)
+        if m is not None:
+            self.peers.drop(m.address)
         self.ring_changed()
 
     def ring_changed(self) -> None:
@@ -274,15 +292,22 @@ class MeshCoordinator:
 
     def _reannounce_all(self) -> None:
         self._reannounce = None
+        task = asyncio.get_running_loop().create_task(self._reannounce_in_slices())
+        self._background.add(task)  # keep a reference until done
+        task.add_done_callback(self._background.discard)
+
+    async def _reannounce_in_slices(self) -> None:
         keys = self.node.store.keys()
         self.counters["reannounced"] += len(keys)
-        for key in keys:
-            for owner in self.cluster.ring.owners(key, self.replicas):
-                if owner == self.me:
-                    self.index.add(self.me, [key])
-                else:
-                    self._adds[owner].add(key)
-        self._wake.set()
+        for start in range(0, len(keys), REANNOUNCE_SLICE_KEYS):
+            for key in keys[start : start + REANNOUNCE_SLICE_KEYS]:
+                for owner in self.cluster.ring.owners(key, self.replicas):
+                    if owner == self.me:
+                        self.index.add(self.me, [key])
+                    else:
+                        self._adds[owner].add(key)
+            self._wake.set()
+            await asyncio.sleep(0)  # let requests and membership run between slices
 
     # reads
 
@@ -321,10 +346,11 @@ class MeshCoordinator:
         if address is None or remaining <= 0:
             return [[] for _ in keys]
         try:
-            return await self.peers.get(address).who_has(keys, timeout_s=remaining)
+            # Never the whole deadline: a stalled owner must leave time to fetch from holders.
+            budget = min(remaining / 2, self.peers.timeout_s)
+            return await self.peers.get(address).who_has(keys, timeout_s=budget)
         except (MeshError, OSError) as exc:
-            self.counters["peer_errors"] += 1
-            logger.debug("x who_has at %s failed: %s", owner, exc)
+            self._peer_failed(address, exc)
             return [[] for _ in keys]
 
     async def lookup(self, keys: Sequence[bytes], deadline: float) -> tuple[int, list[list[str]]]:
@@ -386,9 +412,14 @@ class MeshCoordinator:
             client.checksum_failures = 0
             return records
         except (MeshError, OSError) as exc:
-            self.counters["peer_errors"] += 1
-            logger.debug("x remote GET from %s failed: %s", peer, exc)
+            self._peer_failed(address, exc)
             return [None] * len(keys)
+
+    def _peer_failed(self, address: str, exc: Exception) -> None:
+        self.counters["peer_errors"] += 1
+        logger.debug("x request to peer %s failed: %s", address, exc)
+        if isinstance(exc, DeadlineExceeded):
+            self.peers.drop(address)  # do not let requests queue up for a peer that is not answering
 
     async def rank(
         self, keys: Sequence[bytes], candidates: Sequence[str], deadline: float

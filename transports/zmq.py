@@ -27,6 +27,10 @@ ROUTER_QUEUE_MESSAGES = 1000
 """High-water mark of a ROUTER's per-peer queues, in messages."""
 
 
+DEALER_QUEUE_MESSAGES = 64
+"""High-water mark of a client's send queue, in messages."""
+
+
 class TransportError(Exception):
     """A socket could not be bound or connected; the message says which endpoint and why."""
 
@@ -125,6 +129,9 @@ def dealer(ctx: zmq.Context[Any], endpoint: str, max_message_bytes: int) -> zmq.
     check_endpoint(endpoint)
     sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     _configure(sock, max_message_bytes)
+    # Bounded: requests to a peer that is down wait here only up to this many messages
+    # (a sender then waits or times out) instead of piling up until it comes back.
+    sock.setsockopt(zmq.SNDHWM, DEALER_QUEUE_MESSAGES)
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:

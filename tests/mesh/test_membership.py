@@ -131,3 +131,23 @@ def test_news_about_unknown_members_other_than_alive_is_ignored(state_news: Kind
         "ay", Message(MsgType.GOSSIP, "y", "ay", gossip=[News(state_news, "z", 3, origin="y")]).encode(), 1.0
     )
     assert "z" not in m.members
+
+
+def test_joining_through_only_our_own_address_does_not_spin() -> None:
+    sim = Sim(3, seed=8, config=MeshConfig.local())
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.agents["n1"].join(["a1"])  # only ourselves: nothing to do, and no timer stuck in the past
+    ran = sim.net.run_for(2.0)
+    assert ran < 2000  # a spinning timer would run millions of events (and hit max_events)
+    assert sim.agents["n1"].membership.next_wakeup() > sim.net.time()
+
+
+def test_a_dead_member_does_not_hurt_the_health_of_those_probing_it() -> None:
+    """Lifeguard: helpers nack in time, so probing a dead node does not look like our own fault."""
+    sim = Sim(10, seed=9, config=MeshConfig.lan())
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.crash("n9")
+    assert sim.run_until(lambda: sim.all_see("n9", State.DEAD), timeout_s=60) is not None
+    assert max(a.membership.awareness for a in sim.agents.values()) <= 2
