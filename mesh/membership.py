@@ -471,6 +471,8 @@ class Membership:
 
     def _refute(self, incarnation: int) -> None:
         self.counters["refutes"] += 1
+        # Lifeguard: being suspected hints that our own messages are late; probe more gently.
+        self._awareness = min(self.config.awareness_max_multiplier - 1, self._awareness + 1)
         self.me.incarnation = max(self.me.incarnation, incarnation) + 1
         self._queue.queue(self.me.news())
 
