@@ -514,6 +514,21 @@ def _size_str(size: int) -> str:
     return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
 
 
+def _cell_rows(
+    r: dict[str, Any], ops: Sequence[tuple[str, str]], text: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """One table row per record size, one column per (transport, op) cell."""
+    rows = []
+    for size in r["settings"]["sizes"]:
+        row = []
+        for transport in ("ipc", "tcp"):
+            for op, _ in ops:
+                c = find_cell(r["cells"], op, transport, size)
+                row.append(text(c) if c else "-")
+        rows.append(f"  {_size_str(size):>8} | " + " | ".join(f"{x:>22}" for x in row))
+    return rows
+
+
 def format_report(r: dict[str, Any]) -> str:
     m = r["machine"]
     out = [
@@ -531,29 +546,13 @@ def format_report(r: dict[str, Any]) -> str:
     )
     out += [header, "  " + "-" * (len(header) - 2)]
     ops = (("put", "put"), ("get", "get"), ("get_batch", "get x8"))
-    for size in r["settings"]["sizes"]:
-        row = []
-        for transport in ("ipc", "tcp"):
-            for op, _ in ops:
-                c = find_cell(r["cells"], op, transport, size)
-                row.append(
-                    f"{c['gbps']:6.2f} ({c['ratio_to_memcpy']:5.3f}x) {c['median_s'] * 1e3:6.2f}ms"
-                    if c
-                    else "-"
-                )
-        out.append(f"  {_size_str(size):>8} | " + " | ".join(f"{x:>22}" for x in row))
+    out += _cell_rows(
+        r, ops, lambda c: f"{c['gbps']:6.2f} ({c['ratio_to_memcpy']:5.3f}x) {c['median_s'] * 1e3:6.2f}ms"
+    )
     out += ["", "minor page faults per call (client / daemon), same cells"]
-    for size in r["settings"]["sizes"]:
-        row = []
-        for transport in ("ipc", "tcp"):
-            for op, _ in ops:
-                c = find_cell(r["cells"], op, transport, size)
-                row.append(
-                    f"{c['client_minor_faults_per_call']:.0f} / {c['daemon_minor_faults_per_call']:.0f}"
-                    if c
-                    else "-"
-                )
-        out.append(f"  {_size_str(size):>8} | " + " | ".join(f"{x:>22}" for x in row))
+    out += _cell_rows(
+        r, ops, lambda c: f"{c['client_minor_faults_per_call']:.0f} / {c['daemon_minor_faults_per_call']:.0f}"
+    )
     out += ["", "latency, one request outstanding"]
     for what, table in (
         (f"LOOKUP {LOOKUP_CHUNKS} keys (all present)", r["lookup"]),
