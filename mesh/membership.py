@@ -98,7 +98,8 @@ class _Relay:
 
 
 ChangeListener = Callable[[Member, "State | None"], None]
-"""Called with (member, previous state or None when new) after every state change."""
+"""Called with (member, previous state or None when new) after every state change, and with
+(member, its unchanged state) when a live member's address, zone or weight changed."""
 
 
 class Membership:
@@ -502,6 +503,7 @@ class Membership:
                 self._queue.queue(news)
                 self._transition(member, State.ALIVE, now, "joined", is_new=True)
             elif news.incarnation > member.incarnation:
+                before = (member.address, member.zone, member.weight)
                 member.incarnation = news.incarnation
                 member.address, member.zone, member.weight = (
                     news.address or member.address,
@@ -511,6 +513,8 @@ class Membership:
                 self._queue.queue(news)
                 if member.state is not State.ALIVE:
                     self._transition(member, State.ALIVE, now, f"alive at inc {news.incarnation}")
+                elif before != (member.address, member.zone, member.weight) and self.on_change is not None:
+                    self.on_change(member, State.ALIVE)  # same state, new address/zone/weight
             return
         if (
             member is None

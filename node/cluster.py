@@ -81,9 +81,9 @@ class Cluster:
         self._agent = None
 
     def _changed(self, member: Member, old: State | None) -> None:
-        if old is None or (old in (State.ALIVE, State.SUSPECT)) != (
-            member.state in (State.ALIVE, State.SUSPECT)
-        ):
+        live_now = member.state in (State.ALIVE, State.SUSPECT)
+        # Rebuild on joins, deaths and revivals, and when a live member's zone or weight changed.
+        if old is None or (old in (State.ALIVE, State.SUSPECT)) != live_now or old is member.state:
             live = self.membership.alive_members()
             self.ring = HashRing(RingMember(m.name, m.zone, m.weight) for m in live)
             logger.info(

@@ -151,3 +151,15 @@ def test_a_dead_member_does_not_hurt_the_health_of_those_probing_it() -> None:
     sim.crash("n9")
     assert sim.run_until(lambda: sim.all_see("n9", State.DEAD), timeout_s=60) is not None
     assert max(a.membership.awareness for a in sim.agents.values()) <= 2
+
+
+def test_a_new_zone_at_a_higher_incarnation_is_reported() -> None:
+    seen: list[tuple[str, str, State | None]] = []
+    m = Membership(
+        MeshConfig.local(), "x", "ax", on_change=lambda mem, old: seen.append((mem.name, mem.zone, old))
+    )
+    m.start(0.0)
+    for inc, zone in ((0, "z1"), (1, "z2")):
+        news = News(Kind.ALIVE, "y", inc, "ay", zone, 1.0, "y")
+        m.on_message("ay", Message(MsgType.GOSSIP, "y", "ay", gossip=[news]).encode(), 1.0)
+    assert seen == [("y", "z1", None), ("y", "z2", State.ALIVE)]
