@@ -114,9 +114,10 @@ class NodeServer:
             return not self.node.store.in_memory(req.fields["keys"])
         if req.op is Op.LOOKUP:
             # A chain cached here entirely needs no peer: answer inline.
-            return self._mesh_wide(req) and (
-                req.fields["holders"] or self.node.lookup(req.fields["keys"]) < len(req.fields["keys"])
-            )
+            if not self._mesh_wide(req) or req.fields["holders"]:
+                return self._mesh_wide(req)
+            req.fields["local_hits"] = self.node.lookup(req.fields["keys"])  # reused by _dispatch
+            return bool(req.fields["local_hits"] < len(req.fields["keys"]))
         return False
 
     def _mesh_wide(self, req: Request) -> bool:
@@ -191,7 +192,8 @@ class NodeServer:
             if req.fields["holders"] and self.coordinator is not None and self._mesh_wide(req):
                 hits, holders = await self.coordinator.lookup(keys, deadline)
                 return [ok_reply(req.id, hits=hits, holders=holders)]
-            hits = self.node.lookup(keys)
+            cached = req.fields.get("local_hits")
+            hits = self.node.lookup(keys) if cached is None else int(cached)
             if hits < len(keys) and self.coordinator is not None and self._mesh_wide(req):
                 # Only the part of the chain not cached here needs the owners.
                 more, _ = await self.coordinator.lookup(keys[hits:], deadline)
