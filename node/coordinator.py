@@ -319,10 +319,8 @@ class MeshCoordinator:
             owners = self.cluster.ring.owners(key, 1)
             by_owner[owners[0] if owners else self.me].append(i)
         remote = [(owner, idx) for owner, idx in by_owner.items() if owner != self.me]
-        if self.me in by_owner:
-            mine = by_owner[self.me]
-            for i, hs in zip(mine, self.who_has([keys[i] for i in mine]), strict=True):
-                holders[i] = hs
+        for i in by_owner.get(self.me, []):
+            holders[i] = self.index.holders(keys[i])  # we own it: our index answers (tiers added below)
         answers = await asyncio.gather(
             *(self._ask_owner(owner, [keys[i] for i in idx], deadline) for owner, idx in remote)
         )
