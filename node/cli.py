@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lmcache_mesh.transports import TransportError
@@ -28,7 +28,8 @@ from .node import VERSION
 from .sizes import format_size
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The ``lmcache-node`` parser and its subcommand registry (engines add ``serve`` to it)."""
     parser = argparse.ArgumentParser(prog="lmcache-node", description="lmcache-mesh cache node")
     parser.add_argument("--version", action="version", version=f"lmcache-node {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for the node (default: %(default)s)",
     )
-    return parser
+    return parser, sub
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -169,14 +170,21 @@ def _cmd_join(args: argparse.Namespace) -> int:
     return 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "join": _cmd_join,
+    "status": _cmd_status,
+}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    commands: Mapping[str, Callable[[argparse.Namespace], int]] | None = None,
+) -> int:
+    args = (parser or build_parser()[0]).parse_args(argv)
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "join":
-            return _cmd_join(args)
-        return _cmd_status(args)
+        return (commands or COMMANDS)[args.command](args)
     except (MeshError, TransportError, ValueError, OSError) as exc:
         print(f"lmcache-node {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -111,9 +111,11 @@ class Client:
         self.checksum_failures += bad
         return records
 
-    def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
+    def lookup(self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None) -> int:
         """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``."""
-        return int(self._call(Op.LOOKUP, {"keys": list(keys), "local": local}).fields["hits"]) if keys else 0
+        if not keys:
+            return 0
+        return int(self._call(Op.LOOKUP, {"keys": list(keys), "local": local}, timeout_s=timeout_s).fields["hits"])
 
     def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
         """Mesh-wide: the longest cached prefix and the members holding each key."""

@@ -1,0 +1,133 @@
+"""``lmcache-node``: the node commands plus those that need an engine.
+
+    lmcache-node serve --model FILE.gguf [--host HOST] [--port PORT] [--node ADDR] [--n-ctx N] [--threads N]
+
+``serve`` runs an OpenAI-compatible server for a llama.cpp model whose prompts reuse KV
+through the mesh: through the node at ``--node``, or through a node embedded in the
+server process (memory and disk tiers from the ``--memory``/``--disk``/``--data-dir``
+flags, as ``lmcache-node run`` takes them). The node commands live in
+:mod:`lmcache_mesh.node.cli`; this module only adds to them, so the node package never
+imports an engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmcache_mesh.node import cli as node_cli
+from lmcache_mesh.node.config import NodeConfig
+from lmcache_mesh.node.sizes import format_size, parse_size
+
+DEFAULT_HTTP_PORT = 8000
+
+
+def add_serve_parser(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve a GGUF model over an OpenAI-compatible HTTP API, reusing KV through the mesh",
+        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models) for a "
+        "llama.cpp model; needs the [llama] extra.",
+    )
+    serve.add_argument("--model", required=True, metavar="FILE.gguf", help="GGUF model file")
+    serve.add_argument("--alias", metavar="NAME", help="model id shown to clients (default: the file name)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (default: %(default)s)")
+    serve.add_argument(
+        "--node",
+        metavar="ADDR",
+        help="cache node to use, tcp://HOST:PORT or ipc:///PATH (default: a node embedded in this process)",
+    )
+    serve.add_argument("--n-ctx", type=int, default=4096, metavar="N", help="context size (default: %(default)s)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        metavar="N",
+        help="CPU threads for llama.cpp (default: half the cores, %(default)s)",
+    )
+    serve.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers offloaded to a GPU")
+    serve.add_argument("--flash-attn", action="store_true", help="use flash attention (another KV layout)")
+    serve.add_argument(
+        "--chunk-tokens", type=int, default=256, metavar="N", help="tokens per cached chunk (default: %(default)s)"
+    )
+    serve.add_argument("--tenant", metavar="NAME", help="namespace salt: other tenants never share this KV")
+    serve.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 503")
+    embedded = serve.add_argument_group("embedded node (without --node)")
+    embedded.add_argument("--data-dir", metavar="DIR", help="disk tier directory (default: as `run`)")
+    embedded.add_argument("--memory", metavar="SIZE", help="memory tier budget (default: as `run`)")
+    embedded.add_argument("--disk", metavar="SIZE", help="disk tier budget; 0 = memory only (default: as `run`)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _embedded_config(args: argparse.Namespace) -> NodeConfig:
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.memory:
+        overrides["memory_bytes"] = parse_size(args.memory)
+    if args.disk:
+        overrides["disk_bytes"] = parse_size(args.disk)
+    return NodeConfig(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = Path(args.model)
+    if not model.is_file():
+        raise ValueError(f"model file {model} does not exist")
+    try:
+        import uvicorn
+
+        from lmcache_mesh.engines.llamacpp import LlamaMeshConfig, MeshLlama
+        from lmcache_mesh.engines.llamacpp.server import ServerConfig, create_app
+    except ImportError as exc:
+        print(
+            f"lmcache-node serve: error: {exc.name or exc} is not installed; install the llama extra:\n"
+            "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install 'lmcache-mesh[llama]'",
+            file=sys.stderr,
+        )
+        return 1
+    node_config = None if args.node else _embedded_config(args)
+    if node_config is not None:
+        disk = (
+            f"disk {format_size(node_config.disk_bytes)} in {node_config.data_dir}"
+            if node_config.disk_bytes
+            else "no disk tier"
+        )
+        logging.getLogger(__name__).info("embedded node: memory %s, %s", format_size(node_config.memory_bytes), disk)
+    mesh = LlamaMeshConfig(
+        node=args.node, node_config=node_config, chunk_tokens=args.chunk_tokens, tenant=args.tenant
+    )
+    llm = MeshLlama(
+        model_path=str(model),
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        flash_attn=args.flash_attn,
+        verbose=args.log_level == "debug",
+        mesh=mesh,
+    )
+    try:
+        app = create_app(llm, ServerConfig(model_id=args.alias or model.name, max_waiting=args.max_waiting))
+        print(f"lmcache-node serve: {model.name} on http://{args.host}:{args.port}/v1", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        llm.close()  # waits for queued saves, then closes the node
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, sub = node_cli.build_parser()
+    add_serve_parser(sub)
+    return node_cli.main(argv, parser, {**node_cli.COMMANDS, "serve": cmd_serve})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

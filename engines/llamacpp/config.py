@@ -1,0 +1,52 @@
+"""Configuration of the llama.cpp adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmcache_mesh.engines.store import StoreConfig
+from lmcache_mesh.node.config import NodeConfig
+
+
+@dataclass(frozen=True)
+class LlamaMeshConfig:
+    """How a :class:`~lmcache_mesh.engines.llamacpp.MeshLlama` uses the mesh.
+
+    The defaults suit one engine beside one node: an embedded node when ``node`` is None.
+    """
+
+    node: str | None = None
+    """address of a running node (``tcp://HOST:PORT`` / ``ipc:///PATH``); None = embedded node"""
+    node_config: NodeConfig | None = None
+    """config of the embedded node (None = the defaults of ``lmcache-node run``)"""
+    chunk_tokens: int = 256
+    """tokens per chunk; keys chain over whole chunks, so a shorter tail is never cached"""
+    tenant: str | None = None
+    """salt of the namespace: engines with different tenants never share chunks"""
+    lookup_timeout_s: float = 0.25
+    fetch_timeout_s: float = 2.0
+    """past these the request is a miss and the engine recomputes"""
+    retry_after_s: float = 5.0
+    """after the node failed to answer, skip the mesh (instant misses) for this long"""
+    save_completions: bool = True
+    """also store the KV of generated tokens, so the next turn of a chat reuses it"""
+    max_pending_save_bytes: int = 512 << 20
+    """KV waiting to be stored; past it new saves are dropped (counted), never waited on"""
+    fingerprint_cache_dir: str | None = None
+    """where model fingerprints are cached when the model's directory is read-only"""
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+        for name in ("lookup_timeout_s", "fetch_timeout_s", "retry_after_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(
+            node=self.node,
+            node_config=self.node_config,
+            lookup_timeout_s=self.lookup_timeout_s,
+            fetch_timeout_s=self.fetch_timeout_s,
+            retry_after_s=self.retry_after_s,
+        )

@@ -1,0 +1,94 @@
+"""Model fingerprints: a digest of a GGUF file's content, computed once per file version.
+
+Two files with the same tensor shapes but other weights produce KV that llama.cpp accepts
+silently and uses wrongly, so the namespace is keyed by content, never by file name.
+Hashing a multi-GB model takes seconds, so the digest is cached: beside the model
+(``MODEL.gguf.lmcache-fp``) when that directory is writable, else in ``cache_dir``. A cached
+digest is used only while the file's size, mtime and inode are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".lmcache-fp"
+_READ_BYTES = 8 << 20
+_PROGRESS_EVERY_S = 5.0
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lmcache-mesh" / "fingerprints"
+
+
+def _identity(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _cache_files(model: Path, cache_dir: Path | None) -> list[Path]:
+    fallback_dir = cache_dir if cache_dir is not None else default_cache_dir()
+    digest_of_path = hashlib.blake2b(str(model).encode(), digest_size=8).hexdigest()
+    return [
+        model.with_name(model.name + SIDECAR_SUFFIX),
+        fallback_dir / f"{model.name}.{digest_of_path}.json",
+    ]
+
+
+def _read_cached(files: list[Path], identity: dict[str, int]) -> bytes | None:
+    for path in files:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("file") == identity:
+                return bytes.fromhex(cached["blake2b_128"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # absent, unreadable or stale: fall through to the next place or a rehash
+    return None
+
+
+def _write_cached(files: list[Path], identity: dict[str, int], digest: bytes) -> None:
+    text = json.dumps({"file": identity, "blake2b_128": digest.hex()})
+    for path in files:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    logger.warning("could not cache the fingerprint of %s (no writable place); it is rehashed each start", files[0])
+
+
+def hash_file(path: Path) -> bytes:
+    """blake2b-128 of the whole file (GGUF metadata and tensor data), logging progress on big files."""
+    h = hashlib.blake2b(digest_size=16)
+    total = path.stat().st_size
+    done, started, last_log = 0, time.monotonic(), time.monotonic()
+    with path.open("rb") as f:
+        while block := f.read(_READ_BYTES):
+            h.update(block)
+            done += len(block)
+            if time.monotonic() - last_log > _PROGRESS_EVERY_S:
+                last_log = time.monotonic()
+                logger.info("fingerprinting %s: %d%%", path.name, 100 * done // max(total, 1))
+    logger.info("fingerprinted %s (%d MB) in %.1f s", path.name, total >> 20, time.monotonic() - started)
+    return h.digest()
+
+
+def model_fingerprint(model_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """16-byte content digest of the model file, from the cache when the file is unchanged."""
+    model = Path(model_path).resolve()
+    identity = _identity(model.stat())
+    files = _cache_files(model, Path(cache_dir) if cache_dir is not None else None)
+    digest = _read_cached(files, identity)
+    if digest is None:
+        digest = hash_file(model)
+        _write_cached(files, identity, digest)
+    return digest

@@ -1,0 +1,173 @@
+"""What an engine adapter talks to: a node over ZeroMQ, or a node embedded in the process.
+
+Engines treat the mesh as best effort. Every call here turns a failure into "miss" (or a
+dropped save) and never raises to the engine; after a failure the store stays quiet for
+``retry_after_s`` so that a dead node costs one timeout, not one per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from lmcache_mesh.node.client import Client
+from lmcache_mesh.node.config import NodeConfig
+from lmcache_mesh.node.errors import DeadlineExceeded, MeshError, Unavailable
+from lmcache_mesh.node.node import Node
+from lmcache_mesh.node.records import ChunkRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How an adapter reaches the mesh. Defaults suit a node on the same machine."""
+
+    node: str | None = None
+    """node address (tcp://HOST:PORT or ipc:///PATH); None = an embedded node in this process"""
+    node_config: NodeConfig | None = None
+    """config of the embedded node (None = NodeConfig defaults); unused with ``node``"""
+    lookup_timeout_s: float = 0.25
+    """longest wait for a LOOKUP; past it the request is a miss"""
+    fetch_timeout_s: float = 2.0
+    """longest wait for the chunks of a hit; past it the engine recomputes"""
+    put_timeout_s: float = 10.0
+    retry_after_s: float = 5.0
+    """after a failed call, treat the node as absent (instant misses) for this long"""
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    fetches: int = 0
+    puts: int = 0
+    failures: int = 0
+    skipped_while_down: int = 0
+    last_error: str = ""
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _open_embedded(config: NodeConfig) -> Node:
+    """An in-process node; if its disk tier cannot open (another process holds the data
+    dir, no permission), the engine still starts, with a memory-only cache."""
+    node = Node(config)
+    try:
+        node.open()
+        return node
+    except (OSError, MeshError) as exc:
+        logger.warning("embedded node: disk tier unavailable (%s); caching in memory only", exc)
+        node = Node(replace(config, disk_bytes=0))
+        node.open()
+        return node
+
+
+class MeshStore:
+    """Best-effort LOOKUP / GET / PUT for an engine; thread-safe.
+
+    Foreground calls (lookup, fetch) and background puts use separate connections, so a
+    large PUT never delays the next request's lookup.
+    """
+
+    def __init__(self, config: StoreConfig | None = None) -> None:
+        self.config = config or StoreConfig()
+        self.stats = StoreStats()
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self._node: Node | None = None
+        self._front: Client | None = None
+        self._back: Client | None = None
+        if self.config.node is None:
+            self._node = _open_embedded(self.config.node_config or NodeConfig())
+        else:
+            self._front = Client(self.config.node, self.config.fetch_timeout_s)
+            self._back = Client(self.config.node, self.config.put_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"<MeshStore {self.config.node or 'embedded'}>"
+
+    @property
+    def embedded_node(self) -> Node | None:
+        return self._node
+
+    def close(self) -> None:
+        for client in (self._front, self._back):
+            if client is not None:
+                client.close()
+        if self._node is not None:
+            self._node.close()
+
+    def _available(self) -> bool:
+        if time.monotonic() < self._down_until:
+            with self._lock:
+                self.stats.skipped_while_down += 1
+            return False
+        return True
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        name = type(exc).__name__
+        with self._lock:
+            self.stats.failures += 1
+            self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+            self.stats.last_error = f"{what}: {name}: {exc}"
+            # Only an unreachable node is skipped for a while; a refused request (full
+            # node, bad record) says nothing about the next one.
+            unreachable = isinstance(exc, (DeadlineExceeded, Unavailable))
+            first = unreachable and self._down_until < time.monotonic()
+            if unreachable:
+                self._down_until = time.monotonic() + self.config.retry_after_s
+        if not unreachable and self.stats.errors[name] == 1:
+            logger.warning("mesh %s refused: %s: %s (logged once per kind)", what, name, exc)
+        elif first:
+            logger.warning(
+                "mesh %s failed (%s: %s); recomputing, next try in %.0f s",
+                what,
+                name,
+                exc,
+                self.config.retry_after_s,
+            )
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Leading ``keys`` cached anywhere in the mesh; 0 on any failure."""
+        if not keys or not self._available():
+            return 0
+        self.stats.lookups += 1
+        try:
+            if self._node is not None:
+                return self._node.lookup(keys)
+            assert self._front is not None
+            return self._front.lookup(keys, timeout_s=self.config.lookup_timeout_s)
+        except Exception as exc:  # any failure is a miss: the engine recomputes
+            self._failed("lookup", exc)
+            return 0
+
+    def fetch(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
+        """Verified records per key (None per miss); all None on any failure."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        self.stats.fetches += 1
+        try:
+            if self._node is not None:
+                return self._node.get_records(keys)
+            assert self._front is not None
+            return self._front.get_records(keys, timeout_s=self.config.fetch_timeout_s)
+        except Exception as exc:  # a failed fetch is a miss
+            self._failed("fetch", exc)
+            return [None] * len(keys)
+
+    def put(self, records: Sequence[ChunkRecord]) -> None:
+        """Store ``records``; raises on failure (callers run it in the background and count it)."""
+        if not records:
+            return
+        self.stats.puts += 1
+        try:
+            if self._node is not None:
+                self._node.put_records(records)
+            else:
+                assert self._back is not None
+                self._back.put_records(records)
+        except Exception as exc:
+            self._failed("put", exc)
+            raise
