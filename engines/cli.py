@@ -43,7 +43,9 @@ def add_serve_parser(sub: Any) -> None:
         metavar="ADDR",
         help="cache node to use, tcp://HOST:PORT or ipc:///PATH (default: a node embedded in this process)",
     )
-    serve.add_argument("--n-ctx", type=int, default=4096, metavar="N", help="context size (default: %(default)s)")
+    serve.add_argument(
+        "--n-ctx", type=int, default=4096, metavar="N", help="context size (default: %(default)s)"
+    )
     serve.add_argument(
         "--threads",
         type=int,
@@ -54,14 +56,20 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers offloaded to a GPU")
     serve.add_argument("--flash-attn", action="store_true", help="use flash attention (another KV layout)")
     serve.add_argument(
-        "--chunk-tokens", type=int, default=256, metavar="N", help="tokens per cached chunk (default: %(default)s)"
+        "--chunk-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="tokens per cached chunk (default: %(default)s)",
     )
     serve.add_argument("--tenant", metavar="NAME", help="namespace salt: other tenants never share this KV")
     serve.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 503")
     embedded = serve.add_argument_group("embedded node (without --node)")
     embedded.add_argument("--data-dir", metavar="DIR", help="disk tier directory (default: as `run`)")
     embedded.add_argument("--memory", metavar="SIZE", help="memory tier budget (default: as `run`)")
-    embedded.add_argument("--disk", metavar="SIZE", help="disk tier budget; 0 = memory only (default: as `run`)")
+    embedded.add_argument(
+        "--disk", metavar="SIZE", help="disk tier budget; 0 = memory only (default: as `run`)"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -77,7 +85,9 @@ def _embedded_config(args: argparse.Namespace) -> NodeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     model = Path(args.model)
     if not model.is_file():
         raise ValueError(f"model file {model} does not exist")
@@ -100,7 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if node_config.disk_bytes
             else "no disk tier"
         )
-        logging.getLogger(__name__).info("embedded node: memory %s, %s", format_size(node_config.memory_bytes), disk)
+        logging.getLogger(__name__).info(
+            "embedded node: memory %s, %s", format_size(node_config.memory_bytes), disk
+        )
     mesh = LlamaMeshConfig(
         node=args.node, node_config=node_config, chunk_tokens=args.chunk_tokens, tenant=args.tenant
     )
@@ -117,7 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(llm, ServerConfig(model_id=args.alias or model.name, max_waiting=args.max_waiting))
         print(f"lmcache-node serve: {model.name} on http://{args.host}:{args.port}/v1", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+        )
     finally:
         llm.close()  # waits for queued saves, then closes the node
     return 0
@@ -126,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, sub = node_cli.build_parser()
     add_serve_parser(sub)
-    return node_cli.main(argv, parser, {**node_cli.COMMANDS, "serve": cmd_serve})
+    return int(node_cli.main(argv, parser, {**node_cli.COMMANDS, "serve": cmd_serve}))
 
 
 if __name__ == "__main__":

@@ -136,9 +136,9 @@ class MeshStore:
         self.stats.lookups += 1
         try:
             if self._node is not None:
-                return self._node.lookup(keys)
+                return int(self._node.lookup(keys))
             assert self._front is not None
-            return self._front.lookup(keys, timeout_s=self.config.lookup_timeout_s)
+            return int(self._front.lookup(keys, timeout_s=self.config.lookup_timeout_s))
         except Exception as exc:  # any failure is a miss: the engine recomputes
             self._failed("lookup", exc)
             return 0
@@ -150,9 +150,11 @@ class MeshStore:
         self.stats.fetches += 1
         try:
             if self._node is not None:
-                return self._node.get_records(keys)
-            assert self._front is not None
-            return self._front.get_records(keys, timeout_s=self.config.fetch_timeout_s)
+                records: list[ChunkRecord | None] = self._node.get_records(keys)
+            else:
+                assert self._front is not None
+                records = self._front.get_records(keys, timeout_s=self.config.fetch_timeout_s)
+            return records
         except Exception as exc:  # a failed fetch is a miss
             self._failed("fetch", exc)
             return [None] * len(keys)

@@ -115,7 +115,9 @@ class Client:
         """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``."""
         if not keys:
             return 0
-        return int(self._call(Op.LOOKUP, {"keys": list(keys), "local": local}, timeout_s=timeout_s).fields["hits"])
+        return int(
+            self._call(Op.LOOKUP, {"keys": list(keys), "local": local}, timeout_s=timeout_s).fields["hits"]
+        )
 
     def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
         """Mesh-wide: the longest cached prefix and the members holding each key."""

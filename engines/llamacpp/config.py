@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmcache_mesh.engines.store import StoreConfig
 from lmcache_mesh.node.config import NodeConfig
+
+from ..store import StoreConfig
 
 
 @dataclass(frozen=True)

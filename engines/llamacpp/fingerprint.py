@@ -63,7 +63,9 @@ def _write_cached(files: list[Path], identity: dict[str, int], digest: bytes) ->
             return
         except OSError:
             tmp.unlink(missing_ok=True)
-    logger.warning("could not cache the fingerprint of %s (no writable place); it is rehashed each start", files[0])
+    logger.warning(
+        "could not cache the fingerprint of %s (no writable place); it is rehashed each start", files[0]
+    )
 
 
 def hash_file(path: Path) -> bytes:
@@ -82,7 +84,9 @@ def hash_file(path: Path) -> bytes:
     return h.digest()
 
 
-def model_fingerprint(model_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> bytes:
+def model_fingerprint(
+    model_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> bytes:
     """16-byte content digest of the model file, from the cache when the file is unchanged."""
     model = Path(model_path).resolve()
     identity = _identity(model.stat())

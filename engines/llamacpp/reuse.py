@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache_mesh.engines.saver import Saver
-from lmcache_mesh.engines.store import MeshStore
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
 from lmcache_mesh.node.records import ChunkRecord
 
+from ..saver import Saver
+from ..store import MeshStore
 from . import seqstate
 from .config import LlamaMeshConfig
 from .fingerprint import model_fingerprint
@@ -137,7 +137,9 @@ class KVReuse:
         self.fingerprint = model_fingerprint(llm.model_path, self.config.fingerprint_cache_dir)
         self.layout = probe_layout(llm)
         self.descriptor = layout_descriptor(llm, self.layout)
-        self.namespace = namespace_id(self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant)
+        self.namespace = namespace_id(
+            self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant
+        )
         self.chunk_bytes = self.layout.chunk_bytes(self.chunk_tokens)
         self.enabled = not llm._logits_all
         if not self.enabled:
@@ -170,7 +172,7 @@ class KVReuse:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait for queued saves (tests, shutdown)."""
-        return self._saver.flush(timeout_s)
+        return bool(self._saver.flush(timeout_s))
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -285,7 +287,10 @@ class KVReuse:
             if state.layout != self.layout:
                 raise seqstate.BlobError(f"layout changed from {self.layout} to {state.layout}")
             payloads = seqstate.split(state, self.chunk_tokens, first, len(keys))
-            records = [ChunkRecord.build(k, p, self.namespace, self._meta) for k, p in zip(keys, payloads)]
+            records = [
+                ChunkRecord.build(k, p, self.namespace, self._meta)
+                for k, p in zip(keys, payloads, strict=True)
+            ]
             batch: list[ChunkRecord] = []
             for record in records:
                 if batch and (len(batch) + 1) * self.chunk_bytes > _MAX_PUT_BYTES:

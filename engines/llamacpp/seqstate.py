@@ -120,7 +120,7 @@ def parse(blob: bytes | bytearray | memoryview | Bytes) -> SeqState:
     buf = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob
     if len(buf) < _HEAD.size:
         raise BlobError(f"blob of {len(buf)} bytes is too short")
-    magic, _, n_stream, cells = _HEAD.unpack_from(buf, 0)
+    magic, _, n_stream, cells = _HEAD.unpack_from(buf.data, 0)
     if magic != SEQ_MAGIC:
         raise BlobError(f"unknown sequence-state format (magic {magic:#x}, expected {SEQ_MAGIC:#x})")
     if n_stream != 1:
@@ -135,19 +135,19 @@ def parse(blob: bytes | bytearray | memoryview | Bytes) -> SeqState:
         raise BlobError("cells shared by several sequences (or extended cells) are not supported")
     pos = meta[:, 0]
     off += 12 * cells
-    v_trans, n_layer = _TAIL.unpack_from(buf, off)
+    v_trans, n_layer = _TAIL.unpack_from(buf.data, off)
     off += _TAIL.size
     if n_layer == 0:
         raise BlobError("blob has no layers")
-    k_type, k_row = _ROWS.unpack_from(buf, off)
+    k_type, k_row = _ROWS.unpack_from(buf.data, off)
     k = _layer_view(buf, off, n_layer, _ROWS.size, cells * k_row)
     off += n_layer * (_ROWS.size + cells * k_row)
     if v_trans:
-        v_type, v_el, n_embd_v = _VT_ROWS.unpack_from(buf, off)
+        v_type, v_el, n_embd_v = _VT_ROWS.unpack_from(buf.data, off)
         v_row = v_el * n_embd_v
         v = _layer_view(buf, off, n_layer, _VT_ROWS.size, cells * v_row).reshape(n_layer, n_embd_v, -1)
     else:
-        v_type, v_row = _ROWS.unpack_from(buf, off)
+        v_type, v_row = _ROWS.unpack_from(buf.data, off)
         v_el = 1
         v = _layer_view(buf, off, n_layer, _ROWS.size, cells * v_row)
     off += n_layer * (_ROWS.size + cells * v_row)
@@ -162,7 +162,7 @@ def _check_uniform_layers(buf: Bytes, layout: BlobLayout, cells: int) -> None:
     """Every layer must have the first layer's types and row sizes (else chunks would not line up)."""
     off = _HEAD.size + 12 * cells + _TAIL.size
     for li in range(layout.n_layer):
-        if _ROWS.unpack_from(buf, off) != (layout.k_type, layout.k_row):
+        if _ROWS.unpack_from(buf.data, off) != (layout.k_type, layout.k_row):
             raise BlobError(f"layer {li} has another K type or row size than layer 0")
         off += _ROWS.size + cells * layout.k_row
     v_head = (
@@ -220,28 +220,30 @@ def join(layout: BlobLayout, payloads: Sequence[bytes | memoryview | Bytes], chu
     cells = n * chunk_tokens
     size = layout.chunk_bytes(chunk_tokens)
     blob = np.empty(layout.blob_bytes(cells), dtype=np.uint8)
-    _HEAD.pack_into(blob, 0, SEQ_MAGIC, 0, 1, cells)
+    _HEAD.pack_into(blob.data, 0, SEQ_MAGIC, 0, 1, cells)
     off = _HEAD.size
     meta = blob[off : off + 12 * cells].view(np.int32).reshape(cells, 3)
     meta[:, 0] = np.arange(cells, dtype=np.int32)
     meta[:, 1] = 1
     meta[:, 2] = 0
     off += 12 * cells
-    _TAIL.pack_into(blob, off, int(layout.v_trans), layout.n_layer)
+    _TAIL.pack_into(blob.data, off, int(layout.v_trans), layout.n_layer)
     off += _TAIL.size
 
     kc = chunk_tokens * layout.k_row
     k_dst = _layer_view(blob, off, layout.n_layer, _ROWS.size, cells * layout.k_row)
     for li in range(layout.n_layer):
-        _ROWS.pack_into(blob, off + li * (_ROWS.size + cells * layout.k_row), layout.k_type, layout.k_row)
+        _ROWS.pack_into(
+            blob.data, off + li * (_ROWS.size + cells * layout.k_row), layout.k_type, layout.k_row
+        )
     off += layout.n_layer * (_ROWS.size + cells * layout.k_row)
     v_block = _ROWS.size + cells * layout.v_row
     v_dst = _layer_view(blob, off, layout.n_layer, _ROWS.size, cells * layout.v_row)
     for li in range(layout.n_layer):
         if layout.v_trans:
-            _VT_ROWS.pack_into(blob, off + li * v_block, layout.v_type, layout.v_el, layout.n_embd_v)
+            _VT_ROWS.pack_into(blob.data, off + li * v_block, layout.v_type, layout.v_el, layout.n_embd_v)
         else:
-            _ROWS.pack_into(blob, off + li * v_block, layout.v_type, layout.v_row)
+            _ROWS.pack_into(blob.data, off + li * v_block, layout.v_type, layout.v_row)
 
     k_bytes = layout.n_layer * kc
     for i, payload in enumerate(payloads):

@@ -135,7 +135,9 @@ class ModelRunner:
         return self._drain(items, stop, worker)
 
     @staticmethod
-    async def _drain(items: asyncio.Queue[Any], stop: threading.Event, worker: asyncio.Future[None]) -> AsyncIterator[Any]:
+    async def _drain(
+        items: asyncio.Queue[Any], stop: threading.Event, worker: asyncio.Future[None]
+    ) -> AsyncIterator[Any]:
         try:
             while (item := await items.get()) is not _DONE:
                 yield item
@@ -185,7 +187,9 @@ def create_app(llm: MeshLlama, config: ServerConfig) -> Starlette:
                 yield _sse(item)
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     async def completions(request: Request) -> Response:
         try:

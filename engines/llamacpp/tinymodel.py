@@ -52,7 +52,9 @@ def spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     import gguf
 
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [int(gguf.TokenType.UNKNOWN)] + [int(gguf.TokenType.CONTROL)] * 2 + [int(gguf.TokenType.BYTE)] * 256
+    types = (
+        [int(gguf.TokenType.UNKNOWN)] + [int(gguf.TokenType.CONTROL)] * 2 + [int(gguf.TokenType.BYTE)] * 256
+    )
     scores = [0.0] * len(tokens)
     letters = string.ascii_letters + string.digits
     candidates = [SPM_SPACE, *string.printable[:94], *(SPM_SPACE + c for c in letters)]
@@ -82,7 +84,8 @@ def write_model(path: str | Path, spec: ModelSpec = PRESETS["tiny"]) -> Path:
     n_embd_kv = spec.head_dim * spec.n_head_kv
 
     def linear(n_out: int, n_in: int) -> np.ndarray:  # numpy shape = reversed ggml ne
-        return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(wtype)
+        weights: np.ndarray = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(wtype)
+        return weights
 
     def norm() -> np.ndarray:
         return np.ones(spec.n_embd, dtype=np.float32)
