@@ -1,0 +1,173 @@
+"""The llama.cpp adapter with real llama-cpp-python engines and a real node daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmcache_mesh.node import ChunkRecord, Client, chunk_keys
+
+from ..helpers import Daemon, free_port
+from .llama import CHUNK, greedy, meshed, next_logits, next_logits_split, plain, prompt, require, write_models
+
+require("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def engines(daemon: Daemon) -> Iterator[Any]:
+    """Make MeshLlamas on the test's daemon; all are closed afterwards."""
+    made: list[Any] = []
+
+    def make(model: Path, **kw: Any) -> Any:
+        llm = meshed(model, kw.pop("node", daemon.ipc), **kw)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()
+
+
+def cache(llm: Any, tokens: list[int]) -> None:
+    """Run ``tokens`` through a mesh engine and wait until its chunks are stored."""
+    llm.create_completion(tokens, max_tokens=1, temperature=0.0)
+    assert llm.mesh.flush(30)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_a_hit_gives_the_same_greedy_output_and_logits(models, engines, flash_attn: bool) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(300)  # 4 full chunks and a tail of 44
+    cache(engines(models["tiny"], flash_attn=flash_attn), tokens[: 4 * CHUNK])
+
+    hit = engines(models["tiny"], flash_attn=flash_attn)
+    reference = plain(models["tiny"], flash_attn=flash_attn)
+    assert greedy(hit, tokens) == greedy(reference, tokens)
+    assert hit.mesh.stats.hit_tokens == 4 * CHUNK
+
+    # Restored KV + the rest equals computing the same two batches without the mesh, exactly;
+    # against one 300-token batch only float noise of the batch split remains.
+    hit_again = engines(models["tiny"], flash_attn=flash_attn)
+    logits = next_logits(hit_again, tokens)
+    assert hit_again.mesh.stats.hit_tokens == 4 * CHUNK
+    np.testing.assert_array_equal(logits, next_logits_split(reference, tokens, 4 * CHUNK))
+    one_batch = next_logits(plain(models["tiny"], flash_attn=flash_attn), tokens)
+    np.testing.assert_allclose(logits, one_batch, atol=2e-2)
+    assert logits.argmax() == one_batch.argmax()
+
+
+def test_a_prompt_sharing_k_chunks_reuses_exactly_k(models, engines) -> None:  # type: ignore[no-untyped-def]
+    first = prompt(5 * CHUNK + 10)
+    cache(engines(models["tiny"]), first)
+    second = first[: 3 * CHUNK] + prompt(2 * CHUNK + 10, seed=9)[1:] + [7]
+    llm = engines(models["tiny"])
+    assert greedy(llm, second) == greedy(plain(models["tiny"]), second)
+    assert llm.mesh.stats.hit_tokens == 3 * CHUNK
+
+
+def test_a_prompt_differing_in_its_first_token_reuses_nothing(models, engines) -> None:  # type: ignore[no-untyped-def]
+    first = prompt(4 * CHUNK)
+    cache(engines(models["tiny"]), first)
+    llm = engines(models["tiny"])
+    other = [first[0], first[1] + 1, *first[2:]]
+    assert greedy(llm, other) == greedy(plain(models["tiny"]), other)
+    assert llm.mesh.stats.lookups == 1 and llm.mesh.stats.hit_tokens == 0
+
+
+def test_another_model_of_the_same_shape_reuses_nothing(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 1)
+    tiny = engines(models["tiny"])
+    cache(tiny, tokens)
+    twin = engines(models["twin"])
+    assert twin.mesh.namespace != tiny.mesh.namespace
+    assert greedy(twin, tokens) == greedy(plain(models["twin"]), tokens)
+    assert twin.mesh.stats.hit_tokens == 0
+
+
+def test_the_two_v_layouts_never_mix(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 1)
+    off = engines(models["tiny"], flash_attn=False)
+    cache(off, tokens)
+    on = engines(models["tiny"], flash_attn=True)
+    assert on.mesh.layout.v_trans is False and off.mesh.layout.v_trans is True
+    assert greedy(on, tokens) == greedy(plain(models["tiny"], flash_attn=True), tokens)
+    assert on.mesh.stats.hit_tokens == 0
+
+
+def test_a_chunk_of_another_namespace_under_a_right_key_is_not_restored(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(3 * CHUNK + 1)
+    llm = engines(models["tiny"])
+    keys = chunk_keys(llm.mesh.namespace, tokens, CHUNK)
+    forged = ChunkRecord.build(keys[0], b"\x01" * llm.mesh.chunk_bytes, b"\x02" * 16, {"tokens": CHUNK})
+    with Client(daemon.tcp) as c:
+        c.put_records([forged])
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.bad_chunks == 1 and llm.mesh.stats.hit_tokens == 0
+
+
+def test_an_unreachable_node_means_recompute_never_an_error(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(3 * CHUNK + 5)
+    llm = engines(models["tiny"], node=f"tcp://127.0.0.1:{free_port()}", mesh={"lookup_timeout_s": 0.2})
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert greedy(llm, prompt(3 * CHUNK + 5, seed=4)) == greedy(
+        plain(models["tiny"]), prompt(3 * CHUNK + 5, seed=4)
+    )
+    assert llm.mesh.flush(30)
+    assert llm.mesh.store.stats.failures >= 1 and llm.mesh.stats.hit_tokens == 0
+
+
+def test_streaming_chat_reuses_a_cached_conversation(models, engines) -> None:  # type: ignore[no-untyped-def]
+    messages = [
+        {"role": "system", "content": "You are a test. " * 40},
+        {"role": "user", "content": "Say something about caches. " * 10},
+    ]
+    first = engines(models["tiny"])
+    text = first.create_chat_completion(messages, max_tokens=8, temperature=0.0)["choices"][0]["message"][
+        "content"
+    ]
+    assert first.mesh.flush(30)
+    second = engines(models["tiny"])
+    chunks = second.create_chat_completion(messages, max_tokens=8, temperature=0.0, stream=True)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == text
+    assert second.mesh.stats.hit_tokens >= 2 * CHUNK
+
+
+def test_the_next_turn_reuses_the_generated_tokens(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(2 * CHUNK + 20)
+    first = engines(models["tiny"])
+
+    def no_eos(input_ids: Any, scores: Any) -> Any:
+        scores[first.token_eos()] = -np.inf
+        return scores
+
+    first.create_completion(tokens, max_tokens=120, temperature=0.0, logits_processor=[no_eos])
+    assert first.mesh.flush(30)
+    held = first.input_ids[: first.n_tokens].tolist()  # prompt + the generated tokens it evaluated
+    assert len(held) >= 4 * CHUNK
+    follow_up = held + prompt(30, seed=5)[1:]
+    second = engines(models["tiny"])
+    assert greedy(second, follow_up) == greedy(plain(models["tiny"]), follow_up)
+    assert second.mesh.stats.hit_tokens == (len(held) // CHUNK) * CHUNK
+
+
+def test_cutting_a_real_blob_and_joining_it_gives_the_same_bytes(models, engines) -> None:  # type: ignore[no-untyped-def]
+    from lmcache_mesh.engines.llamacpp import seqstate
+    from lmcache_mesh.engines.llamacpp.reuse import read_sequence
+
+    for flash_attn in (False, True):
+        llm = engines(models["tiny"], flash_attn=flash_attn)
+        llm.eval(prompt(3 * CHUNK))
+        blob = read_sequence(llm)
+        state = seqstate.parse(blob)
+        assert state.layout == llm.mesh.layout
+        joined = seqstate.join(state.layout, seqstate.split(state, CHUNK, 0, 3), CHUNK)
+        assert joined.tobytes() == blob.tobytes()
