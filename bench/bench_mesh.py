@@ -69,27 +69,18 @@ import functools
 import gc
 import json
 import math
-import os
-import queue
 import random
-import re
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import latency, machine_info
+from benchlib import MeshDaemon, latency, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for
 
 from lmcache_mesh.mesh.agent import MeshAgent
 from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale, suspicion_bounds
@@ -111,8 +102,6 @@ CHAIN_KEYS = 128
 CHUNK_TOKENS = 256
 CHAIN_PAYLOAD = 4 * KIB
 MESH_NODES = 5
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
 MESH_WAIT_S = 30.0
 GET_REPS = 11  # warm GETs timed (median)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_mesh.json"
@@ -626,95 +615,6 @@ def bench_index(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]
 
 
 # --------------------------------------------------------------------------- 5. real mesh
-
-
-@dataclass
-class MeshDaemon:
-    index: int
-    proc: subprocess.Popen[str]
-    tcp: str
-    workdir: Path
-    lines: list[str] = field(default_factory=list)
-
-    def client(self, timeout_s: float = 10.0) -> Client:
-        return Client(self.tcp, timeout_s=timeout_s)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _daemon_env() -> dict[str, str]:
-    # No LMCACHE_MESH_* settings from the caller's environment: the flags below are the config.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_MESH_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _pump(proc: subprocess.Popen[str], lines: list[str], started: queue.Queue[str | None]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        m = re.search(r"serving on (tcp://\S+)", line)
-        if m:
-            started.put(m.group(1))
-    started.put(None)
-
-
-def start_mesh_daemon(i: int, join: str | None) -> MeshDaemon:
-    """``lmcache-node run`` as node{i} on 127.0.0.{i}; returns once it prints its serving line."""
-    host = f"127.0.0.{i}"
-    workdir = Path(tempfile.mkdtemp(prefix="lmbm-", dir="/tmp"))
-    cmd = [
-        sys.executable, "-m", "lmcache_mesh.node.cli", "run",
-        "--listen", f"tcp://{host}:{free_port(host)}",
-        "--data-dir", str(workdir / "data"),
-        "--name", f"node{i}", "--zone", f"z{i % 2}",
-        "--memory", "256MiB", "--disk", "0", "--mesh-profile", "local",
-        *(["--join", join] if join else []),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_daemon_env()
-    )
-    daemon = MeshDaemon(i, proc, "", workdir)
-    started: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc, daemon.lines, started), daemon=True).start()
-    try:
-        address = started.get(timeout=STARTUP_TIMEOUT_S)
-    except queue.Empty:
-        address = None
-    if address is None:
-        stop_mesh_daemon(daemon)
-        raise RuntimeError(f"node{i} did not start:\n" + "\n".join(daemon.lines[-40:]))
-    daemon.tcp = address
-    return daemon
-
-
-def stop_mesh_daemon(daemon: MeshDaemon) -> int | None:
-    """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code (None if killed)."""
-    proc = daemon.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        code: int | None = proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-        code = None
-    shutil.rmtree(daemon.workdir, ignore_errors=True)
-    return code
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> float | None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(step_s)
-    return None
 
 
 def _alive_everywhere(nodes: Sequence[MeshDaemon]) -> bool:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import latency, machine_info, no_gc, percentile
+from benchlib import STARTUP_TIMEOUT_S, STOP_TIMEOUT_S, daemon_env, latency, machine_info, no_gc, percentile
 
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 
@@ -60,8 +60,6 @@ BATCH = 8
 LOOKUP_CHUNKS = 128
 CHUNK_TOKENS = 256
 LOOKUP_PAYLOAD = 1 * KIB
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
 CLIENT_TIMEOUT_S = 30.0
 WARMUP_CALLS = 2  # untimed calls before each timed cell
 DAEMON_MEMORY = "2GiB"
@@ -176,14 +174,6 @@ def _short_tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="lmb-", dir="/tmp"))
 
 
-def _daemon_env() -> dict[str, str]:
-    # No LMCACHE_MESH_* settings from the caller's environment: the flags below are the config.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_MESH_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _pump_lines(stream: Any, out: queue.Queue[str | None]) -> None:
     for line in stream:
         out.put(line)
@@ -212,7 +202,7 @@ def start_daemon() -> Daemon:
         "--memory", DAEMON_MEMORY, "--disk", "0", "--max-record", "64MiB",
     ]  # fmt: skip
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=_daemon_env())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=daemon_env())
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump_lines, args=(proc.stdout, lines), daemon=True).start()
     daemon = Daemon(proc, "", "", workdir, log_path)

@@ -55,6 +55,10 @@ class ReuseStats:
     """blobs llama.cpp refused (then the prompt was recomputed)"""
     bad_chunks: int = 0
     """fetched records that did not match this namespace or layout"""
+    lookup_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    restore_seconds: float = 0.0
+    """joining the chunks and handing the blob to llama.cpp"""
     saves: int = 0
     saved_chunks: int = 0
     save_seconds: float = 0.0
@@ -220,18 +224,25 @@ class KVReuse:
         have = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
         if n_full == 0 or have >= n_full * c:
             return 0  # the context itself holds all that chunks could give
+        started = time.perf_counter()
         keys = chunk_keys(self.namespace, tokens[: n_full * c], c)
         self.stats.lookups += 1
         hits = self.store.lookup(keys)
+        looked_up = time.perf_counter()
+        self.stats.lookup_seconds += looked_up - started
         if hits * c <= have:
             return 0
         self._remember(keys[:hits])
         payloads = self._fetch(keys[:hits])
+        fetched = time.perf_counter()
+        self.stats.fetch_seconds += fetched - looked_up
         n = len(payloads)
         if n * c <= have:
             return 0
         blob = seqstate.join(self.layout, payloads, c)
-        if not restore_sequence(llm, blob, tokens[: n * c]):
+        restored = restore_sequence(llm, blob, tokens[: n * c])
+        self.stats.restore_seconds += time.perf_counter() - fetched
+        if not restored:
             self.stats.restore_failures += 1
             logger.warning("llama.cpp refused a restored blob of %d tokens; recomputing", n * c)
             return 0
