@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
 from lmcache_mesh.node.records import ChunkRecord
 
@@ -160,6 +161,13 @@ class KVReuse:
             "dtype": self.descriptor["k_type"],
             "shape": [self.layout.n_layer, 2, self.chunk_tokens],
         }
+        if self.chunk_bytes > NodeConfig.default_of("max_record_bytes"):
+            logger.warning(
+                "chunks of %d tokens hold %.0f MB of KV, more than a node accepts by default (--max-record): "
+                "run the node with a larger --max-record, or use a smaller chunk_tokens",
+                self.chunk_tokens,
+                self.chunk_bytes / 1e6,
+            )
         logger.info(
             "mesh KV reuse on %s: namespace %s, %d tokens/chunk (%.2f MB), node %s",
             llm.model_path,

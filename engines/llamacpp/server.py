@@ -16,16 +16,17 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .model import MeshLlama
+if TYPE_CHECKING:
+    from .model import MeshLlama
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ _DONE = object()
 class ModelRunner:
     """Runs one model's calls on worker threads, one at a time, in arrival order."""
 
-    def __init__(self, llm: MeshLlama, max_waiting: int) -> None:
-        self.llm = llm
+    def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting
         self._lock = threading.Lock()
         self._waiting = 0
@@ -97,7 +97,7 @@ class ModelRunner:
 
         return await asyncio.to_thread(work)
 
-    def stream(self, fn: Callable[..., Iterator[Any]], params: dict[str, Any]) -> AsyncIterator[Any]:
+    def stream(self, fn: Callable[..., Iterator[Any]], params: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """Items of ``fn(**params)`` as they come; closing the iterator stops the generation.
 
         Admission (and 503) happens here, before any response starts; the generation starts
@@ -131,13 +131,11 @@ class ModelRunner:
                 finally:
                     put(_DONE)
 
-        worker = loop.run_in_executor(None, work)
-        return self._drain(items, stop, worker)
+        loop.run_in_executor(None, work)  # never raises: work() reports errors as items
+        return self._drain(items, stop)
 
     @staticmethod
-    async def _drain(
-        items: asyncio.Queue[Any], stop: threading.Event, worker: asyncio.Future[None]
-    ) -> AsyncIterator[Any]:
+    async def _drain(items: asyncio.Queue[Any], stop: threading.Event) -> AsyncGenerator[Any, None]:
         try:
             while (item := await items.get()) is not _DONE:
                 yield item
@@ -165,7 +163,7 @@ async def _read_json(request: Request, allowed: frozenset[str], required: str) -
 
 
 def create_app(llm: MeshLlama, config: ServerConfig) -> Starlette:
-    runner = ModelRunner(llm, config.max_waiting)
+    runner = ModelRunner(config.max_waiting)
     started = int(time.time())
 
     async def respond(fn: Callable[..., Any], params: dict[str, Any]) -> Response:

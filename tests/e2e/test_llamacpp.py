@@ -92,14 +92,22 @@ def test_another_model_of_the_same_shape_reuses_nothing(models, engines) -> None
     assert twin.mesh.stats.hit_tokens == 0
 
 
-def test_the_two_v_layouts_never_mix(models, engines) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("cached_with", "used_with"),
+    [
+        ({"flash_attn": False}, {"flash_attn": True}),  # V transposed vs not
+        ({}, {"type_k": 0, "type_v": 0}),  # KV cache f16 vs f32 (GGML_TYPE_F32 = 0)
+    ],
+    ids=["v-layout", "kv-type"],
+)
+def test_another_kv_layout_never_mixes(models, engines, cached_with, used_with) -> None:  # type: ignore[no-untyped-def]
     tokens = prompt(4 * CHUNK + 1)
-    off = engines(models["tiny"], flash_attn=False)
-    cache(off, tokens)
-    on = engines(models["tiny"], flash_attn=True)
-    assert on.mesh.layout.v_trans is False and off.mesh.layout.v_trans is True
-    assert greedy(on, tokens) == greedy(plain(models["tiny"], flash_attn=True), tokens)
-    assert on.mesh.stats.hit_tokens == 0
+    first = engines(models["tiny"], **cached_with)
+    cache(first, tokens)
+    other = engines(models["tiny"], **used_with)
+    assert other.mesh.layout != first.mesh.layout and other.mesh.namespace != first.mesh.namespace
+    assert greedy(other, tokens) == greedy(plain(models["tiny"], **used_with), tokens)
+    assert other.mesh.stats.hit_tokens == 0 and other.mesh.stats.lookups == 1
 
 
 def test_a_chunk_of_another_namespace_under_a_right_key_is_not_restored(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
