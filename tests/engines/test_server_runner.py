@@ -15,7 +15,7 @@ from lmcache_mesh.engines.llamacpp.server import ApiError, ModelRunner  # noqa: 
 
 
 async def test_calls_run_one_at_a_time_and_a_full_queue_gets_503() -> None:
-    runner = ModelRunner(max_waiting=2)
+    runner = ModelRunner(max_waiting=1)
     gate = threading.Event()
     running: list[int] = []
     overlap: list[bool] = []
