@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.node import cli as node_cli
-from lmcache_mesh.node.config import NodeConfig
-from lmcache_mesh.node.sizes import format_size, parse_size
+from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig
+from lmcache_mesh.node.sizes import format_size
 
 DEFAULT_HTTP_PORT = 8000
 
@@ -74,14 +74,13 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def _embedded_config(args: argparse.Namespace) -> NodeConfig:
-    overrides: dict[str, Any] = {}
-    if args.data_dir:
-        overrides["data_dir"] = args.data_dir
-    if args.memory:
-        overrides["memory_bytes"] = parse_size(args.memory)
-    if args.disk:
-        overrides["disk_bytes"] = parse_size(args.disk)
-    return NodeConfig(**overrides)
+    """As ``lmcache-node run`` would configure it: defaults < LMCACHE_MESH_* (or its --config) < flags."""
+    flags = {
+        key: value
+        for key, value in (("data-dir", args.data_dir), ("memory", args.memory), ("disk", args.disk))
+        if value
+    }
+    return NodeConfig.load(os.environ.get(f"{ENV_PREFIX}CONFIG"), os.environ, flags)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,19 @@ class Saver:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether a job of ``nbytes`` would be queued now (check before preparing it)."""
+        with self._lock:
+            return not self._closed and self.stats.pending_bytes + nbytes <= self.max_pending_bytes
+
+    def count_dropped(self) -> None:
+        with self._lock:
+            self.stats.dropped += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**asdict(self.stats), "errors": dict(self.stats.errors)}
 
     def submit(self, job: Callable[[], None], nbytes: int) -> bool:
         """Queue ``job`` (holding ``nbytes``); False when it was dropped instead."""

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from lmcache_mesh.node.client import Client
 from lmcache_mesh.node.config import NodeConfig
@@ -99,6 +100,10 @@ class MeshStore:
         if self._node is not None:
             self._node.close()
 
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**asdict(self.stats), "errors": dict(self.stats.errors)}
+
     def _available(self) -> bool:
         if time.monotonic() < self._down_until:
             with self._lock:
@@ -118,14 +123,16 @@ class MeshStore:
             first = unreachable and self._down_until < time.monotonic()
             if unreachable:
                 self._down_until = time.monotonic() + self.config.retry_after_s
+        outcome = "chunks not stored" if what == "put" else "recomputing"
         if not unreachable and self.stats.errors[name] == 1:
-            logger.warning("mesh %s refused: %s: %s (logged once per kind)", what, name, exc)
+            logger.warning("mesh %s refused (%s): %s: %s (logged once per kind)", what, outcome, name, exc)
         elif first:
             logger.warning(
-                "mesh %s failed (%s: %s); recomputing, next try in %.0f s",
+                "mesh %s failed (%s: %s); %s, node skipped for %.0f s",
                 what,
                 name,
                 exc,
+                outcome,
                 self.config.retry_after_s,
             )
 
@@ -133,7 +140,8 @@ class MeshStore:
         """Leading ``keys`` cached anywhere in the mesh; 0 on any failure."""
         if not keys or not self._available():
             return 0
-        self.stats.lookups += 1
+        with self._lock:
+            self.stats.lookups += 1
         try:
             if self._node is not None:
                 return int(self._node.lookup(keys))
@@ -147,7 +155,8 @@ class MeshStore:
         """Verified records per key (None per miss); all None on any failure."""
         if not keys or not self._available():
             return [None] * len(keys)
-        self.stats.fetches += 1
+        with self._lock:
+            self.stats.fetches += 1
         try:
             if self._node is not None:
                 records: list[ChunkRecord | None] = self._node.get_records(keys)
@@ -163,7 +172,10 @@ class MeshStore:
         """Store ``records``; raises on failure (callers run it in the background and count it)."""
         if not records:
             return
-        self.stats.puts += 1
+        if not self._available():
+            raise Unavailable(f"node {self.config.node} did not answer lately; chunks not stored")
+        with self._lock:
+            self.stats.puts += 1
         try:
             if self._node is not None:
                 self._node.put_records(records)

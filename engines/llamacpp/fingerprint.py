@@ -4,7 +4,8 @@ Two files with the same tensor shapes but other weights produce KV that llama.cp
 silently and uses wrongly, so the namespace is keyed by content, never by file name.
 Hashing a multi-GB model takes seconds, so the digest is cached: beside the model
 (``MODEL.gguf.lmcache-fp``) when that directory is writable, else in ``cache_dir``. A cached
-digest is used only while the file's size, mtime and inode are unchanged.
+digest is used only while the file's size, mtime and inode are unchanged. A model split
+into shards (``name-00001-of-00003.gguf``) is fingerprinted over all of its shards.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".lmcache-fp"
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _READ_BYTES = 8 << 20
 _PROGRESS_EVERY_S = 5.0
 
@@ -84,15 +87,37 @@ def hash_file(path: Path) -> bytes:
     return h.digest()
 
 
+def shards(model: Path) -> list[Path]:
+    """All files of a model: the shards of a split GGUF (named by its first shard), else itself."""
+    m = _SHARD.match(model.name)
+    if m is None:
+        return [model]
+    count = int(m["count"])
+    return [model.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def file_digest(path: Path, cache_dir: Path | None) -> bytes:
+    """blake2b-128 of one file, from the cache while the file is unchanged."""
+    identity = _identity(path.stat())
+    files = _cache_files(path, cache_dir)
+    digest = _read_cached(files, identity)
+    if digest is None:
+        digest = hash_file(path)
+        _write_cached(files, identity, digest)
+    return digest
+
+
 def model_fingerprint(
     model_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
 ) -> bytes:
-    """16-byte content digest of the model file, from the cache when the file is unchanged."""
-    model = Path(model_path).resolve()
-    identity = _identity(model.stat())
-    files = _cache_files(model, Path(cache_dir) if cache_dir is not None else None)
-    digest = _read_cached(files, identity)
-    if digest is None:
-        digest = hash_file(model)
-        _write_cached(files, identity, digest)
-    return digest
+    """16-byte content digest of the model (every shard of a split GGUF)."""
+    # absolute(), not resolve(): a symlinked model (a hub cache) keeps its cache entry beside the link.
+    model = Path(model_path).absolute()
+    cache = Path(cache_dir) if cache_dir is not None else None
+    parts = shards(model)
+    if len(parts) == 1:
+        return file_digest(model, cache)
+    combined = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        combined.update(file_digest(part, cache))
+    return combined.digest()

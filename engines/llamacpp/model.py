@@ -8,6 +8,7 @@ generator is finished or closed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -20,10 +21,15 @@ _RESET_POSITION = 6
 """index of ``reset`` among Llama.generate's positional parameters after ``tokens``"""
 
 
-class MeshLlama(Llama):  # type: ignore[misc]  # llama_cpp ships no type information
-    """``Llama(*args, mesh=LlamaMeshConfig(...), **kwargs)``: all Llama arguments, plus the mesh's."""
+class MeshLlama(Llama):  # type: ignore[misc]  # llama_cpp is not type-checked (follow_imports = skip)
+    """``Llama(*args, mesh=LlamaMeshConfig(...), **kwargs)``: all Llama arguments, plus the mesh's.
+
+    ``abort``: when set to an Event, generation stops at the next token once it is set
+    (servers use it for clients that went away).
+    """
 
     mesh: KVReuse
+    abort: threading.Event | None = None
 
     def __init__(self, *args: Any, mesh: LlamaMeshConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -33,9 +39,18 @@ class MeshLlama(Llama):  # type: ignore[misc]  # llama_cpp ships no type informa
         reset = args[_RESET_POSITION] if len(args) > _RESET_POSITION else kwargs.get("reset", True)
         if reset:
             self.mesh.before_prefill(tokens)
+        else:
+            self.mesh.continue_prompt(tokens)
         inner = super().generate(tokens, *args, **kwargs)
+        abort = self.abort
         try:
-            yield from inner  # forwards send(): generate() takes draft tokens that way
+            sent = None  # generate() takes extra (draft) tokens through send()
+            while abort is None or not abort.is_set():
+                try:
+                    token = inner.send(sent)
+                except StopIteration:
+                    return
+                sent = yield token
         finally:
             inner.close()
             self.mesh.after_generation()
@@ -48,10 +63,14 @@ class MeshLlama(Llama):  # type: ignore[misc]  # llama_cpp ships no type informa
 
 
 def attach(llm: Llama, mesh: LlamaMeshConfig | None = None) -> MeshLlama:
-    """Turn an existing ``Llama`` into a :class:`MeshLlama` (its current KV state is cleared)."""
+    """Turn an existing ``Llama`` into a :class:`MeshLlama` (its current KV state is cleared).
+
+    If the mesh side cannot be set up, this raises and leaves ``llm`` a plain Llama.
+    """
     if isinstance(llm, MeshLlama):
         raise ValueError("this Llama already uses the mesh")
+    reuse = KVReuse(llm, mesh)
     llm.__class__ = MeshLlama
     assert isinstance(llm, MeshLlama)
-    llm.mesh = KVReuse(llm, mesh)
+    llm.mesh = reuse
     return llm

@@ -4,13 +4,12 @@ Before prefill, :meth:`KVReuse.before_prefill` looks up the prompt's chunk chain
 the cached leading chunks, joins them into one sequence-state blob and restores it; it
 then sets the Llama's token bookkeeping so that llama-cpp-python's own prefix matching
 evaluates only the rest. After generation, :meth:`KVReuse.after_generation` copies the
-sequence state once and hands it to a background thread, which cuts the chunks nobody
-has stored yet and puts them. Every mesh failure is a miss; nothing reaches the user.
+sequence state, cuts out the chunks nobody has stored yet and hands them to a background
+thread that puts them. Every mesh failure is a miss; nothing reaches the user.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -30,19 +29,19 @@ from ..store import MeshStore
 from . import seqstate
 from .config import LlamaMeshConfig
 from .fingerprint import model_fingerprint
+from .identity import compute_settings, layout_descriptor, probe_layout
+from .seqio import read_sequence, restore_sequence
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 logger = logging.getLogger(__name__)
 
-ENGINE = "llama.cpp"
 _MAX_PUT_BYTES = 64 << 20
 """records per PUT request, by payload bytes (well under a node's default request limit)"""
 _KNOWN_KEYS = 1 << 16
 _KNOWN_TTL_S = 300.0
 """a chunk stored or seen less than this long ago is not stored again"""
-_FLOAT_BYTES = {0: 4, 1: 2, 30: 2}
 
 
 @dataclass
@@ -66,65 +65,6 @@ class ReuseStats:
     """time the caller spent copying KV out for saving (the rest runs in the background)"""
 
 
-def read_sequence(llm: Llama) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """Sequence 0's state blob, copied out of the context."""
-    import llama_cpp
-
-    size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
-    blob = np.empty(size, dtype=np.uint8)
-    written = llama_cpp.llama_state_seq_get_data(
-        llm.ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0
-    )
-    return blob[:written]
-
-
-def restore_sequence(llm: Llama, blob: np.ndarray[Any, np.dtype[np.uint8]], tokens: Sequence[int]) -> bool:
-    """Replace sequence 0 with ``blob`` (holding ``tokens``); False if llama.cpp refused it."""
-    import llama_cpp
-
-    read = llama_cpp.llama_state_seq_set_data(
-        llm.ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(blob), 0
-    )
-    if read != len(blob):
-        # A refused restore leaves the sequence empty: the bookkeeping must say so.
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        llm.n_tokens = 0
-        llm._requires_eval = True
-        return False
-    n = len(tokens)
-    llm.input_ids[:n] = tokens
-    llm.n_tokens = n
-    # The restored state has no logits: generate() must decode at least one token.
-    llm._requires_eval = True
-    return True
-
-
-def probe_layout(llm: Llama) -> seqstate.BlobLayout:
-    """The context's KV layout, read from the blob of a one-token decode (then cleared)."""
-    token = max(llm.token_bos(), 0)
-    llm.reset()
-    llm.eval([token])
-    try:
-        return seqstate.parse(read_sequence(llm)).layout
-    finally:
-        llm._ctx.kv_cache_clear()
-        llm.n_tokens = 0
-        llm._requires_eval = True
-
-
-def layout_descriptor(llm: Llama, layout: seqstate.BlobLayout) -> dict[str, Any]:
-    """What the namespace must pin: engine, blob format version and the KV layout."""
-    import llama_cpp
-
-    n_kv_heads = int(llama_cpp.llama_model_n_head_kv(llm.model))
-    descriptor = {"engine": ENGINE, "engine_version": llama_cpp.__version__, **layout.descriptor()}
-    descriptor["n_kv_heads"] = n_kv_heads
-    el = _FLOAT_BYTES.get(layout.k_type)
-    if el is not None and n_kv_heads > 0:
-        descriptor["head_dim"] = layout.k_row // el // n_kv_heads
-    return descriptor
-
-
 def common_prefix(held: np.ndarray[Any, Any], tokens: Sequence[int]) -> int:
     n = min(len(held), len(tokens))
     diff = np.flatnonzero(held[:n] != np.asarray(tokens[:n], dtype=held.dtype))
@@ -132,35 +72,55 @@ def common_prefix(held: np.ndarray[Any, Any], tokens: Sequence[int]) -> int:
 
 
 class KVReuse:
-    """Chunk-level KV reuse for one ``llama_cpp.Llama`` (single sequence, as Llama runs)."""
+    """Chunk-level KV reuse for one ``llama_cpp.Llama`` (single sequence, as Llama runs).
+
+    ``enabled`` is False (and every hook a no-op) when the engine's KV cannot be shared
+    safely: ``logits_all`` engines (restored prompts have no per-token logits; draft
+    models force it) and models whose state is not one plain KV stream.
+    """
 
     def __init__(self, llm: Llama, config: LlamaMeshConfig | None = None, store: MeshStore | None = None):
         self.llm = llm
         self.config = config or LlamaMeshConfig()
         self.chunk_tokens = self.config.chunk_tokens
         self.stats = ReuseStats()
+        self.enabled = False
+        self.namespace = b""
+        self.chunk_bytes = 0
+        self._known: OrderedDict[bytes, float] = OrderedDict()
+        self._known_lock = threading.Lock()
+        self._prompt_tokens = 0
         self.fingerprint = model_fingerprint(llm.model_path, self.config.fingerprint_cache_dir)
-        self.layout = probe_layout(llm)
-        self.descriptor = layout_descriptor(llm, self.layout)
+        self.layout: seqstate.BlobLayout | None
+        try:
+            self.layout = probe_layout(llm)
+        except seqstate.BlobError as exc:
+            logger.warning(
+                "%s: its KV state cannot be cut into chunks (%s); the mesh is off for it", llm.model_path, exc
+            )
+            self.layout = None
+        if llm._logits_all:
+            logger.warning(
+                "logits_all=True (or a draft model): restored prompts have no logits, the mesh is off"
+            )
+        self._owns_store = store is None
+        self.store = store or MeshStore(self.config.store_config())
+        self._saver = Saver("lmcache-llamacpp-save", self.config.max_pending_save_bytes)
+        if self.layout is None or llm._logits_all:
+            return
+        compute = compute_settings(llm, self.config.fingerprint_cache_dir)
+        self.descriptor = layout_descriptor(llm, self.layout, compute)
         self.namespace = namespace_id(
             self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant
         )
         self.chunk_bytes = self.layout.chunk_bytes(self.chunk_tokens)
-        self.enabled = not llm._logits_all
-        if not self.enabled:
-            logger.warning("logits_all=True: prompt logits cannot be restored, so the mesh is not used")
-        self._owns_store = store is None
-        self.store = store or MeshStore(self.config.store_config())
-        self._saver = Saver("lmcache-llamacpp-save", self.config.max_pending_save_bytes)
-        self._known: OrderedDict[bytes, float] = OrderedDict()
-        self._known_lock = threading.Lock()
-        self._prompt_tokens = 0
         self._meta = {
             "tokens": self.chunk_tokens,
             "layout": self.descriptor,
             "dtype": self.descriptor["k_type"],
             "shape": [self.layout.n_layer, 2, self.chunk_tokens],
         }
+        self.enabled = True
         if self.chunk_bytes > NodeConfig.default_of("max_record_bytes"):
             logger.warning(
                 "chunks of %d tokens hold %.0f MB of KV, more than a node accepts by default (--max-record): "
@@ -188,9 +148,10 @@ class KVReuse:
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "enabled": self.enabled,
             **asdict(self.stats),
-            "saver": asdict(self._saver.stats),
-            "store": asdict(self.store.stats),
+            "saver": self._saver.snapshot(),
+            "store": self.store.snapshot(),
             "namespace": self.namespace.hex(),
         }
 
@@ -221,11 +182,16 @@ class KVReuse:
 
     # before prefill
 
+    def continue_prompt(self, tokens: Sequence[int]) -> None:
+        """A ``reset=False`` call: ``tokens`` extend what the context holds (no restore)."""
+        self._prompt_tokens = self.llm.n_tokens + len(tokens)
+
     def before_prefill(self, tokens: Sequence[int]) -> int:
         """Restore the longest cached chunk prefix of ``tokens`` the context lacks; tokens restored."""
         self._prompt_tokens = len(tokens)
         if not self.enabled:
             return 0
+        assert self.layout is not None
         self.stats.requests += 1
         llm, c = self.llm, self.chunk_tokens
         n_full = min(len(tokens), llm.n_ctx()) // c
@@ -240,7 +206,6 @@ class KVReuse:
         self.stats.lookup_seconds += looked_up - started
         if hits * c <= have:
             return 0
-        self._remember(keys[:hits])
         payloads = self._fetch(keys[:hits])
         fetched = time.perf_counter()
         self.stats.fetch_seconds += fetched - looked_up
@@ -254,6 +219,7 @@ class KVReuse:
             self.stats.restore_failures += 1
             logger.warning("llama.cpp refused a restored blob of %d tokens; recomputing", n * c)
             return 0
+        self._remember(keys[:n])  # present in the mesh: no need to store them again
         self.stats.hit_requests += 1
         self.stats.hit_tokens += n * c
         return n * c
@@ -275,9 +241,15 @@ class KVReuse:
     # after generation
 
     def after_generation(self) -> None:
-        """Queue the context's chunks that are not stored yet (copying the KV once, here)."""
+        """Cut out the context's chunks that are not stored yet and queue them for storing.
+
+        Runs on the caller's thread because only it may touch the context: it copies the
+        sequence state once and cuts the new chunks right away, so the queue holds only
+        what will be stored. Saves that would not fit the queue are dropped before copying.
+        """
         if not self.enabled:
             return
+        assert self.layout is not None
         llm, c = self.llm, self.chunk_tokens
         n_held = llm.n_tokens if self.config.save_completions else min(llm.n_tokens, self._prompt_tokens)
         n_full = n_held // c
@@ -286,26 +258,30 @@ class KVReuse:
         tokens = llm.input_ids[: n_full * c].tolist()
         keys = chunk_keys(self.namespace, tokens, c)
         first = self._first_unknown(keys)
-        if first == n_full:
+        new_keys = keys[first:]
+        if not new_keys:
+            return
+        nbytes = len(new_keys) * self.chunk_bytes
+        if not self._saver.has_room(nbytes):
+            self._saver.count_dropped()
             return
         started = time.perf_counter()
         try:
-            blob = read_sequence(llm)
-        except Exception as exc:  # never fail the user's request over a save
-            logger.warning("could not read the KV to save it: %s", exc)
-            return
-        self.stats.save_seconds += time.perf_counter() - started
-        new_keys = keys[first:]
-        self._remember(new_keys)
-        if not self._saver.submit(lambda: self._save(blob, first, new_keys), len(blob)):
-            self._forget(new_keys)
-
-    def _save(self, blob: np.ndarray[Any, np.dtype[np.uint8]], first: int, keys: list[bytes]) -> None:
-        try:
-            state = seqstate.parse(blob)
+            state = seqstate.parse(read_sequence(llm))
             if state.layout != self.layout:
                 raise seqstate.BlobError(f"layout changed from {self.layout} to {state.layout}")
-            payloads = seqstate.split(state, self.chunk_tokens, first, len(keys))
+            payloads = seqstate.split(state, c, first, len(new_keys))
+        except Exception as exc:  # never fail the user's request over a save
+            logger.warning("could not cut the KV to save it: %s: %s", type(exc).__name__, exc)
+            return
+        finally:
+            self.stats.save_seconds += time.perf_counter() - started
+        self._remember(new_keys)
+        if not self._saver.submit(lambda: self._save(new_keys, payloads), nbytes):
+            self._forget(new_keys)
+
+    def _save(self, keys: list[bytes], payloads: list[np.ndarray[Any, np.dtype[np.uint8]]]) -> None:
+        try:
             records = [
                 ChunkRecord.build(k, p, self.namespace, self._meta)
                 for k, p in zip(keys, payloads, strict=True)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +56,7 @@ class ServerConfig:
     model_id: str
     """the name clients pass as ``model`` (any name is accepted: one model is served)"""
     max_waiting: int = 64
-    """requests queued behind the running one; more get 503"""
+    """requests queued behind the running one; more get 503 (0: only when idle)"""
 
 
 class ApiError(Exception):
@@ -72,75 +74,136 @@ class ApiError(Exception):
 _DONE = object()
 
 
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if not fut.done():
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+
 class ModelRunner:
-    """Runs one model's calls on worker threads, one at a time, in arrival order."""
+    """Runs one model's calls on one worker thread, strictly in arrival order.
 
-    def __init__(self, max_waiting: int) -> None:
+    At most ``max_waiting`` calls wait behind the running one; more get 503. A call whose
+    client went away (its handler was cancelled, or it closed its stream) is skipped if it
+    has not started, and stopped at the next token if it has: ``bind_abort`` hands the
+    running call's abort event to the model.
+    """
+
+    def __init__(
+        self, max_waiting: int, bind_abort: Callable[[threading.Event | None], None] | None = None
+    ) -> None:
         self.max_waiting = max_waiting
-        self._lock = threading.Lock()
-        self._waiting = 0
         self.served = 0
+        self._bind_abort = bind_abort or (lambda event: None)
+        self._jobs: queue.Queue[tuple[Callable[[threading.Event], None], threading.Event] | None] = (
+            queue.Queue()
+        )
+        self._lock = threading.Lock()
+        self._pending = 0  # queued + running
+        self._aborts: set[threading.Event] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="lmcache-serve-model", daemon=True)
+        self._thread.start()
 
-    def _admit(self) -> None:
-        if self._waiting >= self.max_waiting:
-            raise ApiError(503, f"server busy: {self._waiting} requests waiting", "server_error")
-        self._waiting += 1
+    def _submit(self, run: Callable[[threading.Event], None]) -> threading.Event:
+        abort = threading.Event()
+        with self._lock:
+            if self._closed:
+                raise ApiError(503, "server is shutting down", "server_error")
+            if self._pending > self.max_waiting:
+                raise ApiError(503, f"server busy: {self._pending - 1} requests waiting", "server_error")
+            self._pending += 1
+            self._aborts.add(abort)
+        self._jobs.put((run, abort))
+        return abort
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            run, abort = job
+            try:
+                if not abort.is_set():
+                    with self._lock:
+                        self.served += 1
+                    self._bind_abort(abort)
+                    run(abort)
+            finally:
+                self._bind_abort(None)
+                with self._lock:
+                    self._pending -= 1
+                    self._aborts.discard(abort)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Refuse new calls, abort queued and running ones, stop the worker."""
+        with self._lock:
+            self._closed = True
+            for abort in self._aborts:
+                abort.set()
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
 
     async def call(self, fn: Callable[..., Any], params: dict[str, Any]) -> Any:
-        self._admit()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
 
-        def work() -> Any:
-            with self._lock:
-                self._waiting -= 1
-                self.served += 1
-                return fn(**params)
+        def run(abort: threading.Event) -> None:
+            try:
+                result, error = fn(**params), None
+            except Exception as exc:  # handed to the waiting handler
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, done, result, error)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is waiting
+                pass
 
-        return await asyncio.to_thread(work)
+        abort = self._submit(run)
+        try:
+            return await done
+        finally:
+            abort.set()  # finished, or the handler was cancelled: either way, stop
 
     def stream(self, fn: Callable[..., Iterator[Any]], params: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """Items of ``fn(**params)`` as they come; closing the iterator stops the generation.
 
-        Admission (and 503) happens here, before any response starts; the generation starts
-        at once and runs on a worker thread, handing items over through a queue.
+        Admission (and 503) happens here, before any response starts.
         """
-        self._admit()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
 
         def put(item: Any) -> None:
-            loop.call_soon_threadsafe(items.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
 
-        def work() -> None:
-            with self._lock:
-                self._waiting -= 1
-                self.served += 1
+        def run(abort: threading.Event) -> None:
+            try:
+                it = fn(**params)
                 try:
-                    it = fn(**params)
-                    try:
-                        for item in it:
-                            if stop.is_set():
-                                break
-                            put(item)
-                    finally:
-                        close = getattr(it, "close", None)
-                        if close is not None:
-                            close()  # the model saves its KV here, still under the lock
-                except Exception as exc:  # delivered to the client as an error event
-                    put(exc)
+                    for item in it:
+                        if abort.is_set():
+                            break
+                        put(item)
                 finally:
-                    put(_DONE)
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()  # the model saves its KV here, still on the model's thread
+            except Exception as exc:  # delivered to the client as an error event
+                put(exc)
+            finally:
+                put(_DONE)
 
-        loop.run_in_executor(None, work)  # never raises: work() reports errors as items
-        return self._drain(items, stop)
+        abort = self._submit(run)
+        return self._drain(items, abort)
 
     @staticmethod
-    async def _drain(items: asyncio.Queue[Any], stop: threading.Event) -> AsyncGenerator[Any, None]:
+    async def _drain(items: asyncio.Queue[Any], abort: threading.Event) -> AsyncGenerator[Any, None]:
         try:
             while (item := await items.get()) is not _DONE:
                 yield item
         finally:
-            stop.set()  # the client left (or the stream ended): the worker stops at the next token
+            abort.set()  # the client left (or the stream ended): generation stops at the next token
 
 
 def _sse(data: Any) -> bytes:
@@ -158,12 +221,14 @@ async def _read_json(request: Request, allowed: frozenset[str], required: str) -
         raise ApiError(400, f"missing required field {required!r}")
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "field 'stream' must be a boolean")
+    if body.get("n", 1) not in (1, None):
+        raise ApiError(400, "only n = 1 is supported (one choice per request)")
     # Unknown OpenAI fields (user, n=1, ...) are ignored rather than refused, like other servers do.
     return {k: v for k, v in body.items() if k in allowed and v is not None}
 
 
 def create_app(llm: MeshLlama, config: ServerConfig) -> Starlette:
-    runner = ModelRunner(config.max_waiting)
+    runner = ModelRunner(config.max_waiting, bind_abort=lambda event: setattr(llm, "abort", event))
     started = int(time.time())
 
     async def respond(fn: Callable[..., Any], params: dict[str, Any]) -> Response:
@@ -217,11 +282,17 @@ def create_app(llm: MeshLlama, config: ServerConfig) -> Starlette:
             {"status": "ok", "model": config.model_id, "served": runner.served, "mesh": llm.mesh.snapshot()}
         )
 
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(runner.close)  # stop generations nobody will read
+
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-        ]
+        ],
     )

@@ -97,15 +97,16 @@ def test_another_model_of_the_same_shape_reuses_nothing(models, engines) -> None
     [
         ({"flash_attn": False}, {"flash_attn": True}),  # V transposed vs not
         ({}, {"type_k": 0, "type_v": 0}),  # KV cache f16 vs f32 (GGML_TYPE_F32 = 0)
+        ({}, {"rope_freq_base": 500.0}),  # same layout, other positions' K
     ],
-    ids=["v-layout", "kv-type"],
+    ids=["v-layout", "kv-type", "rope"],
 )
 def test_another_kv_layout_never_mixes(models, engines, cached_with, used_with) -> None:  # type: ignore[no-untyped-def]
     tokens = prompt(4 * CHUNK + 1)
     first = engines(models["tiny"], **cached_with)
     cache(first, tokens)
     other = engines(models["tiny"], **used_with)
-    assert other.mesh.layout != first.mesh.layout and other.mesh.namespace != first.mesh.namespace
+    assert other.mesh.namespace != first.mesh.namespace
     assert greedy(other, tokens) == greedy(plain(models["tiny"], **used_with), tokens)
     assert other.mesh.stats.hit_tokens == 0 and other.mesh.stats.lookups == 1
 
@@ -179,3 +180,30 @@ def test_cutting_a_real_blob_and_joining_it_gives_the_same_bytes(models, engines
         assert state.layout == llm.mesh.layout
         joined = seqstate.join(state.layout, seqstate.split(state, CHUNK, 0, 3), CHUNK)
         assert joined.tobytes() == blob.tobytes()
+
+
+def test_a_failed_attach_leaves_a_working_plain_llama(models) -> None:  # type: ignore[no-untyped-def]
+    from llama_cpp import Llama
+
+    from lmcache_mesh.engines.llamacpp import LlamaMeshConfig, attach
+
+    llm = plain(models["tiny"])
+    tokens = prompt(2 * CHUNK)
+    expected = greedy(llm, tokens)
+    with pytest.raises(Exception, match="bogus"):
+        attach(llm, LlamaMeshConfig(node="bogus://nowhere"))
+    assert type(llm) is Llama
+    assert greedy(llm, tokens) == expected
+
+
+def test_a_save_queue_holds_only_the_new_chunks(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(6 * CHUNK)
+    first = engines(models["tiny"])
+    cache(first, tokens[: 5 * CHUNK])
+    # Room for one chunk and a half: the sixth chunk alone fits, the whole context would not.
+    llm = engines(models["tiny"], mesh={"max_pending_save_bytes": first.mesh.chunk_bytes * 3 // 2})
+    llm.create_completion(tokens, max_tokens=1, temperature=0.0)
+    assert llm.mesh.flush(30)
+    stats = llm.mesh.snapshot()
+    assert stats["hit_tokens"] == 5 * CHUNK
+    assert stats["saver"]["dropped"] == 0 and stats["saved_chunks"] == 1

@@ -7,6 +7,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(servers, dae
     assert too_long.status_code == 400 and "context window" in too_long.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n = 1"):
+        server.client().completions.create(model="tiny", prompt="x", max_tokens=2, n=3)
     assert completion(server) == completion(server, stream=True)
 
 
@@ -154,3 +157,24 @@ def test_a_client_that_leaves_mid_stream_does_not_stall_the_server(servers, daem
                 break  # leave after the first token
     assert completion(server) == completion(server, stream=True)
     assert server.health()["served"] == 3
+
+
+def test_a_stop_with_requests_queued_exits_promptly(servers, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    server = servers("--node", daemon.tcp)
+
+    def long_request() -> None:
+        try:
+            httpx.post(
+                f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3000}, timeout=60
+            )
+        except httpx.HTTPError:
+            pass  # the server goes away under it
+
+    clients = [threading.Thread(target=long_request, daemon=True) for _ in range(4)]
+    for t in clients:
+        t.start()
+    threading.Event().wait(1.0)
+    started = time.monotonic()
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
+    assert time.monotonic() - started < 12, "".join(server.lines)

@@ -72,3 +72,53 @@ async def test_an_error_inside_a_stream_is_delivered_as_an_item() -> None:
 
     items = [item async for item in runner.stream(failing, {})]
     assert items[0] == 1 and isinstance(items[1], ValueError)
+
+
+async def test_calls_run_in_arrival_order() -> None:
+    runner = ModelRunner(max_waiting=32)
+    gate = threading.Event()
+    order: list[int] = []
+
+    def work(i: int) -> None:
+        gate.wait(10)
+        order.append(i)
+
+    calls = []
+    for i in range(12):
+        calls.append(asyncio.create_task(runner.call(work, {"i": i})))
+        await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*calls)
+    assert order == list(range(12))
+
+
+async def test_max_waiting_zero_serves_an_idle_model() -> None:
+    runner = ModelRunner(max_waiting=0)
+    assert await runner.call(lambda: "ok", {}) == "ok"
+    assert await runner.call(lambda: "again", {}) == "again"
+
+
+async def test_close_skips_queued_calls_and_aborts_the_running_one() -> None:
+    started = threading.Event()
+    ran: list[str] = []
+    aborts: list[threading.Event | None] = []
+    runner = ModelRunner(max_waiting=8, bind_abort=aborts.append)
+
+    def running() -> str:
+        started.set()
+        abort = aborts[-1]
+        assert abort is not None
+        abort.wait(10)  # a generation that stops when told to
+        ran.append("running")
+        return "stopped"
+
+    first = asyncio.create_task(runner.call(running, {}))
+    queued = [asyncio.create_task(runner.call(lambda: ran.append("queued"), {})) for _ in range(3)]
+    assert await asyncio.to_thread(started.wait, 10)
+    await asyncio.to_thread(runner.close)
+    assert await first == "stopped"
+    assert ran == ["running"]
+    for task in queued:
+        task.cancel()
+    with pytest.raises(ApiError, match="shutting down"):
+        await runner.call(lambda: None, {})

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from lmcache_mesh.engines.store import MeshStore, StoreConfig
 from lmcache_mesh.node import ChunkRecord, NodeConfig
+from lmcache_mesh.node.errors import Unavailable
 
 from ..helpers import Daemon, free_port, payload
 
@@ -41,6 +44,10 @@ def test_a_dead_node_costs_one_timeout_then_instant_misses(ns: bytes, keys: list
         assert time.monotonic() - started < 0.5
         assert store.stats.failures == 1 and store.stats.skipped_while_down == 200
         assert "DeadlineExceeded" in store.stats.last_error
+        started = time.monotonic()
+        with pytest.raises(Unavailable):  # saves fail fast too, so their queue drains
+            store.put(records(ns, keys, 1))
+        assert time.monotonic() - started < 0.1
     finally:
         store.close()
 
