@@ -35,7 +35,6 @@ import queue
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import STARTUP_TIMEOUT_S, STOP_TIMEOUT_S, daemon_env, latency, machine_info, no_gc, percentile
+from benchlib import STARTUP_TIMEOUT_S, daemon_env, latency, machine_info, no_gc, percentile, stop_process
 
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 
@@ -241,19 +240,7 @@ def wait_ready(address: str, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
 
 
 def stop_daemon(daemon: Daemon) -> int | None:
-    """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code (None if killed)."""
-    proc = daemon.proc
-    code: int | None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-        code = None
-    shutil.rmtree(daemon.workdir, ignore_errors=True)
-    return code
+    return stop_process(daemon.proc, daemon.workdir)
 
 
 def minor_faults(pid: int) -> int:

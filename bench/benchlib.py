@@ -153,9 +153,10 @@ def start_mesh_daemon(i: int, join: str | None, *extra: str, memory: str = "256M
     return daemon
 
 
-def stop_mesh_daemon(daemon: MeshDaemon) -> int | None:
-    """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code (None if killed)."""
-    proc = daemon.proc
+def stop_process(proc: subprocess.Popen[str], workdir: Path) -> int | None:
+    """SIGTERM, wait; SIGKILL if it does not exit in time; remove ``workdir``.
+
+    Returns the exit code (None if it had to be killed)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -164,8 +165,12 @@ def stop_mesh_daemon(daemon: MeshDaemon) -> int | None:
         proc.kill()
         proc.wait(timeout=10)
         code = None
-    shutil.rmtree(daemon.workdir, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     return code
+
+
+def stop_mesh_daemon(daemon: MeshDaemon) -> int | None:
+    return stop_process(daemon.proc, daemon.workdir)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> float | None:
