@@ -8,8 +8,8 @@
 Importing this package needs ``llama-cpp-python`` (``pip install 'lmcache-mesh[llama]'``).
 """
 
+from ..fingerprint import model_fingerprint
 from .config import LlamaMeshConfig
-from .fingerprint import model_fingerprint
 from .model import MeshLlama, attach
 from .reuse import KVReuse
 

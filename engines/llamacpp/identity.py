@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..fingerprint import model_fingerprint
 from . import seqstate
-from .fingerprint import model_fingerprint
 from .seqio import read_sequence
 
 if TYPE_CHECKING:

@@ -24,11 +24,11 @@ from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
 from lmcache_mesh.node.records import ChunkRecord
 
+from ..fingerprint import model_fingerprint
 from ..saver import Saver
 from ..store import MeshStore
 from . import seqstate
 from .config import LlamaMeshConfig
-from .fingerprint import model_fingerprint
 from .identity import compute_settings, layout_descriptor, probe_layout
 from .seqio import read_sequence, restore_sequence
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_mesh.engines.llamacpp import fingerprint
-from lmcache_mesh.engines.llamacpp.fingerprint import SIDECAR_SUFFIX, model_fingerprint
+from lmcache_mesh.engines import fingerprint
+from lmcache_mesh.engines.fingerprint import SIDECAR_SUFFIX, model_fingerprint
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -65,3 +65,28 @@ def test_an_unwritable_sidecar_falls_back_to_the_cache_dir(tmp_path: Path) -> No
     digest = model_fingerprint(model, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 1
     assert model_fingerprint(model, cache_dir=tmp_path / "cache") == digest
+
+
+def test_a_weights_directory_is_fingerprinted_over_config_and_weights(tmp_path: Path) -> None:
+    model = tmp_path / "hf"
+    model.mkdir()
+    write(model / "config.json", b'{"hidden_size": 128}')
+    write(model / "model.safetensors", b"w" * 1000)
+    write(model / "README.md", b"docs do not count")
+    first = model_fingerprint(model)
+    write(model / "README.md", b"other docs")
+    assert model_fingerprint(model) == first
+    write(model / "config.json", b'{"hidden_size": 256}')
+    assert model_fingerprint(model) != first
+    with pytest.raises(ValueError, match="no weight files"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        model_fingerprint(empty)
+
+
+def test_every_shard_of_a_split_gguf_counts(tmp_path: Path) -> None:
+    first = write(tmp_path / "m-00001-of-00002.gguf", b"a" * 100)
+    write(tmp_path / "m-00002-of-00002.gguf", b"b" * 100)
+    digest = model_fingerprint(first)
+    write(tmp_path / "m-00002-of-00002.gguf", b"c" * 100)
+    assert model_fingerprint(first) != digest

@@ -1,4 +1,7 @@
-"""Model fingerprints: a digest of a GGUF file's content, computed once per file version.
+"""Model fingerprints: a digest of a model's content, computed once per file version.
+
+A model is a GGUF file (every shard, for a split one) or a directory of weights (Hugging
+Face layout: ``config.json`` and the ``*.safetensors`` / ``*.bin`` / ``*.pt`` files).
 
 Two files with the same tensor shapes but other weights produce KV that llama.cpp accepts
 silently and uses wrongly, so the namespace is keyed by content, never by file name.
@@ -107,17 +110,31 @@ def file_digest(path: Path, cache_dir: Path | None) -> bytes:
     return digest
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+DIR_METADATA = ("config.json",)
+
+
+def directory_files(model: Path) -> list[Path]:
+    """The files of a model directory that determine its KV: config and weights, sorted."""
+    files = sorted(
+        p for p in model.iterdir() if p.is_file() and (p.name in DIR_METADATA or p.suffix in WEIGHT_SUFFIXES)
+    )
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise ValueError(f"{model} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return files
+
+
 def model_fingerprint(
     model_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
 ) -> bytes:
-    """16-byte content digest of the model (every shard of a split GGUF)."""
+    """16-byte content digest of a model: a file (every shard of a split GGUF) or a weights directory."""
     # absolute(), not resolve(): a symlinked model (a hub cache) keeps its cache entry beside the link.
     model = Path(model_path).absolute()
     cache = Path(cache_dir) if cache_dir is not None else None
-    parts = shards(model)
-    if len(parts) == 1:
+    parts = directory_files(model) if model.is_dir() else shards(model)
+    if len(parts) == 1 and not model.is_dir():
         return file_digest(model, cache)
     combined = hashlib.blake2b(digest_size=16)
     for part in parts:
-        combined.update(file_digest(part, cache))
+        combined.update(part.name.encode() + b"\0" + file_digest(part, cache))
     return combined.digest()
