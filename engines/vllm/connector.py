@@ -1,0 +1,123 @@
+"""``MeshConnector``: vLLM's v1 KV connector backed by the mesh.
+
+vLLM makes one instance per role and process: the SCHEDULER instance (engine core) asks the
+mesh how much of each prompt it holds and plans loads and saves; the WORKER instance (each
+worker) moves the bytes. They share nothing but the metadata vLLM carries between them.
+Loads are synchronous and saves are handed to a background thread, so no request waits on
+the mesh beyond a lookup's deadline; a load that fails is recomputed by vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from ..store import MeshStore
+from .config import VllmMeshConfig
+from .identity import engine_namespace
+from .metadata import MeshConnectorMetadata
+from .scheduler import SchedulerSide
+from .worker import WorkerSide
+
+logger = logging.getLogger(__name__)
+
+
+class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not type-checked
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.config = VllmMeshConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        self.namespace, self.descriptor = engine_namespace(vllm_config, self.config)
+        block_size = vllm_config.cache_config.block_size
+        self.store = MeshStore(self.config.store_config())
+        self.scheduler: SchedulerSide | None = None
+        self.worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            # A cache may forget between lookup and load: vLLM should recompute then, not fail.
+            self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
+            self.scheduler = SchedulerSide(self.namespace, self.config.chunk_tokens, block_size, self.store)
+        else:
+            self.worker = WorkerSide(
+                self.namespace,
+                self.descriptor,
+                self.config.chunk_tokens,
+                block_size,
+                self.store,
+                self.config.max_pending_save_bytes,
+                _split_kind(),
+            )
+        logger.info(
+            "MeshConnector (%s): namespace %s, %d tokens/chunk, node %s",
+            role.name.lower(),
+            self.namespace.hex(),
+            self.config.chunk_tokens,
+            self.config.node or "embedded",
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is only a future miss
+
+    # scheduler side
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        return self.scheduler.matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        assert self.scheduler is not None
+        self.scheduler.after_alloc(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        return self.scheduler.build_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        self.scheduler.finished(request)
+        return False, None
+
+    # worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        assert self.worker is not None
+        self.worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self.worker is not None and isinstance(meta, MeshConnectorMetadata) and meta.loads:
+            self.worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads finish in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # whole chunks are copied out in wait_for_save, once per step
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if self.worker is not None and isinstance(meta, MeshConnectorMetadata) and meta.saves:
+            self.worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.take_failed_blocks() if self.worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.store.close()
+
+
+def _split_kind() -> Any:
+    """How an older vLLM orders a 5-D cache's heads and tokens ("NHD" unless it says "HND")."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector import utils
+
+        return "HND" if str(utils.get_kv_cache_layout()) == "HND" else "NHD"
+    except Exception:  # newer vLLM: packed 4-D caches, where this does not apply
+        return "NHD"

@@ -1,0 +1,37 @@
+"""What the scheduler-side connector tells the workers each step (pickled across processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens ``start .. end - 1`` of a request from the mesh into its blocks."""
+
+    req_id: str
+    tokens: list[int]
+    """the prompt up to the end of the last chunk needed (for the chunk keys)"""
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class SaveSpec:
+    """Store chunks ``first .. first + count - 1`` of a request, all computed by now."""
+
+    req_id: str
+    tokens: list[int]
+    """the prompt up to the end of the last chunk to store"""
+    block_ids: list[int]
+    first: int
+    count: int
+
+
+@dataclass
+class MeshConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]  # vllm is not type-checked
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)

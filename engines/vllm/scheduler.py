@@ -1,0 +1,137 @@
+"""The scheduler side of ``MeshConnector``: how much of a prompt the mesh holds, and what to move.
+
+It runs in vLLM's engine-core process and never touches KV. Per request it remembers the
+mesh's answer for the prompt's chunk chain (asked once: vLLM may ask again while a request
+waits), the request's blocks, and how many chunks are known stored. Each step it tells the
+workers which tokens to load (a hit just allocated) and which newly computed chunks to save.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmcache_mesh.node.keys import chunk_keys
+
+from ..store import MeshStore
+from .metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    prompt: list[int]
+    hits: int
+    """leading chunks the mesh held at lookup"""
+    local_computed: int = 0
+    """tokens vLLM had itself (prefix cache) when it asked"""
+    block_ids: list[int] = field(default_factory=list)
+    stored: int = 0
+    """leading chunks known stored (mesh hits, then our saves)"""
+
+
+def reusable(request: Any) -> bool:
+    """Requests whose KV depends on more than their tokens (LoRA, salts, images, embeddings) stay out."""
+    return not (
+        getattr(request, "lora_request", None)
+        or getattr(request, "cache_salt", None)
+        or getattr(request, "mm_features", None)
+        or getattr(request, "prompt_embeds", None) is not None
+        or not getattr(request, "prompt_token_ids", None)
+    )
+
+
+class SchedulerSide:
+    def __init__(self, namespace: bytes, chunk_tokens: int, block_size: int, store: MeshStore) -> None:
+        if chunk_tokens % block_size:
+            raise ValueError(
+                f"chunk_tokens ({chunk_tokens}) must be a multiple of the block size ({block_size})"
+            )
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+        self.block_size = block_size
+        self.store = store
+        self._tracked: dict[str, _Tracked] = {}
+        self._loads: list[LoadSpec] = []
+        self.stats = {"lookups": 0, "hit_tokens": 0, "loads": 0, "saved_chunks": 0}
+
+    def matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens the mesh can supply beyond the ``num_computed_tokens`` vLLM has; loads are synchronous."""
+        if not reusable(request):
+            return 0, False
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            prompt = list(request.prompt_token_ids)
+            c = self.chunk_tokens
+            keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)
+            hits = self.store.lookup(keys) if keys else 0
+            self.stats["lookups"] += 1
+            tracked = self._tracked[request.request_id] = _Tracked(prompt, hits, stored=hits)
+        tracked.local_computed = num_computed_tokens
+        matched = tracked.hits * self.chunk_tokens
+        matched = min(matched, request.num_tokens - 1)  # vLLM must compute at least one token
+        return max(0, matched - num_computed_tokens), False
+
+    def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            return
+        tracked.block_ids = list(block_ids)
+        if num_external_tokens > 0:
+            start = tracked.local_computed
+            end = start + num_external_tokens
+            c = self.chunk_tokens
+            last_chunk_end = -(-end // c) * c
+            self._loads.append(
+                LoadSpec(request.request_id, tracked.prompt[:last_chunk_end], list(block_ids), start, end)
+            )
+            self.stats["loads"] += 1
+            self.stats["hit_tokens"] += num_external_tokens
+
+    def build_meta(self, scheduler_output: Any) -> MeshConnectorMetadata:
+        meta = MeshConnectorMetadata(loads=self._loads)
+        self._loads = []
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            if tracked is not None:
+                tracked.block_ids = list(new.block_ids[0])
+                self._plan_save(
+                    meta, new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0)
+                )
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:  # preempted: its blocks were replaced
+                    tracked.block_ids = list(new_blocks[0])
+                else:
+                    tracked.block_ids.extend(new_blocks[0])
+            self._plan_save(meta, req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+        return meta
+
+    def _plan_save(self, meta: MeshConnectorMetadata, req_id: str, tracked: _Tracked, computed: int) -> None:
+        """Save the prompt chunks this step completes (whole chunks only, each once)."""
+        c = self.chunk_tokens
+        full = min(computed, len(tracked.prompt)) // c
+        if full <= tracked.stored:
+            return
+        meta.saves.append(
+            SaveSpec(
+                req_id,
+                tracked.prompt[: full * c],
+                tracked.block_ids[: full * c // self.block_size],
+                tracked.stored,
+                full - tracked.stored,
+            )
+        )
+        self.stats["saved_chunks"] += full - tracked.stored
+        tracked.stored = full
+
+    def finished(self, request: Any) -> None:
+        self._tracked.pop(request.request_id, None)
