@@ -9,6 +9,7 @@ namespace and size, is never written: its blocks are reported so vLLM recomputes
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import re
@@ -58,6 +59,7 @@ class WorkerSide:
         self.store = store
         self.split_kind = split_kind
         self.saver = Saver("lmcache-vllm-save", max_pending_save_bytes)
+        atexit.register(self.saver.close)  # a worker that exits normally finishes its saves first
         self.layers: list[torch.Tensor] = []
         self.layout: PagedLayout | None = None
         self.chunk_bytes = 0
