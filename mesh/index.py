@@ -63,6 +63,10 @@ class HolderIndex:
             else:
                 del self._holders[key]
 
+    def names(self) -> list[str]:
+        """Every holder currently named."""
+        return list(self._ids)
+
     def forget(self, holder: str) -> None:
         """``holder`` is dead or gone: stop naming it (its bits are skipped, then swept)."""
         i = self._ids.pop(holder, None)

@@ -127,6 +127,11 @@ def _print_status(s: dict[str, Any]) -> None:
             f"  {name:<7} {format_size(t['used_bytes'])} / {format_size(t['capacity_bytes'])}"
             f"  {t['entries']} chunks  {t['evictions']} evictions"
         )
+    engines = s.get("mesh", {}).get("engines", {})
+    if engines:
+        print("engines  (their own KV caches, from KV events)")
+        for holder, n in sorted(engines.items()):
+            print(f"  {holder:<40} {n} chunks")
     c = s["counters"]
     lookups = c["hits_memory"] + c["hits_disk"] + c["misses"]
     rate = f"{100 * (c['hits_memory'] + c['hits_disk']) / lookups:.1f}%" if lookups else "-"

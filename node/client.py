@@ -138,6 +138,12 @@ class Client:
         stats: dict[str, Any] = self._call(Op.STATS, {}).fields["stats"]
         return stats
 
+    def announce_engine(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        """Tell the mesh that ``engine`` (attached to this node) holds ``add`` and dropped ``remove``
+        in its own KV cache; the index then names it ``<node>/<engine>``."""
+        fields = {"holder": engine, "add": list(add), "remove": list(remove), "route": True}
+        self._call(Op.ANNOUNCE, fields)
+
     def join(self, seeds: Sequence[str]) -> None:
         """Make the node join the mesh that ``seeds`` (tcp:// addresses) belong to."""
         self._call(Op.JOIN, {"seeds": list(seeds)})

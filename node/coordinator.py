@@ -112,8 +112,10 @@ class MeshCoordinator:
         self.counters: dict[str, int] = defaultdict(int)
         self._max_queued_bytes = max_queued_bytes
         self._queued_bytes = 0
-        self._adds: dict[str, set[bytes]] = defaultdict(set)  # owner name -> keys we now hold
-        self._removes: dict[str, set[bytes]] = defaultdict(set)
+        # owner name -> holder -> keys: the holder is this node, or an engine attached to it
+        self._adds: dict[str, dict[str, set[bytes]]] = defaultdict(lambda: defaultdict(set))
+        self._removes: dict[str, dict[str, set[bytes]]] = defaultdict(lambda: defaultdict(set))
+        self._engines: dict[str, set[bytes]] = defaultdict(set)  # "me/engine" -> keys its KV cache holds
         self._replicate: dict[str, list[ChunkRecord]] = defaultdict(list)  # owner name -> records to copy
         self._repair: dict[str, set[bytes]] = defaultdict(set)  # holder name -> keys we own and lack
         self._task: asyncio.Task[None] | None = None
@@ -160,14 +162,12 @@ class MeshCoordinator:
 
     def stored(self, records: Sequence[ChunkRecord], replicate: bool) -> None:
         """Records are now held here: announce them, and copy them to their owners if asked."""
-        for record in records:
-            for owner in self.cluster.ring.owners(record.key, self.replicas):
-                if owner == self.me:
-                    self.index.add(self.me, [record.key])
-                    continue
-                self._adds[owner].add(record.key)
-                self._removes[owner].discard(record.key)
-                if replicate:
+        self._route(self.me, [r.key for r in records], ())
+        if replicate:
+            for record in records:
+                for owner in self.cluster.ring.owners(record.key, self.replicas):
+                    if owner == self.me:
+                        continue
                     if self._queued_bytes + record.nbytes > self._max_queued_bytes:
                         self.counters["replication_dropped"] += 1
                         continue
@@ -176,13 +176,39 @@ class MeshCoordinator:
         self._wake.set()
 
     def removed(self, keys: Sequence[bytes]) -> None:
-        for key in keys:
-            for owner in self.cluster.ring.owners(key, self.replicas):
+        self._route(self.me, (), keys)
+
+    def engine_holder(self, engine: str) -> str:
+        """Index name of an engine attached to this node: ``<node>/<engine>``."""
+        return f"{self.me}/{engine}"
+
+    def engine_announced(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        """An engine attached here holds (or dropped) these chunks in its own KV cache."""
+        holder = self.engine_holder(engine)
+        held = self._engines[holder]
+        held.update(add)
+        held.difference_update(remove)
+        if not held:
+            del self._engines[holder]
+        self._route(holder, add, remove)
+
+    def _route(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        """Tell each key's owners that ``holder`` now holds (or no longer holds) it."""
+        owners = self.cluster.ring.owners
+        for key in add:
+            for owner in owners(key, self.replicas):
                 if owner == self.me:
-                    self.index.remove(self.me, [key])
+                    self.index.add(holder, [key])
                 else:
-                    self._removes[owner].add(key)
-                    self._adds[owner].discard(key)
+                    self._adds[owner][holder].add(key)
+                    self._removes[owner][holder].discard(key)
+        for key in remove:
+            for owner in owners(key, self.replicas):
+                if owner == self.me:
+                    self.index.remove(holder, [key])
+                else:
+                    self._removes[owner][holder].add(key)
+                    self._adds[owner][holder].discard(key)
         self._wake.set()
 
     async def _flush_loop(self) -> None:
@@ -200,7 +226,9 @@ class MeshCoordinator:
     async def flush(self) -> None:
         """Send queued announcements and replicas, one batch per owner, concurrently."""
         adds, removes, replicate = self._adds, self._removes, self._replicate
-        self._adds, self._removes, self._replicate = defaultdict(set), defaultdict(set), defaultdict(list)
+        self._adds = defaultdict(lambda: defaultdict(set))
+        self._removes = defaultdict(lambda: defaultdict(set))
+        self._replicate = defaultdict(list)
         self._queued_bytes = 0
         jobs = []
         for owner in set(adds) | set(removes) | set(replicate):
@@ -210,25 +238,30 @@ class MeshCoordinator:
                 continue
             jobs.append(
                 self._send_to_owner(
-                    address, adds.get(owner, set()), removes.get(owner, set()), replicate.get(owner, [])
+                    address, adds.get(owner, {}), removes.get(owner, {}), replicate.get(owner, [])
                 )
             )
         if jobs:
             await asyncio.gather(*jobs)
 
     async def _send_to_owner(
-        self, address: str, adds: set[bytes], removes: set[bytes], records: list[ChunkRecord]
+        self,
+        address: str,
+        adds: dict[str, set[bytes]],
+        removes: dict[str, set[bytes]],
+        records: list[ChunkRecord],
     ) -> None:
         client = self.peers.get(address)
         try:
             if records:
                 await client.put_records(records, replica=True)
                 self.counters["replicated"] += len(records)
-            add, remove = list(adds), list(removes)
-            for i in range(0, max(len(add), len(remove)), ANNOUNCE_BATCH_KEYS):
-                batch = slice(i, i + ANNOUNCE_BATCH_KEYS)
-                await client.announce(self.me, add[batch], remove[batch])
-                self.counters["announced"] += len(add[batch]) + len(remove[batch])
+            for holder in set(adds) | set(removes):
+                add, remove = list(adds.get(holder, ())), list(removes.get(holder, ()))
+                for i in range(0, max(len(add), len(remove)), ANNOUNCE_BATCH_KEYS):
+                    batch = slice(i, i + ANNOUNCE_BATCH_KEYS)
+                    await client.announce(holder, add[batch], remove[batch])
+                    self.counters["announced"] += len(add[batch]) + len(remove[batch])
         except (MeshError, OSError) as exc:
             self._peer_failed(address, exc)
 
@@ -237,6 +270,8 @@ class MeshCoordinator:
     def on_announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
         self.index.add(holder, add)
         self.index.remove(holder, remove)
+        if "/" in holder:
+            return  # an engine's own KV cache: nothing there to pull replicas from
         # Repair: a key we own but do not hold (we are a new owner, or lost our copy) is
         # pulled from the holder that announced it, so each chunk gets back to R copies.
         missing = [k for k, here in zip(add, self.node.store.present(add), strict=True) if not here]
@@ -280,6 +315,9 @@ class MeshCoordinator:
 
     def forget(self, member: str) -> None:
         self.index.forget(member)
+        for holder in self.index.names():
+            if holder.startswith(member + "/"):  # the engines attached to it went with it
+                self.index.forget(holder)
         m = self.cluster.membership.members.get(member)
         if m is not None:
             self.peers.drop(m.address)
@@ -297,17 +335,12 @@ class MeshCoordinator:
         task.add_done_callback(self._background.discard)
 
     async def _reannounce_in_slices(self) -> None:
-        keys = self.node.store.keys()
-        self.counters["reannounced"] += len(keys)
-        for start in range(0, len(keys), REANNOUNCE_SLICE_KEYS):
-            for key in keys[start : start + REANNOUNCE_SLICE_KEYS]:
-                for owner in self.cluster.ring.owners(key, self.replicas):
-                    if owner == self.me:
-                        self.index.add(self.me, [key])
-                    else:
-                        self._adds[owner].add(key)
-            self._wake.set()
-            await asyncio.sleep(0)  # let requests and membership run between slices
+        held = [(self.me, self.node.store.keys())] + [(h, list(keys)) for h, keys in self._engines.items()]
+        for holder, keys in held:
+            self.counters["reannounced"] += len(keys)
+            for start in range(0, len(keys), REANNOUNCE_SLICE_KEYS):
+                self._route(holder, keys[start : start + REANNOUNCE_SLICE_KEYS], ())
+                await asyncio.sleep(0)  # let requests and membership run between slices
 
     # reads
 
@@ -334,7 +367,8 @@ class MeshCoordinator:
         }
         local = self.node.store.present(keys)
         return [
-            sorted(set(h for h in hs if h in alive) | ({self.me} if here else set()))
+            # an engine's entry lives as long as the node it is attached to
+            sorted(set(h for h in hs if h.partition("/")[0] in alive) | ({self.me} if here else set()))
             for hs, here in zip(holders, local, strict=True)
         ]
 
@@ -438,4 +472,9 @@ class MeshCoordinator:
         return address
 
     def stats(self) -> dict[str, Any]:
-        return {"index_keys": len(self.index), "replicas": self.replicas, **self.counters}
+        return {
+            "index_keys": len(self.index),
+            "replicas": self.replicas,
+            "engines": {holder: len(keys) for holder, keys in self._engines.items()},
+            **self.counters,
+        }

@@ -189,6 +189,11 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         fields_["holder"] = holder
         fields_["add"] = _keys(m, limits, "add")
         fields_["remove"] = _keys(m, limits, "remove")
+        # route: the holder is an engine attached to the receiving node, which routes the
+        # keys to their owners; otherwise the receiver is an owner and records them.
+        fields_["route"] = _flag(m, "route")
+        if fields_["route"] and "/" in holder:
+            raise BadRequest("an engine name must not contain '/'")
     elif op is Op.JOIN:
         seeds = m.get("seeds")
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, str) for s in seeds):

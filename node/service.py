@@ -216,8 +216,16 @@ class NodeServer:
             )
             return [ok_reply(req.id, holders=holders)]
         if req.op is Op.ANNOUNCE:
-            if self.coordinator is not None:
-                self.coordinator.on_announce(req.fields["holder"], req.fields["add"], req.fields["remove"])
+            f = req.fields
+            if self.coordinator is None:
+                if f["route"]:
+                    raise Unavailable(
+                        "this node is in no mesh (no tcp:// endpoint): it keeps no prefix index"
+                    )
+            elif f["route"]:
+                self.coordinator.engine_announced(f["holder"], f["add"], f["remove"])
+            else:
+                self.coordinator.on_announce(f["holder"], f["add"], f["remove"])
             return [ok_reply(req.id)]
         if req.op is Op.RANK:
             keys, candidates = req.fields["keys"], req.fields["candidates"]

@@ -170,3 +170,41 @@ def test_replicas_are_repaired_after_an_owner_dies(daemon_factory: DaemonFactory
         with d.client() as c:
             repaired += c.stats()["mesh"].get("repaired", 0)
     assert repaired > 0  # the copies came back by repair, not by chance
+
+
+def test_an_engine_attached_to_a_node_is_ranked_and_leaves_with_it(daemon_factory: DaemonFactory) -> None:
+    base = 50
+    ports = {i: free_port(f"127.0.0.{i}") for i in range(base, base + 3)}
+    nodes = {base: start_node(daemon_factory, base, ports[base])}
+    for i in (base + 1, base + 2):
+        nodes[i] = start_node(daemon_factory, i, ports[i], "--join", nodes[base].tcp)
+    assert wait_until(lambda: all(len(members(d)) == 3 for d in nodes.values()), 20) is not None
+    time.sleep(1.0)
+
+    ns = namespace_id(b"engine-test", {"engine": "test"}, 16)
+    keys = chunk_keys(ns, list(range(16 * 6)), 16)
+    engine_node, asker = nodes[base + 1], nodes[base + 2]
+    engine = f"node{base + 1}/vllm-a"
+    with engine_node.client() as c:
+        c.announce_engine("vllm-a", keys[:4], [])
+
+    def ranked_first(n: int) -> bool:
+        with asker.client() as c:
+            return c.rank(keys, [f"node{base}", engine])[0] == (engine, n)
+
+    assert wait_until(lambda: ranked_first(4), 10) is not None
+    with asker.client() as c:
+        n, holders = c.locate(keys)
+        assert n == 4 and all(engine in h for h in holders[:4])
+    with engine_node.client() as c:
+        assert c.stats()["mesh"]["engines"] == {engine: 4}
+        c.announce_engine("vllm-a", [], keys[2:4])  # the engine evicted two blocks' chunks
+    assert wait_until(lambda: ranked_first(2), 10) is not None
+
+    status = subprocess.run(
+        node_command("status", "--node", engine_node.tcp), capture_output=True, text=True, timeout=30
+    )
+    assert f"{engine}" in status.stdout and "2 chunks" in status.stdout
+
+    engine_node.stop(signal.SIGKILL)
+    assert wait_until(lambda: not ranked_first(2), 40) is not None  # gone with its node
