@@ -168,6 +168,12 @@ class MeshStore:
             self._failed("fetch", exc)
             return [None] * len(keys)
 
+    def announce_engine(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        """Tell the mesh's index what an engine's own KV cache holds; raises on failure."""
+        if self._back is None:
+            raise Unavailable("an embedded node keeps no mesh index: give the engine a node address")
+        self._back.announce_engine(engine, add, remove)
+
     def put(self, records: Sequence[ChunkRecord]) -> None:
         """Store ``records``; raises on failure (callers run it in the background and count it)."""
         if not records:

@@ -27,6 +27,10 @@ class VllmMeshConfig:
     load_failure_policy: str = "recompute"
     """what vLLM does when a load fails: "recompute" the tokens (a cache may forget) or "fail" the request"""
     fingerprint_cache_dir: str | None = None
+    engine_name: str | None = None
+    """this engine's name in the mesh index (``<node>/<engine_name>``); default ``vllm-<engine id>``"""
+    ingest_events: bool = True
+    """when the engine publishes KV events (``kv_events_config``), feed them to the mesh index"""
 
     def __post_init__(self) -> None:
         if self.chunk_tokens <= 0:

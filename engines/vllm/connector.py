@@ -20,6 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ..store import MeshStore
 from .config import VllmMeshConfig
+from .events import BlockChain, EventsIngest
 from .identity import engine_namespace
 from .metadata import MeshConnectorMetadata
 from .scheduler import SchedulerSide
@@ -37,10 +38,12 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
         self.store = MeshStore(self.config.store_config())
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
+        self.ingest: EventsIngest | None = None
         if role == KVConnectorRole.SCHEDULER:
             # A cache may forget between lookup and load: vLLM should recompute then, not fail.
             self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
             self.scheduler = SchedulerSide(self.namespace, self.config.chunk_tokens, block_size, self.store)
+            self.ingest = _start_ingest(vllm_config, self.config, self.namespace, self.store)
         else:
             self.worker = WorkerSide(
                 self.namespace,
@@ -108,6 +111,8 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
         return self.worker.take_failed_blocks() if self.worker is not None else set()
 
     def shutdown(self) -> None:
+        if self.ingest is not None:
+            self.ingest.close()
         if self.worker is not None:
             self.worker.close()
         self.store.close()
@@ -121,3 +126,32 @@ def _split_kind() -> Any:
         return "HND" if str(utils.get_kv_cache_layout()) == "HND" else "NHD"
     except Exception:  # newer vLLM: packed 4-D caches, where this does not apply
         return "NHD"
+
+
+def _connectable(endpoint: str) -> str:
+    """The address a subscriber connects to for a publisher's bind address (tcp://*:5557)."""
+    return endpoint.replace("://*", "://127.0.0.1").replace("://[::]", "://[::1]")
+
+
+def _start_ingest(
+    vllm_config: Any, config: VllmMeshConfig, namespace: bytes, store: MeshStore
+) -> EventsIngest | None:
+    """Follow this engine's own KV events into the mesh index, if it publishes them."""
+    events = getattr(vllm_config, "kv_events_config", None)
+    if not config.ingest_events or events is None or not events.enable_kv_cache_events:
+        return None
+    if events.publisher != "zmq" or config.node is None:
+        logger.warning("KV events are on but not ingested: they need the zmq publisher and a node address")
+        return None
+    engine = config.engine_name or f"vllm-{vllm_config.kv_transfer_config.engine_id[:8]}"
+    chain = BlockChain(namespace, config.chunk_tokens)
+    replay = _connectable(events.replay_endpoint) if events.replay_endpoint else None
+    ingest = EventsIngest(
+        _connectable(events.endpoint),
+        chain,
+        lambda add, remove: store.announce_engine(engine, add, remove),
+        topic=events.topic,
+        replay_endpoint=replay,
+    )
+    logger.info("MeshConnector: KV events of %s from %s feed the mesh index", engine, events.endpoint)
+    return ingest.start()

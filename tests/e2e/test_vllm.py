@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from lmcache_mesh.node import Client
+from lmcache_mesh.node import Client, chunk_keys
 
-from ..helpers import Daemon
+from ..helpers import Daemon, short_tmpdir
 from .llama import require
 
 require("vllm")
@@ -48,6 +51,31 @@ def run_engine(model: Path, prompts: list[list[int]], node: str | None) -> list[
     return result
 
 
+def wait_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> str:
+    """The rest of the next stdout line starting with ``prefix`` (bounded in time)."""
+    assert proc.stdout is not None
+    found: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                found.put(line[len(prefix) :].strip())
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    return found.get(timeout=timeout_s)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def stored_chunks(daemon: Daemon) -> int:
     with Client(daemon.tcp) as c:
         return int(c.stats()["tiers"]["memory"]["entries"])
@@ -74,3 +102,39 @@ def test_a_second_engine_reuses_what_the_first_stored_and_only_that(models, daem
 
     twin = run_engine(models["twin"], [full], daemon.tcp)  # same shape, other weights
     assert twin[0]["cached"] == 0
+
+
+def test_kv_events_tell_the_index_what_the_engine_holds(models, daemon: Daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    events = f"ipc://{short_tmpdir()}/kv-events.sock"
+    tokens = prompt(3 * CHUNK + 9, seed=7)  # 6 full blocks of 32 = 3 chunks of 64 once cached
+    cmd = [sys.executable, str(WORKER), str(models["tiny"]), json.dumps([tokens]), "--chunk", str(CHUNK),
+           "--node", daemon.tcp, "--events", events, "--engine-name", "vllm-a", "--interactive"]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        namespace = bytes.fromhex(wait_line(proc, "NAMESPACE ", 400))
+        assert wait_line(proc, "RESULT ", 30) is not None
+        with Client(daemon.tcp) as c:
+            name = c.stats()["node"]["name"]
+
+            def engines() -> dict[str, int]:
+                return dict(c.stats()["mesh"]["engines"])
+
+            assert wait_until(lambda: engines() == {f"{name}/vllm-a": 3}, 30), engines()
+            keys = chunk_keys(namespace, tokens, CHUNK)
+            # the node holds the chunks the connector stored, the engine its own cached blocks
+            assert dict(c.rank(keys, [name, f"{name}/vllm-a", "elsewhere"])) == {
+                name: 3,
+                f"{name}/vllm-a": 3,
+                "elsewhere": 0,
+            }
+            proc.stdin.write("reset\n")
+            proc.stdin.flush()
+            assert wait_line(proc, "RESET", 60) is not None
+            assert wait_until(lambda: engines() == {}, 30), engines()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)

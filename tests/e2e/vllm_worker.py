@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def main() -> None:
@@ -21,6 +22,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--events", help="publish KV events on this ZMQ endpoint (turns prefix caching on)")
+    parser.add_argument("--engine-name", help="the engine's name in the mesh index")
+    parser.add_argument(
+        "--interactive", action="store_true", help="then obey stdin: 'reset' (prefix cache), 'quit'"
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -34,7 +39,11 @@ def main() -> None:
             kv_connector="MeshConnector",
             kv_connector_module_path="lmcache_mesh.engines.vllm",
             kv_role="kv_both",
-            kv_connector_extra_config={"node": args.node, "chunk_tokens": args.chunk},
+            kv_connector_extra_config={
+                "node": args.node,
+                "chunk_tokens": args.chunk,
+                **({"engine_name": args.engine_name} if args.engine_name else {}),
+            },
         )
     if args.events:
         kw["kv_events_config"] = KVEventsConfig(
@@ -56,7 +65,22 @@ def main() -> None:
     for prompt in args.prompts:  # one at a time: each sees the saves of the ones before
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
         results.append({"tokens": list(out.outputs[0].token_ids), "cached": out.num_cached_tokens or 0})
+    if args.node:
+        from lmcache_mesh.engines.vllm.config import VllmMeshConfig
+        from lmcache_mesh.engines.vllm.identity import engine_namespace
+
+        namespace, _ = engine_namespace(llm.llm_engine.vllm_config, VllmMeshConfig(chunk_tokens=args.chunk))
+        print("NAMESPACE " + namespace.hex(), flush=True)
     print("RESULT " + json.dumps(results), flush=True)
+    if args.interactive:
+        for line in sys.stdin:
+            if line.strip() == "reset":
+                assert llm.reset_prefix_cache()
+                # Events go out with the next engine step: run one too short to fill a block.
+                llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], params, use_tqdm=False)
+                print("RESET", flush=True)
+            elif line.strip() == "quit":
+                break
 
 
 if __name__ == "__main__":
