@@ -100,11 +100,14 @@ class Engine:
 
 
 def tokens(n: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 500, n)]
 
 
 def cold_vs_hit(base: Engine, mesh: Engine, length: int, reps: int) -> dict[str, Any]:
-    cold, miss, hit, cached = [], [], [], []
+    cold: list[float] = []
+    miss: list[float] = []
+    hit: list[float] = []
+    cached: list[int] = []
     for r in range(reps):
         prompt = [1, *tokens(length - 1, seed=10_000 + r)]
         cold.append(base.ttft(prompt)[0])
@@ -113,15 +116,15 @@ def cold_vs_hit(base: Engine, mesh: Engine, length: int, reps: int) -> dict[str,
         s, c = mesh.ttft(prompt)
         hit.append(s)
         cached.append(c)
-    out = {
+    cold_ms, hit_ms = statistics.median(cold) * 1e3, statistics.median(hit) * 1e3
+    return {
         "tokens": length,
-        "cold_ms": statistics.median(cold) * 1e3,
+        "cold_ms": cold_ms,
         "miss_ms": statistics.median(miss) * 1e3,
-        "hit_ms": statistics.median(hit) * 1e3,
+        "hit_ms": hit_ms,
         "hit_cached_tokens": cached,
+        "hit_over_cold": hit_ms / cold_ms,
     }
-    out["hit_over_cold"] = out["hit_ms"] / out["cold_ms"]
-    return out
 
 
 def qa_workload(
@@ -129,16 +132,17 @@ def qa_workload(
 ) -> dict[str, Any]:
     shared = [1, *tokens(system - 1, seed=1)]
     history: dict[int, list[int]] = {u: [] for u in range(users)}
-    stats = {e.name: {"ttft": [], "prompt": 0, "cached": 0} for e in (base, mesh)}
+    ttfts: dict[str, list[float]] = {base.name: [], mesh.name: []}
+    prompt_tokens = {base.name: 0, mesh.name: 0}
+    cached_tokens = {base.name: 0, mesh.name: 0}
     for r in range(rounds):
         for u in range(users):
             prompt = shared + history[u] + tokens(question, seed=100 * r + u)
             for engine in (base, mesh):
                 s, c = engine.ttft(prompt)
-                st = stats[engine.name]
-                st["ttft"].append(s)
-                st["prompt"] += len(prompt)
-                st["cached"] += c
+                ttfts[engine.name].append(s)
+                prompt_tokens[engine.name] += len(prompt)
+                cached_tokens[engine.name] += c
             history[u] = prompt[len(shared) :] + tokens(answer, seed=10_000 + 100 * r + u)
     result: dict[str, Any] = {
         "users": users,
@@ -147,11 +151,11 @@ def qa_workload(
         "question": question,
         "answer": answer,
     }
-    for name, st in stats.items():
+    for name, samples in ttfts.items():
         result[name] = {
-            "mean_ttft_ms": statistics.mean(st["ttft"]) * 1e3,
-            "hit_rate": st["cached"] / st["prompt"],
-            "requests": len(st["ttft"]),
+            "mean_ttft_ms": statistics.mean(samples) * 1e3,
+            "hit_rate": cached_tokens[name] / prompt_tokens[name],
+            "requests": len(samples),
         }
     result["mean_ttft_ratio"] = result["mesh"]["mean_ttft_ms"] / result["base"]["mean_ttft_ms"]
     return result
