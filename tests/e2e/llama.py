@@ -1,31 +1,15 @@
-"""Real llama-cpp-python engines for the tests: generated models, plain and mesh-backed Llamas.
-
-A missing engine fails the tests that need it (so CI can never pass by skipping them);
-set LMCACHE_MESH_SKIP_ENGINES=1 to skip them instead on a box without the engines.
-"""
+"""Real llama-cpp-python engines for the tests: generated models, plain and mesh-backed Llamas."""
 
 from __future__ import annotations
 
-import importlib
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
+from ..helpers import require
 
-def require(module: str) -> Any:
-    if os.environ.get("LMCACHE_MESH_SKIP_ENGINES") == "1":
-        return pytest.importorskip(module)
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        pytest.fail(
-            f"{module} is not installed ({exc}); install the test extras as README says, "
-            "or set LMCACHE_MESH_SKIP_ENGINES=1 to skip the engine tests",
-            pytrace=False,
-        )
+__all__ = ["require"]
 
 
 CHUNK = 64

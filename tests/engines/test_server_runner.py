@@ -9,7 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.importorskip("starlette")
+from ..helpers import require
+
+require("starlette")
 
 from lmcache_mesh.engines.llamacpp.server import ApiError, ModelRunner  # noqa: E402
 

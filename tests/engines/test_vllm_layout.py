@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from ..helpers import require
+
+torch = require("torch")
 
 from lmcache_mesh.engines.vllm.layout import PagedLayout, slots_of  # noqa: E402
 

@@ -1,0 +1,97 @@
+"""The connector's scheduler side with vLLM's real Request objects and a real (embedded) node."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ..helpers import require
+
+require("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+
+from lmcache_mesh.engines.store import MeshStore, StoreConfig  # noqa: E402
+from lmcache_mesh.engines.vllm.scheduler import SchedulerSide  # noqa: E402
+from lmcache_mesh.node import ChunkRecord, NodeConfig, chunk_keys, namespace_id  # noqa: E402
+
+NS = namespace_id(b"weights", {"engine": "vllm"}, 64)
+C, BS = 64, 32
+
+
+def request(rid: str, tokens: list[int], **kw: object) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=4), None, **kw)
+
+
+@pytest.fixture
+def side() -> SchedulerSide:
+    store = MeshStore(StoreConfig(node_config=NodeConfig(memory_bytes=1 << 20, disk_bytes=0)))
+    return SchedulerSide(NS, C, BS, store)
+
+
+def cache(side: SchedulerSide, tokens: list[int], chunks: int) -> None:
+    keys = chunk_keys(NS, tokens, C)[:chunks]
+    side.store.put([ChunkRecord.build(k, b"x" * 8, NS) for k in keys])
+
+
+def step(
+    new: list[tuple[str, list[int], int]] = (),
+    cached: list[tuple[str, int]] = (),
+    scheduled: dict[str, int] | None = None,
+) -> SimpleNamespace:  # type: ignore[assignment]
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=n) for r, b, n in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, _ in cached], resumed_req_ids=set(), new_block_ids=[None for _ in cached],
+            num_computed_tokens=[n for _, n in cached],
+        ),
+        num_scheduled_tokens=scheduled or {},
+    )  # fmt: skip
+
+
+def test_hits_beyond_the_local_prefix_are_loaded_block_aligned(side: SchedulerSide) -> None:
+    tokens = list(range(1, 201))  # 3 chunks and 8 tokens
+    cache(side, tokens, 3)
+    req = request("r1", tokens)
+    assert side.matched_tokens(req, 0) == (192, False)
+    assert side.matched_tokens(req, 64) == (128, False)  # vLLM already has the first chunk
+    assert side.stats["lookups"] == 1  # asked again: answered from the first lookup
+    side.after_alloc(req, list(range(10, 17)), 128)
+    meta = side.build_meta(step([("r1", list(range(10, 17)), 192)], scheduled={"r1": 8}))
+    (load,) = meta.loads
+    assert (load.start, load.end, load.block_ids, len(load.tokens)) == (64, 192, list(range(10, 17)), 192)
+    assert meta.saves == []  # all three chunks are in the mesh already
+    assert side.build_meta(step()).loads == []  # loads go out once
+
+
+def test_a_fully_cached_prompt_leaves_its_last_block_to_compute(side: SchedulerSide) -> None:
+    tokens = list(range(1, 193))  # exactly 3 chunks
+    cache(side, tokens, 3)
+    assert side.matched_tokens(request("r", tokens), 0) == (160, False)
+
+
+def test_chunks_are_saved_once_as_chunked_prefill_completes_them(side: SchedulerSide) -> None:
+    tokens = list(range(1, 201))
+    req = request("r", tokens)
+    assert side.matched_tokens(req, 0) == (0, False)
+    blocks = list(range(20, 27))
+    side.after_alloc(req, blocks, 0)
+    first = side.build_meta(step([("r", blocks, 0)], scheduled={"r": 100}))  # prefill 0..99
+    assert [(s.first, s.count) for s in first.saves] == [(0, 1)]
+    second = side.build_meta(step(cached=[("r", 100)], scheduled={"r": 101}))  # 100..200 done
+    assert [(s.first, s.count, len(s.tokens), s.block_ids) for s in second.saves] == [(1, 2, 192, blocks[:6])]
+    assert side.build_meta(step(cached=[("r", 201)], scheduled={"r": 1})).saves == []  # decode: nothing new
+
+
+def test_requests_whose_kv_depends_on_more_than_tokens_stay_out(side: SchedulerSide) -> None:
+    tokens = list(range(1, 201))
+    cache(side, tokens, 3)
+    assert side.matched_tokens(request("salted", tokens, cache_salt="tenant-b"), 0) == (0, False)
+    assert side.stats["lookups"] == 0
+
+
+def test_chunk_size_must_be_whole_blocks(side: SchedulerSide) -> None:
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        SchedulerSide(NS, 48, 32, side.store)
