@@ -35,6 +35,11 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
         self.config = VllmMeshConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         self.namespace, self.descriptor = engine_namespace(vllm_config, self.config)
         block_size = vllm_config.cache_config.block_size
+        if self.config.node is None:
+            logger.warning(
+                "MeshConnector without a 'node': the scheduler and each worker embed a node of their own "
+                "and share nothing; set kv_connector_extra_config.node to a running lmcache-node"
+            )
         self.store = MeshStore(self.config.store_config())
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
