@@ -388,7 +388,8 @@ class MeshCoordinator:
     async def lookup(self, keys: Sequence[bytes], deadline: float) -> tuple[int, list[list[str]]]:
         """Longest prefix of ``keys`` cached anywhere, and who holds each key of it."""
         holders = await self.locate(keys, deadline)
-        n = next((i for i, hs in enumerate(holders) if not hs), len(keys))
+        # Only nodes can serve bytes: an engine's own cache (``node/engine``) is no hit here.
+        n = next((i for i, hs in enumerate(holders) if not any("/" not in h for h in hs)), len(keys))
         return n, holders
 
     async def get(
@@ -403,7 +404,7 @@ class MeshCoordinator:
         candidates: dict[int, list[str]] = {}
         for i, hs in zip(missing, holders, strict=True):
             owners = self.cluster.ring.owners(keys[i], self.replicas)
-            candidates[i] = [h for h in hs if h != self.me] + [
+            candidates[i] = [h for h in hs if h != self.me and "/" not in h] + [
                 o for o in owners if o != self.me and o not in hs
             ]
         fetched: list[ChunkRecord] = []

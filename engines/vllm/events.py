@@ -30,6 +30,8 @@ from lmcache_mesh.node.keys import chunk_keys
 logger = logging.getLogger(__name__)
 
 END_OF_REPLAY = -1
+ANNOUNCE_BATCH = 1024
+"""keys per ANNOUNCE (a node takes at most 4096 by default)"""
 _ARRAY_FIELDS = {
     "BlockStored": (
         "block_hashes",
@@ -169,6 +171,13 @@ class BlockChain:
                 return added
             block = block_id(raw)
             assert block is not None
+            if block in self._blocks:  # stored again (a re-report, or a second copy): counted once
+                parent = block
+                if key is not None:
+                    self._held[key] -= 1
+                    if added and added[-1] == key and self._held[key] == 0:
+                        added.pop()
+                continue
             self._blocks[block] = _Block(prev, pending if key is None else [], key)
             parent = block
         return added
@@ -282,7 +291,12 @@ class EventsIngest:
         self.stats.batches += 1
         for event in events:
             self.stats.events += 1
-            add, remove = self.chain.apply(event)
+            try:
+                add, remove = self.chain.apply(event)
+            except (EventFormatError, TypeError, ValueError) as exc:  # one odd event, not the stream
+                self.stats.bad_payloads += 1
+                logger.warning("ignoring a KV event from %s: %s", self.endpoint, exc)
+                continue
             for key in add:
                 self._remove.pop(key, None)
                 self._add[key] = None
@@ -316,14 +330,19 @@ class EventsIngest:
     def _flush(self) -> None:
         if not self._add and not self._remove:
             return
-        add, remove = list(self._add), list(self._remove)
-        try:
-            self.announce(add, remove)
-        except Exception as exc:  # keep them for the next try
-            self.stats.announce_failures += 1
-            logger.warning("could not announce engine-held chunks: %s: %s", type(exc).__name__, exc)
-            return
-        self.stats.announced_add += len(add)
-        self.stats.announced_remove += len(remove)
-        self._add.clear()
-        self._remove.clear()
+        # In batches under a node's per-request key limit; what fails stays queued for the next flush.
+        while self._add or self._remove:
+            add = list(self._add)[:ANNOUNCE_BATCH]
+            remove = list(self._remove)[: ANNOUNCE_BATCH - len(add)]
+            try:
+                self.announce(add, remove)
+            except Exception as exc:
+                self.stats.announce_failures += 1
+                logger.warning("could not announce engine-held chunks: %s: %s", type(exc).__name__, exc)
+                return
+            self.stats.announced_add += len(add)
+            self.stats.announced_remove += len(remove)
+            for key in add:
+                del self._add[key]
+            for key in remove:
+                del self._remove[key]

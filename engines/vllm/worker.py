@@ -64,6 +64,7 @@ class WorkerSide:
         self.layout: PagedLayout | None = None
         self.chunk_bytes = 0
         self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()  # loads that failed this step: their KV is not to be saved
         self.stats = {
             "loaded_tokens": 0,
             "failed_tokens": 0,
@@ -104,6 +105,7 @@ class WorkerSide:
                 logger.warning("load of %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
                 loaded = spec.start
             if loaded < spec.end:
+                self._failed_reqs.add(spec.req_id)
                 self.stats["failed_tokens"] += spec.end - loaded
                 first_block, last_block = loaded // self.block_size, -(-spec.end // self.block_size)
                 self._failed_blocks.update(spec.block_ids[first_block:last_block])
@@ -128,7 +130,8 @@ class WorkerSide:
             slots = slots_of(spec.block_ids, self.block_size, lo, hi)
             rows = slice(lo - chunk * c, hi - chunk * c)
             for layer, paged in enumerate(self.layers):
-                self.layout.write_slots(paged, slots, kv[layer, 0, rows], kv[layer, 1, rows])
+                k, v = kv[layer, 0, rows].to(paged.device), kv[layer, 1, rows].to(paged.device)
+                self.layout.write_slots(paged, slots.to(paged.device), k, v)
             written = hi
         self.stats["loaded_tokens"] += written - spec.start
         return written
@@ -148,13 +151,20 @@ class WorkerSide:
         return flat.view(self.layers[0].dtype).view(shape)
 
     def take_failed_blocks(self) -> set[int]:
+        """Blocks this step failed to load (called once per step, after the saves)."""
         failed, self._failed_blocks = self._failed_blocks, set()
+        self._failed_reqs.clear()
         return failed
 
     # saves
 
     def save(self, meta: MeshConnectorMetadata) -> None:
         for spec in meta.saves:
+            if spec.req_id in self._failed_reqs:
+                # This step's forward ran over blocks the failed load left unwritten: what it
+                # computed after them is wrong, and vLLM will recompute it. Never store it.
+                self.stats["dropped_saves"] += 1
+                continue
             nbytes = spec.count * self.chunk_bytes
             if not self.saver.has_room(nbytes):
                 self.saver.count_dropped()
@@ -181,7 +191,7 @@ class WorkerSide:
                 spec.block_ids[chunk * per_chunk : (chunk + 1) * per_chunk], dtype=torch.int64
             )
             pairs = [torch.stack(self.layout.read_blocks(paged, blocks)) for paged in self.layers]
-            out.append(torch.stack(pairs).contiguous())  # [layers, 2, C, heads, head_size]
+            out.append(torch.stack(pairs).to("cpu").contiguous())  # [layers, 2, C, heads, head_size]
         return out
 
     def _put(self, keys: list[bytes], chunks: list[torch.Tensor]) -> None:

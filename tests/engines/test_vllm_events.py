@@ -78,3 +78,12 @@ def test_blocks_we_cannot_place_are_skipped_not_guessed() -> None:
     offloaded.fields["medium"] = "CPU"
     assert chain.apply(offloaded) == ([], [])
     assert chain.skipped == 6
+
+
+def test_a_block_reported_twice_is_still_removed_once() -> None:
+    chain = BlockChain(NS, 64)
+    keys = chunk_keys(NS, TOKENS, 64)
+    assert chain.apply(stored(0, 2, None))[0] == keys[:1]
+    assert chain.apply(stored(0, 2, None))[0] == []  # vLLM re-reports cached blocks
+    _, removed = chain.apply(KVEvent("BlockRemoved", {"block_hashes": [h(0), h(1)], "medium": "GPU"}))
+    assert removed == keys[:1] and len(chain) == 0
