@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for
+from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for, write_results
 
 from lmcache_mesh.node import Client, chunk_keys
 
@@ -245,9 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import math
 import random
 import statistics
@@ -80,7 +79,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import MeshDaemon, latency, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for
+from benchlib import (
+    MeshDaemon,
+    latency,
+    machine_info,
+    start_mesh_daemon,
+    stop_mesh_daemon,
+    wait_for,
+    write_results,
+)
 
 from lmcache_mesh.mesh.agent import MeshAgent
 from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale, suspicion_bounds
@@ -948,9 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"bench_mesh: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     result = run(s, args.quick, sections, log)
     print(format_report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {args.out}")
+    write_results(result, args.out)
     return 0
 
 

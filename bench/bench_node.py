@@ -29,7 +29,6 @@ Run:  python bench/bench_node.py            (full run, under a minute)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import re
@@ -47,7 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import STARTUP_TIMEOUT_S, daemon_env, latency, machine_info, no_gc, percentile, stop_process
+from benchlib import (
+    STARTUP_TIMEOUT_S,
+    daemon_env,
+    latency,
+    machine_info,
+    no_gc,
+    percentile,
+    stop_process,
+    write_results,
+)
 
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 
@@ -585,9 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = run(s, args.quick, log)
     print(format_report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {args.out}")
+    write_results(result, args.out)
     return 0
 
 

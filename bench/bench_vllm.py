@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import MeshDaemon, daemon_env, machine_info, start_mesh_daemon, stop_mesh_daemon
+from benchlib import MeshDaemon, daemon_env, machine_info, start_mesh_daemon, stop_mesh_daemon, write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_vllm.json"
 ENGINE = Path(__file__).resolve().parent / "vllm_engine.py"
@@ -246,9 +246,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

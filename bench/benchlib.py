@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import queue
@@ -66,6 +67,13 @@ def latency(call: Callable[[], object], reps: int, warmup: int = 20) -> dict[str
         "p99_ms": percentile(ms, 99),
         "max_ms": ms[-1],
     }
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    """Write a benchmark's JSON results to ``out`` (creating its folder) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {out}")
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
