@@ -470,6 +470,12 @@ class Membership:
         if self.on_change is not None:
             self.on_change(member, old)
 
+    def readdress(self, address: str) -> None:
+        """Our own address changed: a higher incarnation carries the new one to everyone."""
+        self.me.address = address
+        self.me.incarnation += 1
+        self._queue.queue(self.me.news())
+
     def _refute(self, incarnation: int) -> None:
         self.counters["refutes"] += 1
         # Lifeguard: being suspected hints that our own messages are late; probe more gently.

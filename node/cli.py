@@ -22,7 +22,7 @@ from typing import Any
 from lmcache_mesh.transports import TransportError
 
 from .client import Client
-from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig
+from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
 from .errors import MeshError
 from .node import VERSION
 from .sizes import format_size
@@ -57,6 +57,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         }
         if key in ("listen", "join"):
             kwargs["action"] = "append"
+        if meta["parse"] is _parse_bool:
+            kwargs["nargs"] = "?"  # `--nat` alone means true
+            kwargs["const"] = "true"
         run.add_argument(f"--{key}", **kwargs)
 
     join = sub.add_parser("join", help="make a running node join the mesh that SEED_ADDR belongs to")

@@ -11,8 +11,8 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -20,11 +20,26 @@ import zmq.asyncio
 from lmcache_mesh.transports import dealer
 
 from .errors import BadRequest, DeadlineExceeded, Unavailable
-from .protocol import Op, Reply, decode_reply, get_results, peek_request_id, put_request, request_header
+from .protocol import (
+    Cost,
+    Op,
+    Reply,
+    decode_reply,
+    get_results,
+    peek_request_id,
+    put_request,
+    request_header,
+)
 from .records import Buffer, ChunkRecord
 
 DEFAULT_TIMEOUT_S = 5.0
 MAX_REPLY_FRAME_BYTES = 1 << 30  # what we accept from a node we chose to talk to
+
+
+def _with_cost(fields: dict[str, Any], cost: Cost | None) -> dict[str, Any]:
+    if cost is not None:
+        fields["cost"] = cost.to_wire()
+    return fields
 
 
 def _payloads(records: list[ChunkRecord | None]) -> list[memoryview | None]:
@@ -101,23 +116,35 @@ class Client:
         return _payloads(self.get_records(keys))
 
     def get_records(
-        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
     ) -> list[ChunkRecord | None]:
-        """Verified records per key, None per miss; ``local``: this node's tiers only."""
+        """Verified records per key, None per miss; ``local``: this node's tiers only;
+        ``cost``: skip remote chunks that would take longer to fetch than to recompute."""
         if not keys:
             return []
-        reply = self._call(Op.GET, {"keys": list(keys), "local": local}, timeout_s=timeout_s)
+        fields = _with_cost({"keys": list(keys), "local": local}, cost)
+        reply = self._call(Op.GET, fields, timeout_s=timeout_s)
         records, bad = get_results(reply, keys)
         self.checksum_failures += bad
         return records
 
-    def lookup(self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None) -> int:
-        """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``."""
+    def lookup(
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
+    ) -> int:
+        """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``;
+        with ``cost``, only as far as fetching them beats recomputing them."""
         if not keys:
             return 0
-        return int(
-            self._call(Op.LOOKUP, {"keys": list(keys), "local": local}, timeout_s=timeout_s).fields["hits"]
-        )
+        fields = _with_cost({"keys": list(keys), "local": local}, cost)
+        return int(self._call(Op.LOOKUP, fields, timeout_s=timeout_s).fields["hits"])
 
     def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
         """Mesh-wide: the longest cached prefix and the members holding each key."""
@@ -149,18 +176,57 @@ class Client:
         self._call(Op.JOIN, {"seeds": list(seeds)})
 
 
-class AsyncClient:
-    """asyncio client of one node; many calls may be in flight at once on one socket.
+class Conduit(Protocol):
+    """Carries whole messages (lists of frames) to one node and back."""
 
-    Bound to the event loop of its first call. The constructor does no I/O.
+    async def send(self, frames: Sequence[Buffer]) -> None: ...
+
+    async def recv(self) -> list[Buffer]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ZmqConduit:
+    """A DEALER socket on its own asyncio context."""
+
+    def __init__(self, address: str) -> None:
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._sock = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES)
+        except BaseException:
+            self._ctx.term()
+            raise
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        await self._sock.send_multipart(list(frames), copy=False)  # may wait: queues are bounded
+
+    async def recv(self) -> list[Buffer]:
+        return [f.buffer for f in await self._sock.recv_multipart(copy=False)]
+
+    async def aclose(self) -> None:
+        self._sock.close(0)
+        self._ctx.term()
+
+
+class AsyncClient:
+    """asyncio client of one node; many calls may be in flight at once on one conduit.
+
+    Bound to the event loop of its first call. The constructor does no I/O. ``conduit``
+    makes the connection (default: ZeroMQ to ``address``); a conduit that breaks fails the
+    calls waiting on it and is made afresh by the next call.
     """
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        conduit: Callable[[], Conduit] | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.checksum_failures = 0
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._make_conduit = conduit or (lambda: ZmqConduit(address))
+        self._conduit: Conduit | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[list[Buffer]]] = {}
         self._ids = itertools.count(1)
@@ -181,43 +247,50 @@ class AsyncClient:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
+        self._fail_pending(Unavailable(f"client of {self.address} closed"))
+        if self._conduit is not None:
+            conduit, self._conduit = self._conduit, None
+            await conduit.aclose()
+
+    def _fail_pending(self, exc: Exception) -> None:
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(Unavailable(f"client of {self.address} closed"))
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+                fut.set_exception(exc)
 
-    async def _read_replies(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            reply: list[Buffer] = [f.buffer for f in frames]
-            fut = self._pending.get(peek_request_id(reply[0]))
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+    async def _read_replies(self, conduit: Conduit) -> None:
+        try:
+            while True:
+                reply = await conduit.recv()
+                fut = self._pending.get(peek_request_id(reply[0]))
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection broke: fail who waits, reconnect on the next call
+            self._fail_pending(Unavailable(f"connection to {self.address} lost: {exc}"))
+            if self._conduit is conduit:
+                self._conduit = None
+            await conduit.aclose()
 
     async def _call(
         self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None
     ) -> Reply:
         if self._closed:
             raise Unavailable(f"client of {self.address} is closed")
-        if self._sock is None:
-            self._ctx = zmq.asyncio.Context()
-            self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES)
-            self._reader = asyncio.create_task(self._read_replies(), name=f"lmcache-client-{self.address}")
+        if self._conduit is None:
+            conduit = self._conduit = self._make_conduit()
+            self._reader = asyncio.create_task(
+                self._read_replies(conduit), name=f"lmcache-client-{self.address}"
+            )
         timeout = self.timeout_s if timeout_s is None else timeout_s
         rid = next(self._ids)
         fut: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        sock = self._sock
+        conduit = self._conduit
 
         async def send_and_wait() -> list[Buffer]:
             header = request_header(op, rid, max(int(timeout * 1000), 1), **fields)
-            await sock.send_multipart([header, *frames], copy=False)  # may wait: queues are bounded
+            await conduit.send([header, *frames])
             return await fut
 
         try:
@@ -247,19 +320,25 @@ class AsyncClient:
         return _payloads(await self.get_records(keys))
 
     async def get_records(
-        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
     ) -> list[ChunkRecord | None]:
         if not keys:
             return []
-        reply = await self._call(Op.GET, {"keys": list(keys), "local": local}, timeout_s=timeout_s)
+        fields = _with_cost({"keys": list(keys), "local": local}, cost)
+        reply = await self._call(Op.GET, fields, timeout_s=timeout_s)
         records, bad = get_results(reply, keys)
         self.checksum_failures += bad
         return records
 
-    async def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
+    async def lookup(self, keys: Sequence[bytes], local: bool = False, cost: Cost | None = None) -> int:
         if not keys:
             return 0
-        return int((await self._call(Op.LOOKUP, {"keys": list(keys), "local": local})).fields["hits"])
+        fields = _with_cost({"keys": list(keys), "local": local}, cost)
+        return int((await self._call(Op.LOOKUP, fields)).fields["hits"])
 
     async def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
         if not keys:

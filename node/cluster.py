@@ -16,6 +16,7 @@ from lmcache_mesh.mesh.agent import MeshAgent
 from lmcache_mesh.mesh.config import MeshConfig
 from lmcache_mesh.mesh.membership import Member, Membership, State
 from lmcache_mesh.mesh.ring import HashRing, RingMember
+from lmcache_mesh.transports.addresses import parse_webrtc_address, reachability
 from lmcache_mesh.transports.zmq import ZmqDatagramTransport
 
 from .protocol import Op, request_header
@@ -23,6 +24,14 @@ from .protocol import Op, request_header
 logger = logging.getLogger(__name__)
 
 PROFILES = {"lan": MeshConfig.lan, "wan": MeshConfig.wan, "local": MeshConfig.local}
+
+
+def route_to(address: str) -> tuple[str, list[bytes]]:
+    """Where one-way messages for a member go: straight to it, or through its relay."""
+    relayed = parse_webrtc_address(address)
+    if relayed is None:
+        return address, []
+    return relayed.relay, [request_header(Op.RELAY, 0, 1000, to=relayed.name)]
 
 
 class Cluster:
@@ -38,9 +47,9 @@ class Cluster:
         rng: random.Random | None = None,
     ) -> None:
         envelope = request_header(Op.MESH, 0, 1000, **{"from": address})
-        self.transport = ZmqDatagramTransport(address, envelope)
+        self.transport = ZmqDatagramTransport(address, envelope, route_to)
         self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
-        self.ring = HashRing([RingMember(name, zone, weight)])
+        self.ring = HashRing([RingMember(name, zone, weight)] if reachability(address) == "direct" else [])
         self._agent: MeshAgent | None = None
         self.on_gone: list[Callable[[str], None]] = []
         """Called with a member's name when it is declared dead or leaves."""
@@ -80,14 +89,30 @@ class Cluster:
         self.transport.close()
         self._agent = None
 
+    def readdress(self, address: str) -> None:
+        """Our address changed (a node behind NAT moved to another relay): tell everyone."""
+        self.transport.address = address
+        self.membership.readdress(address)
+        self.transport.envelope = request_header(Op.MESH, 0, 1000, **{"from": address})
+        self._changed(self.membership.me, self.membership.me.state)
+
     def _changed(self, member: Member, old: State | None) -> None:
         live_now = member.state in (State.ALIVE, State.SUSPECT)
         # Rebuild on joins, deaths and revivals, and when a live member's zone or weight changed.
         if old is None or (old in (State.ALIVE, State.SUSPECT)) != live_now or old is member.state:
             live = self.membership.alive_members()
-            self.ring = HashRing(RingMember(m.name, m.zone, m.weight) for m in live)
+            # Nodes behind NAT own no part of the ring: every lookup of a key asks its owner,
+            # and an owner reachable only through a relay and WebRTC would slow them all.
+            self.ring = HashRing(
+                RingMember(m.name, m.zone, m.weight) for m in live if reachability(m.address) == "direct"
+            )
             logger.info(
-                "- %s: %s is %s; ring has %d members", self.name, member.name, member.state.value, len(live)
+                "- %s: %s is %s; %d members alive, %d on the ring",
+                self.name,
+                member.name,
+                member.state.value,
+                len(live),
+                len(self.ring),
             )
         if member.state in (State.DEAD, State.LEFT):
             for callback in self.on_gone:
@@ -104,7 +129,7 @@ class Cluster:
                 "address": m.address,
                 "zone": m.zone,
                 "state": m.state.value,
-                "reachability": "direct",
+                "reachability": reachability(m.address),
                 "incarnation": m.incarnation,
                 "ring_share": round(shares.get(m.name, 0.0), 4),
             }

@@ -112,6 +112,41 @@ class NodeConfig:
         metavar="PROFILE",
         default="lan",
     )
+    nat: bool = _opt(
+        "nat",
+        "behind NAT: accept no inbound peer connections; reach the mesh through a --join seed "
+        "(the relay) and WebRTC",
+        _parse_bool,
+        "BOOL",
+        default=False,
+    )
+    mesh_secret: str = _opt(
+        "mesh-secret",
+        "shared secret WebRTC peers prove membership with (HMAC bound to the DTLS session); "
+        "empty: a peer need only be a live member",
+        metavar="SECRET",
+        default="",
+    )
+    ice_servers: tuple[str, ...] = _opt(
+        "ice-servers",
+        "STUN/TURN servers for WebRTC, stun:HOST:PORT or turn:HOST:PORT; none: host candidates only",
+        _parse_list,
+        "URL",
+        default=(),
+    )
+    turn_username: str = _opt("turn-username", "TURN user name", metavar="USER", default="")
+    turn_password: str = _opt("turn-password", "TURN password", metavar="PASSWORD", default="")
+    webrtc_host_addresses: tuple[str, ...] = _opt(
+        "webrtc-host-addresses",
+        "local addresses offered as WebRTC host candidates (127.0.0.1 for loopback tests); "
+        "none: every interface",
+        _parse_list,
+        "ADDR",
+        default=(),
+    )
+    webrtc_channels: int = _opt(
+        "webrtc-channels", "data channels per WebRTC link", _parse_int, "N", default=4
+    )
     metrics_port: int = _opt(
         "metrics-port", "serve Prometheus metrics on this HTTP port; 0 = off", _parse_int, "PORT", default=0
     )
@@ -179,6 +214,15 @@ class NodeConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.nat and not self.join:
+            raise ValueError("nat: a node behind NAT needs --join SEED (its first relay)")
+        if self.nat and self.advertise:
+            raise ValueError("nat: a node behind NAT has no address to advertise (drop --advertise)")
+        if not 1 <= self.webrtc_channels <= 64:
+            raise ValueError(f"webrtc_channels must be in [1, 64], got {self.webrtc_channels}")
+        for url in self.ice_servers:
+            if not url.startswith(("stun:", "turn:", "turns:")):
+                raise ValueError(f"ice_servers: {url!r} must be a stun:, turn: or turns: URL")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 

@@ -18,19 +18,21 @@ import logging
 import random
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmcache_mesh.mesh.index import HolderIndex
 from lmcache_mesh.mesh.membership import State
+from lmcache_mesh.transports.addresses import parse_webrtc_address
 
-from .client import AsyncClient
-from .errors import DeadlineExceeded, MeshError
+from .client import AsyncClient, Conduit
+from .errors import DeadlineExceeded, MeshError, Unavailable
 from .records import ChunkRecord
 
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .node import Node
+    from .peering import WebRTCPeering
 
 logger = logging.getLogger(__name__)
 
@@ -46,29 +48,48 @@ REANNOUNCE_SLICE_KEYS = 2048
 REPAIR_BATCH_KEYS = 64
 """Chunks pulled per GET when repairing replicas."""
 
+REPAIR_TIMEOUT_S = 30.0
+"""Repairs run in the background: give slow peers (WebRTC) time to send a whole batch."""
+
 MAX_REPAIR_KEYS = 100_000
 """Most keys waiting for repair at once; beyond that they wait for the next announcement."""
 
 
 class PeerPool:
-    """One AsyncClient per peer address, at most ``max_peers`` (least recently used closed)."""
+    """One AsyncClient per peer address, at most ``max_peers`` (least recently used closed).
+
+    A peer behind NAT (``webrtc://`` address) is spoken to over a WebRTC link, made on first
+    use through ``links``; without WebRTC here its requests fail as Unavailable (a miss).
+    """
 
     def __init__(self, timeout_s: float, max_peers: int = 256) -> None:
         self.timeout_s = timeout_s
         self.max_peers = max_peers
+        self.links: WebRTCPeering | None = None
         self._clients: OrderedDict[str, AsyncClient] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, address: str) -> AsyncClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = AsyncClient(address, timeout_s=self.timeout_s)
+            client = self._clients[address] = AsyncClient(
+                address, timeout_s=self.timeout_s, conduit=self._conduit(address)
+            )
             while len(self._clients) > self.max_peers:
                 _, old = self._clients.popitem(last=False)
                 self._close(old)
         else:
             self._clients.move_to_end(address)
         return client
+
+    def _conduit(self, address: str) -> Callable[[], Conduit] | None:
+        relayed = parse_webrtc_address(address)
+        if relayed is None:
+            return None  # ZeroMQ
+        links, name = self.links, relayed.name
+        if links is None:
+            return lambda: _NoRoute(address)
+        return lambda: links.conduit(name)
 
     def drop(self, address: str) -> None:
         """Close the client of a dead or unresponsive peer: what it still queues is discarded."""
@@ -85,6 +106,22 @@ class PeerPool:
         clients = list(self._clients.values())
         self._clients.clear()
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+
+
+class _NoRoute:
+    """The conduit to a peer behind NAT when this node cannot make WebRTC links."""
+
+    def __init__(self, address: str) -> None:
+        self._error = Unavailable(f"{address} is behind NAT and this node has no WebRTC (install aiortc)")
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        raise self._error
+
+    async def recv(self) -> list[Any]:
+        raise self._error
+
+    async def aclose(self) -> None:
+        pass
 
 
 class MeshCoordinator:
@@ -293,7 +330,7 @@ class MeshCoordinator:
             ]
             for i in range(0, len(wanted), REPAIR_BATCH_KEYS):
                 batch = wanted[i : i + REPAIR_BATCH_KEYS]
-                records = await self._fetch(holder, batch, time.monotonic() + self.peers.timeout_s)
+                records = await self._fetch(holder, batch, time.monotonic() + REPAIR_TIMEOUT_S)
                 got = [r for r in records if r is not None]
                 if not got:
                     break

@@ -7,6 +7,8 @@ memory tier back to disk (``persist_on_shutdown``) and waits for every disk writ
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import logging
 import shutil
 import signal
@@ -14,11 +16,17 @@ import socket
 import sys
 from collections.abc import Callable
 
+from lmcache_mesh.mesh.membership import State
+from lmcache_mesh.transports.addresses import reachability, webrtc_address
+from lmcache_mesh.transports.webrtc import WebRTCConfig
+
 from .cluster import PROFILES, Cluster
 from .config import NodeConfig
 from .coordinator import MeshCoordinator
 from .metrics import NodeMetrics
 from .node import VERSION, Node
+from .peering import WebRTCPeering
+from .relay import Uplink
 from .service import NodeServer
 from .sizes import format_size
 
@@ -73,11 +81,17 @@ def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
 
 def _start_cluster(node: Node, bound: list[str]) -> Cluster | None:
     cfg = node.config
-    address = advertised_address(cfg, bound)
+    if cfg.nat:
+        if not cfg.name:
+            tcp = next((b for b in bound if b.startswith("tcp://")), None)
+            node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
+        address: str | None = webrtc_address(cfg.join[0], node.name)
+    else:
+        address = advertised_address(cfg, bound)
     if address is None:
         logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
         return None
-    if not cfg.name:
+    if not cfg.name and not cfg.nat:
         node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
     weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
     cluster = Cluster(node.name, address, cfg.zone, weight, PROFILES[cfg.mesh_profile]())
@@ -86,14 +100,79 @@ def _start_cluster(node: Node, bound: list[str]) -> Cluster | None:
     return cluster
 
 
+def _webrtc_config(cfg: NodeConfig) -> WebRTCConfig:
+    return WebRTCConfig(
+        ice_servers=cfg.ice_servers,
+        turn_username=cfg.turn_username or None,
+        turn_password=cfg.turn_password or None,
+        host_addresses=cfg.webrtc_host_addresses,
+        channels=cfg.webrtc_channels,
+        max_message_bytes=cfg.max_request_bytes + (1 << 20),
+    )
+
+
+def _start_webrtc(node: Node, cluster: Cluster, server: NodeServer) -> WebRTCPeering | None:
+    """WebRTC links to (or, behind NAT, from) other members; None if aiortc is missing."""
+    if importlib.util.find_spec("aiortc") is None:
+        if node.config.nat:
+            raise SystemExit("lmcache-node: --nat needs WebRTC: pip install 'lmcache-mesh[webrtc]'")
+        logger.info("WebRTC is off (no aiortc): members behind NAT are unreachable from here")
+        return None
+    # aiortc takes ~0.7 s to import: do it now, off the loop, not on the first link's clock.
+    asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "aiortc")
+    peering = WebRTCPeering(cluster, server, _webrtc_config(node.config), node.config.mesh_secret.encode())
+    server.peering = peering
+    cluster.on_gone.append(peering.forget)
+    node.stats_sources["webrtc"] = peering.stats
+    return peering
+
+
+def _start_uplink(node: Node, cluster: Cluster, server: NodeServer) -> Uplink:
+    cfg = node.config
+
+    def relays() -> list[str]:
+        direct = [
+            m.address
+            for m in cluster.membership.alive_members()
+            if m.state is State.ALIVE and reachability(m.address) == "direct"
+        ]
+        return list(dict.fromkeys([*cfg.join, *sorted(direct)]))
+
+    uplink = Uplink(
+        node.name,
+        relays,
+        server.take_relayed,
+        lambda relay: cluster.readdress(webrtc_address(relay, node.name)),
+        cfg.max_header_bytes + cfg.max_record_bytes,
+    )
+    uplink.start(cfg.join[0])
+    node.stats_sources["relay"] = lambda: {
+        "via": uplink.relay,
+        "attached": uplink.attached,
+        "switches": uplink.switches,
+    }
+    return uplink
+
+
 async def serve(node: Node, metrics: NodeMetrics) -> int:
     server = NodeServer(node, observe=metrics.observe)
     bound = await server.start()
     cfg = node.config
     cluster = _start_cluster(node, bound)
     coordinator = None
+    peering = None
+    uplink = None
     if cluster is not None:
+        peering = _start_webrtc(node, cluster, server)
+        if cfg.nat:
+            uplink = _start_uplink(node, cluster, server)
+        else:
+            node.stats_sources["relaying"] = lambda: {
+                "attached": server.relay.names(),
+                "forwarded": server.relay.forwarded,
+            }
         coordinator = MeshCoordinator(node, cluster, replicas=cfg.replicas)
+        coordinator.peers.links = peering
         cluster.on_gone.append(coordinator.forget)
         cluster.on_joined.append(lambda _name: coordinator.ring_changed())
         server.coordinator = node.coordinator = coordinator
@@ -109,6 +188,8 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
     )
     if cluster is not None:
         joining = f"; joining {' '.join(cfg.join)}" if cfg.join else ""
+        if cfg.nat:
+            joining += " (behind NAT: relayed, WebRTC for data)"
         print(
             f"mesh: {node.name} at {cluster.membership.me.address} ({cfg.mesh_profile} timings){joining}",
             flush=True,
@@ -126,6 +207,10 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
         await coordinator.aclose()
     if cluster is not None:
         await cluster.leave()
+    if uplink is not None:
+        await uplink.aclose()
+    if peering is not None:
+        await peering.aclose()
     await server.stop()
     written = await asyncio.to_thread(node.close)
     print(f"lmcache-node: stopped; wrote {written} memory records back to disk", flush=True)
@@ -137,6 +222,7 @@ def run(config: NodeConfig) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("aioice").setLevel(logging.WARNING)  # it logs every ICE check at INFO
     if config.disk_bytes > 0:
         config.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)

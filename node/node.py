@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import NodeConfig
@@ -44,6 +44,8 @@ class Node:
         self.addresses: list[str] = []
         self.cluster: Cluster | None = None
         self.coordinator: MeshCoordinator | None = None
+        self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        """More sections of ``status`` under "mesh" (WebRTC links, relaying), set by the daemon."""
         self.started_at = time.time()
         self.checksum_failures = 0
         self.errors: dict[str, int] = {}
@@ -150,6 +152,8 @@ class Node:
             out["awareness"] = self.cluster.membership.awareness
         if self.coordinator is not None:
             out.update(self.coordinator.stats())
+        for section, source in list(self.stats_sources.items()):
+            out[section] = source()
         return out
 
     def stats(self) -> dict[str, Any]:

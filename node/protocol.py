@@ -24,7 +24,11 @@ from .records import Buffer, ChunkRecord, RecordHeader, unpack_map
 PROTOCOL_VERSION_MIN = 1
 PROTOCOL_VERSION_MAX = 1
 PROTOCOL_VERSION = 1
-"""Version 1: PING, PUT, GET, LOOKUP, DELETE, STATS, MESH, JOIN."""
+"""Version 1: PING, PUT, GET, LOOKUP, DELETE, STATS, MESH, JOIN, ANNOUNCE, WHO_HAS, RANK,
+ATTACH, RELAY, SIGNAL (ops added within a version are answered UNKNOWN_OP by older nodes)."""
+
+SIGNAL_KINDS = ("offer", "answer", "refuse")
+MAX_SDP_BYTES = 64 << 10
 
 DEFAULT_TIMEOUT_MS = 5000
 
@@ -47,6 +51,12 @@ class Op(IntEnum):
     """Ask a key's owner which members hold each key."""
     RANK = 11
     """Order candidate nodes by how long a prefix of a key chain each holds."""
+    ATTACH = 12
+    """A node behind NAT asks this node to relay messages to it (repeated as a keepalive)."""
+    RELAY = 13
+    """Forward the payload frames (a whole one-way request) to the attached node ``to``."""
+    SIGNAL = 14
+    """One-way WebRTC signaling: an offer, its answer, or a refusal, for one session."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,39 @@ def _strings(m: dict[str, Any], name: str) -> list[str]:
     return value
 
 
+def _string(m: dict[str, Any], name: str, max_len: int = 1024) -> str:
+    value = m.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise BadRequest(f"field {name!r} must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What recomputing one chunk costs the asking engine: fetch a remote chunk only if the
+    transfer is estimated to be faster than ``recompute_s``."""
+
+    recompute_s: float
+    chunk_bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"recompute_s": self.recompute_s, "chunk_bytes": self.chunk_bytes}
+
+
+def _cost(m: dict[str, Any]) -> Cost | None:
+    raw = m.get("cost")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadRequest("field 'cost' must be a map {recompute_s, chunk_bytes}")
+    seconds, nbytes = raw.get("recompute_s"), raw.get("chunk_bytes")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 1e6:
+        raise BadRequest(f"cost.recompute_s must be a positive number of seconds, got {seconds!r:.40}")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= 1 << 40:
+        raise BadRequest(f"cost.chunk_bytes must be a positive int, got {nbytes!r:.40}")
+    return Cost(float(seconds), nbytes)
+
+
 def _keys(m: dict[str, Any], limits: Limits, name: str = "keys") -> list[bytes]:
     keys = m.get(name, [] if name != "keys" else None)
     if not isinstance(keys, list):
@@ -174,6 +217,10 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         if not isinstance(sender, str) or len(payloads) != 1:
             raise BadRequest("MESH needs a string 'from' and exactly one payload frame")
         fields_["from"] = sender
+    elif op is Op.RELAY:
+        if not payloads:
+            raise BadRequest("RELAY needs the forwarded request as payload frames")
+        fields_["to"] = _string(m, "to")
     elif payloads:
         raise BadRequest(f"{op.name} takes no payload frames, got {len(payloads)}")
     elif op in (Op.GET, Op.LOOKUP, Op.DELETE, Op.WHO_HAS, Op.RANK):
@@ -182,6 +229,8 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         fields_["holders"] = _flag(m, "holders")
         if op is Op.RANK:
             fields_["candidates"] = _strings(m, "candidates")
+        if op in (Op.GET, Op.LOOKUP):
+            fields_["cost"] = _cost(m)
     elif op is Op.ANNOUNCE:
         holder = m.get("holder")
         if not isinstance(holder, str) or not holder:
@@ -194,6 +243,18 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         fields_["route"] = _flag(m, "route")
         if fields_["route"] and "/" in holder:
             raise BadRequest("an engine name must not contain '/'")
+    elif op is Op.ATTACH:
+        fields_["name"] = _string(m, "name")
+    elif op is Op.SIGNAL:
+        for name in ("from", "name", "session"):
+            fields_[name] = _string(m, name)
+        kind = m.get("kind")
+        if kind not in SIGNAL_KINDS:
+            raise BadRequest(f"SIGNAL kind must be one of {', '.join(SIGNAL_KINDS)}, got {kind!r:.40}")
+        fields_["kind"] = kind
+        fields_["sdp"] = _string(m, "sdp", MAX_SDP_BYTES) if kind != "refuse" else ""
+        reason = m.get("reason", "")
+        fields_["reason"] = reason if isinstance(reason, str) else ""
     elif op is Op.JOIN:
         seeds = m.get("seeds")
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, str) for s in seeds):

@@ -9,23 +9,35 @@ reads and deletes run in worker threads, bounded by the request's deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lmcache_mesh.transports import ZmqRouter
 
 from .coordinator import MeshCoordinator
-from .errors import ChecksumMismatch, DeadlineExceeded, InternalError, MeshError, Unavailable
+from .errors import BadRequest, ChecksumMismatch, DeadlineExceeded, InternalError, MeshError, Unavailable
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
-from .records import ChunkRecord
+from .records import Buffer, ChunkRecord
+from .relay import RelayTable
+
+if TYPE_CHECKING:
+    from .peering import WebRTCPeering
 
 logger = logging.getLogger(__name__)
 
 Observer = Callable[[str, str, float], None]
 """Called after each request with (op name, outcome, seconds); must not block."""
+
+ReplyTo = Callable[[Sequence[Any]], Awaitable[None]]
+"""Sends a reply (frames) back to whoever sent the request: a ROUTER peer or a WebRTC link."""
+
+
+async def _no_reply(frames: Sequence[Any]) -> None:
+    """For messages relayed to us: they are one-way, nobody waits for an answer."""
 
 
 class NodeServer:
@@ -48,6 +60,10 @@ class NodeServer:
         self._loop_task: asyncio.Task[None] | None = None
         self.coordinator: MeshCoordinator | None = None
         """Set by the daemon when the node is part of a mesh."""
+        self.peering: WebRTCPeering | None = None
+        """Set by the daemon when the node makes WebRTC links (to or as a node behind NAT)."""
+        self.relay = RelayTable()
+        """Nodes behind NAT that reach the mesh through us."""
 
     def __repr__(self) -> str:
         return f"<NodeServer {self.node.config.name} {self._router!r} inflight={len(self._tasks)}>"
@@ -72,32 +88,60 @@ class NodeServer:
     async def _serve(self) -> None:
         while True:
             peer, frames = await self._router.recv()
-            try:
-                await self._take(peer, frames)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug in one request must not stop the node serving the rest
-                logger.exception("x internal error taking a request")
-                self.node.count_error("INTERNAL")
+            await self.take([f.buffer for f in frames], functools.partial(self._router.send, peer), peer)
 
-    async def _take(self, peer: bytes, frames: list[Any]) -> None:
+    async def take(self, buffers: list[Buffer], reply_to: ReplyTo, peer: bytes | None = None) -> None:
+        """Handle one message from a ROUTER peer (``peer``: its identity), a WebRTC link, or
+        our relay (``reply_to`` drops the reply)."""
+        try:
+            await self._take(buffers, reply_to, peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in one request must not stop the node serving the rest
+            logger.exception("x internal error taking a request")
+            self.node.count_error("INTERNAL")
+
+    async def take_relayed(self, buffers: list[Buffer]) -> None:
+        """A one-way message our relay forwarded to us (we are behind NAT)."""
+        await self.take(buffers, _no_reply)
+
+    async def _take(self, buffers: list[Buffer], reply_to: ReplyTo, peer: bytes | None) -> None:
         received = time.monotonic()
-        buffers = [f.buffer for f in frames]
         request: Request | MeshError
         try:
             request = decode_request(buffers, self.limits)
         except MeshError as exc:
             request = exc
-        if isinstance(request, Request) and request.op is Op.MESH:
-            self._mesh_datagram(request)  # one-way: gossip gets no reply
+        if isinstance(request, Request) and request.op in (Op.MESH, Op.RELAY, Op.SIGNAL):
+            self._one_way(request, peer)  # gossip, forwarding and signaling get no reply
+        elif isinstance(request, Request) and request.op is Op.ATTACH and peer is not None:
+            self.relay.attach(request.fields["name"], peer)
+            await reply_to([ok_reply(request.id, relay=self.node.name)])
         elif isinstance(request, Request) and self._may_wait(request):
             await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
-            task = asyncio.create_task(self._answer_in_slot(peer, buffers, request, received))
+            task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, request, received))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
             # Memory-only work never blocks: answering inline saves a task per request.
-            await self._answer(peer, buffers, request, received)
+            await self._answer(reply_to, buffers, request, received)
+
+    def _one_way(self, req: Request, peer: bytes | None) -> None:
+        if req.op is Op.MESH:
+            self._mesh_datagram(req)
+        elif req.op is Op.RELAY:
+            target = self.relay.identity(req.fields["to"]) if peer is not None else None
+            if target is None:
+                self.node.count_error("RELAY_UNKNOWN_TARGET")
+                return
+            self.relay.forwarded += 1
+            task = asyncio.create_task(self._router.send(target, req.payloads))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self.peering is None:
+            self.node.count_error("SIGNAL_WITHOUT_WEBRTC")
+        else:
+            self.peering.on_signal(req.fields)
 
     def _mesh_datagram(self, req: Request) -> None:
         cluster = self.node.cluster
@@ -125,15 +169,15 @@ class NodeServer:
         return c is not None and not req.fields["local"] and c.cluster.membership.num_alive() > 1
 
     async def _answer_in_slot(
-        self, peer: bytes, buffers: list[Any], request: Request, received: float
+        self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float
     ) -> None:
         try:
-            await self._answer(peer, buffers, request, received)
+            await self._answer(reply_to, buffers, request, received)
         finally:
             self._slots.release()
 
     async def _answer(
-        self, peer: bytes, buffers: list[Any], request: Request | MeshError, received: float
+        self, reply_to: ReplyTo, buffers: list[Any], request: Request | MeshError, received: float
     ) -> None:
         op_name = request.op.name if isinstance(request, Request) else "INVALID"
         outcome = "ok"
@@ -145,7 +189,7 @@ class NodeServer:
             outcome = exc.code.name
             self.node.count_error(exc.code.name)
             rid = peek_request_id(buffers[0], self.limits.max_header_bytes) if buffers else 0
-            logger.debug("x %s request %d from %s: %s", op_name, rid, peer.hex(), exc)
+            logger.debug("x %s request %d: %s", op_name, rid, exc)
             reply = [error_reply(rid, exc)]
         except Exception as exc:  # a bug must not take the node down
             logger.exception("x internal error answering %s", op_name)
@@ -153,7 +197,10 @@ class NodeServer:
             self.node.count_error("INTERNAL")
             rid = peek_request_id(buffers[0], self.limits.max_header_bytes) if buffers else 0
             reply = [error_reply(rid, InternalError(f"{type(exc).__name__}: {exc}"))]
-        await self._router.send(peer, reply)
+        try:
+            await reply_to(reply)
+        except Exception as exc:  # the asker went away (a WebRTC link closed): nothing to do
+            logger.debug("x could not send a %s reply: %s", op_name, exc)
         if self._observe is not None:
             self._observe(op_name, outcome, time.monotonic() - received)
 
@@ -239,6 +286,8 @@ class NodeServer:
             return [ok_reply(req.id, ranking=[list(r) for r in ranking])]
         if req.op is Op.STATS:
             return [ok_reply(req.id, stats=self.node.stats())]
+        if req.op is Op.ATTACH:
+            raise BadRequest("ATTACH is only accepted over a ZeroMQ connection")
         if req.op is Op.JOIN:
             if self.node.cluster is None:
                 raise Unavailable("this node runs without a mesh")

@@ -158,23 +158,34 @@ def _remove_stale_ipc(path: str) -> None:
     raise TransportError(f"cannot listen on ipc://{path}: another process is serving it")
 
 
+Route = Callable[[str], tuple[str, list[bytes]]]
+"""Where a message for an address goes: (endpoint to connect to, frames to put before it)."""
+
+
 class ZmqDatagramTransport:
     """Best-effort datagrams to peers' ROUTER sockets over DEALERs (a DatagramTransport).
 
-    Each datagram goes out as ``[envelope, data]``: the envelope is a constant first frame
-    chosen by the owner (it tells the receiving node what the frame is and who sent it).
-    Sends never block: datagrams for a peer still connecting are queued (up to
-    ``queue_limit``), and beyond that, as for a peer that is down, they are dropped and
-    counted, as UDP would lose them. Inbound datagrams are not read here: the node that owns
-    the ROUTER hands them to :meth:`deliver`. Use from one thread (the event loop's).
+    Each datagram goes out as ``[*prefix, envelope, data]``: the envelope, a constant frame
+    chosen by the owner, tells the receiving node what the frame is and who sent it;
+    ``route(to)`` says which endpoint to connect to and which prefix frames go first. Usually
+    that is the peer itself with no prefix; for a node behind NAT it is its relay, with a
+    prefix asking the relay to forward. :meth:`send_message` sends other one-way messages
+    the same way. Sends never block:
+    datagrams for a peer still connecting are queued (up to ``queue_limit``), and beyond
+    that, as for a peer that is down, they are dropped and counted, as UDP would lose them.
+    Inbound datagrams are not read here: the node that owns the ROUTER hands them to
+    :meth:`deliver`. Use from one thread (the event loop's).
     """
 
-    def __init__(self, address: str, envelope: bytes, max_peers: int = 1024, queue_limit: int = 256) -> None:
+    def __init__(
+        self, address: str, envelope: bytes, route: Route, max_peers: int = 1024, queue_limit: int = 256
+    ) -> None:
         self.address = address
+        self.envelope = envelope
         self.on_receive: Callable[[str, bytes], None] | None = None
         self.dropped = 0
         self.sent = 0
-        self._envelope = envelope
+        self._route = route
         self._max_peers = max_peers
         self._queue_limit = queue_limit
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
@@ -184,25 +195,34 @@ class ZmqDatagramTransport:
         return f"<ZmqDatagramTransport {self.address} peers={len(self._peers)} sent={self.sent} dropped={self.dropped}>"
 
     def send(self, to: str, data: bytes) -> None:
-        sock = self._peers.get(to)
+        self.send_message(to, [self.envelope, data])
+
+    def send_message(self, to: str, frames: list[bytes]) -> None:
+        """One-way ``frames`` to ``to``, routed like a datagram (dropped and counted if stuck)."""
+        try:
+            endpoint, prefix = self._route(to)
+        except ValueError:
+            self.dropped += 1
+            return
+        sock = self._peers.get(endpoint)
         if sock is None:
             try:
-                check_endpoint(to)
+                check_endpoint(endpoint)
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, self._queue_limit)
-                sock.connect(to)
+                sock.connect(endpoint)
             except (zmq.ZMQError, TransportError):
                 self.dropped += 1
                 return
-            self._peers[to] = sock
+            self._peers[endpoint] = sock
             while len(self._peers) > self._max_peers:
                 _, old = self._peers.popitem(last=False)
                 old.close(0)
         else:
-            self._peers.move_to_end(to)
+            self._peers.move_to_end(endpoint)
         try:
-            sock.send_multipart([self._envelope, data], flags=zmq.NOBLOCK)
+            sock.send_multipart([*prefix, *frames], flags=zmq.NOBLOCK)
             self.sent += 1
         except zmq.Again:
             self.dropped += 1

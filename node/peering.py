@@ -1,0 +1,313 @@
+"""WebRTC links between members: dialing, answering, proving membership, serving requests.
+
+A node that needs a member behind NAT (address ``webrtc://RELAY/NAME``) sends it a SIGNAL
+offer routed through its relay; the NAT node checks that the offer comes from a live member
+at the address it claims, answers with a SIGNAL sent back the same way a datagram to that
+member goes (directly, or through the asker's own relay), and both ends bring the link up.
+Requests then flow over it exactly as over ZeroMQ: the dialer is the client, the answerer
+serves them with the node's own request handler.
+
+Proof of membership: before the answerer serves anything, the dialer sends an AUTH message
+and the answerer returns its own. Each carries the sender's name and, when the mesh has a
+shared secret, an HMAC-SHA256 over the role, the name and both DTLS fingerprints — so the
+proof is bound to this very DTLS session and cannot be replayed on another. A link whose
+proof fails is closed and counted; no request on it is ever served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from lmcache_mesh.mesh.membership import State
+from lmcache_mesh.transports.addresses import parse_webrtc_address
+from lmcache_mesh.transports.webrtc import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
+
+from .errors import Unavailable
+from .protocol import Op, request_header
+from .records import Buffer
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .service import NodeServer
+
+logger = logging.getLogger(__name__)
+
+AUTH_MAGIC = b"LMAUTH1"
+RETRY_AFTER_S = 5.0
+"""After a failed dial, requests to that member fail fast for this long."""
+MAX_INBOUND_LINKS = 64
+
+
+class AuthFailed(Exception):
+    pass
+
+
+def _mac(secret: bytes, role: bytes, name: str, offer_fp: str, answer_fp: str) -> bytes:
+    msg = b"\0".join(
+        [b"lmcache-mesh webrtc auth v1", role, name.encode(), offer_fp.encode(), answer_fp.encode()]
+    )
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+class WebRTCPeering:
+    """Every WebRTC link of one node. Use on the event loop."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        server: NodeServer,
+        config: WebRTCConfig,
+        secret: bytes = b"",
+        signal_timeout_s: float = 5.0,
+    ) -> None:
+        self.cluster = cluster
+        self.server = server
+        self.config = config
+        self.secret = secret
+        self.signal_timeout_s = signal_timeout_s
+        self.counters: dict[str, int] = defaultdict(int)
+        self._out: dict[str, WebRTCLink] = {}
+        self._dialing: dict[str, asyncio.Future[WebRTCLink]] = {}
+        self._answers: dict[str, asyncio.Future[str]] = {}
+        self._inbound: set[WebRTCLink] = set()
+        self._retry_at: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.setup_seconds: list[float] = []
+        """Dial-to-proven times of recent links (last 32)."""
+
+    def __repr__(self) -> str:
+        return f"<WebRTCPeering out={len(self._out)} in={len(self._inbound)}>"
+
+    @property
+    def me(self) -> str:
+        return self.cluster.name
+
+    # dialing (we are the client)
+
+    def conduit(self, name: str) -> LinkConduit:
+        return LinkConduit(self, name)
+
+    async def link_to(self, name: str) -> WebRTCLink:
+        """An open, proven link to member ``name``, dialing it if needed."""
+        link = self._out.get(name)
+        if link is not None and not link.closed:
+            return link
+        if time.monotonic() < self._retry_at.get(name, 0.0):
+            raise Unavailable(f"WebRTC link to {name} failed recently; retrying later")
+        pending = self._dialing.get(name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._dial(name))
+            self._dialing[name] = pending
+            pending.add_done_callback(lambda _f: self._dialing.pop(name, None))
+        return await asyncio.shield(pending)
+
+    async def _dial(self, name: str) -> WebRTCLink:
+        started = time.monotonic()
+        member = self.cluster.membership.members.get(name)
+        if member is None or member.state not in (State.ALIVE, State.SUSPECT):
+            raise Unavailable(f"{name} is not a live member")
+        session = secrets.token_hex(8)
+        dialing = await offer(self.config, label=f"{self.me}->{name}")
+        answer_future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._answers[session] = answer_future
+        try:
+            self._signal(member.address, session, "offer", dialing.sdp)
+            sdp = await asyncio.wait_for(answer_future, self.signal_timeout_s)
+            link = await dialing.complete(sdp)
+            await self._prove(link, b"dialer", dialing.sdp, sdp, expect=name)
+        except (asyncio.TimeoutError, LinkClosed, AuthFailed, Unavailable) as exc:
+            await dialing.cancel()
+            self._retry_at[name] = time.monotonic() + RETRY_AFTER_S
+            self.counters["webrtc_dial_failures"] += 1
+            why = "no answer" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            logger.warning("x WebRTC link to %s failed: %s", name, why)
+            raise Unavailable(f"no WebRTC link to {name}: {why}") from None
+        finally:
+            self._answers.pop(session, None)
+        self._out[name] = link
+        self._retry_at.pop(name, None)
+        self.counters["webrtc_links_dialed"] += 1
+        self.setup_seconds = [*self.setup_seconds[-31:], time.monotonic() - started]
+        logger.info("- WebRTC link to %s up in %.0f ms", name, 1000 * (time.monotonic() - started))
+        return link
+
+    async def _prove(
+        self, link: WebRTCLink, role: bytes, offer_sdp: str, answer_sdp: str, expect: str
+    ) -> None:
+        """Dialer: send our proof, then check the answerer's."""
+        offer_fp, answer_fp = link.local_fingerprint, link.remote_fingerprint
+        await link.send(self._proof(role, offer_fp, answer_fp))
+        try:
+            frames = await asyncio.wait_for(link.recv(), self.signal_timeout_s)
+        except asyncio.TimeoutError:
+            raise AuthFailed(f"{expect} sent no membership proof") from None
+        self._check_proof(frames, b"answerer", expect, offer_fp, answer_fp)
+
+    def _proof(self, role: bytes, offer_fp: str, answer_fp: str) -> list[bytes]:
+        mac = _mac(self.secret, role, self.me, offer_fp, answer_fp) if self.secret else b""
+        return [AUTH_MAGIC, msgpack.packb({"name": self.me, "mac": mac}, use_bin_type=True)]
+
+    def _check_proof(
+        self, frames: Sequence[Buffer], role: bytes, expect: str, offer_fp: str, answer_fp: str
+    ) -> None:
+        try:
+            if len(frames) != 2 or bytes(frames[0]) != AUTH_MAGIC:
+                raise ValueError("not a membership proof")
+            m = msgpack.unpackb(frames[1], raw=False)
+            name, mac = m["name"], m["mac"]
+        except Exception as exc:
+            self.counters["webrtc_auth_failures"] += 1
+            raise AuthFailed(f"bad membership proof from {expect}: {exc}") from None
+        if name != expect:
+            self.counters["webrtc_auth_failures"] += 1
+            raise AuthFailed(f"peer claims to be {name!r}, expected {expect!r}")
+        if self.secret:
+            want = _mac(self.secret, role, expect, offer_fp, answer_fp)
+            if not isinstance(mac, bytes) or not hmac.compare_digest(mac, want):
+                self.counters["webrtc_auth_failures"] += 1
+                raise AuthFailed(f"{expect} could not prove membership (wrong mesh secret)")
+
+    # answering (we serve)
+
+    def on_signal(self, f: dict[str, Any]) -> None:
+        """A SIGNAL message arrived (directly or through our relay)."""
+        kind = f["kind"]
+        if kind == "offer":
+            self._spawn(self._accept(f))
+            return
+        future = self._answers.get(f["session"])
+        if future is None or future.done():
+            self.counters["webrtc_stray_signals"] += 1
+        elif kind == "answer":
+            future.set_result(f["sdp"])
+        else:
+            future.set_exception(Unavailable(f"{f['name']} refused the link: {f['reason']}"))
+
+    async def _accept(self, f: dict[str, Any]) -> None:
+        name, address, session = f["name"], f["from"], f["session"]
+        member = self.cluster.membership.members.get(name)
+        if member is None or member.state not in (State.ALIVE, State.SUSPECT) or member.address != address:
+            self.counters["webrtc_refused"] += 1
+            logger.warning("x WebRTC offer from %s at %s refused: not a live member there", name, address)
+            self._signal(address, session, "refuse", reason="not a live member at that address")
+            return
+        if len(self._inbound) >= MAX_INBOUND_LINKS:
+            self.counters["webrtc_refused"] += 1
+            self._signal(address, session, "refuse", reason="too many links")
+            return
+        try:
+            link, sdp = await answer(self.config, f["sdp"], label=f"{name}->{self.me}")
+        except LinkClosed as exc:
+            self.counters["webrtc_refused"] += 1
+            self._signal(address, session, "refuse", reason=str(exc))
+            return
+        self._signal(address, session, "answer", sdp)
+        self._inbound.add(link)
+        try:
+            await link.wait_open()
+            frames = await asyncio.wait_for(link.recv(), self.signal_timeout_s)
+            offer_fp, answer_fp = link.remote_fingerprint, link.local_fingerprint
+            self._check_proof(frames, b"dialer", name, offer_fp, answer_fp)
+            await link.send(self._proof(b"answerer", offer_fp, answer_fp))
+            self.counters["webrtc_links_accepted"] += 1
+            await self._serve(link)
+        except (LinkClosed, AuthFailed, asyncio.TimeoutError) as exc:
+            logger.warning("x WebRTC link from %s closed: %s", name, exc or "no proof in time")
+        finally:
+            self._inbound.discard(link)
+            await link.close()
+
+    async def _serve(self, link: WebRTCLink) -> None:
+        while True:
+            frames = await link.recv()
+            # Each request gets its own task: a slow disk read must not hold up the link.
+            self._spawn(self.server.take(list(frames), link.send))
+
+    def _signal(self, to: str, session: str, kind: str, sdp: str = "", reason: str = "") -> None:
+        fields: dict[str, Any] = {
+            "from": self.cluster.membership.me.address,
+            "name": self.me,
+            "session": session,
+            "kind": kind,
+            "sdp": sdp,
+            "reason": reason,
+        }
+        self.cluster.transport.send_message(to, [request_header(Op.SIGNAL, 0, 5000, **fields)])
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, name: str) -> None:
+        """A member died or left: close our link to it."""
+        link = self._out.pop(name, None)
+        if link is not None:
+            self._spawn(link.close("member gone"))
+
+    def stats(self) -> dict[str, Any]:
+        setup = sorted(self.setup_seconds)
+        return {
+            "links_out": sorted(n for n, link in self._out.items() if not link.closed),
+            "links_in": len(self._inbound),
+            "bytes_sent": sum(link.bytes_sent for link in [*self._out.values(), *self._inbound]),
+            "bytes_received": sum(link.bytes_received for link in [*self._out.values(), *self._inbound]),
+            "setup_ms_p50": round(1000 * setup[len(setup) // 2], 1) if setup else None,
+            **self.counters,
+        }
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        links = [*self._out.values(), *self._inbound]
+        self._out.clear()
+        await asyncio.gather(*(link.close("node stopping") for link in links), return_exceptions=True)
+
+
+def is_relayed(address: str) -> bool:
+    return parse_webrtc_address(address) is not None
+
+
+class LinkConduit:
+    """An AsyncClient conduit over a WebRTC link to one member (dialed on first use)."""
+
+    def __init__(self, peering: WebRTCPeering, name: str) -> None:
+        self._peering = peering
+        self._name = name
+        self._link: asyncio.Future[WebRTCLink] = asyncio.ensure_future(peering.link_to(name))
+
+    async def _ready(self) -> WebRTCLink:
+        try:
+            return await asyncio.shield(self._link)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"no WebRTC link to {self._name}: {exc}") from None
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        link = await self._ready()
+        try:
+            await link.send(frames)
+        except LinkClosed as exc:
+            raise Unavailable(str(exc)) from None
+
+    async def recv(self) -> list[Buffer]:
+        link = await self._ready()
+        return list(await link.recv())
+
+    async def aclose(self) -> None:
+        if not self._link.done():
+            self._link.cancel()
+        else:
+            self._link.exception() if not self._link.cancelled() else None  # retrieved: no warning

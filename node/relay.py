@@ -1,0 +1,196 @@
+"""Relaying for nodes behind NAT: the relay's table, and the NAT node's uplink to it.
+
+A node started with ``--nat`` accepts no inbound connections. Its :class:`Uplink` keeps
+one outbound ZeroMQ connection to a reachable member (its relay) and sends ATTACH on it
+every ``keepalive_s``; the relay's :class:`RelayTable` remembers which connection carries
+which name, and forwards RELAY messages (membership datagrams, WebRTC offers) down it.
+When the relay stops answering, the uplink moves to another reachable member and the node
+re-announces its ``webrtc://RELAY/NAME`` address with a higher incarnation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from lmcache_mesh.transports import dealer
+
+from .protocol import Op, request_header
+from .records import Buffer
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE_S = 1.0
+"""How often a NAT node re-attaches to its relay (also keeps NAT mappings open)."""
+
+ATTACH_TTL_S = 5.0
+"""A relay forgets an attachment not renewed for this long."""
+
+SWITCH_AFTER_S = 4.0
+"""A NAT node with no answer from its relay for this long moves to another member."""
+
+
+class RelayTable:
+    """Relay side: member name -> ROUTER identity of its uplink. Use on the event loop."""
+
+    def __init__(self, ttl_s: float = ATTACH_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self.forwarded = 0
+        self._attached: dict[str, tuple[bytes, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._attached)
+
+    def attach(self, name: str, identity: bytes) -> None:
+        # The latest attachment wins: a restarted node has a new connection.
+        self._attached[name] = (identity, time.monotonic() + self.ttl_s)
+
+    def identity(self, name: str) -> bytes | None:
+        entry = self._attached.get(name)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._attached[name]
+            return None
+        return entry[0]
+
+    def names(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(n for n, (_, until) in self._attached.items() if until >= now)
+
+
+class Uplink:
+    """NAT side: the outbound connection to our relay, and what comes down it."""
+
+    def __init__(
+        self,
+        name: str,
+        candidates: Callable[[], Sequence[str]],
+        deliver: Callable[[list[Buffer]], Awaitable[None]],
+        on_relay: Callable[[str], None],
+        max_message_bytes: int,
+        keepalive_s: float = KEEPALIVE_S,
+        switch_after_s: float = SWITCH_AFTER_S,
+    ) -> None:
+        self.name = name
+        self.relay = ""
+        """tcp:// address of the current relay ("" before the first)."""
+        self.attached = False
+        """The current relay answered our last ATTACH in time."""
+        self.switches = 0
+        self._candidates = candidates
+        self._deliver = deliver
+        self._on_relay = on_relay
+        self._max_message_bytes = max_message_bytes
+        self._keepalive_s = keepalive_s
+        self._switch_after_s = switch_after_s
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._last_answer = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._attached_event = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Uplink {self.name} via {self.relay or '-'} attached={self.attached}>"
+
+    def start(self, first_relay: str) -> None:
+        self._connect(first_relay)
+        self._tasks = [
+            asyncio.create_task(self._keepalive(), name="lmcache-uplink-keepalive"),
+            asyncio.create_task(self._read(), name="lmcache-uplink-read"),
+        ]
+
+    async def wait_attached(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._attached_event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def _connect(self, relay: str) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = dealer(self._ctx, relay, self._max_message_bytes)
+        self.relay = relay
+        self.attached = False
+        self._attached_event.clear()
+        self._last_answer = time.monotonic()
+        self._send_attach()
+
+    def _send_attach(self) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send(request_header(Op.ATTACH, next(self._ids), 2000, name=self.name), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the relay is not reading: the switch timer deals with it
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self._keepalive_s)
+            if time.monotonic() - self._last_answer > self._switch_after_s:
+                self._switch()
+            else:
+                self._send_attach()
+
+    def _switch(self) -> None:
+        others = [c for c in self._candidates() if c != self.relay]
+        if not others:
+            self._last_answer = time.monotonic()  # nobody else: keep trying this one
+            self._send_attach()
+            return
+        nxt = others[self.switches % len(others)]
+        logger.warning("! relay %s is not answering; moving to %s", self.relay, nxt)
+        self.switches += 1
+        self._connect(nxt)
+        self._on_relay(nxt)
+
+    async def _read(self) -> None:
+        while True:
+            sock = self._sock
+            assert sock is not None
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                if sock is self._sock:
+                    raise
+                continue  # we switched relays while waiting
+            buffers: list[Any] = [f.buffer for f in frames]
+            if sock is not self._sock:
+                continue
+            if _is_reply(buffers[0]):
+                self._last_answer = time.monotonic()
+                if not self.attached:
+                    logger.info("- attached to relay %s", self.relay)
+                self.attached = True
+                self._attached_event.set()
+            else:
+                await self._deliver(buffers)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        self._ctx.term()
+
+
+def _is_reply(header: Buffer) -> bool:
+    """Replies (to our ATTACH) carry "ok"; anything else coming down is a forwarded request."""
+    if len(header) > 4096:
+        return False
+    try:
+        m = msgpack.unpackb(header, raw=False)
+    except Exception:
+        return False
+    return isinstance(m, dict) and "ok" in m

@@ -1,0 +1,23 @@
+"""WebRTC (aiortc) links: how nodes behind NAT exchange requests and chunk records.
+
+``offer``/``answer`` make a :class:`WebRTCLink` from one SDP offer and one answer, carried
+by the caller's signaling; the link moves multipart messages of any size (fragmented below
+the data channel's 256 KiB limit) over several data channels with flow control. aiortc is
+an optional dependency (``lmcache-mesh[webrtc]``), imported only when a link is made.
+"""
+
+from .framing import FramingError, Reassembler, pieces
+from .link import Dialing, LinkClosed, WebRTCConfig, WebRTCLink, answer, offer, sdp_fingerprint
+
+__all__ = [
+    "Dialing",
+    "FramingError",
+    "LinkClosed",
+    "Reassembler",
+    "WebRTCConfig",
+    "WebRTCLink",
+    "answer",
+    "offer",
+    "pieces",
+    "sdp_fingerprint",
+]
