@@ -18,6 +18,7 @@ from lmcache_mesh.node.client import Client
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.errors import DeadlineExceeded, MeshError, Unavailable
 from lmcache_mesh.node.node import Node
+from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,9 @@ class MeshStore:
                 self.config.retry_after_s,
             )
 
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        """Leading ``keys`` cached anywhere in the mesh; 0 on any failure."""
+    def lookup(self, keys: Sequence[bytes], cost: Cost | None = None) -> int:
+        """Leading ``keys`` cached anywhere in the mesh (with ``cost``: only as far as fetching
+        beats recomputing); 0 on any failure."""
         if not keys or not self._available():
             return 0
         with self._lock:
@@ -146,13 +148,14 @@ class MeshStore:
             if self._node is not None:
                 return int(self._node.lookup(keys))
             assert self._front is not None
-            return int(self._front.lookup(keys, timeout_s=self.config.lookup_timeout_s))
+            return int(self._front.lookup(keys, timeout_s=self.config.lookup_timeout_s, cost=cost))
         except Exception as exc:  # any failure is a miss: the engine recomputes
             self._failed("lookup", exc)
             return 0
 
-    def fetch(self, keys: Sequence[bytes]) -> list[ChunkRecord | None]:
-        """Verified records per key (None per miss); all None on any failure."""
+    def fetch(self, keys: Sequence[bytes], cost: Cost | None = None) -> list[ChunkRecord | None]:
+        """Verified records per key (None per miss, or per chunk cheaper to recompute than to
+        fetch, given ``cost``); all None on any failure."""
         if not keys or not self._available():
             return [None] * len(keys)
         with self._lock:
@@ -162,7 +165,7 @@ class MeshStore:
                 records: list[ChunkRecord | None] = self._node.get_records(keys)
             else:
                 assert self._front is not None
-                records = self._front.get_records(keys, timeout_s=self.config.fetch_timeout_s)
+                records = self._front.get_records(keys, timeout_s=self.config.fetch_timeout_s, cost=cost)
             return records
         except Exception as exc:  # a failed fetch is a miss
             self._failed("fetch", exc)

@@ -26,7 +26,9 @@ from lmcache_mesh.mesh.membership import State
 from lmcache_mesh.transports.addresses import parse_webrtc_address
 
 from .client import AsyncClient, Conduit
+from .costs import PeerStats, fetch_window, nearest_first, worth_prefix
 from .errors import DeadlineExceeded, MeshError, Unavailable
+from .protocol import Cost
 from .records import ChunkRecord
 
 if TYPE_CHECKING:
@@ -146,6 +148,8 @@ class MeshCoordinator:
         """Every this many seconds, re-announce everything held here to its owners."""
         self.index = HolderIndex(max_index_keys)
         self.peers = PeerPool(peer_timeout_s)
+        self.peer_stats = PeerStats()
+        """Latency and bandwidth per peer, from real requests: nearest-first GETs, cost decisions."""
         self.counters: dict[str, int] = defaultdict(int)
         self._max_queued_bytes = max_queued_bytes
         self._queued_bytes = 0
@@ -417,31 +421,48 @@ class MeshCoordinator:
         try:
             # Never the whole deadline: a stalled owner must leave time to fetch from holders.
             budget = min(remaining / 2, self.peers.timeout_s)
-            return await self.peers.get(address).who_has(keys, timeout_s=budget)
+            started = time.monotonic()
+            holders = await self.peers.get(address).who_has(keys, timeout_s=budget)
+            self.peer_stats.observe(owner, 0, time.monotonic() - started)
+            return holders
         except (MeshError, OSError) as exc:
             self._peer_failed(address, exc)
             return [[] for _ in keys]
 
-    async def lookup(self, keys: Sequence[bytes], deadline: float) -> tuple[int, list[list[str]]]:
-        """Longest prefix of ``keys`` cached anywhere, and who holds each key of it."""
+    async def lookup(
+        self, keys: Sequence[bytes], deadline: float, cost: Cost | None = None
+    ) -> tuple[int, list[list[str]]]:
+        """Longest prefix of ``keys`` cached anywhere (and, with ``cost``, worth fetching
+        rather than recomputing), and who holds each key of it."""
         holders = await self.locate(keys, deadline)
+        if cost is not None:
+            n, skipped = worth_prefix(self.peer_stats, holders, self.me, cost)
+            self.counters["cost_skip_chunks"] += skipped
+            return n, holders
         # Only nodes can serve bytes: an engine's own cache (``node/engine``) is no hit here.
         n = next((i for i, hs in enumerate(holders) if not any("/" not in h for h in hs)), len(keys))
         return n, holders
 
     async def get(
-        self, keys: Sequence[bytes], local: list[ChunkRecord | None], deadline: float
+        self,
+        keys: Sequence[bytes],
+        local: list[ChunkRecord | None],
+        deadline: float,
+        cost: Cost | None = None,
     ) -> list[ChunkRecord | None]:
-        """Fill the local misses from holders, then from ring owners, within ``deadline``."""
+        """Fill the local misses from holders (nearest first), then from ring owners, within
+        ``deadline``; with ``cost``, skip peers from which recomputing would be faster."""
         missing = [i for i, r in enumerate(local) if r is None]
         if not missing:
             return local
         found = list(local)
+        size_hint = cost.chunk_bytes if cost is not None else 1 << 20
         holders = await self.locate([keys[i] for i in missing], deadline)
         candidates: dict[int, list[str]] = {}
         for i, hs in zip(missing, holders, strict=True):
             owners = self.cluster.ring.owners(keys[i], self.replicas)
-            candidates[i] = [h for h in hs if h != self.me and "/" not in h] + [
+            held = [h for h in hs if h != self.me and "/" not in h]
+            candidates[i] = nearest_first(self.peer_stats, held, size_hint) + [
                 o for o in owners if o != self.me and o not in hs
             ]
         fetched: list[ChunkRecord] = []
@@ -450,10 +471,12 @@ class MeshCoordinator:
             for i in missing:
                 if found[i] is None and attempt < len(candidates[i]):
                     plan[candidates[i][attempt]].append(i)
+            if cost is not None:
+                plan = self._affordable(plan, cost)
             if not plan or time.monotonic() >= deadline:
                 break
             results = await asyncio.gather(
-                *(self._fetch(peer, [keys[i] for i in idx], deadline) for peer, idx in plan.items())
+                *(self._fetch(peer, [keys[i] for i in idx], deadline, cost) for peer, idx in plan.items())
             )
             for idx, records in zip(plan.values(), results, strict=True):
                 for i, record in zip(idx, records, strict=True):
@@ -462,6 +485,8 @@ class MeshCoordinator:
                         fetched.append(record)
         if fetched:
             self.counters["remote_hits"] += len(fetched)
+            if cost is not None:
+                self.counters["cost_fetch_chunks"] += len(fetched)
             try:
                 self.node.put_records(fetched)
                 self.stored(fetched, replicate=False)
@@ -470,9 +495,25 @@ class MeshCoordinator:
         self.counters["remote_misses"] += sum(1 for i in missing if found[i] is None)
         return found
 
-    async def _fetch(self, peer: str, keys: list[bytes], deadline: float) -> list[ChunkRecord | None]:
+    def _affordable(self, plan: dict[str, list[int]], cost: Cost) -> dict[str, list[int]]:
+        """The part of a fetch plan that beats recomputing (the rest is left to the engine)."""
+        kept = {}
+        for peer, idx in plan.items():
+            if fetch_window(self.peer_stats, peer, len(idx), cost) is None:
+                self.counters["cost_skip_chunks"] += len(idx)
+            else:
+                kept[peer] = idx
+        return kept
+
+    async def _fetch(
+        self, peer: str, keys: list[bytes], deadline: float, cost: Cost | None = None
+    ) -> list[ChunkRecord | None]:
         address = self._address(peer)
-        remaining = deadline - time.monotonic()
+        started = time.monotonic()
+        window = None if cost is None else fetch_window(self.peer_stats, peer, len(keys), cost)
+        if window is not None:
+            deadline = min(deadline, started + window)  # never wait longer than recomputing
+        remaining = deadline - started
         if address is None or remaining <= 0:
             return [None] * len(keys)
         try:
@@ -480,8 +521,13 @@ class MeshCoordinator:
             records = await client.get_records(keys, local=True, timeout_s=remaining)
             self.node.checksum_failures += client.checksum_failures
             client.checksum_failures = 0
+            nbytes = sum(r.nbytes for r in records if r is not None)
+            self.peer_stats.observe(peer, nbytes, time.monotonic() - started)
             return records
         except (MeshError, OSError) as exc:
+            if isinstance(exc, DeadlineExceeded) and cost is not None:
+                self.peer_stats.cut_off(peer, len(keys) * cost.chunk_bytes, time.monotonic() - started)
+                self.counters["cost_cut_off_fetches"] += 1
             self._peer_failed(address, exc)
             return [None] * len(keys)
 
@@ -514,5 +560,6 @@ class MeshCoordinator:
             "index_keys": len(self.index),
             "replicas": self.replicas,
             "engines": {holder: len(keys) for holder, keys in self._engines.items()},
+            "peers": self.peer_stats.snapshot(),
             **self.counters,
         }

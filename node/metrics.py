@@ -68,6 +68,48 @@ class _StatsCollector(Collector):
         for state in ("alive", "suspect", "dead", "left"):
             members.add_metric([state], sum(1 for m in stats["members"] if m["state"] == state))
         yield members
+        reach = GaugeMetricFamily(
+            "lmcache_members_reachability", "Live members, by how they are reached", labels=["reachability"]
+        )
+        for kind in ("direct", "webrtc"):
+            reach.add_metric(
+                [kind],
+                sum(1 for m in stats["members"] if m["reachability"] == kind and m["state"] == "alive"),
+            )
+        yield reach
+        mesh = stats.get("mesh", {})
+        decisions = CounterMetricFamily(
+            "lmcache_cost_decisions",
+            "Remote chunks asked for with an engine's recompute cost: fetched, or skipped because "
+            "recomputing was estimated faster",
+            labels=["decision"],
+        )
+        decisions.add_metric(["fetch"], mesh.get("cost_fetch_chunks", 0))
+        decisions.add_metric(["recompute"], mesh.get("cost_skip_chunks", 0))
+        yield decisions
+        peer_bw = GaugeMetricFamily(
+            "lmcache_peer_bandwidth_bytes_per_second", "EWMA bandwidth of fetches, by peer", labels=["peer"]
+        )
+        peer_rtt = GaugeMetricFamily(
+            "lmcache_peer_latency_seconds", "EWMA latency of small requests, by peer", labels=["peer"]
+        )
+        for peer, e in mesh.get("peers", {}).items():
+            if e["mb_per_s"] is not None:
+                peer_bw.add_metric([peer], e["mb_per_s"] * 1e6)
+            if e["rtt_ms"] is not None:
+                peer_rtt.add_metric([peer], e["rtt_ms"] / 1000)
+        yield from (peer_bw, peer_rtt)
+        webrtc = mesh.get("webrtc", {})
+        yield GaugeMetricFamily(
+            "lmcache_webrtc_links",
+            "Open WebRTC links",
+            value=len(webrtc.get("links_out", [])) + webrtc.get("links_in", 0),
+        )
+        yield CounterMetricFamily(
+            "lmcache_webrtc_auth_failures",
+            "WebRTC peers that failed to prove membership",
+            value=webrtc.get("webrtc_auth_failures", 0),
+        )
 
 
 class NodeMetrics:

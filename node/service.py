@@ -231,19 +231,19 @@ class NodeServer:
             else:
                 found = await self._in_thread(self.node.get_records, keys, deadline=deadline)
             if self.coordinator is not None and self._mesh_wide(req) and None in found:
-                found = await self.coordinator.get(keys, found, deadline)
+                found = await self.coordinator.get(keys, found, deadline, req.fields["cost"])
             headers = [None if r is None else r.header.to_wire() for r in found]
             return [ok_reply(req.id, records=headers), *(r.payload for r in found if r is not None)]
         if req.op is Op.LOOKUP:
             keys = req.fields["keys"]
             if req.fields["holders"] and self.coordinator is not None and self._mesh_wide(req):
-                hits, holders = await self.coordinator.lookup(keys, deadline)
+                hits, holders = await self.coordinator.lookup(keys, deadline, req.fields["cost"])
                 return [ok_reply(req.id, hits=hits, holders=holders)]
             cached = req.fields.get("local_hits")
             hits = self.node.lookup(keys) if cached is None else int(cached)
             if hits < len(keys) and self.coordinator is not None and self._mesh_wide(req):
                 # Only the part of the chain not cached here needs the owners.
-                more, _ = await self.coordinator.lookup(keys[hits:], deadline)
+                more, _ = await self.coordinator.lookup(keys[hits:], deadline, req.fields["cost"])
                 hits += more
             if req.fields["holders"]:
                 return [

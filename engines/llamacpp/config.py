@@ -35,10 +35,16 @@ class LlamaMeshConfig:
     """KV waiting to be stored; past it new saves are dropped (counted), never waited on"""
     fingerprint_cache_dir: str | None = None
     """where model fingerprints are cached when the model's directory is read-only"""
+    cost_aware: bool = True
+    """fetch a remote chunk only when the transfer is estimated faster than recomputing it"""
+    prefill_tokens_per_s: float | None = None
+    """this engine's prefill rate for those estimates; None = measured from its own prefills"""
 
     def __post_init__(self) -> None:
         if self.chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+        if self.prefill_tokens_per_s is not None and self.prefill_tokens_per_s <= 0:
+            raise ValueError(f"prefill_tokens_per_s must be positive, got {self.prefill_tokens_per_s}")
         for name in ("lookup_timeout_s", "fetch_timeout_s", "retry_after_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

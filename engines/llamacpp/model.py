@@ -43,6 +43,7 @@ class MeshLlama(Llama):  # type: ignore[misc]  # llama_cpp is not type-checked (
             self.mesh.continue_prompt(tokens)
         inner = super().generate(tokens, *args, **kwargs)
         abort = self.abort
+        first = True
         try:
             sent = None  # generate() takes extra (draft) tokens through send()
             while abort is None or not abort.is_set():
@@ -50,6 +51,9 @@ class MeshLlama(Llama):  # type: ignore[misc]  # llama_cpp is not type-checked (
                     token = inner.send(sent)
                 except StopIteration:
                     return
+                if first:
+                    first = False
+                    self.mesh.first_token()
                 sent = yield token
         finally:
             inner.close()

@@ -22,9 +22,11 @@ import numpy as np
 
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
+from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
 
 from ..fingerprint import model_fingerprint
+from ..prefill import PrefillRate
 from ..saver import Saver
 from ..store import MeshStore
 from . import seqstate
@@ -90,6 +92,8 @@ class KVReuse:
         self._known: OrderedDict[bytes, float] = OrderedDict()
         self._known_lock = threading.Lock()
         self._prompt_tokens = 0
+        self.prefill = PrefillRate(self.config.prefill_tokens_per_s)
+        self._prefill_clock: tuple[float, int] | None = None
         self.fingerprint = model_fingerprint(llm.model_path, self.config.fingerprint_cache_dir)
         self.layout: seqstate.BlobLayout | None
         try:
@@ -153,6 +157,7 @@ class KVReuse:
             "saver": self._saver.snapshot(),
             "store": self.store.snapshot(),
             "namespace": self.namespace.hex(),
+            "prefill_tokens_per_s": self.prefill.tokens_per_s,
         }
 
     # known chunks: stored by us or seen in the mesh recently, so not stored again
@@ -191,6 +196,19 @@ class KVReuse:
         self._prompt_tokens = len(tokens)
         if not self.enabled:
             return 0
+        restored = self._restore(tokens)
+        have = max(restored, common_prefix(self.llm.input_ids[: self.llm.n_tokens], tokens))
+        self._prefill_clock = (time.perf_counter(), len(tokens) - have)
+        return restored
+
+    def first_token(self) -> None:
+        """The prompt is evaluated (the first token is out): measure the prefill rate."""
+        if self._prefill_clock is not None:
+            started, evaluated = self._prefill_clock
+            self._prefill_clock = None
+            self.prefill.observe(evaluated, time.perf_counter() - started)
+
+    def _restore(self, tokens: Sequence[int]) -> int:
         assert self.layout is not None
         self.stats.requests += 1
         llm, c = self.llm, self.chunk_tokens
@@ -201,12 +219,13 @@ class KVReuse:
         started = time.perf_counter()
         keys = chunk_keys(self.namespace, tokens[: n_full * c], c)
         self.stats.lookups += 1
-        hits = self.store.lookup(keys)
+        cost = self.prefill.cost(c, self.chunk_bytes) if self.config.cost_aware else None
+        hits = self.store.lookup(keys, cost)
         looked_up = time.perf_counter()
         self.stats.lookup_seconds += looked_up - started
         if hits * c <= have:
             return 0
-        payloads = self._fetch(keys[:hits])
+        payloads = self._fetch(keys[:hits], cost)
         fetched = time.perf_counter()
         self.stats.fetch_seconds += fetched - looked_up
         n = len(payloads)
@@ -224,10 +243,10 @@ class KVReuse:
         self.stats.hit_tokens += n * c
         return n * c
 
-    def _fetch(self, keys: Sequence[bytes]) -> list[memoryview]:
+    def _fetch(self, keys: Sequence[bytes], cost: Cost | None) -> list[memoryview]:
         """Payloads of the leading run of ``keys`` that arrived and belong here."""
         payloads = []
-        for record in self.store.fetch(keys):
+        for record in self.store.fetch(keys, cost):
             if record is None:
                 break
             h = record.header

@@ -1,0 +1,134 @@
+"""Cost-aware fetching: is a remote chunk worth its transfer, or should the engine recompute?
+
+Each node keeps, per peer, an EWMA of request latency (small replies) and of bandwidth
+(large replies), both from real requests. An engine sends what recomputing one chunk would
+cost it (its measured prefill rate turned into seconds per chunk, and the chunk's size);
+the node then fetches a peer's share of a prefix only while the estimated transfer is
+shorter than recomputing those chunks. Peers not measured yet are tried (that is how they
+get measured), but never for longer than the recompute time they would replace: a peer
+that turns out slow is cut off and measured as at most that fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import Cost
+
+SMALL_REPLY_BYTES = 64 << 10
+"""Replies below this measure latency; larger ones measure bandwidth."""
+
+MIN_FETCH_WINDOW_S = 0.05
+"""An untried fetch gets at least this long (one round trip on a slow link)."""
+
+
+@dataclass(slots=True)
+class PeerEstimate:
+    rtt_s: float | None = None
+    bytes_per_s: float | None = None
+    samples: int = 0
+
+    def transfer_s(self, nbytes: int) -> float | None:
+        """Estimated seconds to fetch ``nbytes`` in one request; None while unmeasured."""
+        if self.bytes_per_s is None:
+            return None
+        return (self.rtt_s or 0.0) + nbytes / self.bytes_per_s
+
+
+class PeerStats:
+    """Latency and bandwidth per peer name, from real transfers. Use on one thread."""
+
+    def __init__(self, alpha: float = 0.3, max_peers: int = 4096) -> None:
+        self.alpha = alpha
+        self.max_peers = max_peers
+        self.peers: dict[str, PeerEstimate] = {}
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.alpha * (new - old)
+
+    def observe(self, peer: str, nbytes: int, seconds: float) -> None:
+        """A request to ``peer`` returned ``nbytes`` of payload after ``seconds``."""
+        if seconds <= 0:
+            return
+        e = self.peers.get(peer)
+        if e is None:
+            if len(self.peers) >= self.max_peers:
+                self.peers.pop(next(iter(self.peers)))
+            e = self.peers[peer] = PeerEstimate()
+        e.samples += 1
+        if nbytes < SMALL_REPLY_BYTES:
+            e.rtt_s = self._ewma(e.rtt_s, seconds)
+        else:
+            moving = max(seconds - (e.rtt_s or 0.0), seconds / 2)
+            e.bytes_per_s = self._ewma(e.bytes_per_s, nbytes / moving)
+
+    def cut_off(self, peer: str, nbytes: int, seconds: float) -> None:
+        """A fetch of ``nbytes`` was abandoned after ``seconds``: the peer is at most that fast."""
+        e = self.peers.setdefault(peer, PeerEstimate())
+        bound = nbytes / max(seconds, 1e-6)
+        e.bytes_per_s = bound if e.bytes_per_s is None else min(e.bytes_per_s, bound)
+        e.samples += 1
+
+    def transfer_s(self, peer: str, nbytes: int) -> float | None:
+        e = self.peers.get(peer)
+        return None if e is None else e.transfer_s(nbytes)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "rtt_ms": None if e.rtt_s is None else round(1000 * e.rtt_s, 3),
+                "mb_per_s": None if e.bytes_per_s is None else round(e.bytes_per_s / 1e6, 3),
+                "samples": e.samples,
+            }
+            for name, e in sorted(self.peers.items())
+        }
+
+
+def fetch_window(stats: PeerStats, peer: str, n_chunks: int, cost: Cost) -> float | None:
+    """How long fetching ``n_chunks`` from ``peer`` may take: None when recomputing is faster.
+
+    A measured peer is used when its estimate beats recomputing; an unmeasured one is tried
+    for at most the recompute time.
+    """
+    budget = n_chunks * cost.recompute_s
+    estimate = stats.transfer_s(peer, n_chunks * cost.chunk_bytes)
+    if estimate is not None and estimate > budget:
+        return None
+    return max(budget, MIN_FETCH_WINDOW_S)
+
+
+def worth_prefix(stats: PeerStats, holders: Sequence[Sequence[str]], me: str, cost: Cost) -> tuple[int, int]:
+    """Leading keys worth serving: (count, how many were cut by cost rather than absence).
+
+    Key i counts if held here, or if fetching every remote key up to i — in parallel, each
+    from its fastest holder — is estimated to beat recomputing them.
+    """
+    per_peer: dict[str, int] = {}
+    remote = 0
+    for i, hs in enumerate(holders):
+        nodes = [h for h in hs if "/" not in h]  # engines' own caches serve no bytes
+        if not nodes:
+            return i, 0
+        if me in nodes:
+            continue
+        best = min(nodes, key=lambda p: _sort_time(stats, p, cost.chunk_bytes))
+        per_peer[best] = per_peer.get(best, 0) + 1
+        remote += 1
+        slowest = max((stats.transfer_s(p, n * cost.chunk_bytes) or 0.0) for p, n in per_peer.items())
+        if slowest > remote * cost.recompute_s:
+            return i, len(holders) - i
+    return len(holders), 0
+
+
+def _sort_time(stats: PeerStats, peer: str, nbytes: int) -> float:
+    t = stats.transfer_s(peer, nbytes)
+    return 0.0 if t is None else t  # unmeasured peers are tried: that is how they get measured
+
+
+def nearest_first(stats: PeerStats, peers: list[str], nbytes: int) -> list[str]:
+    """Peers by estimated transfer time (stable: equal or unknown keep their order)."""
+    known = [p for p in peers if stats.transfer_s(p, nbytes) is not None]
+    unknown = [p for p in peers if stats.transfer_s(p, nbytes) is None]
+    return sorted(known, key=lambda p: _sort_time(stats, p, nbytes)) + unknown
