@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ class Daemon:
     reader: threading.Thread
 
     def client(self, timeout_s: float = 10.0) -> Client:
-        return Client(self.tcp, timeout_s=timeout_s)
+        # ipc:// when there is one: it also reaches a daemon in another network namespace
+        return Client(self.ipc or self.tcp, timeout_s=timeout_s)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> str:
         """Signal the daemon, wait for it, and return everything it printed."""
@@ -68,14 +69,16 @@ def start_daemon(
     tcp: str = "tcp://127.0.0.1:0",
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Daemon:
+    """``prefix``: a command that runs the daemon, e.g. ``ip netns exec NS``."""
     sock_dir = short_tmpdir()
     listen = ["--listen", tcp]
     if ipc:
         listen += ["--listen", f"ipc://{sock_dir}/n.sock"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(
-        node_command("run", *listen, "--data-dir", str(data_dir), *extra),
+        [*prefix, *node_command("run", *listen, "--data-dir", str(data_dir), *extra)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

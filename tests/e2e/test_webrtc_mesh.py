@@ -1,0 +1,181 @@
+"""Nodes behind NAT: relayed membership and signaling, chunk records over real WebRTC links.
+
+Daemons run as real processes. On loopback the edge node only *acts* as if behind NAT
+(``--nat``: it dials out and accepts nothing); the namespace test puts it behind a real
+masquerading router, where nothing from outside can reach it except through its relay.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
+
+from ..conftest import DaemonFactory
+from ..helpers import Daemon, require, start_daemon
+from ..netns import Topology, require_netns
+
+COMMON = ("--memory", "256MiB", "--disk", "0", "--mesh-profile", "local")
+LOOPBACK = ("--webrtc-host-addresses", "127.0.0.1")
+
+
+def wait_for(what: str, check: Any, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def members(d: Daemon) -> dict[str, dict[str, Any]]:
+    with d.client() as c:
+        return {m["name"]: m for m in c.stats()["members"]}
+
+
+def all_alive(ds: list[Daemon], n: int) -> bool:
+    return all(sum(m["state"] == "alive" for m in members(d).values()) == n for d in ds)
+
+
+def records(n: int, size: int) -> list[ChunkRecord]:
+    ns = namespace_id(model_fingerprint=b"webrtc-test", layout={"size": size}, chunk_tokens=4)
+    keys = chunk_keys(ns, list(range(4 * n)), chunk_tokens=4)
+    return [ChunkRecord.build(k, bytes([i + 1]) * size, ns) for i, k in enumerate(keys)]
+
+
+def announced(d: Daemon, recs: list[ChunkRecord]) -> None:
+    """Until ``d`` learns (from the keys' owners) that some node holds every record."""
+
+    def known() -> bool:
+        with d.client() as c:
+            return all(c.locate([r.key])[0] == 1 for r in recs)
+
+    wait_for("the records to be announced", known)
+
+
+@pytest.fixture
+def mesh(daemon_factory: DaemonFactory) -> tuple[Daemon, Daemon, Daemon]:
+    require("aiortc")
+    seed = daemon_factory("--name", "seed", *COMMON, *LOOPBACK)
+    cloud = daemon_factory("--name", "cloud", "--join", seed.tcp, *COMMON, *LOOPBACK)
+    edge = daemon_factory("--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK)
+    wait_for("three members alive everywhere", lambda: all_alive([seed, cloud, edge], 3))
+    return seed, cloud, edge
+
+
+@pytest.mark.timeout(240)
+def test_records_of_4_and_16_mib_come_from_a_nat_node_over_webrtc(
+    mesh: tuple[Daemon, Daemon, Daemon],
+) -> None:
+    seed, cloud, edge = mesh
+    view = members(cloud)
+    assert view["edge"]["reachability"] == "webrtc"
+    assert view["edge"]["address"].startswith("webrtc://") and view["edge"]["ring_share"] == 0
+    assert view["seed"]["reachability"] == "direct" and view["cloud"]["reachability"] == "direct"
+    with seed.client() as c:
+        assert "edge" in c.stats()["mesh"]["relaying"]["attached"]
+
+    recs = records(1, 4 << 20) + records(1, 16 << 20)
+    with edge.client(timeout_s=60) as c:
+        c.put_records(recs, replica=True)  # stored on the edge only (owners may pull copies later)
+    announced(cloud, recs)
+    with cloud.client(timeout_s=120) as c:
+        got = c.get_records([r.key for r in recs])  # verified against each record's checksum
+        mesh_stats = c.stats()["mesh"]
+    for want, have in zip(recs, got, strict=True):
+        assert have is not None, "a record held behind NAT was not fetched"
+        assert have.header.checksum == want.header.checksum and bytes(have.payload) == bytes(want.payload)
+    assert "edge" in mesh_stats["webrtc"]["links_out"]
+    assert mesh_stats["webrtc"]["bytes_received"] >= (20 << 20)
+    with edge.client() as c:
+        edge_stats = c.stats()["mesh"]
+    assert edge_stats["webrtc"]["webrtc_links_accepted"] >= 1
+    assert edge_stats["relay"]["attached"] and edge_stats["relay"]["via"] == seed.tcp
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_without_the_mesh_secret_gets_nothing(daemon_factory: DaemonFactory) -> None:
+    require("aiortc")
+    seed = daemon_factory("--name", "seed", *COMMON, *LOOPBACK, "--mesh-secret", "right")
+    stranger = daemon_factory(
+        "--name", "stranger", "--join", seed.tcp, *COMMON, *LOOPBACK, "--mesh-secret", "wrong"
+    )
+    friend = daemon_factory(
+        "--name", "friend", "--join", seed.tcp, *COMMON, *LOOPBACK, "--mesh-secret", "right"
+    )
+    edge = daemon_factory(
+        "--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK, "--mesh-secret", "right"
+    )
+    wait_for("four members alive", lambda: all_alive([seed, stranger, friend, edge], 4))
+    recs = records(1, 1 << 20)
+    with edge.client() as c:
+        c.put_records(recs, replica=True)
+    announced(stranger, recs)
+    with stranger.client(timeout_s=30) as c:
+        assert c.get_records([recs[0].key], local=False) == [None]
+    with edge.client() as c:
+        assert c.stats()["mesh"]["webrtc"].get("webrtc_auth_failures", 0) >= 1
+        assert c.ping()  # still serving
+    with friend.client(timeout_s=30) as c:
+        got = c.get_records([recs[0].key])
+    assert got[0] is not None and bytes(got[0].payload) == bytes(recs[0].payload)
+
+
+@pytest.mark.timeout(240)
+def test_a_node_behind_a_real_nat_serves_a_chunk_through_webrtc(tmp_path: Path) -> None:
+    require("aiortc")
+    require_netns("iptables")
+    topo = Topology()
+    daemons: list[Daemon] = []
+    try:
+        router, edge_ns = topo.namespace("r"), topo.namespace("e")
+        _, root_ip, router_out, _router_ip = topo.link(None, router)
+        router_in, router_in_ip, _, edge_ip = topo.link(router, edge_ns)
+        topo.route(router, "default", root_ip)
+        topo.nat_router(router, router_in, router_out, router_in_ip, edge_ns)
+
+        def start(name: str, *extra: str, ip: str, prefix: tuple[str, ...] = ()) -> Daemon:
+            d = start_daemon(
+                tmp_path / name,
+                "--name",
+                name,
+                *COMMON,
+                "--webrtc-host-addresses",
+                ip,
+                *extra,
+                tcp=f"tcp://{ip}:0",
+                prefix=prefix,
+            )
+            daemons.append(d)
+            return d
+
+        seed = start("seed", ip=root_ip)
+        cloud = start("cloud", "--join", seed.tcp, ip=root_ip)
+        edge = start("edge", "--nat", "--join", seed.tcp, ip=edge_ip, prefix=tuple(topo.exec_prefix(edge_ns)))
+        # The edge really is unreachable from outside: a direct connection to it goes nowhere.
+        with pytest.raises(Exception):
+            with Client(edge.tcp, timeout_s=1.0) as c:
+                c.ping()
+        wait_for("three members alive", lambda: all_alive([seed, cloud, edge], 3), timeout_s=60)
+        recs = records(2, 2 << 20)
+        with edge.client() as c:
+            c.put_records(recs, replica=True)
+        announced(cloud, recs)
+        with cloud.client(timeout_s=60) as c:
+            got = c.get_records([r.key for r in recs])
+            webrtc = c.stats()["mesh"]["webrtc"]
+        assert [bytes(g.payload) if g else None for g in got] == [bytes(r.payload) for r in recs]
+        assert "edge" in webrtc["links_out"]
+        with seed.client() as c:
+            assert c.stats()["mesh"]["relaying"]["forwarded"] > 0
+    finally:
+        for d in daemons:
+            if d.proc.poll() is None:
+                d.proc.kill()
+            d.stop()
+        topo.close()
