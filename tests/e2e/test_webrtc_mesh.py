@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
+from lmcache_mesh.node.errors import DeadlineExceeded
 
 from ..conftest import DaemonFactory
 from ..helpers import Daemon, require, start_daemon
@@ -158,7 +159,7 @@ def test_a_node_behind_a_real_nat_serves_a_chunk_through_webrtc(tmp_path: Path) 
         cloud = start("cloud", "--join", seed.tcp, ip=root_ip)
         edge = start("edge", "--nat", "--join", seed.tcp, ip=edge_ip, prefix=tuple(topo.exec_prefix(edge_ns)))
         # The edge really is unreachable from outside: a direct connection to it goes nowhere.
-        with pytest.raises(Exception):
+        with pytest.raises(DeadlineExceeded):
             with Client(edge.tcp, timeout_s=1.0) as c:
                 c.ping()
         wait_for("three members alive", lambda: all_alive([seed, cloud, edge], 3), timeout_s=60)
