@@ -1,0 +1,64 @@
+"""Per-peer estimates and the fetch-or-recompute decisions made from them."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache_mesh.node.costs import PeerStats, fetch_window, nearest_first, worth_prefix
+from lmcache_mesh.node.errors import BadRequest
+from lmcache_mesh.node.protocol import Cost, Limits, Op, decode_request, request_header
+
+MB = 1_000_000
+
+
+def test_small_replies_measure_latency_and_large_ones_bandwidth() -> None:
+    s = PeerStats(alpha=1.0)
+    s.observe("p", 100, 0.002)
+    s.observe("p", 10 * MB, 0.102)  # 0.1 s moving 10 MB after 2 ms latency
+    assert s.transfer_s("p", 10 * MB) == pytest.approx(0.102, rel=1e-6)
+    assert s.transfer_s("unknown", MB) is None
+
+
+def test_a_slow_peer_is_skipped_and_an_unmeasured_one_is_tried_within_the_recompute_time() -> None:
+    s = PeerStats(alpha=1.0)
+    cost = Cost(recompute_s=0.01, chunk_bytes=MB)
+    assert fetch_window(s, "new", 4, cost) == pytest.approx(0.05)  # at least one slow round trip
+    s.observe("slow", MB, 1.0)  # 1 MB/s: 1 s per chunk vs 10 ms to recompute
+    s.observe("fast", 100 * MB, 0.1)  # 1 GB/s
+    assert fetch_window(s, "slow", 4, cost) is None
+    assert fetch_window(s, "fast", 4, cost) == pytest.approx(0.05)
+    assert nearest_first(s, ["new", "slow", "fast"], MB) == ["fast", "slow", "new"]
+    s.cut_off("new", 4 * MB, 0.05)  # abandoned: at most 80 MB/s
+    assert s.transfer_s("new", MB) == pytest.approx(MB / (80 * MB))
+
+
+def test_worth_prefix_stops_where_remote_chunks_cost_more_than_recomputing() -> None:
+    s = PeerStats(alpha=1.0)
+    s.observe("slow", MB, 1.0)
+    cost = Cost(recompute_s=0.01, chunk_bytes=MB)
+    holders = [["me"], ["me", "slow"], ["slow"], ["slow"], []]
+    assert worth_prefix(s, holders, "me", cost) == (2, 3)
+    assert worth_prefix(s, [["me"], ["x/engine"]], "me", cost) == (1, 0)  # engines serve no bytes
+    s.observe("slow", 100 * MB, 0.1)
+    s.observe("slow", 100 * MB, 0.1)
+    assert worth_prefix(s, holders, "me", Cost(recompute_s=0.5, chunk_bytes=MB)) == (4, 0)
+
+
+@pytest.mark.parametrize(
+    "cost",
+    [
+        {"recompute_s": -1, "chunk_bytes": 1},
+        {"recompute_s": 1},
+        "fast",
+        {"recompute_s": True, "chunk_bytes": 1},
+    ],
+)
+def test_a_malformed_cost_hint_is_a_bad_request(cost: object) -> None:
+    header = request_header(Op.GET, 1, 1000, keys=[bytes(16)], cost=cost)
+    with pytest.raises(BadRequest):
+        decode_request([header], Limits())
+
+
+def test_a_cost_hint_is_decoded() -> None:
+    header = request_header(Op.LOOKUP, 1, 1000, keys=[bytes(16)], cost=Cost(0.5, 1024).to_wire())
+    assert decode_request([header], Limits()).fields["cost"] == Cost(0.5, 1024)
