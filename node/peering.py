@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from lmcache_mesh.mesh.membership import State
-from lmcache_mesh.transports.addresses import parse_webrtc_address
 from lmcache_mesh.transports.webrtc import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
 
 from .errors import Unavailable
@@ -275,10 +274,6 @@ class WebRTCPeering:
         await asyncio.gather(*(link.close("node stopping") for link in links), return_exceptions=True)
 
 
-def is_relayed(address: str) -> bool:
-    return parse_webrtc_address(address) is not None
-
-
 class LinkConduit:
     """An AsyncClient conduit over a WebRTC link to one member (dialed on first use)."""
 
@@ -307,7 +302,8 @@ class LinkConduit:
         return list(await link.recv())
 
     async def aclose(self) -> None:
+        # The link itself stays with the peering (the next conduit reuses it).
         if not self._link.done():
             self._link.cancel()
-        else:
-            self._link.exception() if not self._link.cancelled() else None  # retrieved: no warning
+        elif not self._link.cancelled():
+            self._link.exception()  # mark a failed dial as seen, so asyncio does not warn

@@ -92,7 +92,7 @@ def start_daemon(
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            m = re.search(r"serving on (\S+)(?: (\S+))?", line)
+            m = re.search(r"serving on (\S+)(?: (ipc://\S+))?", line)
             if m:
                 started.put(m)
         started.put(None)
