@@ -130,9 +130,15 @@ class ModelRunner:
                     run(abort)
             finally:
                 self._bind_abort(None)
-                with self._lock:
-                    self._pending -= 1
-                    self._aborts.discard(abort)
+                self._release(abort)
+
+    def _release(self, abort: threading.Event) -> None:
+        """The job is done: free its place (once), before its caller hears of the result, so
+        the caller's next request is admitted."""
+        with self._lock:
+            if abort in self._aborts:
+                self._aborts.discard(abort)
+                self._pending -= 1
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new calls, abort queued and running ones, stop the worker."""
@@ -152,6 +158,7 @@ class ModelRunner:
                 result, error = fn(**params), None
             except Exception as exc:  # handed to the waiting handler
                 result, error = None, exc
+            self._release(abort)
             try:
                 loop.call_soon_threadsafe(_settle, done, result, error)
             except RuntimeError:  # the loop is gone (shutdown): nobody is waiting

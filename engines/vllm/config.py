@@ -31,10 +31,16 @@ class VllmMeshConfig:
     """this engine's name in the mesh index (``<node>/<engine_name>``); default ``vllm-<engine id>``"""
     ingest_events: bool = True
     """when the engine publishes KV events (``kv_events_config``), feed them to the mesh index"""
+    cost_aware: bool = True
+    """count and load a remote chunk only when fetching it is estimated faster than recomputing"""
+    prefill_tokens_per_s: float | None = None
+    """this engine's prefill rate for those estimates; None = measured from its own steps"""
 
     def __post_init__(self) -> None:
         if self.chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+        if self.prefill_tokens_per_s is not None and self.prefill_tokens_per_s <= 0:
+            raise ValueError(f"prefill_tokens_per_s must be positive, got {self.prefill_tokens_per_s}")
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(
                 f"load_failure_policy must be 'recompute' or 'fail', got {self.load_failure_policy!r}"

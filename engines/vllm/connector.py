@@ -18,10 +18,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from ..prefill import PrefillRate
 from ..store import MeshStore
 from .config import VllmMeshConfig
 from .events import BlockChain, EventsIngest
-from .identity import engine_namespace
+from .identity import chunk_bytes, engine_namespace
 from .metadata import MeshConnectorMetadata
 from .scheduler import SchedulerSide
 from .worker import WorkerSide
@@ -47,7 +48,15 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
         if role == KVConnectorRole.SCHEDULER:
             # A cache may forget between lookup and load: vLLM should recompute then, not fail.
             self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
-            self.scheduler = SchedulerSide(self.namespace, self.config.chunk_tokens, block_size, self.store)
+            prefill = PrefillRate(self.config.prefill_tokens_per_s) if self.config.cost_aware else None
+            self.scheduler = SchedulerSide(
+                self.namespace,
+                self.config.chunk_tokens,
+                block_size,
+                self.store,
+                prefill,
+                chunk_bytes(self.descriptor, self.config.chunk_tokens),
+            )
             self.ingest = _start_ingest(vllm_config, self.config, self.namespace, self.store)
         else:
             self.worker = WorkerSide(

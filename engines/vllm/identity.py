@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmcache_mesh.node.keys import namespace_id
 
 from ..fingerprint import model_fingerprint
@@ -56,6 +58,15 @@ def layout_descriptor(vllm_config: Any) -> dict[str, Any]:
         "past_trained_len": mc.max_model_len > getattr(text, "max_position_embeddings", mc.max_model_len),
         "rope": rope,
     }
+
+
+def chunk_bytes(descriptor: dict[str, Any], chunk_tokens: int) -> int:
+    """Payload bytes of one chunk in our canonical form (what the workers will move)."""
+    name = str(descriptor["dtype"])
+    dtype = getattr(torch, name, None)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else (1 if "fp8" in name else 2)
+    n: int = descriptor["n_layers"] * 2 * chunk_tokens * descriptor["n_kv_heads"] * descriptor["head_size"]
+    return n * itemsize
 
 
 def check_supported(vllm_config: Any) -> None:

@@ -17,6 +17,8 @@ class LoadSpec:
     block_ids: list[int]
     start: int
     end: int
+    recompute_s: float = 0.0
+    """what recomputing one chunk costs the engine (0: unknown): the fetch gives up past it"""
 
 
 @dataclass

@@ -9,11 +9,13 @@ workers which tokens to load (a hit just allocated) and which newly computed chu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmcache_mesh.node.keys import chunk_keys
 
+from ..prefill import PrefillRate
 from ..store import MeshStore
 from .metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
 
@@ -30,6 +32,7 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
     stored: int = 0
     """leading chunks known stored (mesh hits, then our saves)"""
+    recompute_s: float = 0.0
 
 
 def reusable(request: Any) -> bool:
@@ -43,8 +46,26 @@ def reusable(request: Any) -> bool:
     )
 
 
+STEP_OUTLIER = 4.0
+"""A step slower than this many times the current estimate is not a prefill measurement
+(the engine sat idle between steps)."""
+
+
 class SchedulerSide:
-    def __init__(self, namespace: bytes, chunk_tokens: int, block_size: int, store: MeshStore) -> None:
+    """``prefill`` (with ``chunk_bytes``): send the engine's recompute cost with lookups, so
+    the mesh advises loading only chunks that are faster to fetch than to recompute. Without
+    a configured rate it is measured here: tokens scheduled in a step over the time until
+    the next step is built (steps of at least ``MIN_MEASURED_TOKENS`` tokens)."""
+
+    def __init__(
+        self,
+        namespace: bytes,
+        chunk_tokens: int,
+        block_size: int,
+        store: MeshStore,
+        prefill: PrefillRate | None = None,
+        chunk_bytes: int = 0,
+    ) -> None:
         if chunk_tokens % block_size:
             raise ValueError(
                 f"chunk_tokens ({chunk_tokens}) must be a multiple of the block size ({block_size})"
@@ -55,6 +76,9 @@ class SchedulerSide:
         self.store = store
         self._tracked: dict[str, _Tracked] = {}
         self._loads: list[LoadSpec] = []
+        self.prefill = prefill
+        self.chunk_bytes = chunk_bytes
+        self._last_step: tuple[float, int] | None = None
         self.stats = {"lookups": 0, "hit_tokens": 0, "loads": 0, "saved_chunks": 0}
 
     def matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -66,9 +90,11 @@ class SchedulerSide:
             prompt = list(request.prompt_token_ids)
             c = self.chunk_tokens
             keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)
-            hits = self.store.lookup(keys) if keys else 0
+            cost = self.prefill.cost(c, self.chunk_bytes) if self.prefill is not None else None
+            hits = self.store.lookup(keys, cost) if keys else 0
             self.stats["lookups"] += 1
             tracked = self._tracked[request.request_id] = _Tracked(prompt, hits, stored=hits)
+            tracked.recompute_s = cost.recompute_s if cost is not None else 0.0
         tracked.local_computed = num_computed_tokens
         matched = tracked.hits * self.chunk_tokens
         if matched >= request.num_tokens:
@@ -88,7 +114,14 @@ class SchedulerSide:
             c = self.chunk_tokens
             last_chunk_end = -(-end // c) * c
             self._loads.append(
-                LoadSpec(request.request_id, tracked.prompt[:last_chunk_end], list(block_ids), start, end)
+                LoadSpec(
+                    request.request_id,
+                    tracked.prompt[:last_chunk_end],
+                    list(block_ids),
+                    start,
+                    end,
+                    tracked.recompute_s,
+                )
             )
             self.stats["loads"] += 1
             self.stats["hit_tokens"] += num_external_tokens
@@ -97,6 +130,7 @@ class SchedulerSide:
         meta = MeshConnectorMetadata(loads=self._loads)
         self._loads = []
         scheduled = scheduler_output.num_scheduled_tokens
+        self._time_step(sum(scheduled.values()))
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is not None:
@@ -117,6 +151,19 @@ class SchedulerSide:
                     tracked.block_ids.extend(new_blocks[0])
             self._plan_save(meta, req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
+
+    def _time_step(self, tokens: int) -> None:
+        """The previous step ran from its build to now: measure the prefill rate from it."""
+        now = time.perf_counter()
+        last, self._last_step = self._last_step, (now, tokens)
+        prefill = self.prefill
+        if last is None or prefill is None or prefill.configured is not None:
+            return
+        started, n = last
+        rate = prefill.tokens_per_s
+        if rate is not None and now - started > STEP_OUTLIER * n / rate:
+            return
+        prefill.observe(n, now - started)
 
     def _plan_save(self, meta: MeshConnectorMetadata, req_id: str, tracked: _Tracked, computed: int) -> None:
         """Save the prompt chunks this step completes (whole chunks only, each once)."""

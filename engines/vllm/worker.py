@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lmcache_mesh.node.keys import chunk_keys
+from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
 
 from ..saver import Saver
@@ -117,7 +118,8 @@ class WorkerSide:
         first, last = spec.start // c, -(-spec.end // c)
         keys = chunk_keys(self.namespace, spec.tokens[: last * c], c)[first:last]
         written = spec.start
-        for i, record in enumerate(self.store.fetch(keys)):
+        cost = Cost(spec.recompute_s, self.chunk_bytes) if spec.recompute_s > 0 and self.chunk_bytes else None
+        for i, record in enumerate(self.store.fetch(keys, cost)):
             chunk = first + i
             if record is None:
                 break

@@ -95,3 +95,34 @@ def test_requests_whose_kv_depends_on_more_than_tokens_stay_out(side: SchedulerS
 def test_chunk_size_must_be_whole_blocks(side: SchedulerSide) -> None:
     with pytest.raises(ValueError, match="multiple of the block size"):
         SchedulerSide(NS, 48, 32, side.store)
+
+
+def test_lookups_carry_the_engines_recompute_cost_and_loads_keep_it() -> None:
+    from lmcache_mesh.engines.prefill import PrefillRate
+
+    store = MeshStore(StoreConfig(node_config=NodeConfig(memory_bytes=1 << 20, disk_bytes=0)))
+    side = SchedulerSide(NS, C, BS, store, PrefillRate(configured=640.0), chunk_bytes=8)
+    tokens = list(range(1, 201))
+    cache(side, tokens, 3)
+    req = request("r1", tokens)
+    assert side.matched_tokens(req, 0) == (192, False)  # local chunks always beat recomputing
+    side.after_alloc(req, list(range(7)), 192)
+    (load,) = side.build_meta(step()).loads
+    assert load.recompute_s == pytest.approx(C / 640.0)
+
+
+def test_the_prefill_rate_is_measured_from_step_times() -> None:
+    import time
+
+    from lmcache_mesh.engines.prefill import PrefillRate
+
+    store = MeshStore(StoreConfig(node_config=NodeConfig(memory_bytes=1 << 20, disk_bytes=0)))
+    side = SchedulerSide(NS, C, BS, store, PrefillRate(), chunk_bytes=8)
+    side.build_meta(step(scheduled={"a": 512}))
+    time.sleep(0.1)
+    side.build_meta(step(scheduled={"a": 1}))  # the 512-token step took ~0.1 s
+    rate = side.prefill.tokens_per_s if side.prefill else None
+    assert rate is not None and 1000 < rate < 5200
+    time.sleep(0.05)
+    side.build_meta(step(scheduled={"b": 512}))  # a 1-token step is no measurement
+    assert side.prefill is not None and side.prefill.tokens_per_s == rate
