@@ -131,12 +131,12 @@ def _start_uplink(node: Node, cluster: Cluster, server: NodeServer) -> Uplink:
     cfg = node.config
 
     def relays() -> list[str]:
-        direct = [
-            m.address
-            for m in cluster.membership.alive_members()
-            if m.state is State.ALIVE and reachability(m.address) == "direct"
-        ]
-        return list(dict.fromkeys([*cfg.join, *sorted(direct)]))
+        """Seeds first, then direct members, live ones before the rest."""
+        direct = sorted(
+            (m for m in cluster.membership.members.values() if reachability(m.address) == "direct"),
+            key=lambda m: (m.state is not State.ALIVE, m.state is not State.SUSPECT, m.name),
+        )
+        return list(dict.fromkeys([*cfg.join, *(m.address for m in direct)]))
 
     uplink = Uplink(
         node.name,

@@ -98,6 +98,7 @@ class Uplink:
         self._last_answer = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._attached_event = asyncio.Event()
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"<Uplink {self.name} via {self.relay or '-'} attached={self.attached}>"
@@ -142,6 +143,8 @@ class Uplink:
                 self._send_attach()
 
     def _switch(self) -> None:
+        # Every direct member is a candidate, even one our membership calls dead: without a
+        # relay we hear nobody, so we soon suspect everyone.
         others = [c for c in self._candidates() if c != self.relay]
         if not others:
             self._last_answer = time.monotonic()  # nobody else: keep trying this one
@@ -159,10 +162,12 @@ class Uplink:
             assert sock is not None
             try:
                 frames = await sock.recv_multipart(copy=False)
-            except zmq.ZMQError:
-                if sock is self._sock:
+            except (zmq.ZMQError, asyncio.CancelledError):
+                # Closing the old socket when we switch relays fails (or cancels) its pending
+                # receive; only a stop of the uplink itself ends this loop.
+                if self._closing or sock is self._sock:
                     raise
-                continue  # we switched relays while waiting
+                continue
             buffers: list[Any] = [f.buffer for f in frames]
             if sock is not self._sock:
                 continue
@@ -176,6 +181,7 @@ class Uplink:
                 await self._deliver(buffers)
 
     async def aclose(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

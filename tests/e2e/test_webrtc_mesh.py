@@ -180,3 +180,26 @@ def test_a_node_behind_a_real_nat_serves_a_chunk_through_webrtc(tmp_path: Path) 
                 d.proc.kill()
             d.stop()
         topo.close()
+
+
+@pytest.mark.timeout(180)
+def test_an_edge_node_moves_to_another_relay_when_its_relay_dies(mesh: tuple[Daemon, Daemon, Daemon]) -> None:
+    seed, cloud, edge = mesh
+    seed.proc.kill()
+    seed.stop()
+    moved = wait_for(
+        "the edge to re-attach through the cloud node",
+        lambda: members(cloud)["edge"]["address"] == f"webrtc://{cloud.tcp[len('tcp://') :]}/edge",
+        timeout_s=60,
+    )
+    assert moved
+    with edge.client() as c:
+        relay = c.stats()["mesh"]["relay"]
+    assert relay["via"] == cloud.tcp and relay["switches"] >= 1
+    recs = records(1, 1 << 20)
+    with edge.client() as c:
+        c.put_records(recs, replica=True)
+    announced(cloud, recs)
+    with cloud.client(timeout_s=60) as c:
+        got = c.get_records([recs[0].key])
+    assert got[0] is not None and bytes(got[0].payload) == bytes(recs[0].payload)
