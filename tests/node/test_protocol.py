@@ -101,3 +101,32 @@ def test_every_error_code_maps_back_to_its_exception() -> None:
     for code in ErrorCode:
         assert error_from_wire(int(code), "m").code is code
     assert error_from_wire(999, "m").code is ErrorCode.INTERNAL
+
+
+@pytest.mark.parametrize(
+    ("op", "fields", "frames"),
+    [
+        (Op.ATTACH, {}, 0),  # no name
+        (Op.ATTACH, {"name": 7}, 0),
+        (Op.RELAY, {"to": "edge"}, 0),  # nothing to forward
+        (Op.RELAY, {"to": ""}, 1),
+        (Op.SIGNAL, {"from": "tcp://a:1", "name": "a", "session": "s", "kind": "hello", "sdp": "x"}, 0),
+        (Op.SIGNAL, {"from": "tcp://a:1", "name": "a", "session": "s", "kind": "offer"}, 0),  # no sdp
+        (
+            Op.SIGNAL,
+            {"from": "tcp://a:1", "name": "a", "session": "s", "kind": "offer", "sdp": "x" * (65 << 10)},
+            0,
+        ),
+        (Op.SIGNAL, {"name": "a", "session": "s", "kind": "answer", "sdp": "x"}, 0),  # no sender address
+    ],
+)
+def test_malformed_relay_and_signaling_requests_are_bad_requests(op: Op, fields: dict, frames: int) -> None:
+    with pytest.raises(BadRequest):
+        decode_request([request_header(op, 1, 1000, **fields), *([b"x"] * frames)], Limits())
+
+
+def test_relay_and_signaling_requests_decode() -> None:
+    req = decode_request([request_header(Op.RELAY, 1, 1000, to="edge"), b"inner", b"payload"], Limits())
+    assert req.fields["to"] == "edge" and [bytes(p) for p in req.payloads] == [b"inner", b"payload"]
+    sig = {"from": "webrtc://h:1/a", "name": "a", "session": "s1", "kind": "refuse", "reason": "no"}
+    assert decode_request([request_header(Op.SIGNAL, 1, 1000, **sig)], Limits()).fields["sdp"] == ""

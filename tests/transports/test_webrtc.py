@@ -8,6 +8,8 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmcache_mesh.transports.webrtc import (
     FramingError,
@@ -133,3 +135,20 @@ async def test_a_bad_offer_is_refused() -> None:
         await answer(LOOPBACK, "v=0\r\nnot an sdp\r\n")
     with pytest.raises(ValueError):
         sdp_fingerprint("v=0\r\n")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=64), max_size=8))
+def test_any_pieces_give_frames_or_a_framing_error(chunks: list[bytes]) -> None:
+    r = Reassembler(1 << 16)
+    try:
+        for c in chunks:
+            r.feed(c)
+    except FramingError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=6), st.integers(1, 4096))
+def test_any_frames_survive_any_piece_size(frames: list[bytes], piece: int) -> None:
+    assert reassemble(list(pieces(frames, piece))) == [frames]
