@@ -45,6 +45,7 @@ AUTH_MAGIC = b"LMAUTH1"
 RETRY_AFTER_S = 5.0
 """After a failed dial, requests to that member fail fast for this long."""
 MAX_INBOUND_LINKS = 64
+MAX_INFLIGHT_PER_LINK = 64
 
 
 class AuthFailed(Exception):
@@ -227,10 +228,20 @@ class WebRTCPeering:
             await link.close()
 
     async def _serve(self, link: WebRTCLink) -> None:
+        slots = asyncio.Semaphore(MAX_INFLIGHT_PER_LINK)
+
+        async def one(frames: list[Buffer]) -> None:
+            try:
+                await self.server.take(frames, link.send)
+            finally:
+                slots.release()
+
         while True:
             frames = await link.recv()
-            # Each request gets its own task: a slow disk read must not hold up the link.
-            self._spawn(self.server.take(list(frames), link.send))
+            # Each request gets its own task (a slow disk read must not hold up the link), up
+            # to a bound: past it we stop reading, and SCTP's window pushes back on the peer.
+            await slots.acquire()
+            self._spawn(one(list(frames)))
 
     def _signal(self, to: str, session: str, kind: str, sdp: str = "", reason: str = "") -> None:
         fields: dict[str, Any] = {
