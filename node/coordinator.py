@@ -85,7 +85,10 @@ class PeerPool:
         return client
 
     def _conduit(self, address: str) -> Callable[[], Conduit] | None:
-        relayed = parse_webrtc_address(address)
+        try:
+            relayed = parse_webrtc_address(address)
+        except ValueError:
+            return lambda: _NoRoute(address)  # a malformed address from gossip: unreachable
         if relayed is None:
             return None  # ZeroMQ
         links, name = self.links, relayed.name
@@ -114,7 +117,7 @@ class _NoRoute:
     """The conduit to a peer behind NAT when this node cannot make WebRTC links."""
 
     def __init__(self, address: str) -> None:
-        self._error = Unavailable(f"{address} is behind NAT and this node has no WebRTC (install aiortc)")
+        self._error = Unavailable(f"no route to {address} (behind NAT, and no WebRTC here; or malformed)")
 
     async def send(self, frames: Sequence[Any]) -> None:
         raise self._error

@@ -11,6 +11,7 @@ that turns out slow is cut off and measured as at most that fast.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,10 @@ from .protocol import Cost
 
 SMALL_REPLY_BYTES = 64 << 10
 """Replies below this measure latency; larger ones measure bandwidth."""
+
+REMEASURE_AFTER_S = 30.0
+"""Estimates older than this count as unknown, so a peer judged slow is tried (and measured)
+again now and then: links change, and one bad sample must not exclude a peer for good."""
 
 MIN_FETCH_WINDOW_S = 0.05
 """An untried fetch gets at least this long (one round trip on a slow link)."""
@@ -29,10 +34,13 @@ class PeerEstimate:
     rtt_s: float | None = None
     bytes_per_s: float | None = None
     samples: int = 0
+    measured_at: float = 0.0
+    """When the bandwidth was last measured (monotonic)."""
 
     def transfer_s(self, nbytes: int) -> float | None:
-        """Estimated seconds to fetch ``nbytes`` in one request; None while unmeasured."""
-        if self.bytes_per_s is None:
+        """Estimated seconds to fetch ``nbytes`` in one request; None while unmeasured (or
+        measured too long ago)."""
+        if self.bytes_per_s is None or time.monotonic() - self.measured_at > REMEASURE_AFTER_S:
             return None
         return (self.rtt_s or 0.0) + nbytes / self.bytes_per_s
 
@@ -62,13 +70,17 @@ class PeerStats:
             e.rtt_s = self._ewma(e.rtt_s, seconds)
         else:
             moving = max(seconds - (e.rtt_s or 0.0), seconds / 2)
-            e.bytes_per_s = self._ewma(e.bytes_per_s, nbytes / moving)
+            stale = time.monotonic() - e.measured_at > REMEASURE_AFTER_S
+            e.bytes_per_s = self._ewma(None if stale else e.bytes_per_s, nbytes / moving)
+            e.measured_at = time.monotonic()
 
     def cut_off(self, peer: str, nbytes: int, seconds: float) -> None:
         """A fetch of ``nbytes`` was abandoned after ``seconds``: the peer is at most that fast."""
         e = self.peers.setdefault(peer, PeerEstimate())
         bound = nbytes / max(seconds, 1e-6)
-        e.bytes_per_s = bound if e.bytes_per_s is None else min(e.bytes_per_s, bound)
+        fresh = e.bytes_per_s is not None and time.monotonic() - e.measured_at <= REMEASURE_AFTER_S
+        e.bytes_per_s = min(e.bytes_per_s, bound) if fresh and e.bytes_per_s is not None else bound
+        e.measured_at = time.monotonic()
         e.samples += 1
 
     def transfer_s(self, peer: str, nbytes: int) -> float | None:

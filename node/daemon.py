@@ -120,7 +120,13 @@ def _start_webrtc(node: Node, cluster: Cluster, server: NodeServer) -> WebRTCPee
         return None
     # aiortc takes ~0.7 s to import: do it now, off the loop, not on the first link's clock.
     asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "aiortc")
-    peering = WebRTCPeering(cluster, server, _webrtc_config(node.config), node.config.mesh_secret.encode())
+    peering = WebRTCPeering(
+        cluster,
+        server,
+        _webrtc_config(node.config),
+        node.config.mesh_secret.encode(),
+        accept_offers=node.config.nat,
+    )
     server.peering = peering
     cluster.on_gone.append(peering.forget)
     node.stats_sources["webrtc"] = peering.stats

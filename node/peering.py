@@ -24,6 +24,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -45,6 +46,8 @@ AUTH_MAGIC = b"LMAUTH1"
 RETRY_AFTER_S = 5.0
 """After a failed dial, requests to that member fail fast for this long."""
 MAX_INBOUND_LINKS = 64
+MAX_REPLY_BYTES = 1 << 30
+"""Largest reply a dialed link accepts (what we accept from a node we chose to ask)."""
 MAX_INFLIGHT_PER_LINK = 64
 
 
@@ -68,11 +71,17 @@ class WebRTCPeering:
         server: NodeServer,
         config: WebRTCConfig,
         secret: bytes = b"",
+        accept_offers: bool = False,
         signal_timeout_s: float = 5.0,
     ) -> None:
         self.cluster = cluster
         self.server = server
         self.config = config
+        # Replies are as large as what we asked for (a GET of many records); requests to us
+        # are bounded like any request.
+        self.dial_config = replace(config, max_message_bytes=MAX_REPLY_BYTES)
+        self.accept_offers = accept_offers
+        """Only nodes behind NAT take offers: peers reach a direct node over ZeroMQ."""
         self.secret = secret
         self.signal_timeout_s = signal_timeout_s
         self.counters: dict[str, int] = defaultdict(int)
@@ -80,6 +89,9 @@ class WebRTCPeering:
         self._dialing: dict[str, asyncio.Future[WebRTCLink]] = {}
         self._answers: dict[str, asyncio.Future[str]] = {}
         self._inbound: set[WebRTCLink] = set()
+        self._accepting = 0
+        self._readers: dict[str, LinkConduit] = {}
+        """The one conduit per member that receives its link's replies."""
         self._retry_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.setup_seconds: list[float] = []
@@ -95,7 +107,27 @@ class WebRTCPeering:
     # dialing (we are the client)
 
     def conduit(self, name: str) -> LinkConduit:
-        return LinkConduit(self, name)
+        """A conduit to ``name``; it takes over the replies of any earlier one (a member whose
+        address changed gets a new client, and the old one must not eat its replies)."""
+        conduit = LinkConduit(self, name)
+        old = self._readers.get(name)
+        self._readers[name] = conduit
+        if old is not None:
+            old.superseded()
+        return conduit
+
+    async def _pump(self, name: str, link: WebRTCLink) -> None:
+        """The dialed link's only reader: hands each reply to the member's current conduit."""
+        try:
+            while True:
+                frames = await link.recv()
+                conduit = self._readers.get(name)
+                if conduit is not None:
+                    conduit.deliver(frames)
+        except LinkClosed as exc:
+            conduit = self._readers.get(name)
+            if conduit is not None:
+                conduit.broken(str(exc))
 
     async def link_to(self, name: str) -> WebRTCLink:
         """An open, proven link to member ``name``, dialing it if needed."""
@@ -117,7 +149,7 @@ class WebRTCPeering:
         if member is None or member.state not in (State.ALIVE, State.SUSPECT):
             raise Unavailable(f"{name} is not a live member")
         session = secrets.token_hex(8)
-        dialing = await offer(self.config, label=f"{self.me}->{name}")
+        dialing = await offer(self.dial_config, label=f"{self.me}->{name}")
         answer_future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._answers[session] = answer_future
         try:
@@ -135,6 +167,7 @@ class WebRTCPeering:
         finally:
             self._answers.pop(session, None)
         self._out[name] = link
+        self._spawn(self._pump(name, link))
         self._retry_at.pop(name, None)
         self.counters["webrtc_links_dialed"] += 1
         self.setup_seconds = [*self.setup_seconds[-31:], time.monotonic() - started]
@@ -201,16 +234,25 @@ class WebRTCPeering:
             logger.warning("x WebRTC offer from %s at %s refused: not a live member there", name, address)
             self._signal(address, session, "refuse", reason="not a live member at that address")
             return
-        if len(self._inbound) >= MAX_INBOUND_LINKS:
+        if not self.accept_offers:
+            self.counters["webrtc_refused"] += 1
+            self._signal(address, session, "refuse", reason="directly reachable: use ZeroMQ")
+            return
+        if len(self._inbound) + self._accepting >= MAX_INBOUND_LINKS:
             self.counters["webrtc_refused"] += 1
             self._signal(address, session, "refuse", reason="too many links")
             return
+        self._accepting += 1  # held from here, so a burst of offers cannot pass the check at once
         try:
-            link, sdp = await answer(self.config, f["sdp"], label=f"{name}->{self.me}")
+            link, sdp = await answer(
+                self.config, f["sdp"], label=f"{name}->{self.me}", channels=f["channels"] or None
+            )
         except LinkClosed as exc:
             self.counters["webrtc_refused"] += 1
             self._signal(address, session, "refuse", reason=str(exc))
             return
+        finally:
+            self._accepting -= 1
         self._signal(address, session, "answer", sdp)
         self._inbound.add(link)
         try:
@@ -251,6 +293,7 @@ class WebRTCPeering:
             "kind": kind,
             "sdp": sdp,
             "reason": reason,
+            "channels": self.config.channels,
         }
         self.cluster.transport.send_message(to, [request_header(Op.SIGNAL, 0, 5000, **fields)])
 
@@ -286,12 +329,25 @@ class WebRTCPeering:
 
 
 class LinkConduit:
-    """An AsyncClient conduit over a WebRTC link to one member (dialed on first use)."""
+    """An AsyncClient conduit over the WebRTC link to one member (dialed on first use).
+
+    Replies reach it through the peering's one reader per link, so a conduit made later for
+    the same member (its address changed) takes them over instead of racing for them.
+    """
 
     def __init__(self, peering: WebRTCPeering, name: str) -> None:
-        self._peering = peering
         self._name = name
+        self._inbox: asyncio.Queue[list[Buffer] | str] = asyncio.Queue()
         self._link: asyncio.Future[WebRTCLink] = asyncio.ensure_future(peering.link_to(name))
+
+    def deliver(self, frames: list[Buffer]) -> None:
+        self._inbox.put_nowait(frames)
+
+    def broken(self, why: str) -> None:
+        self._inbox.put_nowait(why)
+
+    def superseded(self) -> None:
+        self.broken("superseded by a newer connection")
 
     async def _ready(self) -> WebRTCLink:
         try:
@@ -309,8 +365,12 @@ class LinkConduit:
             raise Unavailable(str(exc)) from None
 
     async def recv(self) -> list[Buffer]:
-        link = await self._ready()
-        return list(await link.recv())
+        await self._ready()
+        item = await self._inbox.get()
+        if isinstance(item, str):
+            self._inbox.put_nowait(item)
+            raise Unavailable(f"WebRTC link to {self._name}: {item}")
+        return item
 
     async def aclose(self) -> None:
         # The link itself stays with the peering (the next conduit reuses it).

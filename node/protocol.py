@@ -244,7 +244,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         if fields_["route"] and "/" in holder:
             raise BadRequest("an engine name must not contain '/'")
     elif op is Op.ATTACH:
-        fields_["name"] = _string(m, "name")
+        fields_["name"] = _string(m, "name", 255)
     elif op is Op.SIGNAL:
         for name in ("from", "name", "session"):
             fields_[name] = _string(m, name)
@@ -255,6 +255,10 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         fields_["sdp"] = _string(m, "sdp", MAX_SDP_BYTES) if kind != "refuse" else ""
         reason = m.get("reason", "")
         fields_["reason"] = reason if isinstance(reason, str) else ""
+        channels = m.get("channels", 0)
+        if not isinstance(channels, int) or isinstance(channels, bool) or not 0 <= channels <= 64:
+            raise BadRequest(f"SIGNAL channels must be an int in [0, 64], got {channels!r:.40}")
+        fields_["channels"] = channels
     elif op is Op.JOIN:
         seeds = m.get("seeds")
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, str) for s in seeds):

@@ -21,7 +21,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from lmcache_mesh.transports import dealer
+from lmcache_mesh.transports import TransportError, dealer
 
 from .protocol import Op, request_header
 from .records import Buffer
@@ -33,6 +33,9 @@ KEEPALIVE_S = 1.0
 
 ATTACH_TTL_S = 5.0
 """A relay forgets an attachment not renewed for this long."""
+
+MAX_ATTACHED = 4096
+"""Most nodes one relay serves."""
 
 SWITCH_AFTER_S = 4.0
 """A NAT node with no answer from its relay for this long moves to another member."""
@@ -49,9 +52,23 @@ class RelayTable:
     def __len__(self) -> int:
         return len(self._attached)
 
-    def attach(self, name: str, identity: bytes) -> None:
-        # The latest attachment wins: a restarted node has a new connection.
-        self._attached[name] = (identity, time.monotonic() + self.ttl_s)
+    def attach(self, name: str, identity: bytes) -> bool:
+        """Attach (or renew) ``name`` on this connection; False if the name is held by another
+        live connection (a restarted node gets its name back once the old entry expires)."""
+        now = time.monotonic()
+        held = self._attached.get(name)
+        if held is not None and held[0] != identity and held[1] >= now:
+            return False
+        if held is None and len(self._attached) >= MAX_ATTACHED:
+            self._purge(now)
+            if len(self._attached) >= MAX_ATTACHED:
+                return False
+        self._attached[name] = (identity, now + self.ttl_s)
+        return True
+
+    def _purge(self, now: float) -> None:
+        for name in [n for n, (_, until) in self._attached.items() if until < now]:
+            del self._attached[name]
 
     def identity(self, name: str) -> bytes | None:
         entry = self._attached.get(name)
@@ -63,8 +80,8 @@ class RelayTable:
         return entry[0]
 
     def names(self) -> list[str]:
-        now = time.monotonic()
-        return sorted(n for n, (_, until) in self._attached.items() if until >= now)
+        self._purge(time.monotonic())
+        return sorted(self._attached)
 
 
 class Uplink:
@@ -118,9 +135,10 @@ class Uplink:
         return True
 
     def _connect(self, relay: str) -> None:
+        sock = dealer(self._ctx, relay, self._max_message_bytes)  # raises before we drop the old one
         if self._sock is not None:
             self._sock.close(0)
-        self._sock = dealer(self._ctx, relay, self._max_message_bytes)
+        self._sock = sock
         self.relay = relay
         self.attached = False
         self._attached_event.clear()
@@ -150,11 +168,18 @@ class Uplink:
             self._last_answer = time.monotonic()  # nobody else: keep trying this one
             self._send_attach()
             return
-        nxt = others[self.switches % len(others)]
-        logger.warning("! relay %s is not answering; moving to %s", self.relay, nxt)
-        self.switches += 1
-        self._connect(nxt)
-        self._on_relay(nxt)
+        for i in range(len(others)):
+            nxt = others[(self.switches + i) % len(others)]
+            try:
+                self._connect(nxt)
+            except TransportError as exc:  # an address gossip gave us that we cannot dial
+                logger.warning("x cannot use %s as relay: %s", nxt, exc)
+                continue
+            logger.warning("! relay is not answering; moved to %s", nxt)
+            self.switches += 1
+            self._on_relay(nxt)
+            return
+        self._last_answer = time.monotonic()  # none usable: try again after the next interval
 
     async def _read(self) -> None:
         while True:
@@ -171,7 +196,10 @@ class Uplink:
             buffers: list[Any] = [f.buffer for f in frames]
             if sock is not self._sock:
                 continue
-            if _is_reply(buffers[0]):
+            reply = _reply_ok(buffers[0])
+            if reply is False:
+                logger.warning("x relay %s refused us (an older node, or our name is taken)", self.relay)
+            elif reply:
                 self._last_answer = time.monotonic()
                 if not self.attached:
                     logger.info("- attached to relay %s", self.relay)
@@ -191,12 +219,14 @@ class Uplink:
         self._ctx.term()
 
 
-def _is_reply(header: Buffer) -> bool:
-    """Replies (to our ATTACH) carry "ok"; anything else coming down is a forwarded request."""
+def _reply_ok(header: Buffer) -> bool | None:
+    """True/False for an ok/error reply (to our ATTACH); None for a forwarded request."""
     if len(header) > 4096:
-        return False
+        return None
     try:
         m = msgpack.unpackb(header, raw=False)
     except Exception:
-        return False
-    return isinstance(m, dict) and "ok" in m
+        return None
+    if not isinstance(m, dict) or "ok" not in m:
+        return None
+    return m["ok"] is True

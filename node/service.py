@@ -36,6 +36,14 @@ ReplyTo = Callable[[Sequence[Any]], Awaitable[None]]
 """Sends a reply (frames) back to whoever sent the request: a ROUTER peer or a WebRTC link."""
 
 
+def _relayable(frames: Sequence[Buffer], limits: Limits) -> bool:
+    """Only membership datagrams and WebRTC signaling travel through a relay."""
+    try:
+        return decode_request(frames, limits).op in (Op.MESH, Op.SIGNAL)
+    except MeshError:
+        return False
+
+
 async def _no_reply(frames: Sequence[Any]) -> None:
     """For messages relayed to us: they are one-way, nobody waits for an answer."""
 
@@ -102,8 +110,12 @@ class NodeServer:
             self.node.count_error("INTERNAL")
 
     async def take_relayed(self, buffers: list[Buffer]) -> None:
-        """A one-way message our relay forwarded to us (we are behind NAT)."""
-        await self.take(buffers, _no_reply)
+        """A one-way message our relay forwarded to us (we are behind NAT): membership
+        datagrams and signaling only — anything else would bypass the WebRTC membership proof."""
+        if _relayable(buffers, self.limits):
+            await self.take(buffers, _no_reply)
+        else:
+            self.node.count_error("RELAYED_NOT_ALLOWED")
 
     async def _take(self, buffers: list[Buffer], reply_to: ReplyTo, peer: bytes | None) -> None:
         received = time.monotonic()
@@ -115,8 +127,13 @@ class NodeServer:
         if isinstance(request, Request) and request.op in (Op.MESH, Op.RELAY, Op.SIGNAL):
             self._one_way(request, peer)  # gossip, forwarding and signaling get no reply
         elif isinstance(request, Request) and request.op is Op.ATTACH and peer is not None:
-            self.relay.attach(request.fields["name"], peer)
-            await reply_to([ok_reply(request.id, relay=self.node.name)])
+            if self.relay.attach(request.fields["name"], peer):
+                await reply_to([ok_reply(request.id, relay=self.node.name)])
+            else:
+                error = Unavailable(
+                    f"name {request.fields['name']!r} is attached elsewhere, or this relay is full"
+                )
+                await reply_to([error_reply(request.id, error)])
         elif isinstance(request, Request) and self._may_wait(request):
             await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
             task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, request, received))
@@ -133,6 +150,9 @@ class NodeServer:
             target = self.relay.identity(req.fields["to"]) if peer is not None else None
             if target is None:
                 self.node.count_error("RELAY_UNKNOWN_TARGET")
+                return
+            if not _relayable(req.payloads, self.limits):
+                self.node.count_error("RELAY_NOT_ALLOWED")
                 return
             self.relay.forwarded += 1
             task = asyncio.create_task(self._router.send(target, req.payloads))

@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
 
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 from lmcache_mesh.node.errors import DeadlineExceeded
+from lmcache_mesh.node.protocol import Op, request_header
 
 from ..conftest import DaemonFactory
 from ..helpers import Daemon, require, start_daemon
@@ -64,7 +67,10 @@ def mesh(daemon_factory: DaemonFactory) -> tuple[Daemon, Daemon, Daemon]:
     require("aiortc")
     seed = daemon_factory("--name", "seed", *COMMON, *LOOPBACK)
     cloud = daemon_factory("--name", "cloud", "--join", seed.tcp, *COMMON, *LOOPBACK)
-    edge = daemon_factory("--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK)
+    # fewer channels than the others: the answering end takes the offerer's count
+    edge = daemon_factory(
+        "--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK, "--webrtc-channels", "2"
+    )
     wait_for("three members alive everywhere", lambda: all_alive([seed, cloud, edge], 3))
     return seed, cloud, edge
 
@@ -203,3 +209,36 @@ def test_an_edge_node_moves_to_another_relay_when_its_relay_dies(mesh: tuple[Dae
     with cloud.client(timeout_s=60) as c:
         got = c.get_records([recs[0].key])
     assert got[0] is not None and bytes(got[0].payload) == bytes(recs[0].payload)
+
+
+@pytest.mark.timeout(120)
+def test_a_relay_forwards_only_gossip_and_signaling_and_names_cannot_be_taken(
+    mesh: tuple[Daemon, Daemon, Daemon],
+) -> None:
+    seed, _cloud, edge = mesh
+    recs = records(1, 1 << 16)
+    with edge.client() as c:
+        c.put_records(recs, replica=True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(seed.tcp)
+    try:
+        # A DELETE smuggled through the relay must not reach the edge node (it would skip
+        # the WebRTC membership proof).
+        inner = request_header(Op.DELETE, 1, 1000, keys=[recs[0].key])
+        sock.send_multipart([request_header(Op.RELAY, 2, 1000, to="edge"), inner])
+        # Nor may anyone take over the edge's name while it is attached.
+        sock.send_multipart([request_header(Op.ATTACH, 3, 1000, name="edge")])
+        assert sock.poll(5000), "no reply to ATTACH"
+        reply = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+        assert reply["ok"] is False and "attached elsewhere" in reply["error"]
+    finally:
+        sock.close(0)
+        ctx.term()
+    time.sleep(0.5)
+    with edge.client() as c:
+        assert c.get_records([recs[0].key], local=True)[0] is not None
+    with seed.client() as c:
+        assert c.stats()["counters"]["errors"].get("RELAY_NOT_ALLOWED", 0) >= 1
+    assert members(seed)["edge"]["state"] == "alive"

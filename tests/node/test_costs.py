@@ -62,3 +62,16 @@ def test_a_malformed_cost_hint_is_a_bad_request(cost: object) -> None:
 def test_a_cost_hint_is_decoded() -> None:
     header = request_header(Op.LOOKUP, 1, 1000, keys=[bytes(16)], cost=Cost(0.5, 1024).to_wire())
     assert decode_request([header], Limits()).fields["cost"] == Cost(0.5, 1024)
+
+
+def test_old_estimates_count_as_unknown_so_slow_peers_get_measured_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lmcache_mesh.node.costs as costs
+
+    s = PeerStats(alpha=1.0)
+    s.cut_off("p", MB, 1.0)
+    assert s.transfer_s("p", MB) is not None
+    monkeypatch.setattr(costs, "REMEASURE_AFTER_S", -1.0)
+    assert s.transfer_s("p", MB) is None
+    assert fetch_window(s, "p", 1, Cost(0.01, MB)) is not None  # tried again

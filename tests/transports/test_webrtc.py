@@ -152,3 +152,20 @@ def test_any_pieces_give_frames_or_a_framing_error(chunks: list[bytes]) -> None:
 @given(st.lists(st.binary(max_size=3000), min_size=1, max_size=6), st.integers(1, 4096))
 def test_any_frames_survive_any_piece_size(frames: list[bytes], piece: int) -> None:
     assert reassemble(list(pieces(frames, piece))) == [frames]
+
+
+@pytest.mark.timeout(60)
+async def test_a_send_interrupted_half_way_closes_the_link_instead_of_corrupting_it(
+    links: tuple[WebRTCLink, WebRTCLink],
+) -> None:
+    a, _b = links
+    big = os.urandom(24 << 20)  # well past the high-water mark: the send has to wait midway
+    task = asyncio.ensure_future(a.send([big]))
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert a.closed
+    with pytest.raises(LinkClosed):
+        await a.send([b"next"])

@@ -51,6 +51,8 @@ class WebRTCConfig:
     high_water_bytes: int = 4 << 20
     low_water_bytes: int = 1 << 20
     max_message_bytes: int = 80 << 20
+    max_unread_bytes: int = 1 << 30
+    """Messages received but not yet read, in bytes; a peer that sends more is cut off."""
     connect_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -130,7 +132,7 @@ class _Channel:
 class WebRTCLink:
     """Messages (lists of frames) both ways over one peer connection. Use on one event loop."""
 
-    def __init__(self, pc: Any, config: WebRTCConfig, label: str) -> None:
+    def __init__(self, pc: Any, config: WebRTCConfig, label: str, channels: int | None = None) -> None:
         self.config = config
         self.label = label
         self.local_fingerprint = ""
@@ -138,14 +140,16 @@ class WebRTCLink:
         self.remote_fingerprint = ""
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._unread = 0
         self._pc = pc
         self._inbox: asyncio.Queue[list[memoryview] | None] = asyncio.Queue()
         self._closed = asyncio.Event()
         self._why = "closed"
         self._next = itertools.count()
         self._channels: list[_Channel] = []
+        self.channels = channels or config.channels
         pc.on("connectionstatechange", self._state_changed)
-        self._add_channels()
+        self._add_channels(channels or config.channels)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self._pc.connectionState
@@ -155,8 +159,8 @@ class WebRTCLink:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def _add_channels(self) -> None:
-        for i in range(self.config.channels):
+    def _add_channels(self, count: int) -> None:
+        for i in range(count):
             dc = self._pc.createDataChannel(f"lmcache-{i}", negotiated=True, id=i, ordered=True)
             dc.bufferedAmountLowThreshold = self.config.low_water_bytes
             ch = _Channel(dc, Reassembler(self.config.max_message_bytes))
@@ -217,6 +221,11 @@ class WebRTCLink:
             self._fail(f"protocol error: {exc}")
             return
         if frames is not None:
+            self._unread += sum(len(f) for f in frames)
+            if self._unread > self.config.max_unread_bytes:
+                logger.warning("x WebRTC link %s: the peer sends faster than we read; closing it", self.label)
+                self._fail("peer exceeded the unread-message limit")
+                return
             self._inbox.put_nowait(frames)
 
     async def recv(self) -> list[memoryview]:
@@ -225,20 +234,29 @@ class WebRTCLink:
         if frames is None:
             self._inbox.put_nowait(None)  # every later recv sees it too
             raise LinkClosed(f"WebRTC link {self.label}: {self._why}")
+        self._unread -= sum(len(f) for f in frames)
         return frames
 
     async def send(self, frames: Sequence[Buffer]) -> None:
         """Queue one message on the least busy channel, waiting while that channel is full."""
         ch = self._pick()
         async with ch.lock:  # one message at a time per channel: pieces must not interleave
-            for piece in pieces(frames, self.config.piece_bytes):
-                while not self.closed and ch.dc.bufferedAmount > self.config.high_water_bytes:
-                    ch.drained.clear()
-                    await ch.drained.wait()
-                if self.closed:
-                    raise LinkClosed(f"WebRTC link {self.label}: {self._why}")
-                ch.dc.send(piece)
-                self.bytes_sent += len(piece)
+            sent_any = False
+            try:
+                for piece in pieces(frames, self.config.piece_bytes):
+                    while not self.closed and ch.dc.bufferedAmount > self.config.high_water_bytes:
+                        ch.drained.clear()
+                        await ch.drained.wait()
+                    if self.closed:
+                        raise LinkClosed(f"WebRTC link {self.label}: {self._why}")
+                    ch.dc.send(piece)
+                    sent_any = True
+                    self.bytes_sent += len(piece)
+            except BaseException:
+                # Half a message on the channel would corrupt the next one: give up the link.
+                if sent_any:
+                    self._fail("a message was interrupted half sent")
+                raise
 
     def _pick(self) -> _Channel:
         if self.closed:
@@ -292,12 +310,15 @@ async def offer(config: WebRTCConfig, label: str = "") -> Dialing:
     return Dialing(link, sdp)
 
 
-async def answer(config: WebRTCConfig, offer_sdp: str, label: str = "") -> tuple[WebRTCLink, str]:
+async def answer(
+    config: WebRTCConfig, offer_sdp: str, label: str = "", channels: int | None = None
+) -> tuple[WebRTCLink, str]:
     """Answer a peer's offer: returns the link (``await link.wait_open()`` before use) and
-    the answer SDP to send back; LinkClosed for an offer that does not parse."""
+    the answer SDP to send back; LinkClosed for an offer that does not parse. ``channels``:
+    the offerer's channel count (both ends must have the same channels)."""
     aiortc = _aiortc()
     pc = _peer_connection(config)
-    link = WebRTCLink(pc, config, label)
+    link = WebRTCLink(pc, config, label, channels)
     try:
         link.remote_fingerprint = sdp_fingerprint(offer_sdp)
         await pc.setRemoteDescription(aiortc.RTCSessionDescription(offer_sdp, "offer"))
