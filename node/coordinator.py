@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache_mesh.mesh.index import HolderIndex
 from lmcache_mesh.mesh.membership import State
-from lmcache_mesh.transports.addresses import parse_webrtc_address
+from lmcache_mesh.transports.addresses import parse_webrtc_address, reachability
 
 from .client import AsyncClient, Conduit
 from .costs import PeerStats, fetch_window, nearest_first, worth_prefix
@@ -49,6 +49,10 @@ REANNOUNCE_SLICE_KEYS = 2048
 
 REPAIR_BATCH_KEYS = 64
 """Chunks pulled per GET when repairing replicas."""
+
+WEBRTC_GET_KEYS = 8
+"""Records per GET to a peer behind NAT: 8 of the largest (64 MiB) stay within what a
+WebRTC link accepts in one reply."""
 
 REPAIR_TIMEOUT_S = 30.0
 """Repairs run in the background: give slow peers (WebRTC) time to send a whole batch."""
@@ -512,6 +516,11 @@ class MeshCoordinator:
         self, peer: str, keys: list[bytes], deadline: float, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
         address = self._address(peer)
+        if address is not None and len(keys) > WEBRTC_GET_KEYS and reachability(address) == "webrtc":
+            # Replies over a WebRTC link are bounded (and slow): ask in slices, side by side.
+            slices = [keys[i : i + WEBRTC_GET_KEYS] for i in range(0, len(keys), WEBRTC_GET_KEYS)]
+            parts = await asyncio.gather(*(self._fetch(peer, part, deadline, cost) for part in slices))
+            return [r for part in parts for r in part]
         started = time.monotonic()
         window = None if cost is None else fetch_window(self.peer_stats, peer, len(keys), cost)
         if window is not None:
