@@ -130,7 +130,24 @@ def _print_status(s: dict[str, Any]) -> None:
             f"  {name:<7} {format_size(t['used_bytes'])} / {format_size(t['capacity_bytes'])}"
             f"  {t['entries']} chunks  {t['evictions']} evictions"
         )
-    engines = s.get("mesh", {}).get("engines", {})
+    mesh = s.get("mesh", {})
+    relay, webrtc = mesh.get("relay"), mesh.get("webrtc")
+    if relay:
+        state = "attached" if relay["attached"] else "NOT attached"
+        print(f"behind NAT: relayed by {relay['via']} ({state}, {relay['switches']} switches)")
+    if webrtc and (webrtc["links_out"] or webrtc["links_in"]):
+        print(
+            f"webrtc   links to {', '.join(webrtc['links_out']) or '-'}; {webrtc['links_in']} from peers; "
+            f"{format_size(webrtc['bytes_sent'])} sent, {format_size(webrtc['bytes_received'])} received"
+        )
+    peers = mesh.get("peers", {})
+    if peers:
+        print("peers    (estimates from real transfers)")
+        for name, e in peers.items():
+            rtt = "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f} ms"
+            bw = "-" if e["mb_per_s"] is None else f"{e['mb_per_s']:.1f} MB/s"
+            print(f"  {name:<20} latency {rtt:<10} bandwidth {bw}")
+    engines = mesh.get("engines", {})
     if engines:
         print("engines  (their own KV caches, from KV events)")
         for holder, n in sorted(engines.items()):

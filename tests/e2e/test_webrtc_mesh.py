@@ -7,6 +7,7 @@ masquerading router, where nothing from outside can reach it except through its 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from lmcache_mesh.node.errors import DeadlineExceeded
 from lmcache_mesh.node.protocol import Op, request_header
 
 from ..conftest import DaemonFactory
-from ..helpers import Daemon, require, start_daemon
+from ..helpers import Daemon, node_command, require, start_daemon
 from ..netns import Topology, require_netns
 
 COMMON = ("--memory", "256MiB", "--disk", "0", "--mesh-profile", "local")
@@ -103,6 +104,14 @@ def test_records_of_4_and_16_mib_come_from_a_nat_node_over_webrtc(
         edge_stats = c.stats()["mesh"]
     assert edge_stats["webrtc"]["webrtc_links_accepted"] >= 1
     assert edge_stats["relay"]["attached"] and edge_stats["relay"]["via"] == seed.tcp
+    table = subprocess.run(
+        node_command("status", "--node", edge.ipc or edge.tcp), capture_output=True, text=True, timeout=30
+    ).stdout
+    assert f"behind NAT: relayed by {seed.tcp} (attached" in table and "webrtc" in table
+    table = subprocess.run(
+        node_command("status", "--node", cloud.ipc or cloud.tcp), capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "webrtc   links to edge" in table and "bandwidth" in table
 
 
 @pytest.mark.timeout(180)
