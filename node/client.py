@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -229,7 +230,9 @@ class AsyncClient:
         self._conduit: Conduit | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[list[Buffer]]] = {}
-        self._ids = itertools.count(1)
+        # Random start: a later client on the same connection (a WebRTC link outlives its
+        # clients) must never take a late reply to an earlier client's request for its own.
+        self._ids = itertools.count(random.getrandbits(48) + 1)
         self._closed = False
 
     def __repr__(self) -> str:

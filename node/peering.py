@@ -46,6 +46,7 @@ AUTH_MAGIC = b"LMAUTH1"
 RETRY_AFTER_S = 5.0
 """After a failed dial, requests to that member fail fast for this long."""
 MAX_INBOUND_LINKS = 64
+MAX_OFFERED_CHANNELS = 16
 MAX_REPLY_BYTES = 1 << 30
 """Largest reply a dialed link accepts (what we accept from a node we chose to ask)."""
 MAX_INFLIGHT_PER_LINK = 64
@@ -93,6 +94,7 @@ class WebRTCPeering:
         self._readers: dict[str, LinkConduit] = {}
         """The one conduit per member that receives its link's replies."""
         self._retry_at: dict[str, float] = {}
+        self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.setup_seconds: list[float] = []
         """Dial-to-proven times of recent links (last 32)."""
@@ -117,17 +119,22 @@ class WebRTCPeering:
         return conduit
 
     async def _pump(self, name: str, link: WebRTCLink) -> None:
-        """The dialed link's only reader: hands each reply to the member's current conduit."""
+        """The dialed link's only reader: hands each reply to the member's current conduit
+        (if it uses this link; replies nobody waits for are dropped)."""
         try:
             while True:
                 frames = await link.recv()
                 conduit = self._readers.get(name)
-                if conduit is not None:
+                if conduit is not None and conduit.uses(link):
                     conduit.deliver(frames)
         except LinkClosed as exc:
             conduit = self._readers.get(name)
-            if conduit is not None:
+            if conduit is not None and conduit.uses(link):
                 conduit.broken(str(exc))
+
+    def release(self, name: str, conduit: LinkConduit) -> None:
+        if self._readers.get(name) is conduit:
+            del self._readers[name]
 
     async def link_to(self, name: str) -> WebRTCLink:
         """An open, proven link to member ``name``, dialing it if needed."""
@@ -136,6 +143,8 @@ class WebRTCPeering:
             return link
         if time.monotonic() < self._retry_at.get(name, 0.0):
             raise Unavailable(f"WebRTC link to {name} failed recently; retrying later")
+        if self._closed:
+            raise Unavailable("WebRTC is shutting down")
         pending = self._dialing.get(name)
         if pending is None:
             pending = asyncio.ensure_future(self._dial(name))
@@ -157,6 +166,9 @@ class WebRTCPeering:
             sdp = await asyncio.wait_for(answer_future, self.signal_timeout_s)
             link = await dialing.complete(sdp)
             await self._prove(link, b"dialer", dialing.sdp, sdp, expect=name)
+        except asyncio.CancelledError:
+            await dialing.cancel()
+            raise
         except (asyncio.TimeoutError, LinkClosed, AuthFailed, Unavailable) as exc:
             await dialing.cancel()
             self._retry_at[name] = time.monotonic() + RETRY_AFTER_S
@@ -166,6 +178,9 @@ class WebRTCPeering:
             raise Unavailable(f"no WebRTC link to {name}: {why}") from None
         finally:
             self._answers.pop(session, None)
+        if self._closed:
+            await link.close("node stopping")
+            raise Unavailable("WebRTC is shutting down")
         self._out[name] = link
         self._spawn(self._pump(name, link))
         self._retry_at.pop(name, None)
@@ -238,6 +253,10 @@ class WebRTCPeering:
             self.counters["webrtc_refused"] += 1
             self._signal(address, session, "refuse", reason="directly reachable: use ZeroMQ")
             return
+        if f["channels"] > MAX_OFFERED_CHANNELS:
+            self.counters["webrtc_refused"] += 1
+            self._signal(address, session, "refuse", reason=f"more than {MAX_OFFERED_CHANNELS} channels")
+            return
         if len(self._inbound) + self._accepting >= MAX_INBOUND_LINKS:
             self.counters["webrtc_refused"] += 1
             self._signal(address, session, "refuse", reason="too many links")
@@ -304,6 +323,7 @@ class WebRTCPeering:
 
     def forget(self, name: str) -> None:
         """A member died or left: close our link to it."""
+        self._readers.pop(name, None)
         link = self._out.pop(name, None)
         if link is not None:
             self._spawn(link.close("member gone"))
@@ -320,6 +340,10 @@ class WebRTCPeering:
         }
 
     async def aclose(self) -> None:
+        self._closed = True
+        for pending in list(self._dialing.values()):
+            pending.cancel()
+        await asyncio.gather(*self._dialing.values(), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -336,9 +360,18 @@ class LinkConduit:
     """
 
     def __init__(self, peering: WebRTCPeering, name: str) -> None:
+        self._peering = peering
         self._name = name
         self._inbox: asyncio.Queue[list[Buffer] | str] = asyncio.Queue()
         self._link: asyncio.Future[WebRTCLink] = asyncio.ensure_future(peering.link_to(name))
+
+    def uses(self, link: WebRTCLink) -> bool:
+        return (
+            self._link.done()
+            and not self._link.cancelled()
+            and self._link.exception() is None
+            and (self._link.result() is link)
+        )
 
     def deliver(self, frames: list[Buffer]) -> None:
         self._inbox.put_nowait(frames)
@@ -360,7 +393,9 @@ class LinkConduit:
     async def send(self, frames: Sequence[Buffer]) -> None:
         link = await self._ready()
         try:
-            await link.send(frames)
+            # Shielded: a caller that stops waiting must not cut a message in half (that
+            # would close the link under every other request on it).
+            await asyncio.shield(link.send(frames))
         except LinkClosed as exc:
             raise Unavailable(str(exc)) from None
 
@@ -374,6 +409,7 @@ class LinkConduit:
 
     async def aclose(self) -> None:
         # The link itself stays with the peering (the next conduit reuses it).
+        self._peering.release(self._name, self)
         if not self._link.done():
             self._link.cancel()
         elif not self._link.cancelled():

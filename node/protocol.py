@@ -245,6 +245,10 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
             raise BadRequest("an engine name must not contain '/'")
     elif op is Op.ATTACH:
         fields_["name"] = _string(m, "name", 255)
+        token = m.get("token", "")
+        if not isinstance(token, str) or len(token) > 64:
+            raise BadRequest("ATTACH token must be a string of at most 64 characters")
+        fields_["token"] = token
     elif op is Op.SIGNAL:
         for name in ("from", "name", "session"):
             fields_[name] = _string(m, name)

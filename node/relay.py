@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -47,27 +48,28 @@ class RelayTable:
     def __init__(self, ttl_s: float = ATTACH_TTL_S) -> None:
         self.ttl_s = ttl_s
         self.forwarded = 0
-        self._attached: dict[str, tuple[bytes, float]] = {}
+        self._attached: dict[str, tuple[bytes, float, str]] = {}
 
     def __len__(self) -> int:
         return len(self._attached)
 
-    def attach(self, name: str, identity: bytes) -> bool:
-        """Attach (or renew) ``name`` on this connection; False if the name is held by another
-        live connection (a restarted node gets its name back once the old entry expires)."""
+    def attach(self, name: str, identity: bytes, token: str = "") -> bool:
+        """Attach (or renew) ``name`` on this connection; False if another live connection
+        holds the name. The holder's ``token`` (random per uplink) lets it move to a new
+        connection (a reconnect); a restarted node gets its name back once the entry expires."""
         now = time.monotonic()
         held = self._attached.get(name)
-        if held is not None and held[0] != identity and held[1] >= now:
+        if held is not None and held[0] != identity and held[1] >= now and not (token and token == held[2]):
             return False
         if held is None and len(self._attached) >= MAX_ATTACHED:
             self._purge(now)
             if len(self._attached) >= MAX_ATTACHED:
                 return False
-        self._attached[name] = (identity, now + self.ttl_s)
+        self._attached[name] = (identity, now + self.ttl_s, token)
         return True
 
     def _purge(self, now: float) -> None:
-        for name in [n for n, (_, until) in self._attached.items() if until < now]:
+        for name in [n for n, (_, until, _) in self._attached.items() if until < now]:
             del self._attached[name]
 
     def identity(self, name: str) -> bytes | None:
@@ -116,6 +118,7 @@ class Uplink:
         self._tasks: list[asyncio.Task[None]] = []
         self._attached_event = asyncio.Event()
         self._closing = False
+        self._token = secrets.token_hex(16)
 
     def __repr__(self) -> str:
         return f"<Uplink {self.name} via {self.relay or '-'} attached={self.attached}>"
@@ -148,7 +151,8 @@ class Uplink:
     def _send_attach(self) -> None:
         assert self._sock is not None
         try:
-            self._sock.send(request_header(Op.ATTACH, next(self._ids), 2000, name=self.name), zmq.NOBLOCK)
+            header = request_header(Op.ATTACH, next(self._ids), 2000, name=self.name, token=self._token)
+            self._sock.send(header, zmq.NOBLOCK)
         except zmq.Again:
             pass  # the relay is not reading: the switch timer deals with it
 

@@ -127,7 +127,7 @@ class NodeServer:
         if isinstance(request, Request) and request.op in (Op.MESH, Op.RELAY, Op.SIGNAL):
             self._one_way(request, peer)  # gossip, forwarding and signaling get no reply
         elif isinstance(request, Request) and request.op is Op.ATTACH and peer is not None:
-            if self.relay.attach(request.fields["name"], peer):
+            if self.relay.attach(request.fields["name"], peer, request.fields["token"]):
                 await reply_to([ok_reply(request.id, relay=self.node.name)])
             else:
                 error = Unavailable(
