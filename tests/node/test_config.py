@@ -64,3 +64,18 @@ def test_bad_toml_file(tmp_path: Path) -> None:
         NodeConfig.load(f, env={})
     with pytest.raises(ValueError, match="cannot read config file"):
         NodeConfig.load(tmp_path / "missing.toml", env={})
+
+
+def test_nat_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs --join"):
+        NodeConfig.load(env={}, overrides={"nat": "true"})
+    with pytest.raises(ValueError, match="no address to advertise"):
+        NodeConfig.load(env={}, overrides={"nat": "true", "join": "tcp://h:1", "advertise": "tcp://h:2"})
+    with pytest.raises(ValueError, match="stun:"):
+        NodeConfig.load(env={}, overrides={"ice-servers": "http://x"})
+    cfg = NodeConfig.load(
+        env={"LMCACHE_MESH_WEBRTC_HOST_ADDRESSES": "127.0.0.1"},
+        overrides={"nat": "true", "join": "tcp://h:1", "ice-servers": "stun:s:3478,turn:t:3478"},
+    )
+    assert cfg.nat and cfg.webrtc_host_addresses == ("127.0.0.1",)
+    assert cfg.ice_servers == ("stun:s:3478", "turn:t:3478") and cfg.webrtc_channels == 4
