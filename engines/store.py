@@ -24,6 +24,17 @@ from lmcache_mesh.node.records import ChunkRecord
 logger = logging.getLogger(__name__)
 
 
+def check_adapter_settings(config: Any) -> None:
+    """Checks shared by the engine adapters' configs (llama.cpp and vLLM)."""
+    if config.chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {config.chunk_tokens}")
+    if config.prefill_tokens_per_s is not None and config.prefill_tokens_per_s <= 0:
+        raise ValueError(f"prefill_tokens_per_s must be positive, got {config.prefill_tokens_per_s}")
+    for name in ("lookup_timeout_s", "fetch_timeout_s", "retry_after_s"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """How an adapter reaches the mesh. Defaults suit a node on the same machine."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lmcache_mesh.node.config import NodeConfig
 
-from ..store import StoreConfig
+from ..store import StoreConfig, check_adapter_settings
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,7 @@ class LlamaMeshConfig:
     """this engine's prefill rate for those estimates; None = measured from its own prefills"""
 
     def __post_init__(self) -> None:
-        if self.chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
-        if self.prefill_tokens_per_s is not None and self.prefill_tokens_per_s <= 0:
-            raise ValueError(f"prefill_tokens_per_s must be positive, got {self.prefill_tokens_per_s}")
-        for name in ("lookup_timeout_s", "fetch_timeout_s", "retry_after_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_adapter_settings(self)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(

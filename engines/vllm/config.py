@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..store import StoreConfig
+from ..store import StoreConfig, check_adapter_settings
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,7 @@ class VllmMeshConfig:
     """this engine's prefill rate for those estimates; None = measured from its own steps"""
 
     def __post_init__(self) -> None:
-        if self.chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
-        if self.prefill_tokens_per_s is not None and self.prefill_tokens_per_s <= 0:
-            raise ValueError(f"prefill_tokens_per_s must be positive, got {self.prefill_tokens_per_s}")
+        check_adapter_settings(self)
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(
                 f"load_failure_policy must be 'recompute' or 'fail', got {self.load_failure_policy!r}"
