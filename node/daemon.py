@@ -82,17 +82,19 @@ def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
 def _start_cluster(node: Node, bound: list[str]) -> Cluster | None:
     cfg = node.config
     if cfg.nat:
+        # No address of our own: peers reach us as webrtc://RELAY/NAME through the first seed.
+        tcp = next((b for b in bound if b.startswith("tcp://")), None)
         if not cfg.name:
-            tcp = next((b for b in bound if b.startswith("tcp://")), None)
             node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
-        address: str | None = webrtc_address(cfg.join[0], node.name)
+        address = webrtc_address(cfg.join[0], node.name)
     else:
-        address = advertised_address(cfg, bound)
-    if address is None:
-        logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
-        return None
-    if not cfg.name and not cfg.nat:
-        node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
+        direct = advertised_address(cfg, bound)
+        if direct is None:
+            logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
+            return None
+        address = direct
+        if not cfg.name:
+            node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
     weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
     cluster = Cluster(node.name, address, cfg.zone, weight, PROFILES[cfg.mesh_profile]())
     node.cluster = cluster

@@ -10,7 +10,7 @@ import pytest
 
 from lmcache_mesh.node import chunk_keys, namespace_id
 
-from .helpers import Daemon, start_daemon
+from .helpers import Daemon, kill_all, start_daemon
 
 DaemonFactory = Callable[..., Daemon]
 
@@ -25,10 +25,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
         return d
 
     yield make
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-        d.stop()
+    kill_all(started)
 
 
 @pytest.fixture

@@ -53,6 +53,14 @@ class Daemon:
         return "".join(self.lines)
 
 
+def kill_all(daemons: Sequence[Daemon]) -> None:
+    """End test daemons at once (SIGKILL), reaping each and its output reader."""
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        d.stop()
+
+
 def short_tmpdir() -> Path:
     # ipc:// paths must stay under 107 bytes, and pytest's tmp_path can be long.
     return Path(tempfile.mkdtemp(prefix="lmc-", dir="/tmp"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import Daemon, require, start_daemon
+from ..helpers import Daemon, kill_all, require, start_daemon
 from ..netns import Topology, require_netns
 from .llama import greedy, meshed, plain, prompt, write_models
 
@@ -79,10 +79,7 @@ def run(tmp_path: Path, rate: str | None) -> tuple[dict[str, Any], dict[str, Any
     finally:
         for e in engines:
             e.close()
-        for d in daemons:
-            if d.proc.poll() is None:
-                d.proc.kill()
-            d.stop()
+        kill_all(daemons)
         topo.close()
 
 

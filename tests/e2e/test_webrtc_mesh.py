@@ -21,7 +21,7 @@ from lmcache_mesh.node.errors import DeadlineExceeded
 from lmcache_mesh.node.protocol import Op, request_header
 
 from ..conftest import DaemonFactory
-from ..helpers import Daemon, node_command, require, start_daemon
+from ..helpers import Daemon, kill_all, node_command, require, start_daemon
 from ..netns import Topology, require_netns
 
 COMMON = ("--memory", "256MiB", "--disk", "0", "--mesh-profile", "local")
@@ -190,10 +190,7 @@ def test_a_node_behind_a_real_nat_serves_a_chunk_through_webrtc(tmp_path: Path) 
         with seed.client() as c:
             assert c.stats()["mesh"]["relaying"]["forwarded"] > 0
     finally:
-        for d in daemons:
-            if d.proc.poll() is None:
-                d.proc.kill()
-            d.stop()
+        kill_all(daemons)
         topo.close()
 
 

@@ -149,7 +149,7 @@ class WebRTCLink:
         self._channels: list[_Channel] = []
         self.channels = channels or config.channels
         pc.on("connectionstatechange", self._state_changed)
-        self._add_channels(channels or config.channels)
+        self._add_channels()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self._pc.connectionState
@@ -159,8 +159,8 @@ class WebRTCLink:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def _add_channels(self, count: int) -> None:
-        for i in range(count):
+    def _add_channels(self) -> None:
+        for i in range(self.channels):
             dc = self._pc.createDataChannel(f"lmcache-{i}", negotiated=True, id=i, ordered=True)
             dc.bufferedAmountLowThreshold = self.config.low_water_bytes
             ch = _Channel(dc, Reassembler(self.config.max_message_bytes))
