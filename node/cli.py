@@ -3,6 +3,9 @@
     lmcache-node run [--config FILE] [--listen ADDR ...] [--data-dir DIR] [--memory SIZE] ...
     lmcache-node join SEED_ADDR [--node ADDR]
     lmcache-node status [--node ADDR] [--json]
+    lmcache-node keygen [--name NAME] [--role node|client|admin] [--tenant T] [--out FILE]
+
+``join`` and ``status`` take ``--key FILE --server-key KEY`` to reach a node over CurveZMQ.
 
 Every ``run`` flag is also an ``LMCACHE_MESH_<KEY>`` environment variable and a TOML key;
 flags win over the environment, which wins over the file (``--config`` or
@@ -14,16 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.transports import TransportError
+from lmcache_mesh.transports.curve import CurveClient
 
 from .client import Client
 from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
 from .errors import MeshError
+from .keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
 from .node import VERSION
 from .sizes import format_size
 
@@ -62,6 +69,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
             kwargs["const"] = "true"
         run.add_argument(f"--{key}", **kwargs)
 
+    keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair and print its allow-list line")
+    keygen.add_argument(
+        "--name",
+        default="",
+        help="name in the allow-list; a node's is its mesh name (default: the host name)",
+    )
+    keygen.add_argument(
+        "--role",
+        choices=[r.value for r in Role],
+        default="node",
+        help="what the key may do (default: %(default)s)",
+    )
+    keygen.add_argument("--tenant", default="", help="client keys: the tenant its requests run in (* = any)")
+    keygen.add_argument(
+        "--out",
+        metavar="FILE",
+        help="key pair file (mode 600; never overwritten); the public half goes next to it "
+        "without _secret (default: DATA_DIR/node.key_secret for a node, ./NAME.key_secret otherwise)",
+    )
+    keygen.add_argument(
+        "--data-dir", metavar="DIR", default=None, help="node data directory (default: the node's)"
+    )
+
     join = sub.add_parser("join", help="make a running node join the mesh that SEED_ADDR belongs to")
     join.add_argument(
         "seed", nargs="+", metavar="SEED_ADDR", help="address of a mesh member, tcp://HOST:PORT"
@@ -72,6 +102,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         metavar="ADDR",
         help="node to instruct (default: %(default)s)",
     )
+    _curve_arguments(join)
     join.add_argument(
         "--wait",
         type=float,
@@ -90,6 +121,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     status.add_argument(
         "--json", action="store_true", help="print the stable JSON document instead of a table"
     )
+    _curve_arguments(status)
     status.add_argument(
         "--timeout",
         type=float,
@@ -98,6 +130,46 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="seconds to wait for the node (default: %(default)s)",
     )
     return parser, sub
+
+
+def _curve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", metavar="FILE", help="CurveZMQ key pair to connect with (an admin or node key)")
+    p.add_argument("--server-key", metavar="KEY", help="the node's public key (Z85 text or its .key file)")
+
+
+def client_of(args: argparse.Namespace, timeout_s: float) -> Client:
+    """A client of ``args.node``, over CurveZMQ when ``--key``/``--server-key`` are given."""
+    if bool(args.key) != bool(args.server_key):
+        raise ValueError("CurveZMQ needs both --key FILE and --server-key KEY")
+    curve = None
+    if args.key:
+        curve = CurveClient(read_key_pair(args.key)[1], read_public_key(args.server_key))
+    return Client(args.node, timeout_s=timeout_s, curve=curve)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    name = args.name or socket.gethostname()
+    if args.tenant and args.role == "node":
+        raise ValueError("a node key serves every tenant: --tenant is for client keys")
+    if args.tenant and args.tenant != "*":
+        check_tenant(args.tenant)
+    if args.out:
+        out = Path(args.out)
+    elif args.role == "node":
+        data_dir = (
+            args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR") or NodeConfig.default_of("data_dir")
+        )
+        out = Path(data_dir).expanduser() / "node.key_secret"
+    else:
+        out = Path(f"{name}.key_secret")
+    if out.exists():
+        raise ValueError(f"{out} exists; keys are never overwritten (remove it first, or choose --out)")
+    keys = write_key_pair(out, name)
+    tenant = f" tenant={args.tenant}" if args.tenant else ""
+    print(f"wrote {out} (secret, mode 600) and {public_key_path(out)} (public)")
+    print("add this line to the authorized_keys file of every node:")
+    print(f"{keys.public} {name} {args.role}{tenant}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -162,10 +234,27 @@ def _print_status(s: dict[str, Any]) -> None:
     )
     if c.get("errors"):
         print("errors   " + "  ".join(f"{k}={v}" for k, v in sorted(c["errors"].items())))
+    tenants = {t: v for t, v in s.get("tenants", {}).items() if t != "default"}
+    if tenants:
+        print("tenants  (chunks held, chunks asked for / found)")
+        for tenant, t in tenants.items():
+            held = "  ".join(f"{tier}={n}" for tier, n in t["records"].items()) or "none"
+            r = t["requests"]
+            print(
+                f"  {tenant:<20} {held}  gets={r.get('gets', 0)} hits={r.get('hits', 0)} puts={r.get('puts', 0)}"
+            )
+    sec = s.get("security", {})
+    if sec.get("curve"):
+        print(
+            f"security CurveZMQ on, {sec['allowed_keys']} keys allowed; refused {sec['connections_refused']} "
+            f"connections, {sec['forbidden']} requests; {sec['busy']} busy"
+        )
+    else:
+        print(f"security CurveZMQ off; {sec.get('busy', 0)} busy")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.node, timeout_s=args.timeout) as client:
+    with client_of(args, args.timeout) as client:
         stats = client.stats()
     if args.json:
         json.dump(stats, sys.stdout, indent=2, sort_keys=True)
@@ -176,7 +265,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
-    with Client(args.node, timeout_s=min(args.wait, 5.0)) as client:
+    with client_of(args, min(args.wait, 5.0)) as client:
         before = {m["name"] for m in client.stats()["members"]}
         client.join(args.seed)
         deadline = time.monotonic() + args.wait
@@ -199,6 +288,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "join": _cmd_join,
     "status": _cmd_status,
+    "keygen": _cmd_keygen,
 }
 
 

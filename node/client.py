@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from lmcache_mesh.transports import dealer
+from lmcache_mesh.transports.curve import CurveClient
 
 from .errors import BadRequest, DeadlineExceeded, Unavailable
 from .protocol import (
@@ -43,6 +44,12 @@ def _with_cost(fields: dict[str, Any], cost: Cost | None) -> dict[str, Any]:
     return fields
 
 
+def _in_tenant(fields: dict[str, Any], tenant: str) -> dict[str, Any]:
+    if tenant:
+        fields["tenant"] = tenant
+    return fields
+
+
 def _payloads(records: list[ChunkRecord | None]) -> list[memoryview | None]:
     return [None if r is None else memoryview(r.payload) for r in records]
 
@@ -54,12 +61,20 @@ class Client:
     so a reply that arrives late is never mistaken for the next one.
     """
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        curve: CurveClient | None = None,
+        tenant: str = "",
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.checksum_failures = 0
+        self.curve = curve
+        self.tenant = tenant
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES)
+        self._sock: zmq.Socket[Any] | None = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -86,7 +101,7 @@ class Client:
             if self._sock is None:
                 raise Unavailable(f"client of {self.address} is closed")
             rid = next(self._ids)
-            header = request_header(op, rid, max(int(timeout * 1000), 1), **fields)
+            header = request_header(op, rid, max(int(timeout * 1000), 1), **_in_tenant(fields, self.tenant))
             self._sock.send_multipart([header, *frames], copy=False)
             deadline = time.monotonic() + timeout
             while True:
@@ -94,7 +109,7 @@ class Client:
                 if remaining_ms <= 0 or not self._sock.poll(int(remaining_ms) + 1):
                     # Drop whatever is queued or late on this socket and start clean.
                     self._sock.close(0)
-                    self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES)
+                    self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES, self.curve)
                     raise DeadlineExceeded(f"no reply from {self.address} to {op.name} within {timeout:g} s")
                 reply = [f.buffer for f in self._sock.recv_multipart(copy=False)]
                 if peek_request_id(reply[0]) == rid:
@@ -188,12 +203,12 @@ class Conduit(Protocol):
 
 
 class ZmqConduit:
-    """A DEALER socket on its own asyncio context."""
+    """A DEALER socket on its own asyncio context (CurveZMQ with ``curve``, for tcp://)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, curve: CurveClient | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         try:
-            self._sock = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES)
+            self._sock = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
         except BaseException:
             self._ctx.term()
             raise
@@ -213,8 +228,9 @@ class AsyncClient:
     """asyncio client of one node; many calls may be in flight at once on one conduit.
 
     Bound to the event loop of its first call. The constructor does no I/O. ``conduit``
-    makes the connection (default: ZeroMQ to ``address``); a conduit that breaks fails the
-    calls waiting on it and is made afresh by the next call.
+    makes the connection (default: ZeroMQ to ``address``, CurveZMQ with ``curve``); a conduit
+    that breaks fails the calls waiting on it and is made afresh by the next call. Both
+    clients run every request in ``tenant`` ("": the default space, or the key's own).
     """
 
     def __init__(
@@ -222,11 +238,14 @@ class AsyncClient:
         address: str,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         conduit: Callable[[], Conduit] | None = None,
+        curve: CurveClient | None = None,
+        tenant: str = "",
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.checksum_failures = 0
-        self._make_conduit = conduit or (lambda: ZmqConduit(address))
+        self.tenant = tenant
+        self._make_conduit = conduit or (lambda: ZmqConduit(address, curve))
         self._conduit: Conduit | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[list[Buffer]]] = {}
@@ -292,7 +311,7 @@ class AsyncClient:
         conduit = self._conduit
 
         async def send_and_wait() -> list[Buffer]:
-            header = request_header(op, rid, max(int(timeout * 1000), 1), **fields)
+            header = request_header(op, rid, max(int(timeout * 1000), 1), **_in_tenant(fields, self.tenant))
             await conduit.send([header, *frames])
             return await fut
 

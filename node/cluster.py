@@ -17,8 +17,9 @@ from lmcache_mesh.mesh.config import MeshConfig
 from lmcache_mesh.mesh.membership import Member, Membership, State
 from lmcache_mesh.mesh.ring import HashRing, RingMember
 from lmcache_mesh.transports.addresses import parse_webrtc_address, reachability
-from lmcache_mesh.transports.zmq import ZmqDatagramTransport
+from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
 
+from .config import split_seed
 from .protocol import Op, request_header
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,12 @@ class Cluster:
         weight: float,
         config: MeshConfig,
         rng: random.Random | None = None,
+        curve: CurveFor | None = None,
     ) -> None:
         envelope = request_header(Op.MESH, 0, 1000, **{"from": address})
-        self.transport = ZmqDatagramTransport(address, envelope, route_to)
+        self.transport = ZmqDatagramTransport(address, envelope, route_to, curve=curve)
+        self.seed_address: Callable[[str], str] = lambda seed: split_seed(seed)[1]
+        """A seed as given (``NAME@ADDR`` or ``ADDR``) → its address; the daemon notes names."""
         self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
         self.ring = HashRing([RingMember(name, zone, weight)] if reachability(address) == "direct" else [])
         self._agent: MeshAgent | None = None
@@ -66,7 +70,14 @@ class Cluster:
 
     def start(self, loop: asyncio.AbstractEventLoop, seeds: Sequence[str] = ()) -> None:
         self._agent = MeshAgent(self.membership, self.transport, loop)
-        self._agent.start(seeds)
+        self._agent.start([self.seed_address(s) for s in seeds])
+
+    def name_at(self, address: str) -> str | None:
+        """The member serving at ``address`` (its latest address), if any."""
+        for m in list(self.membership.members.values()):
+            if m.address == address:
+                return str(m.name)
+        return None
 
     def on_datagram(self, sender: str, data: bytes) -> None:
         self.transport.deliver(sender, data)
@@ -74,7 +85,7 @@ class Cluster:
     def join(self, seeds: Sequence[str]) -> None:
         if self._agent is None:
             raise RuntimeError("cluster not started")
-        self._agent.join(seeds)
+        self._agent.join([self.seed_address(s) for s in seeds])
 
     async def leave(self, linger_s: float | None = None) -> None:
         """Announce a graceful leave, give it a moment to spread, then stop."""

@@ -16,6 +16,13 @@ from typing import Any
 
 from .sizes import parse_size
 
+
+def split_seed(seed: str) -> tuple[str, str]:
+    """``NAME@tcp://HOST:PORT`` → (name, address); a bare address has no name ("")."""
+    name, at, address = seed.partition("@")
+    return (name, address) if at and "://" not in name else ("", seed)
+
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -88,7 +95,8 @@ class NodeConfig:
     zone: str = _opt("zone", "failure zone (rack, site); replicas go to distinct zones", default="default")
     join: tuple[str, ...] = _opt(
         "join",
-        "seed node address(es) of the mesh to join, tcp://HOST:PORT; repeat or comma-separate",
+        "seed node address(es) of the mesh to join, tcp://HOST:PORT (NAME@tcp://HOST:PORT with "
+        "CurveZMQ: NAME as in the allow-list); repeat or comma-separate",
         _parse_list,
         "ADDR",
         default=(),
@@ -147,6 +155,24 @@ class NodeConfig:
     webrtc_channels: int = _opt(
         "webrtc-channels", "data channels per WebRTC link", _parse_int, "N", default=4
     )
+    curve: str = _opt(
+        "curve",
+        "CurveZMQ on tcp://: auto (on when the key file exists), on, or off",
+        metavar="MODE",
+        default="auto",
+    )
+    key_file: str = _opt(
+        "key",
+        "this node's CurveZMQ key pair (lmcache-node keygen); default: DATA_DIR/node.key_secret",
+        metavar="FILE",
+        default="",
+    )
+    authorized_keys: str = _opt(
+        "authorized-keys",
+        "allow-list of public keys that may connect (reread on SIGHUP); default: DATA_DIR/authorized_keys",
+        metavar="FILE",
+        default="",
+    )
     metrics_port: int = _opt(
         "metrics-port", "serve Prometheus metrics on this HTTP port; 0 = off", _parse_int, "PORT", default=0
     )
@@ -176,6 +202,20 @@ class NodeConfig:
         "N",
         default=256,
     )
+    max_inflight_per_peer: int = _opt(
+        "max-inflight-per-peer",
+        "requests one connection may have waiting (disk, mesh); more get BUSY",
+        _parse_int,
+        "N",
+        default=64,
+    )
+    max_inflight_bytes_per_peer: int = _opt(
+        "max-inflight-bytes-per-peer",
+        "payload bytes one connection may have waiting; more get BUSY",
+        parse_size,
+        "SIZE",
+        default=1 << 30,
+    )
     writeback_queue_bytes: int = _opt(
         "writeback-queue",
         "bytes of memory evictions queued for the disk writer; beyond it write-backs are dropped (counted)",
@@ -196,7 +236,7 @@ class NodeConfig:
             raise ValueError(f"replicas must be in [1, 16], got {self.replicas}")
         if self.mesh_profile not in ("lan", "wan", "local"):
             raise ValueError(f"mesh_profile must be lan, wan or local, got {self.mesh_profile!r}")
-        for ep in (*self.join, *([self.advertise] if self.advertise else [])):
+        for ep in (*(split_seed(j)[1] for j in self.join), *([self.advertise] if self.advertise else [])):
             if not ep.startswith("tcp://"):
                 raise ValueError(f"join/advertise: peer address {ep!r} must be tcp://HOST:PORT")
         for ep in self.listen:
@@ -211,6 +251,8 @@ class NodeConfig:
             "max_request_bytes",
             "max_keys_per_request",
             "max_inflight_requests",
+            "max_inflight_per_peer",
+            "max_inflight_bytes_per_peer",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -223,12 +265,28 @@ class NodeConfig:
         for url in self.ice_servers:
             if not url.startswith(("stun:", "turn:", "turns:")):
                 raise ValueError(f"ice_servers: {url!r} must be a stun:, turn: or turns: URL")
+        if self.curve not in ("auto", "on", "off"):
+            raise ValueError(f"curve must be auto, on or off, got {self.curve!r}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.key_file).expanduser() if self.key_file else self.data_path / "node.key_secret"
+
+    @property
+    def authorized_keys_path(self) -> Path:
+        if self.authorized_keys:
+            return Path(self.authorized_keys).expanduser()
+        return self.data_path / "authorized_keys"
+
+    def curve_enabled(self) -> bool:
+        """Whether tcp:// runs CurveZMQ: on, off, or (auto) when the key file exists."""
+        return self.curve == "on" or (self.curve == "auto" and self.key_path.exists())
 
     # loading
 

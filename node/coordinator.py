@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from lmcache_mesh.mesh.index import HolderIndex
 from lmcache_mesh.mesh.membership import State
 from lmcache_mesh.transports.addresses import parse_webrtc_address, reachability
+from lmcache_mesh.transports.zmq import CurveFor
 
-from .client import AsyncClient, Conduit
+from .client import AsyncClient, Conduit, ZmqConduit
 from .costs import PeerStats, fetch_window, nearest_first, worth_prefix
 from .errors import DeadlineExceeded, MeshError, Unavailable
 from .protocol import Cost
@@ -72,6 +73,8 @@ class PeerPool:
         self.timeout_s = timeout_s
         self.max_peers = max_peers
         self.links: WebRTCPeering | None = None
+        self.curve: CurveFor | None = None
+        """CurveZMQ credentials per peer address (None: plain ZeroMQ)."""
         self._clients: OrderedDict[str, AsyncClient] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -94,7 +97,14 @@ class PeerPool:
         except ValueError:
             return lambda: _NoRoute(address)  # a malformed address from gossip: unreachable
         if relayed is None:
-            return None  # ZeroMQ
+            if self.curve is None:
+                return None  # plain ZeroMQ
+            try:
+                credentials = self.curve(address)
+            except LookupError as exc:
+                why = str(exc)
+                return lambda: _NoRoute(address, why)
+            return lambda: ZmqConduit(address, credentials)
         links, name = self.links, relayed.name
         if links is None:
             return lambda: _NoRoute(address)
@@ -118,10 +128,11 @@ class PeerPool:
 
 
 class _NoRoute:
-    """The conduit to a peer behind NAT when this node cannot make WebRTC links."""
+    """The conduit to a peer we cannot reach: behind NAT with no WebRTC here, a malformed
+    address, or (CurveZMQ) no key known for it."""
 
-    def __init__(self, address: str) -> None:
-        self._error = Unavailable(f"no route to {address} (behind NAT, and no WebRTC here; or malformed)")
+    def __init__(self, address: str, why: str = "behind NAT, and no WebRTC here; or malformed") -> None:
+        self._error = Unavailable(f"no route to {address} ({why})")
 
     async def send(self, frames: Sequence[Any]) -> None:
         raise self._error

@@ -21,8 +21,9 @@ from lmcache_mesh.transports.addresses import reachability, webrtc_address
 from lmcache_mesh.transports.webrtc import WebRTCConfig
 
 from .cluster import PROFILES, Cluster
-from .config import NodeConfig
+from .config import NodeConfig, split_seed
 from .coordinator import MeshCoordinator
+from .keyring import Keyring, Role, read_key_pair
 from .metrics import NodeMetrics
 from .node import VERSION, Node
 from .peering import WebRTCPeering
@@ -79,14 +80,51 @@ def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
     return f"tcp://{host}:{port}"
 
 
-def _start_cluster(node: Node, bound: list[str]) -> Cluster | None:
+def load_keyring(config: NodeConfig) -> Keyring | None:
+    """The node's CurveZMQ keyring, or None when CurveZMQ is off; SystemExit saying what is wrong."""
+    if not config.curve_enabled():
+        return None
+    try:
+        key_name, keys = read_key_pair(config.key_path)
+        keyring = Keyring(config.name or key_name, keys, config.authorized_keys_path)
+    except ValueError as exc:
+        raise SystemExit(
+            f"lmcache-node: CurveZMQ: {exc}\n  (create keys with `lmcache-node keygen`; see README "
+            "'Security'; --curve off runs without)"
+        ) from None
+    me = keyring.own_entry()
+    if me is None or me.role is not Role.NODE:
+        raise SystemExit(
+            f"lmcache-node: CurveZMQ: this node's public key {keys.public} is not in "
+            f"{config.authorized_keys_path} as a node; add the line\n  {keys.public} {keyring.name or 'NAME'} node"
+        )
+    if config.name and config.name != me.name:
+        raise SystemExit(
+            f"lmcache-node: --name {config.name!r} differs from this key's name {me.name!r} in "
+            f"{config.authorized_keys_path}: peers find a node's key by its name"
+        )
+    keyring.name = me.name
+    return keyring
+
+
+def _reload_keys(keyring: Keyring) -> None:
+    try:
+        n = keyring.reload()
+        logger.info("- reloaded %s: %d keys allowed", keyring.allow_list, n)
+    except ValueError as exc:
+        logger.error("x kept the previous allow-list: %s", exc)
+
+
+def _start_cluster(node: Node, bound: list[str], keyring: Keyring | None) -> Cluster | None:
     cfg = node.config
+    if keyring is not None:
+        node.name = keyring.name
     if cfg.nat:
         # No address of our own: peers reach us as webrtc://RELAY/NAME through the first seed.
         tcp = next((b for b in bound if b.startswith("tcp://")), None)
         if not cfg.name:
             node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
-        address = webrtc_address(cfg.join[0], node.name)
+        address = webrtc_address(split_seed(cfg.join[0])[1], node.name)
     else:
         direct = advertised_address(cfg, bound)
         if direct is None:
@@ -96,7 +134,11 @@ def _start_cluster(node: Node, bound: list[str]) -> Cluster | None:
         if not cfg.name:
             node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
     weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
-    cluster = Cluster(node.name, address, cfg.zone, weight, PROFILES[cfg.mesh_profile]())
+    curve = keyring.client_for if keyring is not None else None
+    cluster = Cluster(node.name, address, cfg.zone, weight, PROFILES[cfg.mesh_profile](), curve=curve)
+    if keyring is not None:
+        keyring.name_of = cluster.name_at
+        cluster.seed_address = keyring.remember_seed
     node.cluster = cluster
     cluster.start(asyncio.get_running_loop(), cfg.join)
     return cluster
@@ -135,7 +177,7 @@ def _start_webrtc(node: Node, cluster: Cluster, server: NodeServer) -> WebRTCPee
     return peering
 
 
-def _start_uplink(node: Node, cluster: Cluster, server: NodeServer) -> Uplink:
+def _start_uplink(node: Node, cluster: Cluster, server: NodeServer, keyring: Keyring | None) -> Uplink:
     cfg = node.config
 
     def relays() -> list[str]:
@@ -144,7 +186,8 @@ def _start_uplink(node: Node, cluster: Cluster, server: NodeServer) -> Uplink:
             (m for m in cluster.membership.members.values() if reachability(m.address) == "direct"),
             key=lambda m: (m.state is not State.ALIVE, m.state is not State.SUSPECT, m.name),
         )
-        return list(dict.fromkeys([*cfg.join, *(m.address for m in direct)]))
+        seeds = [cluster.seed_address(j) for j in cfg.join]
+        return list(dict.fromkeys([*seeds, *(m.address for m in direct)]))
 
     uplink = Uplink(
         node.name,
@@ -152,8 +195,9 @@ def _start_uplink(node: Node, cluster: Cluster, server: NodeServer) -> Uplink:
         server.take_relayed,
         lambda relay: cluster.readdress(webrtc_address(relay, node.name)),
         cfg.max_header_bytes + cfg.max_record_bytes,
+        curve=keyring.client_for if keyring is not None else None,
     )
-    uplink.start(cfg.join[0])
+    uplink.start(cluster.seed_address(cfg.join[0]))
     node.stats_sources["relay"] = lambda: {
         "via": uplink.relay,
         "attached": uplink.attached,
@@ -162,18 +206,18 @@ def _start_uplink(node: Node, cluster: Cluster, server: NodeServer) -> Uplink:
     return uplink
 
 
-async def serve(node: Node, metrics: NodeMetrics) -> int:
-    server = NodeServer(node, observe=metrics.observe)
+async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None) -> int:
+    server = NodeServer(node, observe=metrics.observe, keyring=keyring)
     bound = await server.start()
     cfg = node.config
-    cluster = _start_cluster(node, bound)
+    cluster = _start_cluster(node, bound, keyring)
     coordinator = None
     peering = None
     uplink = None
     if cluster is not None:
         peering = _start_webrtc(node, cluster, server)
         if cfg.nat:
-            uplink = _start_uplink(node, cluster, server)
+            uplink = _start_uplink(node, cluster, server, keyring)
         else:
             node.stats_sources["relaying"] = lambda: {
                 "attached": server.relay.names(),
@@ -181,6 +225,7 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
             }
         coordinator = MeshCoordinator(node, cluster, replicas=cfg.replicas)
         coordinator.peers.links = peering
+        coordinator.peers.curve = keyring.client_for if keyring is not None else None
         cluster.on_gone.append(coordinator.forget)
         cluster.on_joined.append(lambda _name: coordinator.ring_changed())
         server.coordinator = node.coordinator = coordinator
@@ -202,12 +247,26 @@ async def serve(node: Node, metrics: NodeMetrics) -> int:
             f"mesh: {node.name} at {cluster.membership.me.address} ({cfg.mesh_profile} timings){joining}",
             flush=True,
         )
+    if keyring is not None:
+        print(
+            f"security: CurveZMQ on tcp:// as {keyring.name} (key {keyring.keys.public}); "
+            f"allow-list {keyring.allow_list} (SIGHUP rereads it)",
+            flush=True,
+        )
+    elif any(ep.startswith("tcp://") for ep in bound):
+        print(
+            "security: CurveZMQ is off: anyone who can reach the tcp:// port can read and write "
+            "(lmcache-node keygen turns it on)",
+            flush=True,
+        )
     if cfg.metrics_port:
         print(f"metrics on http://{cfg.metrics_host}:{cfg.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if keyring is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_keys, keyring)
     await stop.wait()
     print("lmcache-node: shutting down", flush=True)
     if coordinator is not None:
@@ -234,13 +293,14 @@ def run(config: NodeConfig) -> int:
     if config.disk_bytes > 0:
         config.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)
+    keyring = load_keyring(config)
     node = Node(config)
     node.open()  # recovery before we accept requests; fails fast if the data dir is locked
     metrics = NodeMetrics(node)
     try:
         if config.metrics_port:
             metrics.serve(config.metrics_host, config.metrics_port)
-        return asyncio.run(serve(node, metrics))
+        return asyncio.run(serve(node, metrics, keyring))
     finally:
         metrics.close()
         node.close()

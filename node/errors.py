@@ -20,6 +20,8 @@ class ErrorCode(IntEnum):
     NO_SPACE = 7
     INTERNAL = 8
     UNAVAILABLE = 9
+    BUSY = 10
+    FORBIDDEN = 11
 
 
 class MeshError(Exception):
@@ -76,6 +78,18 @@ class Unavailable(MeshError):
     code = ErrorCode.UNAVAILABLE
 
 
+class Busy(MeshError):
+    """The node is at a limit (requests or bytes in flight): try later, or recompute."""
+
+    code = ErrorCode.BUSY
+
+
+class Forbidden(MeshError):
+    """The sender's key may not do this (its role), or not in that tenant."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class InternalError(MeshError):
     """A bug on the remote side; the message says what failed."""
 
@@ -93,6 +107,8 @@ _BY_CODE: dict[int, type[MeshError]] = {
         UnknownOp,
         NoSpace,
         Unavailable,
+        Busy,
+        Forbidden,
         InternalError,
     )
 }

@@ -43,6 +43,26 @@ class _StatsCollector(Collector):
         for code, n in sorted(c["errors"].items()):
             errors.add_metric([code], n)
         yield errors
+        security = stats["security"]
+        yield CounterMetricFamily(
+            "lmcache_connections_refused",
+            "Connections refused at the CurveZMQ handshake: key not in the allow-list",
+            value=security.get("connections_refused", 0),
+        )
+        records = GaugeMetricFamily(
+            "lmcache_tenant_records", "Chunks held, by tenant and tier", labels=["tenant", "tier"]
+        )
+        requests = CounterMetricFamily(
+            "lmcache_tenant_requests",
+            "Chunks asked for (gets), found (hits) and put, by tenant",
+            labels=["tenant", "kind"],
+        )
+        for tenant, t in stats["tenants"].items():
+            for tier, n in t["records"].items():
+                records.add_metric([tenant, tier], n)
+            for kind, n in t["requests"].items():
+                requests.add_metric([tenant, kind], n)
+        yield from (records, requests)
         evictions = CounterMetricFamily("lmcache_evictions", "Chunks evicted, by tier", labels=["tier"])
         used = GaugeMetricFamily("lmcache_tier_bytes", "Bytes held, by tier", labels=["tier"])
         capacity = GaugeMetricFamily("lmcache_tier_capacity_bytes", "Byte budget, by tier", labels=["tier"])

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+
+MAX_TENANTS_TRACKED = 1024
 
 
 class Node:
@@ -46,9 +49,13 @@ class Node:
         self.coordinator: MeshCoordinator | None = None
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         """More sections of ``status`` under "mesh" (WebRTC links, relaying), set by the daemon."""
+        self.security: Callable[[], dict[str, Any]] = lambda: {"curve": False}
+        """The ``security`` section of ``status`` (set by the server)."""
         self.started_at = time.time()
         self.checksum_failures = 0
         self.errors: dict[str, int] = {}
+        self.tenant_requests: dict[str, Counter[str]] = {}
+        """Per tenant: keys asked for (gets), found (hits), records put (puts)."""
         self._state = "new"  # new -> open -> closed
         self._lock = threading.Lock()
 
@@ -139,6 +146,27 @@ class Node:
         with self._lock:
             self.errors[code_name] = self.errors.get(code_name, 0) + 1
 
+    def count_tenant(self, tenant: str, **counts: int) -> None:
+        with self._lock:
+            counter = self.tenant_requests.get(tenant)
+            if counter is None:
+                if len(self.tenant_requests) >= MAX_TENANTS_TRACKED:
+                    tenant = "(others)"  # bounded: names come from the allow-list or requests
+                counter = self.tenant_requests.setdefault(tenant, Counter())
+            counter.update(counts)
+
+    def _tenants(self, tiers: dict[str, Any]) -> dict[str, Any]:
+        """Per tenant ("default" = ""): records held per tier and request counts; never keys."""
+        with self._lock:
+            requests = {(t or "default"): dict(c) for t, c in self.tenant_requests.items()}
+        out: dict[str, Any] = {}
+        for tier_name, tier in tiers.items():
+            for tenant, n in tier.get("tenants", {}).items():
+                out.setdefault(tenant, {"records": {}, "requests": {}})["records"][tier_name] = n
+        for tenant, counts in requests.items():
+            out.setdefault(tenant, {"records": {}, "requests": {}})["requests"] = counts
+        return dict(sorted(out.items()))
+
     def _members(self, address: str) -> list[dict[str, Any]]:
         if self.cluster is not None:
             return self.cluster.members_status()
@@ -186,5 +214,7 @@ class Node:
             "members": self._members(address),
             "mesh": self._mesh_stats(),
             "tiers": tier_stats["tiers"],
+            "tenants": self._tenants(tier_stats["tiers"]),
+            "security": self.security(),
             "counters": counters,
         }

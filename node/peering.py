@@ -33,6 +33,7 @@ from lmcache_mesh.mesh.membership import State
 from lmcache_mesh.transports.webrtc import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
 
 from .errors import Unavailable
+from .keyring import MEMBER, Sender
 from .protocol import Op, request_header
 from .records import Buffer
 
@@ -293,7 +294,7 @@ class WebRTCPeering:
 
         async def one(frames: list[Buffer]) -> None:
             try:
-                await self.server.take(frames, link.send)
+                await self.server.take(frames, link.send, Sender(MEMBER, conn=link))
             finally:
                 slots.release()
 

@@ -19,7 +19,7 @@ import msgpack
 
 from .errors import BadRequest, MeshError, TooLarge, UnknownOp, UnsupportedVersion, error_from_wire
 from .keys import KEY_BYTES
-from .records import Buffer, ChunkRecord, RecordHeader, unpack_map
+from .records import TENANT_RE, Buffer, ChunkRecord, RecordHeader, unpack_map
 
 PROTOCOL_VERSION_MIN = 1
 PROTOCOL_VERSION_MAX = 1
@@ -159,6 +159,15 @@ def _cost(m: dict[str, Any]) -> Cost | None:
     return Cost(float(seconds), nbytes)
 
 
+def _tenant(m: dict[str, Any]) -> str | None:
+    tenant = m.get("tenant")
+    if tenant is None:
+        return None
+    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+        raise BadRequest(f"field 'tenant' must be 1-64 of A-Z a-z 0-9 . _ - , got {tenant!r:.80}")
+    return tenant
+
+
 def _keys(m: dict[str, Any], limits: Limits, name: str = "keys") -> list[bytes]:
     keys = m.get(name, [] if name != "keys" else None)
     if not isinstance(keys, list):
@@ -193,7 +202,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         raise UnknownOp(
             f"unknown op {op_code!r:.40}; this node knows {', '.join(o.name for o in Op)}"
         ) from None
-    fields_: dict[str, Any] = {}
+    fields_: dict[str, Any] = {"tenant": _tenant(m)}
     payloads = list(frames[1:])
     total = sum(len(p) for p in payloads)
     if total > limits.max_request_bytes:

@@ -8,6 +8,7 @@ every failure is a typed error, and a record that fails is never handed out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ MAX_RECORD_HEADER_BYTES = 16 * 1024
 
 Buffer = bytes | bytearray | memoryview
 """Any bytes-like payload; records keep it without copying."""
+
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A tenant name: short, printable, safe in file names and metric labels."""
 
 META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
 """Keys a caller may pass in ``meta`` when putting a chunk."""
@@ -65,10 +69,12 @@ class RecordHeader:
     shape: tuple[int, ...] = ()
     codec: str = "raw"
     version: int = RECORD_VERSION
+    tenant: str = ""
+    """Whose chunk this is, set by the node that admitted it ("": the shared default space)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The header as a msgpack-ready map (the on-disk and on-wire form)."""
-        return {
+        wire = {
             "v": self.version,
             "key": self.key,
             "ns": self.namespace,
@@ -80,6 +86,9 @@ class RecordHeader:
             "shape": list(self.shape),
             "codec": self.codec,
         }
+        if self.tenant:
+            wire["tenant"] = self.tenant
+        return wire
 
     def encode(self) -> bytes:
         packed: bytes = msgpack.packb(self.to_wire(), use_bin_type=True)
@@ -120,8 +129,11 @@ class RecordHeader:
             raise BadRequest(
                 f"record header field 'shape' must be a list of non-negative ints, got {shape!r:.60}"
             )
+        tenant = m.get("tenant", "")
+        if not isinstance(tenant, str) or (tenant and not TENANT_RE.match(tenant)):
+            raise BadRequest(f"record header field 'tenant' must be a tenant name, got {tenant!r:.80}")
         assert isinstance(key, bytes) and isinstance(ns, bytes)  # narrowed above, for the type checker
-        return cls(key, ns, length, digest, tokens, layout, dtype, tuple(shape), codec, version)  # type: ignore[arg-type]
+        return cls(key, ns, length, digest, tokens, layout, dtype, tuple(shape), codec, version, tenant)  # type: ignore[arg-type]
 
     @classmethod
     def decode(cls, data: Buffer) -> RecordHeader:

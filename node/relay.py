@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from lmcache_mesh.transports import TransportError, dealer
+from lmcache_mesh.transports.zmq import CurveFor
 
 from .protocol import Op, request_header
 from .records import Buffer
@@ -98,8 +99,10 @@ class Uplink:
         max_message_bytes: int,
         keepalive_s: float = KEEPALIVE_S,
         switch_after_s: float = SWITCH_AFTER_S,
+        curve: CurveFor | None = None,
     ) -> None:
         self.name = name
+        self._curve = curve
         self.relay = ""
         """tcp:// address of the current relay ("" before the first)."""
         self.attached = False
@@ -138,7 +141,13 @@ class Uplink:
         return True
 
     def _connect(self, relay: str) -> None:
-        sock = dealer(self._ctx, relay, self._max_message_bytes)  # raises before we drop the old one
+        try:
+            credentials = self._curve(relay) if self._curve is not None else None
+        except LookupError as exc:
+            raise TransportError(str(exc)) from None
+        sock = dealer(
+            self._ctx, relay, self._max_message_bytes, credentials
+        )  # raises before we drop the old one
         if self._sock is not None:
             self._sock.close(0)
         self._sock = sock

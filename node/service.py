@@ -2,8 +2,14 @@
 
 Each request is decoded and validated in full before anything changes: a malformed
 header, an unknown version or op, an oversize record or a checksum mismatch gets a typed
-error reply and leaves the node as it was. Memory-tier work runs on the event loop; disk
-reads and deletes run in worker threads, bounded by the request's deadline.
+error reply and leaves the node as it was. Then the sender is admitted: with a keyring,
+tcp:// connections are CurveZMQ-encrypted and only allow-listed keys get in at all; each
+key's role says which operations it may use and its tenant which keys it sees
+(:mod:`.tenants`). ipc:// sockets are owner-only files and trusted.
+
+Memory-tier work runs on the event loop; disk reads, deletes and mesh work run in tasks,
+bounded per connection (requests and bytes in flight) and in total: past a bound the
+sender gets BUSY at once, so an engine never waits past its deadline for a full node.
 """
 
 from __future__ import annotations
@@ -12,17 +18,29 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmcache_mesh.transports import ZmqRouter
+from lmcache_mesh.transports.curve import CurveServer
 
 from .coordinator import MeshCoordinator
-from .errors import BadRequest, ChecksumMismatch, DeadlineExceeded, InternalError, MeshError, Unavailable
+from .errors import (
+    BadRequest,
+    Busy,
+    ChecksumMismatch,
+    DeadlineExceeded,
+    Forbidden,
+    InternalError,
+    MeshError,
+    Unavailable,
+)
+from .keyring import MEMBER, TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
 from .records import Buffer, ChunkRecord
 from .relay import RelayTable
+from .tenants import admit_headers, client_header, scope_fields
 
 if TYPE_CHECKING:
     from .peering import WebRTCPeering
@@ -48,24 +66,63 @@ async def _no_reply(frames: Sequence[Any]) -> None:
     """For messages relayed to us: they are one-way, nobody waits for an answer."""
 
 
+FROM_MEMBER = Sender()
+
+CLIENT_OPS = frozenset({Op.PING, Op.PUT, Op.GET, Op.LOOKUP, Op.DELETE, Op.RANK, Op.ANNOUNCE})
+"""What an engine's key may do: chunks, in its tenant (ANNOUNCE only of its own engine)."""
+
+ADMIN_OPS = CLIENT_OPS | {Op.STATS, Op.JOIN}
+"""An operator's key adds status and joining; gossip, relaying and signaling stay with nodes."""
+
+ONE_WAY_OPS = frozenset({Op.MESH, Op.RELAY, Op.SIGNAL})
+
+
+def _allowed(principal: Principal, req: Request) -> bool:
+    if principal.role is Role.NODE:
+        return True
+    ops = ADMIN_OPS if principal.role is Role.ADMIN else CLIENT_OPS
+    return req.op in ops and (req.op is not Op.ANNOUNCE or req.fields["route"])
+
+
+def _tenant(principal: Principal, req: Request) -> str:
+    """The tenant a request runs in; Forbidden if the sender may not name that one."""
+    asked = req.fields.get("tenant")
+    if asked is None or asked == principal.tenant:
+        return principal.tenant
+    if principal.any_tenant:
+        return str(asked)
+    raise Forbidden(f"key {principal.name!r} may not use tenant {asked!r}")
+
+
 class NodeServer:
     """Binds ``node.config.listen`` and answers requests until :meth:`stop`."""
 
-    def __init__(self, node: Node, observe: Observer | None = None) -> None:
+    def __init__(self, node: Node, observe: Observer | None = None, keyring: Keyring | None = None) -> None:
         cfg = node.config
         self.node = node
+        self.keyring = keyring
         self.limits = Limits(
             cfg.max_header_bytes, cfg.max_record_bytes, cfg.max_keys_per_request, cfg.max_request_bytes
         )
         # Frames a little above our own limits still reach us, so they get an error reply;
         # libzmq drops the connection of a peer sending anything larger.
-        self._router = ZmqRouter(
-            cfg.listen, max(cfg.max_record_bytes, cfg.max_header_bytes) + FRAME_SLACK_BYTES
-        )
+        max_frame = max(cfg.max_record_bytes, cfg.max_header_bytes) + FRAME_SLACK_BYTES
+        public = [ep for ep in cfg.listen if ep.startswith("tcp://")]
+        local = [ep for ep in cfg.listen if not ep.startswith("tcp://")]
+        curve = CurveServer(keyring.keys, keyring.authorize) if keyring is not None else None
+        # Encryption runs in libzmq's I/O threads: two let sending and receiving overlap.
+        self._public = ZmqRouter(public, max_frame, curve, io_threads=2 if curve else 1) if public else None
+        self._local = ZmqRouter(local, max_frame) if local else None
         self._observe = observe
-        self._slots = asyncio.Semaphore(cfg.max_inflight_requests)
+        self._slots = max(cfg.max_inflight_requests, 1)
+        self._busy_slots = 0
+        self._conns: dict[Hashable, list[int]] = {}
+        """Requests and payload bytes in flight per connection."""
+        self.busy = 0
+        self.forbidden = 0
+        node.security = self.security_stats
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loop_tasks: list[asyncio.Task[None]] = []
         self.coordinator: MeshCoordinator | None = None
         """Set by the daemon when the node is part of a mesh."""
         self.peering: WebRTCPeering | None = None
@@ -74,35 +131,69 @@ class NodeServer:
         """Nodes behind NAT that reach the mesh through us."""
 
     def __repr__(self) -> str:
-        return f"<NodeServer {self.node.config.name} {self._router!r} inflight={len(self._tasks)}>"
+        return f"<NodeServer {self.node.config.name} {self._public!r} {self._local!r} inflight={len(self._tasks)}>"
+
+    @property
+    def auth_denied(self) -> int:
+        """Connections refused because their key is not allowed."""
+        zap = self._public.zap if self._public is not None else None
+        return zap.denied if zap is not None else 0
+
+    def security_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "curve": self.keyring is not None,
+            "connections_refused": self.auth_denied,
+            "forbidden": self.forbidden,
+            "busy": self.busy,
+        }
+        if self.keyring is not None:
+            out["key"] = self.keyring.keys.public
+            out["allowed_keys"] = self.keyring.count()
+        return out
 
     async def start(self) -> list[str]:
         """Bind every endpoint and start answering; returns the bound addresses."""
-        bound: list[str] = self._router.bind()
+        bound: list[str] = []
+        routers = [r for r in (self._public, self._local) if r is not None]
+        for router in routers:
+            bound += router.bind()
         self.node.addresses = bound
-        self._loop_task = asyncio.create_task(self._serve(), name="lmcache-node-serve")
+        self._loop_tasks = [asyncio.create_task(self._serve(r), name="lmcache-node-serve") for r in routers]
         return bound
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop reading, let requests in flight finish (up to ``grace_s``), close the sockets."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
+        for task in self._loop_tasks:
+            task.cancel()
+        await asyncio.gather(*self._loop_tasks, return_exceptions=True)
+        self._loop_tasks = []
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
-        self._router.close()
+        for router in (self._public, self._local):
+            if router is not None:
+                router.close()
 
-    async def _serve(self) -> None:
+    async def _serve(self, router: ZmqRouter) -> None:
+        public = router is self._public
         while True:
-            peer, frames = await self._router.recv()
-            await self.take([f.buffer for f in frames], functools.partial(self._router.send, peer), peer)
+            peer, frames, user = await router.recv()
+            if user is None or self.keyring is None:
+                principal: Principal | None = TRUSTED
+            else:
+                principal = self.keyring.principal(user)
+            if principal is None:
+                # Admitted, but the key left the allow-list since (reloaded): nothing more.
+                self.forbidden += 1
+                self.node.count_error("FORBIDDEN")
+                continue
+            sender = Sender(principal, peer if public else None, (public, peer))
+            await self.take([f.buffer for f in frames], functools.partial(router.send, peer), sender)
 
-    async def take(self, buffers: list[Buffer], reply_to: ReplyTo, peer: bytes | None = None) -> None:
-        """Handle one message from a ROUTER peer (``peer``: its identity), a WebRTC link, or
-        our relay (``reply_to`` drops the reply)."""
+    async def take(self, buffers: list[Buffer], reply_to: ReplyTo, sender: Sender = FROM_MEMBER) -> None:
+        """Handle one message from a ROUTER peer, a WebRTC link (a proven member), or our
+        relay (``reply_to`` drops the reply)."""
         try:
-            await self._take(buffers, reply_to, peer)
+            await self._take(buffers, reply_to, sender)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug in one request must not stop the node serving the rest
@@ -113,19 +204,24 @@ class NodeServer:
         """A one-way message our relay forwarded to us (we are behind NAT): membership
         datagrams and signaling only — anything else would bypass the WebRTC membership proof."""
         if _relayable(buffers, self.limits):
-            await self.take(buffers, _no_reply)
+            await self.take(buffers, _no_reply, FROM_MEMBER)
         else:
             self.node.count_error("RELAYED_NOT_ALLOWED")
 
-    async def _take(self, buffers: list[Buffer], reply_to: ReplyTo, peer: bytes | None) -> None:
+    async def _take(self, buffers: list[Buffer], reply_to: ReplyTo, sender: Sender) -> None:
         received = time.monotonic()
         request: Request | MeshError
+        peer = sender.peer
         try:
-            request = decode_request(buffers, self.limits)
+            request = self._admit(decode_request(buffers, self.limits), sender.principal)
         except MeshError as exc:
             request = exc
-        if isinstance(request, Request) and request.op in (Op.MESH, Op.RELAY, Op.SIGNAL):
+        if isinstance(request, Forbidden):
+            self.forbidden += 1
+        if isinstance(request, Request) and request.op in ONE_WAY_OPS:
             self._one_way(request, peer)  # gossip, forwarding and signaling get no reply
+        elif isinstance(request, Forbidden) and _peek_op(buffers, self.limits) in ONE_WAY_OPS:
+            self.node.count_error("FORBIDDEN")  # nobody waits for an answer
         elif isinstance(request, Request) and request.op is Op.ATTACH and peer is not None:
             if self.relay.attach(request.fields["name"], peer, request.fields["token"]):
                 await reply_to([ok_reply(request.id, relay=self.node.name)])
@@ -135,13 +231,65 @@ class NodeServer:
                 )
                 await reply_to([error_reply(request.id, error)])
         elif isinstance(request, Request) and self._may_wait(request):
-            await self._slots.acquire()  # when all slots are busy, we stop reading: back-pressure
-            task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, request, received))
+            busy = self._claim(sender.conn, request)
+            if busy is not None:
+                self.busy += 1
+                await self._answer(reply_to, buffers, busy, received)
+                return
+            task = asyncio.create_task(
+                self._answer_in_slot(reply_to, buffers, request, received, sender.conn)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
             # Memory-only work never blocks: answering inline saves a task per request.
             await self._answer(reply_to, buffers, request, received)
+
+    def _admit(self, req: Request, principal: Principal) -> Request:
+        """The request as this sender may run it (keys scoped to its tenant); Forbidden if not."""
+        if not _allowed(principal, req):
+            raise Forbidden(f"key {principal.name!r} ({principal.role.value}) may not use {req.op.name}")
+        tenant = _tenant(principal, req)
+        req.fields["tenant"] = tenant
+        if tenant:
+            scope_fields(req.fields, tenant)
+        if (
+            req.op is Op.ATTACH
+            and principal not in (TRUSTED, MEMBER)
+            and req.fields["name"] != principal.name
+        ):
+            raise Forbidden(f"key {principal.name!r} may attach only under its own name")
+        if req.op is Op.PUT and (tenant or principal.role is not Role.NODE):
+            # Only a node passes records on as labelled; anyone else's are labelled here.
+            req.fields["headers"] = admit_headers(req.fields["headers"], tenant)
+        return req
+
+    def _claim(self, conn: Hashable, req: Request) -> Busy | None:
+        """Take a slot for a request that may wait; a Busy error when a bound is reached."""
+        cfg = self.node.config
+        nbytes = sum(len(p) for p in req.payloads)
+        used = self._conns.get(conn, [0, 0])
+        if self._busy_slots >= self._slots:
+            return Busy(f"node busy: {self._slots} requests in flight")
+        if used[0] >= cfg.max_inflight_per_peer:
+            return Busy(
+                f"this connection has {used[0]} requests in flight (limit {cfg.max_inflight_per_peer})"
+            )
+        if used[0] and used[1] + nbytes > cfg.max_inflight_bytes_per_peer:
+            return Busy(
+                f"this connection has {used[1]} bytes in flight (limit {cfg.max_inflight_bytes_per_peer})"
+            )
+        self._busy_slots += 1
+        self._conns[conn] = [used[0] + 1, used[1] + nbytes]
+        return None
+
+    def _release(self, conn: Hashable, req: Request) -> None:
+        self._busy_slots -= 1
+        used = self._conns[conn]
+        used[0] -= 1
+        used[1] -= sum(len(p) for p in req.payloads)
+        if used[0] == 0:
+            del self._conns[conn]
 
     def _one_way(self, req: Request, peer: bytes | None) -> None:
         if req.op is Op.MESH:
@@ -155,7 +303,8 @@ class NodeServer:
                 self.node.count_error("RELAY_NOT_ALLOWED")
                 return
             self.relay.forwarded += 1
-            task = asyncio.create_task(self._router.send(target, req.payloads))
+            assert self._public is not None  # attached over it
+            task = asyncio.create_task(self._public.send(target, req.payloads))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif self.peering is None:
@@ -189,12 +338,12 @@ class NodeServer:
         return c is not None and not req.fields["local"] and c.cluster.membership.num_alive() > 1
 
     async def _answer_in_slot(
-        self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float
+        self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float, conn: Hashable
     ) -> None:
         try:
             await self._answer(reply_to, buffers, request, received)
         finally:
-            self._slots.release()
+            self._release(conn, request)
 
     async def _answer(
         self, reply_to: ReplyTo, buffers: list[Any], request: Request | MeshError, received: float
@@ -241,6 +390,7 @@ class NodeServer:
                 self.node.checksum_failures += 1
                 raise
             self.node.put_records(records)
+            self.node.count_tenant(req.fields["tenant"], puts=len(records))
             if self.coordinator is not None:
                 self.coordinator.stored(records, replicate=not req.fields["replica"])
             return [ok_reply(req.id, stored=len(records))]
@@ -252,7 +402,14 @@ class NodeServer:
                 found = await self._in_thread(self.node.get_records, keys, deadline=deadline)
             if self.coordinator is not None and self._mesh_wide(req) and None in found:
                 found = await self.coordinator.get(keys, found, deadline, req.fields["cost"])
-            headers = [None if r is None else r.header.to_wire() for r in found]
+            found = _within(found, self.limits.max_request_bytes)
+            hits = sum(r is not None for r in found)
+            self.node.count_tenant(req.fields["tenant"], gets=len(keys), hits=hits)
+            theirs = req.fields.get("client_keys", keys)
+            headers = [
+                None if r is None else (client_header(r, k) if req.fields["tenant"] else r.header).to_wire()
+                for r, k in zip(found, theirs, strict=True)
+            ]
             return [ok_reply(req.id, records=headers), *(r.payload for r in found if r is not None)]
         if req.op is Op.LOOKUP:
             keys = req.fields["keys"]
@@ -323,6 +480,26 @@ class NodeServer:
             return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline passed while reading from disk") from None
+
+
+def _within(found: list[ChunkRecord | None], max_bytes: int) -> list[ChunkRecord | None]:
+    """Records up to ``max_bytes`` of payload in all; the rest become misses (a reply is bounded too)."""
+    total = 0
+    out: list[ChunkRecord | None] = []
+    for r in found:
+        if r is not None:
+            total += r.nbytes
+            if total > max_bytes:
+                r = None
+        out.append(r)
+    return out
+
+
+def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
+    try:
+        return decode_request(buffers, limits).op
+    except MeshError:
+        return None
 
 
 FRAME_SLACK_BYTES = 1 << 20

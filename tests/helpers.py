@@ -117,8 +117,12 @@ def start_daemon(
         reader.join(timeout=10)
         raise RuntimeError("daemon did not start:\n" + "".join(lines))
     daemon = Daemon(proc, data_dir, m.group(1), m.group(2), lines, reader)
-    with daemon.client() as c:
-        c.ping()
+    try:
+        with daemon.client() as c:
+            c.ping()
+    except BaseException:
+        kill_all([daemon])  # never leave a daemon nobody holds
+        raise
     return daemon
 
 

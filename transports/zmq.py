@@ -17,14 +17,20 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from .curve import CurveClient, CurveServer, ZapHandler
+
 Frame = bytes | memoryview | zmq.Frame
 
 # Longest ipc:// path the kernel accepts (sun_path is 108 bytes including the NUL).
 MAX_IPC_PATH = 107
 
 
-ROUTER_QUEUE_MESSAGES = 1000
-"""High-water mark of a ROUTER's per-peer queues, in messages."""
+ROUTER_QUEUE_MESSAGES = 64
+"""High-water mark of a ROUTER's per-peer queues, in messages: what one peer can have
+queued here is bounded by this times the largest message."""
+
+IPC_MODE = 0o600
+"""Socket files are for their owner only: on one machine, file permissions authorise."""
 
 
 DEALER_QUEUE_MESSAGES = 64
@@ -58,16 +64,27 @@ def _configure(sock: zmq.Socket[Any], max_message_bytes: int) -> None:
 class ZmqRouter:
     """An asyncio ROUTER socket bound to one or more endpoints.
 
-    ``recv()`` yields ``(peer id, frames)``; ``send(peer id, frames)`` answers. Both run on
-    the event loop that created the socket and never block it.
+    ``recv()`` yields ``(peer id, frames, user)``; ``send(peer id, frames)`` answers. Both
+    run on the event loop that created the socket and never block it. With ``curve`` every
+    connection is encrypted and admitted (or not) by its rule before anything is read;
+    ``user`` is then the client's public key, else None.
     """
 
-    def __init__(self, endpoints: Sequence[str], max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        max_message_bytes: int,
+        curve: CurveServer | None = None,
+        io_threads: int = 1,
+    ) -> None:
         for ep in endpoints:
             check_endpoint(ep)
         self.endpoints = list(endpoints)
         self.max_message_bytes = max_message_bytes
+        self.curve = curve
+        self.io_threads = io_threads
         self.bound: list[str] = []
+        self.zap: ZapHandler | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
 
@@ -76,9 +93,16 @@ class ZmqRouter:
 
     def bind(self) -> list[str]:
         """Bind every endpoint; returns the bound addresses (a tcp port 0 becomes the real one)."""
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.asyncio.Context(io_threads=self.io_threads)
+        if self.curve is not None:
+            # The handler must exist before the first connection: libzmq refuses
+            # connections outright while no handler is bound.
+            self.zap = ZapHandler(self._ctx, self.curve.authorize)
+            self.zap.start()
         sock = self._ctx.socket(zmq.ROUTER)
         _configure(sock, self.max_message_bytes)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to a vanished peer are dropped, not errors
         # Bounded queues: a peer that floods us is read no faster than we answer (back-pressure),
         # and replies to a peer that stopped reading are dropped past the mark.
@@ -90,20 +114,26 @@ class ZmqRouter:
                     _remove_stale_ipc(ep[len("ipc://") :])
                 try:
                     sock.bind(ep)
+                    if ep.startswith("ipc://"):
+                        os.chmod(ep[len("ipc://") :], IPC_MODE)
                 except zmq.ZMQError as exc:
                     raise TransportError(f"cannot listen on {ep}: {exc.strerror}") from exc
                 self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         except BaseException:
             sock.close(0)
+            if self.zap is not None:
+                self.zap.close()
             self._ctx.term()
             raise
         self._sock = sock
         return self.bound
 
-    async def recv(self) -> tuple[bytes, list[zmq.Frame]]:
+    async def recv(self) -> tuple[bytes, list[zmq.Frame], str | None]:
         assert self._sock is not None, "bind() first"
         frames = await self._sock.recv_multipart(copy=False)
-        return frames[0].bytes, frames[1:]
+        # The ZAP handler set the connection's User-Id: the client's public key.
+        user = frames[0].get("User-Id") if self.curve is not None else None
+        return frames[0].bytes, frames[1:], user if isinstance(user, str) and user else None
 
     async def send(self, peer: bytes, frames: Sequence[Frame]) -> None:
         assert self._sock is not None, "bind() first"
@@ -113,6 +143,9 @@ class ZmqRouter:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        if self.zap is not None:
+            self.zap.close()
+            self.zap = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -124,11 +157,18 @@ class ZmqRouter:
                     pass
 
 
-def dealer(ctx: zmq.Context[Any], endpoint: str, max_message_bytes: int) -> zmq.Socket[Any]:
-    """A DEALER connected to ``endpoint`` (works for zmq.Context and zmq.asyncio.Context)."""
+def dealer(
+    ctx: zmq.Context[Any], endpoint: str, max_message_bytes: int, curve: CurveClient | None = None
+) -> zmq.Socket[Any]:
+    """A DEALER connected to ``endpoint`` (works for zmq.Context and zmq.asyncio.Context).
+
+    ``curve`` applies to tcp:// only: an ipc:// socket is authorised by its file permissions.
+    """
     check_endpoint(endpoint)
     sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     _configure(sock, max_message_bytes)
+    if curve is not None and endpoint.startswith("tcp://"):
+        curve.apply(sock)
     # Bounded: requests to a peer that is down wait here only up to this many messages
     # (a sender then waits or times out) instead of piling up until it comes back.
     sock.setsockopt(zmq.SNDHWM, DEALER_QUEUE_MESSAGES)
@@ -161,6 +201,9 @@ def _remove_stale_ipc(path: str) -> None:
 Route = Callable[[str], tuple[str, list[bytes]]]
 """Where a message for an address goes: (endpoint to connect to, frames to put before it)."""
 
+CurveFor = Callable[[str], CurveClient | None]
+"""The CurveZMQ credentials for connecting to an endpoint; raises LookupError if none are known."""
+
 
 class ZmqDatagramTransport:
     """Best-effort datagrams to peers' ROUTER sockets over DEALERs (a DatagramTransport).
@@ -169,7 +212,8 @@ class ZmqDatagramTransport:
     chosen by the owner, tells the receiving node what the frame is and who sent it;
     ``route(to)`` says which endpoint to connect to and which prefix frames go first. Usually
     that is the peer itself with no prefix; for a node behind NAT it is its relay, with a
-    prefix asking the relay to forward. :meth:`send_message` sends other one-way messages
+    prefix asking the relay to forward. ``curve(endpoint)`` gives the credentials to connect
+    with (None: plain); an endpoint whose server key is unknown gets nothing (dropped). :meth:`send_message` sends other one-way messages
     the same way. Sends never block:
     datagrams for a peer still connecting are queued (up to ``queue_limit``), and beyond
     that, as for a peer that is down, they are dropped and counted, as UDP would lose them.
@@ -178,7 +222,13 @@ class ZmqDatagramTransport:
     """
 
     def __init__(
-        self, address: str, envelope: bytes, route: Route, max_peers: int = 1024, queue_limit: int = 256
+        self,
+        address: str,
+        envelope: bytes,
+        route: Route,
+        max_peers: int = 1024,
+        queue_limit: int = 256,
+        curve: CurveFor | None = None,
     ) -> None:
         self.address = address
         self.envelope = envelope
@@ -186,6 +236,7 @@ class ZmqDatagramTransport:
         self.dropped = 0
         self.sent = 0
         self._route = route
+        self._curve = curve
         self._max_peers = max_peers
         self._queue_limit = queue_limit
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
@@ -208,11 +259,14 @@ class ZmqDatagramTransport:
         if sock is None:
             try:
                 check_endpoint(endpoint)
+                credentials = self._curve(endpoint) if self._curve is not None else None
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, self._queue_limit)
+                if credentials is not None and endpoint.startswith("tcp://"):
+                    credentials.apply(sock)
                 sock.connect(endpoint)
-            except (zmq.ZMQError, TransportError):
+            except (zmq.ZMQError, TransportError, LookupError):
                 self.dropped += 1
                 return
             self._peers[endpoint] = sock

@@ -26,7 +26,7 @@ import queue
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import xxhash
 
 from ..errors import MeshError
 from ..records import ChunkRecord, RecordHeader
+from .memory import uncount
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class _Slot:
     size: int
     checksum: int
     """Checksum of the record version on disk: a stale file is never served for a newer one."""
+    tenant: str = ""
 
 
 class DiskTier:
@@ -134,6 +136,8 @@ class DiskTier:
         self._writer: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.recovery = RecoveryReport()
+        self.tenants: Counter[str] = Counter()
+        """Records on disk per tenant ("" = the default space)."""
         self.on_dropped: Callable[[list[bytes]], None] | None = None
         """Called (on the writer thread) with keys the disk evicted or failed to write."""
 
@@ -209,6 +213,10 @@ class DiskTier:
         slot = self._index.get(record.key)
         return slot is not None and slot.checksum == record.header.checksum
 
+    def tenant_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.tenants)
+
     @property
     def used_bytes(self) -> int:
         return self._used
@@ -246,9 +254,12 @@ class DiskTier:
             logger.warning("x %s: corrupt record file dropped: %s", path.name, exc)
             with self._lock:
                 self.counters.corrupt_discarded += 1
-                if self._index.get(key) is slot:
+                dropped = self._index.get(key) is slot
+                if dropped:
                     self._forget(key)
                     self._queue.put(("unlink", key))
+            if dropped and self.on_dropped is not None:
+                self.on_dropped([key])  # the mesh must stop naming us as a holder, and repair
             return None
         if header.checksum != slot.checksum:
             return None  # an older version still on disk while a newer one is on its way
@@ -333,9 +344,9 @@ class DiskTier:
             if self._pending.get(record.key) is not record:
                 return  # deleted or superseded while queued
             while self._used + size > self.capacity_bytes and self._index:
-                victim, slot = self._index.popitem(last=False)
+                victim = next(iter(self._index))
+                self._forget(victim)
                 victims.append(victim)
-                self._used -= slot.size
             self.counters.evictions += len(victims)
         for victim in victims:
             _unlink(self._path(victim))
@@ -363,8 +374,7 @@ class DiskTier:
             elif wanted:
                 if record.key in self._index:  # an older version's slot: this file replaced it
                     self._forget(record.key)
-                self._index[record.key] = _Slot(size, record.header.checksum)
-                self._used += size
+                self._add(record.key, _Slot(size, record.header.checksum, record.header.tenant))
                 self.counters.writes += 1
             elif record.key not in self._pending:
                 # Deleted while we wrote it: the file must go (a newer version, if any, is queued after us).
@@ -374,8 +384,15 @@ class DiskTier:
 
     # internals
 
+    def _add(self, key: bytes, slot: _Slot) -> None:
+        self._index[key] = slot
+        self._used += slot.size
+        self.tenants[slot.tenant] += 1
+
     def _forget(self, key: bytes) -> None:
-        self._used -= self._index.pop(key).size
+        slot = self._index.pop(key)
+        self._used -= slot.size
+        uncount(self.tenants, slot.tenant)
 
     def _path(self, key: bytes) -> Path:
         h = key.hex()
@@ -410,15 +427,14 @@ class DiskTier:
                     _unlink(path)
                     discarded += 1
                     continue
-                found.append((st.st_mtime, header.key, _Slot(header.length, header.checksum)))
+                found.append((st.st_mtime, header.key, _Slot(header.length, header.checksum, header.tenant)))
         found.sort(key=lambda t: t[0])
         for _, key, slot in found:
-            self._index[key] = slot
-            self._used += slot.size
+            self._add(key, slot)
         evicted = 0
         while self._used > self.capacity_bytes and self._index:
-            key, slot = self._index.popitem(last=False)
-            self._used -= slot.size
+            key = next(iter(self._index))
+            self._forget(key)
             _unlink(self._path(key))
             evicted += 1
         self.counters.corrupt_discarded += discarded

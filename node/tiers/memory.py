@@ -12,7 +12,7 @@ Not thread-safe: :class:`TieredStore` holds the lock.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from ..errors import NoSpace
@@ -47,6 +47,8 @@ class MemoryTier:
         self._main_bytes = 0
         self._pinned_bytes = 0
         self.evictions = 0
+        self.tenants: Counter[str] = Counter()
+        """Records held per tenant ("" = the default space)."""
 
     def __repr__(self) -> str:
         return (
@@ -98,6 +100,7 @@ class MemoryTier:
         evicted = self._make_room(size)
         entry = _Entry(record, in_main, pins=pins)
         self._entries[record.key] = entry
+        self.tenants[record.header.tenant] += 1
         if in_main:
             self._main[record.key] = None
             self._main_bytes += size
@@ -144,6 +147,7 @@ class MemoryTier:
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
+        uncount(self.tenants, entry.record.header.tenant)
         size = entry.record.nbytes
         if entry.in_main:
             del self._main[key]
@@ -204,3 +208,10 @@ class MemoryTier:
         del self._entries[key]
         self.evictions += 1
         return entry.record
+
+
+def uncount(counter: Counter[str], key: str) -> None:
+    """One less of ``key``; a key counted zero times disappears (stats list live tenants only)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -223,6 +223,7 @@ class TieredStore:
                 "pinned_bytes": self.memory.pinned_bytes(),
                 "entries": len(self.memory),
                 "evictions": self.memory.evictions,
+                "tenants": _named(self.memory.tenants),
             }
             counters = asdict(self.counters)
         tiers: dict[str, Any] = {"memory": memory}
@@ -233,6 +234,12 @@ class TieredStore:
                 "pending_bytes": self.disk.pending_bytes,
                 "entries": len(self.disk),
                 "path": str(self.disk.data_dir),
+                "tenants": _named(self.disk.tenant_counts()),
                 **asdict(self.disk.counters),
             }
         return {"tiers": tiers, "counters": counters}
+
+
+def _named(counts: Mapping[str, int]) -> dict[str, int]:
+    """Records per tenant, the default space shown as "default"."""
+    return {(tenant or "default"): n for tenant, n in sorted(counts.items())}

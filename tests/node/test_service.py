@@ -80,7 +80,7 @@ def test_a_disk_read_past_the_deadline_gets_deadline_exceeded_and_the_node_keeps
     asyncio.run(main())
 
 
-def test_requests_waiting_for_a_slot_count_against_their_deadline(
+def test_a_full_node_answers_busy_at_once_instead_of_making_the_engine_wait(
     tmp_path: Path, ns: bytes, keys: list[bytes]
 ) -> None:
     async def main() -> None:
@@ -88,10 +88,15 @@ def test_requests_waiting_for_a_slot_count_against_their_deadline(
         async with stalled_node(tmp_path, record, max_inflight_requests=1) as sock:
             await sock.send_multipart(
                 [request_header(Op.GET, 1, 5000, keys=[keys[0]])]
-            )  # holds the only slot
-            await sock.send_multipart([request_header(Op.GET, 2, 50, keys=[keys[0]])])  # waits 0.5 s for it
-            by_id = {r["id"]: r for r, _ in [await reply(sock), await reply(sock)]}
-            assert by_id[1]["ok"] is True
-            assert by_id[2]["code"] == ErrorCode.DEADLINE_EXCEEDED
+            )  # holds the only slot for 0.5 s
+            started = time.monotonic()
+            await sock.send_multipart([request_header(Op.GET, 2, 5000, keys=[keys[0]])])
+            second, _ = await reply(sock)
+            assert second["id"] == 2 and second["code"] == ErrorCode.BUSY
+            assert time.monotonic() - started < 0.4  # answered before the slow read ends
+            first, frames = await reply(sock)
+            assert first["id"] == 1 and first["ok"] is True and frames == [payload(0)]
+            await sock.send_multipart([request_header(Op.PING, 3, 1000)])  # and it keeps serving
+            assert (await reply(sock))[0]["ok"] is True
 
     asyncio.run(main())

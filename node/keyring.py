@@ -1,0 +1,269 @@
+"""Who may talk to a node: key files, the cluster's allow-list, and what each key may do.
+
+A key pair file (``lmcache-node keygen``) is TOML, readable by its owner only::
+
+    name = "node-a"
+    public = "<40 Z85 characters>"
+    secret = "<40 Z85 characters>"
+
+The allow-list (``authorized_keys``, the same file on every node) has one key per line::
+
+    # public key                               name      role    [tenant=T]
+    rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7  node-a    node
+    Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID  engine-1  client  tenant=acme
+    ...                                       ops       admin
+
+Roles: ``node`` (a mesh member: every operation; its name is its mesh name, which peers
+use to find its key), ``client`` (an engine: chunks only, in its tenant), ``admin``
+(an operator: everything but mesh internals; may name a tenant per request). A client
+with ``tenant=*`` may name the tenant per request (a front end serving several).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key
+
+from .config import split_seed
+from .records import TENANT_RE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+NAME_RE = re.compile(r"^[^\s#]{1,255}$")
+ANY_TENANT = "*"
+
+
+class Role(str, Enum):
+    NODE = "node"
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_RE.match(tenant):
+        raise ValueError(
+            f"tenant {tenant!r:.80} must be 1-64 of A-Z a-z 0-9 . _ - (starting with a letter or digit)"
+        )
+    return tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Whoever sent a request, as far as the node can tell."""
+
+    name: str
+    role: Role
+    tenant: str = ""
+    """The tenant this principal's requests are in ("" = the shared default space)."""
+    any_tenant: bool = False
+    """May name another tenant per request (a trusted front end, the operator)."""
+
+
+TRUSTED = Principal("trusted", Role.NODE, any_tenant=True)
+"""A client on this machine (ipc:// socket, owner-only), or anyone while CurveZMQ is off."""
+
+MEMBER = Principal("member", Role.NODE)
+"""A mesh member proven some other way (WebRTC membership proof, our relay)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who a message came from, and over what."""
+
+    principal: Principal = MEMBER
+    peer: bytes | None = None
+    """Its identity on the public (tcp://) ROUTER: where a relay forwards to."""
+    conn: Hashable = None
+    """What its in-flight requests and bytes count against (one connection or link)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AllowedKey:
+    key: str
+    principal: Principal
+
+
+def parse_allow_list(text: str, source: str) -> dict[str, AllowedKey]:
+    """Entries by public key; raises ValueError naming ``source`` and the line."""
+    entries: dict[str, AllowedKey] = {}
+    names: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{number}"
+        parts = line.split()
+        if len(parts) < 3:
+            raise ValueError(f"{where}: expected 'KEY NAME ROLE [tenant=T]', got {line!r:.120}")
+        try:
+            key = check_key(parts[0], "the key").decode("ascii")
+            role = Role(parts[2])
+        except BadKey as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        except ValueError:
+            raise ValueError(f"{where}: role {parts[2]!r} must be node, client or admin") from None
+        name = parts[1]
+        if not NAME_RE.match(name):
+            raise ValueError(f"{where}: bad name {name!r}")
+        tenant, any_tenant = "", role is Role.ADMIN
+        for option in parts[3:]:
+            opt, _, value = option.partition("=")
+            if opt != "tenant" or not value:
+                raise ValueError(f"{where}: unknown option {option!r}; the only option is tenant=NAME")
+            if role is Role.NODE:
+                raise ValueError(f"{where}: a node key serves every tenant; drop {option!r}")
+            if value == ANY_TENANT:
+                any_tenant = True
+            else:
+                try:
+                    tenant = check_tenant(value)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
+        if key in entries:
+            raise ValueError(
+                f"{where}: key of {name!r} is already listed (as {entries[key].principal.name!r})"
+            )
+        if name in names:
+            raise ValueError(f"{where}: name {name!r} is listed twice")
+        names.add(name)
+        entries[key] = AllowedKey(key, Principal(name, role, tenant, any_tenant))
+    return entries
+
+
+def read_key_pair(path: Path | str) -> tuple[str, CurveKeyPair]:
+    """(name, key pair) from a key pair file; raises ValueError naming the file."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"key file {path} is not valid TOML: {exc}") from None
+    if mode & 0o077:
+        raise ValueError(f"key file {path} is readable by others (mode {mode & 0o777:o}): chmod 600 it")
+    try:
+        public = check_key(str(table.get("public", "")), f"'public' in {path}").decode("ascii")
+        secret = check_key(str(table.get("secret", "")), f"'secret' in {path}").decode("ascii")
+    except BadKey as exc:
+        raise ValueError(str(exc)) from None
+    return str(table.get("name", "")), CurveKeyPair(public, secret)
+
+
+def write_key_pair(path: Path | str, name: str) -> CurveKeyPair:
+    """A new key pair in ``path`` (mode 600; never overwrites) and its public half in ``path``
+    without ``_secret``."""
+    path = Path(path)
+    keys = CurveKeyPair.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = (
+        f"# lmcache-mesh CurveZMQ key pair of {name!r}. Keep this file secret.\n"
+        f'name = "{name}"\npublic = "{keys.public}"\nsecret = "{keys.secret}"\n'
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    public_path = public_key_path(path)
+    if public_path != path:
+        public_path.write_text(f'name = "{name}"\npublic = "{keys.public}"\n')
+    return keys
+
+
+def public_key_path(secret_path: Path) -> Path:
+    name = secret_path.name
+    return secret_path.with_name(name[: -len("_secret")]) if name.endswith("_secret") else secret_path
+
+
+def read_public_key(value: str) -> str:
+    """A server's public key given as Z85 text or as a key file holding ``public = "..."``."""
+    try:
+        return str(check_key(value, "server key").decode("ascii"))
+    except BadKey:
+        pass
+    try:
+        with open(value, "rb") as f:
+            table = tomllib.load(f)
+        return str(check_key(str(table.get("public", "")), f"'public' in {value}").decode("ascii"))
+    except (OSError, tomllib.TOMLDecodeError, BadKey) as exc:
+        raise ValueError(
+            f"server key {value!r:.60} is neither a Z85 key nor a readable key file: {exc}"
+        ) from None
+
+
+class Keyring:
+    """A node's own key pair and the allow-list it admits (reloadable, thread-safe).
+
+    ``name_of(address)`` tells which member serves at an address (the daemon points it at
+    the membership); with the allow-list that gives the key to connect to it with.
+    """
+
+    def __init__(self, name: str, keys: CurveKeyPair, allow_list: Path) -> None:
+        self.name = name
+        self.keys = keys
+        self.allow_list = allow_list
+        self.name_of: Callable[[str], str | None] = lambda address: None
+        self._seeds: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._entries: dict[str, AllowedKey] = {}
+        self._nodes: dict[str, str] = {}
+        self.reload()
+
+    def __repr__(self) -> str:
+        return f"<Keyring {self.name} {self.keys.public} allowing {len(self._entries)}>"
+
+    def reload(self) -> int:
+        """Read the allow-list again; on any error the old one stays. Returns the entry count."""
+        try:
+            text = self.allow_list.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read the allow-list {self.allow_list}: {exc.strerror}") from None
+        entries = parse_allow_list(text, str(self.allow_list))
+        nodes = {e.principal.name: k for k, e in entries.items() if e.principal.role is Role.NODE}
+        with self._lock:
+            self._entries, self._nodes = entries, nodes
+        return len(entries)
+
+    def count(self) -> int:
+        return len(self._entries)
+
+    def authorize(self, key: str) -> bool:
+        return key in self._entries
+
+    def principal(self, key: str | None) -> Principal | None:
+        """Who holds ``key`` now (None: not, or no longer, allowed)."""
+        entry = self._entries.get(key) if key else None
+        return entry.principal if entry is not None else None
+
+    def own_entry(self) -> Principal | None:
+        return self.principal(self.keys.public)
+
+    def remember_seed(self, seed: str) -> str:
+        """Note the name of a ``NAME@ADDR`` seed; returns the bare address."""
+        name, address = split_seed(seed)
+        if name:
+            with self._lock:
+                self._seeds[address] = name
+        return address
+
+    def client_for(self, address: str) -> CurveClient:
+        """Credentials to connect to the member at ``address``; LookupError if its key is unknown."""
+        name = self.name_of(address) or self._seeds.get(address)
+        key = self._nodes.get(name) if name else None
+        if key is None:
+            raise LookupError(
+                f"no key for {address}: it is no known member, or its name ({name or 'unknown'}) has "
+                f"no node key in {self.allow_list} (name a seed as NAME@{address})"
+            )
+        return CurveClient(self.keys, key)

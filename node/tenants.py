@@ -1,0 +1,47 @@
+"""Tenants: each tenant's chunks live under keys that no other tenant can name.
+
+A node admitting a request in tenant T replaces every chunk key k by
+``blake2b(k, key=T)``: a chunk stored for T can only be hit, read, deleted or ranked by a
+request in T, whatever keys another tenant sends, and the mesh (ring, replicas, index)
+only ever sees the scoped keys. Replies carry the client's own keys back. The default
+tenant ("") keeps keys as they are. Records are labelled with their tenant, so a node can
+count what it holds per tenant without knowing anyone's keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .keys import KEY_BYTES
+from .records import ChunkRecord, RecordHeader
+
+KEY_FIELDS = ("keys", "add", "remove")
+"""Request fields that hold chunk keys."""
+
+
+def scoped_key(tenant: str, key: bytes) -> bytes:
+    if not tenant:
+        return key
+    return hashlib.blake2b(key, digest_size=KEY_BYTES, key=tenant.encode(), person=b"lmcache-tenant").digest()
+
+
+def scope_fields(fields: dict[str, object], tenant: str) -> None:
+    """Scope every chunk key of a decoded request in place; ``client_keys`` keeps the originals."""
+    for name in KEY_FIELDS:
+        keys = fields.get(name)
+        if isinstance(keys, list):
+            if name == "keys":
+                fields["client_keys"] = keys
+            fields[name] = [scoped_key(tenant, k) for k in keys]
+
+
+def admit_headers(headers: Sequence[RecordHeader], tenant: str) -> list[RecordHeader]:
+    """Record headers as stored: scoped key, labelled with the tenant that put them."""
+    return [replace(h, key=scoped_key(tenant, h.key), tenant=tenant) for h in headers]
+
+
+def client_header(record: ChunkRecord, client_key: bytes) -> RecordHeader:
+    """A stored record's header as its tenant's client knows it."""
+    return replace(record.header, key=client_key, tenant="")
