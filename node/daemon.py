@@ -122,7 +122,7 @@ def _start_cluster(node: Node, bound: list[str], keyring: Keyring | None) -> Clu
     if cfg.nat:
         # No address of our own: peers reach us as webrtc://RELAY/NAME through the first seed.
         tcp = next((b for b in bound if b.startswith("tcp://")), None)
-        if not cfg.name:
+        if not cfg.name and keyring is None:
             node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
         address = webrtc_address(split_seed(cfg.join[0])[1], node.name)
     else:
@@ -131,7 +131,7 @@ def _start_cluster(node: Node, bound: list[str], keyring: Keyring | None) -> Clu
             logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
             return None
         address = direct
-        if not cfg.name:
+        if not cfg.name and keyring is None:
             node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
     weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
     curve = keyring.client_for if keyring is not None else None

@@ -99,11 +99,12 @@ def parse_allow_list(text: str, source: str) -> dict[str, AllowedKey]:
     entries: dict[str, AllowedKey] = {}
     names: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{source}:{number}"
         parts = line.split()
+        if not parts or (parts[0].startswith("#") and not _is_key(parts[0])):
+            continue  # blank, or a comment (Z85 keys may start with '#' themselves)
+        where = f"{source}:{number}"
+        comment = next((i for i, p in enumerate(parts) if i >= 3 and p.startswith("#")), len(parts))
+        parts = parts[:comment]
         if len(parts) < 3:
             raise ValueError(f"{where}: expected 'KEY NAME ROLE [tenant=T]', got {line!r:.120}")
         try:
@@ -139,6 +140,14 @@ def parse_allow_list(text: str, source: str) -> dict[str, AllowedKey]:
         names.add(name)
         entries[key] = AllowedKey(key, Principal(name, role, tenant, any_tenant))
     return entries
+
+
+def _is_key(token: str) -> bool:
+    try:
+        check_key(token)
+    except BadKey:
+        return False
+    return True
 
 
 def read_key_pair(path: Path | str) -> tuple[str, CurveKeyPair]:
