@@ -17,9 +17,11 @@ from typing import Any
 from lmcache_mesh.node.client import Client
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.errors import DeadlineExceeded, MeshError, Unavailable
+from lmcache_mesh.node.keyring import read_key_pair, read_public_key
 from lmcache_mesh.node.node import Node
 from lmcache_mesh.node.protocol import Cost
-from lmcache_mesh.node.records import ChunkRecord
+from lmcache_mesh.node.records import TENANT_RE, ChunkRecord
+from lmcache_mesh.transports.curve import CurveClient
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,28 @@ def check_adapter_settings(config: Any) -> None:
     for name in ("lookup_timeout_s", "fetch_timeout_s", "retry_after_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.tenant is not None and not TENANT_RE.match(config.tenant):
+        raise ValueError(
+            f"tenant {config.tenant!r:.80} must be 1-64 of A-Z a-z 0-9 . _ - (starting with a letter or digit)"
+        )
+    if bool(config.key_file) != bool(config.server_key):
+        raise ValueError("CurveZMQ needs both key_file (this engine's key pair) and server_key (the node's)")
+
+
+def adapter_store_config(config: Any, node_config: NodeConfig | None = None) -> StoreConfig:
+    """The store settings of an engine adapter's config (llama.cpp and vLLM share the fields)."""
+    curve = None
+    if config.key_file:
+        curve = CurveClient(read_key_pair(config.key_file)[1], read_public_key(config.server_key))
+    return StoreConfig(
+        node=config.node,
+        node_config=node_config,
+        lookup_timeout_s=config.lookup_timeout_s,
+        fetch_timeout_s=config.fetch_timeout_s,
+        retry_after_s=config.retry_after_s,
+        curve=curve,
+        tenant=config.tenant or "",
+    )
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,10 @@ class StoreConfig:
     put_timeout_s: float = 10.0
     retry_after_s: float = 5.0
     """after a failed call, treat the node as absent (instant misses) for this long"""
+    curve: CurveClient | None = None
+    """CurveZMQ credentials for a tcp:// node (its allow-list must hold our key)"""
+    tenant: str = ""
+    """the node runs our requests in this tenant (a client key pinned to one may leave it "")"""
 
 
 @dataclass
@@ -95,8 +123,9 @@ class MeshStore:
         if self.config.node is None:
             self._node = _open_embedded(self.config.node_config or NodeConfig())
         else:
-            self._front = Client(self.config.node, self.config.fetch_timeout_s)
-            self._back = Client(self.config.node, self.config.put_timeout_s)
+            c = self.config
+            self._front = Client(c.node, c.fetch_timeout_s, curve=c.curve, tenant=c.tenant)
+            self._back = Client(c.node, c.put_timeout_s, curve=c.curve, tenant=c.tenant)
 
     def __repr__(self) -> str:
         return f"<MeshStore {self.config.node or 'embedded'}>"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lmcache_mesh.node.config import NodeConfig
 
-from ..store import StoreConfig, check_adapter_settings
+from ..store import StoreConfig, adapter_store_config, check_adapter_settings
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,11 @@ class LlamaMeshConfig:
     chunk_tokens: int = 256
     """tokens per chunk; keys chain over whole chunks, so a shorter tail is never cached"""
     tenant: str | None = None
-    """salt of the namespace: engines with different tenants never share chunks"""
+    """namespace salt, and the node-side tenant of every request: tenants never share chunks"""
+    key_file: str | None = None
+    """CurveZMQ key pair file (``lmcache-node keygen --role client``) for a tcp:// node"""
+    server_key: str | None = None
+    """that node's public key: Z85 text or its ``node.key`` file"""
     lookup_timeout_s: float = 0.25
     fetch_timeout_s: float = 2.0
     """past these the request is a miss and the engine recomputes"""
@@ -44,10 +48,4 @@ class LlamaMeshConfig:
         check_adapter_settings(self)
 
     def store_config(self) -> StoreConfig:
-        return StoreConfig(
-            node=self.node,
-            node_config=self.node_config,
-            lookup_timeout_s=self.lookup_timeout_s,
-            fetch_timeout_s=self.fetch_timeout_s,
-            retry_after_s=self.retry_after_s,
-        )
+        return adapter_store_config(self, self.node_config)

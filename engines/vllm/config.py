@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..store import StoreConfig, check_adapter_settings
+from ..store import StoreConfig, adapter_store_config, check_adapter_settings
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,11 @@ class VllmMeshConfig:
     chunk_tokens: int = 256
     """tokens per chunk; a multiple of the engine's block size"""
     tenant: str | None = None
-    """namespace salt: engines with different tenants never share chunks"""
+    """namespace salt, and the node-side tenant of every request: tenants never share chunks"""
+    key_file: str | None = None
+    """CurveZMQ key pair file (``lmcache-node keygen --role client``) for a tcp:// node"""
+    server_key: str | None = None
+    """that node's public key: Z85 text or its ``node.key`` file"""
     lookup_timeout_s: float = 0.25
     fetch_timeout_s: float = 2.0
     retry_after_s: float = 5.0
@@ -56,9 +60,4 @@ class VllmMeshConfig:
         return cls(**extra)
 
     def store_config(self) -> StoreConfig:
-        return StoreConfig(
-            node=self.node,
-            lookup_timeout_s=self.lookup_timeout_s,
-            fetch_timeout_s=self.fetch_timeout_s,
-            retry_after_s=self.retry_after_s,
-        )
+        return adapter_store_config(self)

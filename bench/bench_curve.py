@@ -1,0 +1,143 @@
+"""What CurveZMQ costs: GET throughput and lookup latency with it on vs off, same run.
+
+Two real ``lmcache-node run`` daemons on loopback, identical but for security: one plain,
+one with CurveZMQ (its own key pair, an allow-list holding the client's key). A client
+process holds records of 1, 4 and 16 MiB on each and GETs them for ``--seconds`` per round,
+with 1 and 4 requests in flight; rounds alternate plain/curve (the machine is shared and
+noisy), and the table shows medians and the curve/plain ratio. Also LOOKUP round trips
+(p50), where only the handshake-free per-message cost shows. Prints a table, writes JSON.
+
+    python bench/bench_curve.py [--seconds 2] [--rounds 3] [--out bench/results/curve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, write_results
+
+from lmcache_mesh.node import AsyncClient, ChunkRecord, chunk_keys, namespace_id
+from lmcache_mesh.node.keyring import read_key_pair, write_key_pair
+from lmcache_mesh.transports.curve import CurveClient
+
+SIZES = [1 << 20, 4 << 20, 16 << 20]
+INFLIGHT = [1, 4]
+NS = namespace_id(b"bench-curve", {"engine": "bench"}, chunk_tokens=16)
+KEYS = chunk_keys(NS, list(range(16 * len(SIZES))), chunk_tokens=16)
+
+
+def make_keys(root: Path) -> tuple[Path, Path, CurveClient]:
+    """Key files for the secured node and the client; returns (node key, allow-list, client creds)."""
+    node_key = root / "node.key_secret"
+    node = write_key_pair(node_key, "node42")
+    client = write_key_pair(root / "bench.key_secret", "bench")
+    allow = root / "authorized_keys"
+    allow.write_text(f"{node.public} node42 node\n{client.public} bench admin\n")
+    return node_key, allow, CurveClient(read_key_pair(root / "bench.key_secret")[1], node.public)
+
+
+async def get_rate(client: AsyncClient, key: bytes, size: int, inflight: int, seconds: float) -> float:
+    """MB/s of GET replies of ``size`` bytes with ``inflight`` requests outstanding."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            (got,) = await client.get([key])
+            if got is None or len(got) != size:
+                raise RuntimeError("GET missed a record it holds")
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    return done * size / (time.perf_counter() - started) / 1e6
+
+
+async def lookup_p50_us(client: AsyncClient, reps: int = 300) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        await client.lookup(KEYS[:1], local=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+async def measure(plain: MeshDaemon, secured: MeshDaemon, creds: CurveClient, args: Any) -> dict[str, Any]:
+    clients = {
+        "plain": AsyncClient(plain.tcp, timeout_s=30),
+        "curve": AsyncClient(secured.tcp, timeout_s=30, curve=creds),
+    }
+    samples: dict[str, dict[str, list[float]]] = {m: {} for m in clients}
+    try:
+        for c in clients.values():
+            for key, size in zip(KEYS, SIZES, strict=False):
+                await c.put_records([ChunkRecord.build(key, bytes([7]) * size, NS)])
+            await get_rate(c, KEYS[0], SIZES[0], 1, 0.3)  # warm up connections
+        for r in range(args.rounds):
+            for mode, c in clients.items():
+                for key, size in zip(KEYS, SIZES, strict=False):
+                    for inflight in INFLIGHT:
+                        rate = await get_rate(c, key, size, inflight, args.seconds)
+                        samples[mode].setdefault(f"{size >> 20}MiB x{inflight}", []).append(rate)
+                samples[mode].setdefault("lookup_p50_us", []).append(await lookup_p50_us(c))
+            print(f"  round {r + 1}/{args.rounds} done", flush=True)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    return {mode: {k: statistics.median(v) for k, v in s.items()} for mode, s in samples.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds, medians reported (default 3)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "curve.json")
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="lmbm-curve-", dir="/tmp"))
+    node_key, allow, creds = make_keys(root)
+    print("starting a plain and a CurveZMQ node ...", flush=True)
+    plain = start_mesh_daemon(41, None, "--curve", "off", memory="512MiB")
+    secured = start_mesh_daemon(
+        42, None, "--key", str(node_key), "--authorized-keys", str(allow), memory="512MiB"
+    )
+    try:
+        if not any("CurveZMQ on" in line for line in secured.lines):
+            raise RuntimeError("the secured node did not turn CurveZMQ on:\n" + "\n".join(secured.lines))
+        medians = asyncio.run(measure(plain, secured, creds, args))
+    finally:
+        stop_mesh_daemon(plain)
+        stop_mesh_daemon(secured)
+    rows = []
+    print(f"\n{'GET':>12} | {'plain MB/s':>10} | {'curve MB/s':>10} | {'curve/plain':>11}")
+    print("-" * 52)
+    for name, plain_v in medians["plain"].items():
+        curve_v = medians["curve"][name]
+        ratio = curve_v / plain_v if name != "lookup_p50_us" else plain_v / curve_v
+        rows.append({"case": name, "plain": plain_v, "curve": curve_v, "ratio": ratio})
+        unit = "µs" if name == "lookup_p50_us" else ""
+        print(f"{name:>12} | {plain_v:>9.1f}{unit} | {curve_v:>9.1f}{unit} | {ratio:>11.3f}")
+    four = next(r for r in rows if r["case"] == "4MiB x4")
+    print(
+        f"\n4 MiB GETs keep {100 * four['ratio']:.0f}% of plain tcp throughput with CurveZMQ "
+        f"(target: >= 70%); lookup ratio is plain/curve latency."
+    )
+    write_results(
+        {
+            "benchmark": "curve",
+            "machine": machine_info(seconds=args.seconds, rounds=args.rounds),
+            "rows": rows,
+            "target_4mib_ratio": 0.7,
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
