@@ -62,7 +62,11 @@ def add_serve_parser(sub: Any) -> None:
         metavar="N",
         help="tokens per cached chunk (default: %(default)s)",
     )
-    serve.add_argument("--tenant", metavar="NAME", help="namespace salt: other tenants never share this KV")
+    serve.add_argument(
+        "--tenant", metavar="NAME", help="tenant of this server's KV (namespace salt and node-side tenant)"
+    )
+    serve.add_argument("--key", metavar="FILE", help="CurveZMQ key pair for a tcp:// --node (a client key)")
+    serve.add_argument("--server-key", metavar="KEY", help="the --node's public key (Z85 or its .key file)")
     serve.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 503")
     embedded = serve.add_argument_group("embedded node (without --node)")
     embedded.add_argument("--data-dir", metavar="DIR", help="disk tier directory (default: as `run`)")
@@ -113,7 +117,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "embedded node: memory %s, %s", format_size(node_config.memory_bytes), disk
         )
     mesh = LlamaMeshConfig(
-        node=args.node, node_config=node_config, chunk_tokens=args.chunk_tokens, tenant=args.tenant
+        node=args.node,
+        node_config=node_config,
+        chunk_tokens=args.chunk_tokens,
+        tenant=args.tenant,
+        key_file=args.key,
+        server_key=args.server_key,
     )
     llm = MeshLlama(
         model_path=str(model),

@@ -155,7 +155,9 @@ def _webrtc_config(cfg: NodeConfig) -> WebRTCConfig:
     )
 
 
-def _start_webrtc(node: Node, cluster: Cluster, server: NodeServer) -> WebRTCPeering | None:
+def _start_webrtc(
+    node: Node, cluster: Cluster, server: NodeServer, keyring: Keyring | None
+) -> WebRTCPeering | None:
     """WebRTC links to (or, behind NAT, from) other members; None if aiortc is missing."""
     if importlib.util.find_spec("aiortc") is None:
         if node.config.nat:
@@ -168,7 +170,9 @@ def _start_webrtc(node: Node, cluster: Cluster, server: NodeServer) -> WebRTCPee
         cluster,
         server,
         _webrtc_config(node.config),
-        node.config.mesh_secret.encode(),
+        # With CurveZMQ keys, each pair of nodes proves itself with a secret only the two can
+        # compute; otherwise with the shared --mesh-secret.
+        keyring.pair_secret if keyring is not None else node.config.mesh_secret.encode(),
         accept_offers=node.config.nat,
     )
     server.peering = peering
@@ -215,7 +219,7 @@ async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None
     peering = None
     uplink = None
     if cluster is not None:
-        peering = _start_webrtc(node, cluster, server)
+        peering = _start_webrtc(node, cluster, server, keyring)
         if cfg.nat:
             uplink = _start_uplink(node, cluster, server, keyring)
         else:

@@ -21,6 +21,7 @@ with ``tenant=*`` may name the tenant per request (a front end serving several).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -29,6 +30,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+import zmq.utils.z85
 
 from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key
 
@@ -257,6 +260,18 @@ class Keyring:
             with self._lock:
                 self._seeds[address] = name
         return address
+
+    def pair_secret(self, name: str) -> bytes | None:
+        """A secret only we and node ``name`` can compute (X25519 of our secret key and its
+        public key in the allow-list); None if it has no node key there."""
+        key = self._nodes.get(name)
+        if key is None:
+            return None
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+        ours = X25519PrivateKey.from_private_bytes(zmq.utils.z85.decode(self.keys.secret.encode("ascii")))
+        shared = ours.exchange(X25519PublicKey.from_public_bytes(zmq.utils.z85.decode(key.encode("ascii"))))
+        return hashlib.sha256(b"lmcache-mesh pair secret v1\0" + shared).digest()
 
     def client_for(self, address: str) -> CurveClient:
         """Credentials to connect to the member at ``address``; LookupError if its key is unknown."""

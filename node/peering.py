@@ -17,13 +17,14 @@ proof fails is closed and counted; no request on it is ever served.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,10 @@ def _mac(secret: bytes, role: bytes, name: str, offer_fp: str, answer_fp: str) -
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
+def _same_for_all(secret: bytes, peer: str) -> bytes:
+    return secret
+
+
 class WebRTCPeering:
     """Every WebRTC link of one node. Use on the event loop."""
 
@@ -72,7 +77,7 @@ class WebRTCPeering:
         cluster: Cluster,
         server: NodeServer,
         config: WebRTCConfig,
-        secret: bytes = b"",
+        secret: bytes | Callable[[str], bytes | None] = b"",
         accept_offers: bool = False,
         signal_timeout_s: float = 5.0,
     ) -> None:
@@ -84,7 +89,10 @@ class WebRTCPeering:
         self.dial_config = replace(config, max_message_bytes=MAX_REPLY_BYTES)
         self.accept_offers = accept_offers
         """Only nodes behind NAT take offers: peers reach a direct node over ZeroMQ."""
-        self.secret = secret
+        self.secret_with: Callable[[str], bytes | None] = (
+            secret if callable(secret) else functools.partial(_same_for_all, secret)
+        )
+        """The secret proofs to and from a peer use: b"" none required, None: no way to trust it."""
         self.signal_timeout_s = signal_timeout_s
         self.counters: dict[str, int] = defaultdict(int)
         self._out: dict[str, WebRTCLink] = {}
@@ -195,15 +203,16 @@ class WebRTCPeering:
     ) -> None:
         """Dialer: send our proof, then check the answerer's."""
         offer_fp, answer_fp = link.local_fingerprint, link.remote_fingerprint
-        await link.send(self._proof(role, offer_fp, answer_fp))
+        await link.send(self._proof(role, expect, offer_fp, answer_fp))
         try:
             frames = await asyncio.wait_for(link.recv(), self.signal_timeout_s)
         except asyncio.TimeoutError:
             raise AuthFailed(f"{expect} sent no membership proof") from None
         self._check_proof(frames, b"answerer", expect, offer_fp, answer_fp)
 
-    def _proof(self, role: bytes, offer_fp: str, answer_fp: str) -> list[bytes]:
-        mac = _mac(self.secret, role, self.me, offer_fp, answer_fp) if self.secret else b""
+    def _proof(self, role: bytes, peer: str, offer_fp: str, answer_fp: str) -> list[bytes]:
+        secret = self.secret_with(peer)
+        mac = _mac(secret, role, self.me, offer_fp, answer_fp) if secret else b""
         return [AUTH_MAGIC, msgpack.packb({"name": self.me, "mac": mac}, use_bin_type=True)]
 
     def _check_proof(
@@ -220,11 +229,15 @@ class WebRTCPeering:
         if name != expect:
             self.counters["webrtc_auth_failures"] += 1
             raise AuthFailed(f"peer claims to be {name!r}, expected {expect!r}")
-        if self.secret:
-            want = _mac(self.secret, role, expect, offer_fp, answer_fp)
+        secret = self.secret_with(expect)
+        if secret is None:
+            self.counters["webrtc_auth_failures"] += 1
+            raise AuthFailed(f"{expect} has no node key in the allow-list")
+        if secret:
+            want = _mac(secret, role, expect, offer_fp, answer_fp)
             if not isinstance(mac, bytes) or not hmac.compare_digest(mac, want):
                 self.counters["webrtc_auth_failures"] += 1
-                raise AuthFailed(f"{expect} could not prove membership (wrong mesh secret)")
+                raise AuthFailed(f"{expect} could not prove membership (wrong mesh secret or key)")
 
     # answering (we serve)
 
@@ -280,7 +293,7 @@ class WebRTCPeering:
             frames = await asyncio.wait_for(link.recv(), self.signal_timeout_s)
             offer_fp, answer_fp = link.remote_fingerprint, link.local_fingerprint
             self._check_proof(frames, b"dialer", name, offer_fp, answer_fp)
-            await link.send(self._proof(b"answerer", offer_fp, answer_fp))
+            await link.send(self._proof(b"answerer", name, offer_fp, answer_fp))
             self.counters["webrtc_links_accepted"] += 1
             await self._serve(link)
         except (LinkClosed, AuthFailed, asyncio.TimeoutError) as exc:

@@ -15,7 +15,7 @@ from lmcache_mesh.node.protocol import Op
 from lmcache_mesh.transports.curve import CurveClient, CurveKeyPair
 
 from ..conftest import DaemonFactory
-from ..helpers import Daemon, free_port, node_command, payload
+from ..helpers import Daemon, free_port, node_command, payload, require
 from .test_mesh import PROFILE, members, wait_until
 
 NS = namespace_id(b"secure-model", {"engine": "test"}, chunk_tokens=16)
@@ -233,3 +233,50 @@ def test_a_client_key_cannot_use_mesh_operations(secured: tuple[Cluster, Daemon,
             acme._call(Op.WHO_HAS, {"keys": [KEYS[0]]})  # what owners tell each other
         with pytest.raises(Forbidden):
             acme._call(Op.ATTACH, {"name": "node-a", "token": "t"})  # taking a node's relay slot
+
+
+@pytest.mark.timeout(180)
+def test_a_node_behind_nat_joins_a_curve_mesh_and_proves_itself_with_its_key(
+    tmp_path: Path, daemon_factory: DaemonFactory
+) -> None:
+    """Relaying (ATTACH under its own name), signaling and the WebRTC proof all run on keys:
+    the link's proof is an HMAC under a secret only the two nodes' keys can compute."""
+    require("aiortc")
+    names = ("seed", "cloud", "edge")
+    allow = tmp_path / "authorized_keys"
+    allow.write_text("\n".join(keygen("--name", n, "--data-dir", str(tmp_path / n)) for n in names) + "\n")
+    common = (
+        "--authorized-keys",
+        str(allow),
+        "--disk",
+        "0",
+        *PROFILE,
+        "--webrtc-host-addresses",
+        "127.0.0.1",
+    )
+    seed = daemon_factory(*common, data_dir=tmp_path / "seed")
+    join = ("--join", f"seed@{seed.tcp}")
+    cloud = daemon_factory(*common, *join, data_dir=tmp_path / "cloud")
+    edge = daemon_factory(*common, *join, "--nat", data_dir=tmp_path / "edge")
+    ok = wait_until(
+        lambda: all(
+            sum(m["state"] == "alive" for m in members(d).values()) == 3 for d in (seed, cloud, edge)
+        ),
+        40,
+    )
+    assert ok is not None, "the NAT node never joined the CurveZMQ mesh"
+    ns = namespace_id(b"nat-curve", {"engine": "test"}, chunk_tokens=4)
+    (key,) = chunk_keys(ns, list(range(4)), chunk_tokens=4)
+    record = ChunkRecord.build(key, bytes([3]) * (1 << 20), ns)
+    with edge.client(timeout_s=30) as c:
+        c.put_records([record], replica=True)  # held by the edge only
+
+    def fetched() -> bool:
+        with cloud.client(timeout_s=30) as c:
+            (got,) = c.get_records([key])
+        return got is not None and bytes(got.payload) == bytes(record.payload)
+
+    assert wait_until(fetched, 60) is not None, "the cloud node never fetched the edge's record"
+    with cloud.client() as c:
+        webrtc = c.stats()["mesh"]["webrtc"]
+    assert "edge" in webrtc["links_out"] and webrtc.get("webrtc_auth_failures", 0) == 0
