@@ -29,7 +29,7 @@ from enum import Enum
 from .broadcast import NEWS_WIRE_BYTES_ESTIMATE, BroadcastQueue
 from .config import MeshConfig, push_pull_scale, remaining_suspicion_s, suspicion_bounds
 from .errors import MalformedMessage
-from .messages import Kind, Message, MsgType, News
+from .messages import MAX_INCARNATION, Kind, Message, MsgType, News
 
 logger = logging.getLogger(__name__)
 
@@ -480,7 +480,8 @@ class Membership:
         self.counters["refutes"] += 1
         # Lifeguard: being suspected hints that our own messages are late; probe more gently.
         self._awareness = min(self.config.awareness_max_multiplier - 1, self._awareness + 1)
-        self.me.incarnation = max(self.me.incarnation, incarnation) + 1
+        # Capped where decoders stop accepting: what we send must stay valid.
+        self.me.incarnation = min(max(self.me.incarnation, incarnation) + 1, MAX_INCARNATION)
         self._queue.queue(self.me.news())
 
     def _apply(self, news: News, now: float, relayed: bool = False) -> None:

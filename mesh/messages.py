@@ -20,6 +20,8 @@ from .errors import MalformedMessage
 MESH_VERSION_MIN = 1
 MESH_VERSION_MAX = 1
 MESH_VERSION = 1
+MAX_INCARNATION = 1 << 62
+"""Highest incarnation accepted: a refute adds one, and the result must still encode."""
 MAX_MESSAGE_BYTES = 4 << 20
 """Largest datagram we decode (a push-pull of a few thousand members fits)."""
 
@@ -72,15 +74,15 @@ class News:
         try:
             k = Kind(kind)
         except ValueError:
-            raise MalformedMessage(f"unknown broadcast kind {kind!r}") from None
+            raise MalformedMessage(f"unknown broadcast kind {kind!r:.40}") from None
         if not isinstance(name, str) or not name:
             raise MalformedMessage("broadcast name must be a non-empty string")
-        if not isinstance(inc, int) or isinstance(inc, bool) or inc < 0:
-            raise MalformedMessage(f"incarnation must be a non-negative int, got {inc!r}")
+        if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc <= MAX_INCARNATION:
+            raise MalformedMessage(f"incarnation must be an int in [0, 2**62], got {inc!r:.40}")
         if not all(isinstance(s, str) for s in (address, zone, origin)):
             raise MalformedMessage("broadcast address, zone and origin must be strings")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < 1e6:
-            raise MalformedMessage(f"weight must be a positive number, got {weight!r}")
+            raise MalformedMessage(f"weight must be a positive number, got {weight!r:.40}")
         return cls(k, name, inc, address, zone, float(weight), origin)
 
 
@@ -125,15 +127,15 @@ class Message:
         if not isinstance(m, dict):
             raise MalformedMessage("message must be a map")
         v = m.get("v")
-        if not isinstance(v, int) or not MESH_VERSION_MIN <= v <= MESH_VERSION_MAX:
+        if not isinstance(v, int) or isinstance(v, bool) or not MESH_VERSION_MIN <= v <= MESH_VERSION_MAX:
             raise MalformedMessage(
-                f"mesh version {v!r} not supported; must be in range [{MESH_VERSION_MIN}, {MESH_VERSION_MAX}]"
+                f"mesh version {v!r:.40} not supported; must be in range [{MESH_VERSION_MIN}, {MESH_VERSION_MAX}]"
             )
         raw_type = m.get("t")
         try:
             t = MsgType(raw_type if isinstance(raw_type, int) else -1)
         except ValueError:
-            raise MalformedMessage(f"unknown message type {m.get('t')!r}") from None
+            raise MalformedMessage(f"unknown message type {m.get('t')!r:.40}") from None
         src, sa, seq = m.get("src"), m.get("sa"), m.get("seq", 0)
         target, ta = m.get("tg", ""), m.get("ta", "")
         if (
@@ -155,5 +157,5 @@ class Message:
 
 def _list(value: object, name: str) -> list[Any]:
     if not isinstance(value, list):
-        raise MalformedMessage(f"field {name!r} must be a list")
+        raise MalformedMessage(f"field {name!r:.40} must be a list")
     return value

@@ -240,11 +240,14 @@ class AsyncClient:
         conduit: Callable[[], Conduit] | None = None,
         curve: CurveClient | None = None,
         tenant: str = "",
+        scoped: bool = False,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.checksum_failures = 0
         self.tenant = tenant
+        self.scoped = scoped
+        """A mesh member's client: keys are already in the node key space (see node.tenants)."""
         self._make_conduit = conduit or (lambda: ZmqConduit(address, curve))
         self._conduit: Conduit | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -311,7 +314,8 @@ class AsyncClient:
         conduit = self._conduit
 
         async def send_and_wait() -> list[Buffer]:
-            header = request_header(op, rid, max(int(timeout * 1000), 1), **_in_tenant(fields, self.tenant))
+            fields_ = {**_in_tenant(fields, self.tenant), **({"scoped": True} if self.scoped else {})}
+            header = request_header(op, rid, max(int(timeout * 1000), 1), **fields_)
             await conduit.send([header, *frames])
             return await fut
 

@@ -157,7 +157,7 @@ class NodeConfig:
     )
     curve: str = _opt(
         "curve",
-        "CurveZMQ on tcp://: auto (on when the key file exists), on, or off",
+        "CurveZMQ on tcp://: auto (on when a key or allow-list is given or exists), on, or off",
         metavar="MODE",
         default="auto",
     )
@@ -285,8 +285,13 @@ class NodeConfig:
         return self.data_path / "authorized_keys"
 
     def curve_enabled(self) -> bool:
-        """Whether tcp:// runs CurveZMQ: on, off, or (auto) when the key file exists."""
-        return self.curve == "on" or (self.curve == "auto" and self.key_path.exists())
+        """Whether tcp:// runs CurveZMQ: on, off, or (auto) when a key or allow-list is given
+        or exists — a mistyped path must fail loudly, never fall back to no authentication."""
+        if self.curve != "auto":
+            return self.curve == "on"
+        return bool(self.key_file or self.authorized_keys) or any(
+            p.exists() for p in (self.key_path, self.authorized_keys_path)
+        )
 
     # loading
 

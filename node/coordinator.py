@@ -28,7 +28,7 @@ from lmcache_mesh.transports.zmq import CurveFor
 
 from .client import AsyncClient, Conduit, ZmqConduit
 from .costs import PeerStats, fetch_window, nearest_first, worth_prefix
-from .errors import DeadlineExceeded, MeshError, Unavailable
+from .errors import Busy, DeadlineExceeded, MeshError, Unavailable
 from .protocol import Cost
 from .records import ChunkRecord
 
@@ -58,6 +58,9 @@ WebRTC link accepts in one reply."""
 REPAIR_TIMEOUT_S = 30.0
 """Repairs run in the background: give slow peers (WebRTC) time to send a whole batch."""
 
+MAX_ENGINES = 256
+"""Engines a node indexes for its clients (KV events); more are refused."""
+
 MAX_REPAIR_KEYS = 100_000
 """Most keys waiting for repair at once; beyond that they wait for the next announcement."""
 
@@ -82,7 +85,7 @@ class PeerPool:
         client = self._clients.get(address)
         if client is None:
             client = self._clients[address] = AsyncClient(
-                address, timeout_s=self.timeout_s, conduit=self._conduit(address)
+                address, timeout_s=self.timeout_s, conduit=self._conduit(address), scoped=True
             )
             while len(self._clients) > self.max_peers:
                 _, old = self._clients.popitem(last=False)
@@ -244,6 +247,8 @@ class MeshCoordinator:
     def engine_announced(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
         """An engine attached here holds (or dropped) these chunks in its own KV cache."""
         holder = self.engine_holder(engine)
+        if holder not in self._engines and len(self._engines) >= MAX_ENGINES:
+            raise Busy(f"this node already indexes {MAX_ENGINES} engines; {engine!r} is not added")
         held = self._engines[holder]
         held.update(add)
         held.difference_update(remove)

@@ -174,6 +174,7 @@ def _start_webrtc(
         # compute; otherwise with the shared --mesh-secret.
         keyring.pair_secret if keyring is not None else node.config.mesh_secret.encode(),
         accept_offers=node.config.nat,
+        principal_of=keyring.node_principal if keyring is not None else None,
     )
     server.peering = peering
     cluster.on_gone.append(peering.forget)
@@ -297,6 +298,7 @@ def run(config: NodeConfig) -> int:
     if config.disk_bytes > 0:
         config.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP during recovery must not kill the node
     keyring = load_keyring(config)
     node = Node(config)
     node.open()  # recovery before we accept requests; fails fast if the data dir is locked

@@ -43,7 +43,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-NAME_RE = re.compile(r"^[^\s#]{1,255}$")
+NAME_RE = re.compile(r"^[^\s#/@]{1,255}$")
+"""Names hold no '/' (engine holders are NODE/ENGINE) and no '@' (seeds are NAME@ADDR)."""
 ANY_TENANT = "*"
 
 
@@ -231,8 +232,11 @@ class Keyring:
         """Read the allow-list again; on any error the old one stays. Returns the entry count."""
         try:
             text = self.allow_list.read_text()
+            mode = self.allow_list.stat().st_mode
         except OSError as exc:
             raise ValueError(f"cannot read the allow-list {self.allow_list}: {exc.strerror}") from None
+        if mode & 0o002:
+            raise ValueError(f"the allow-list {self.allow_list} is writable by anyone: chmod o-w it")
         entries = parse_allow_list(text, str(self.allow_list))
         nodes = {e.principal.name: k for k, e in entries.items() if e.principal.role is Role.NODE}
         with self._lock:
@@ -249,6 +253,12 @@ class Keyring:
         """Who holds ``key`` now (None: not, or no longer, allowed)."""
         entry = self._entries.get(key) if key else None
         return entry.principal if entry is not None else None
+
+    def node_principal(self, name: str) -> Principal | None:
+        """The principal of member ``name`` (proven some other way, e.g. over WebRTC), if it
+        still has a node key."""
+        key = self._nodes.get(name)
+        return self.principal(key) if key is not None else None
 
     def own_entry(self) -> Principal | None:
         return self.principal(self.keys.public)

@@ -34,7 +34,7 @@ from lmcache_mesh.mesh.membership import State
 from lmcache_mesh.transports.webrtc import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
 
 from .errors import Unavailable
-from .keyring import MEMBER, Sender
+from .keyring import MEMBER, Principal, Sender
 from .protocol import Op, request_header
 from .records import Buffer
 
@@ -69,6 +69,10 @@ def _same_for_all(secret: bytes, peer: str) -> bytes:
     return secret
 
 
+def _any_member(name: str) -> Principal:
+    return MEMBER
+
+
 class WebRTCPeering:
     """Every WebRTC link of one node. Use on the event loop."""
 
@@ -80,6 +84,7 @@ class WebRTCPeering:
         secret: bytes | Callable[[str], bytes | None] = b"",
         accept_offers: bool = False,
         signal_timeout_s: float = 5.0,
+        principal_of: Callable[[str], Principal | None] | None = None,
     ) -> None:
         self.cluster = cluster
         self.server = server
@@ -94,6 +99,8 @@ class WebRTCPeering:
         )
         """The secret proofs to and from a peer use: b"" none required, None: no way to trust it."""
         self.signal_timeout_s = signal_timeout_s
+        self.principal_of = principal_of or _any_member
+        """Who a proven member is now, per message (None: its key left the allow-list)."""
         self.counters: dict[str, int] = defaultdict(int)
         self._out: dict[str, WebRTCLink] = {}
         self._dialing: dict[str, asyncio.Future[WebRTCLink]] = {}
@@ -295,28 +302,31 @@ class WebRTCPeering:
             self._check_proof(frames, b"dialer", name, offer_fp, answer_fp)
             await link.send(self._proof(b"answerer", name, offer_fp, answer_fp))
             self.counters["webrtc_links_accepted"] += 1
-            await self._serve(link)
+            await self._serve(link, name)
         except (LinkClosed, AuthFailed, asyncio.TimeoutError) as exc:
             logger.warning("x WebRTC link from %s closed: %s", name, exc or "no proof in time")
         finally:
             self._inbound.discard(link)
             await link.close()
 
-    async def _serve(self, link: WebRTCLink) -> None:
+    async def _serve(self, link: WebRTCLink, name: str) -> None:
         slots = asyncio.Semaphore(MAX_INFLIGHT_PER_LINK)
 
-        async def one(frames: list[Buffer]) -> None:
+        async def one(frames: list[Buffer], sender: Sender) -> None:
             try:
-                await self.server.take(frames, link.send, Sender(MEMBER, conn=link))
+                await self.server.take(frames, link.send, sender)
             finally:
                 slots.release()
 
         while True:
             frames = await link.recv()
+            principal = self.principal_of(name)
+            if principal is None:  # its key left the allow-list: this link serves nothing more
+                raise AuthFailed(f"{name} is no longer allowed")
             # Each request gets its own task (a slow disk read must not hold up the link), up
             # to a bound: past it we stop reading, and SCTP's window pushes back on the peer.
             await slots.acquire()
-            self._spawn(one(list(frames)))
+            self._spawn(one(list(frames), Sender(principal, conn=link)))
 
     def _signal(self, to: str, session: str, kind: str, sdp: str = "", reason: str = "") -> None:
         fields: dict[str, Any] = {
@@ -366,6 +376,10 @@ class WebRTCPeering:
         await asyncio.gather(*(link.close("node stopping") for link in links), return_exceptions=True)
 
 
+INBOX_MESSAGES = 1024
+"""Replies waiting for the client reading a link (it reads them as they come)."""
+
+
 class LinkConduit:
     """An AsyncClient conduit over the WebRTC link to one member (dialed on first use).
 
@@ -376,7 +390,8 @@ class LinkConduit:
     def __init__(self, peering: WebRTCPeering, name: str) -> None:
         self._peering = peering
         self._name = name
-        self._inbox: asyncio.Queue[list[Buffer] | str] = asyncio.Queue()
+        # Bounded: a member can have no more replies for us than requests we sent it.
+        self._inbox: asyncio.Queue[list[Buffer] | str] = asyncio.Queue(INBOX_MESSAGES)
         self._link: asyncio.Future[WebRTCLink] = asyncio.ensure_future(peering.link_to(name))
 
     def uses(self, link: WebRTCLink) -> bool:
@@ -388,9 +403,14 @@ class LinkConduit:
         )
 
     def deliver(self, frames: list[Buffer]) -> None:
-        self._inbox.put_nowait(frames)
+        try:
+            self._inbox.put_nowait(frames)
+        except asyncio.QueueFull:  # replies nobody asked for: dropped, counted
+            self._peering.counters["webrtc_replies_dropped"] += 1
 
     def broken(self, why: str) -> None:
+        while self._inbox.full():
+            self._inbox.get_nowait()  # whoever waits must hear that the link broke
         self._inbox.put_nowait(why)
 
     def superseded(self) -> None:

@@ -19,7 +19,7 @@ import msgpack
 
 from .errors import BadRequest, MeshError, TooLarge, UnknownOp, UnsupportedVersion, error_from_wire
 from .keys import KEY_BYTES
-from .records import TENANT_RE, Buffer, ChunkRecord, RecordHeader, unpack_map
+from .records import MAX_RECORD_HEADER_BYTES, TENANT_RE, Buffer, ChunkRecord, RecordHeader, unpack_map
 
 PROTOCOL_VERSION_MIN = 1
 PROTOCOL_VERSION_MAX = 1
@@ -186,9 +186,13 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         raise BadRequest("empty message")
     m = unpack_map(frames[0], limits.max_header_bytes, "request header")
     version = m.get("v")
-    if not isinstance(version, int) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
+    if (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX
+    ):
         raise UnsupportedVersion(
-            f"protocol version {version!r} not supported; must be in range "
+            f"protocol version {version!r:.40} not supported; must be in range "
             f"[{PROTOCOL_VERSION_MIN}, {PROTOCOL_VERSION_MAX}]"
         )
     rid, timeout_ms, op_code = m.get("id"), m.get("timeout_ms", DEFAULT_TIMEOUT_MS), m.get("op")
@@ -197,12 +201,12 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
         raise BadRequest(f"field 'timeout_ms' must be a positive int, got {timeout_ms!r:.40}")
     try:
-        op = Op(op_code) if isinstance(op_code, int) else Op(-1)
+        op = Op(op_code) if isinstance(op_code, int) and not isinstance(op_code, bool) else Op(-1)
     except ValueError:
         raise UnknownOp(
             f"unknown op {op_code!r:.40}; this node knows {', '.join(o.name for o in Op)}"
         ) from None
-    fields_: dict[str, Any] = {"tenant": _tenant(m)}
+    fields_: dict[str, Any] = {"tenant": _tenant(m), "scoped": _flag(m, "scoped")}
     payloads = list(frames[1:])
     total = sum(len(p) for p in payloads)
     if total > limits.max_request_bytes:
@@ -217,6 +221,8 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
             raise BadRequest(f"PUT has {len(raw)} record headers but {len(payloads)} payload frames")
         headers = [RecordHeader.from_wire(h) for h in raw]
         for h in headers:
+            if len(h.encode()) > MAX_RECORD_HEADER_BYTES:
+                raise TooLarge(f"a record header exceeds {MAX_RECORD_HEADER_BYTES} bytes")
             if h.length > limits.max_record_bytes:
                 raise TooLarge(f"record of {h.length} bytes exceeds the limit of {limits.max_record_bytes}")
         fields_["headers"] = headers
@@ -241,16 +247,13 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         if op in (Op.GET, Op.LOOKUP):
             fields_["cost"] = _cost(m)
     elif op is Op.ANNOUNCE:
-        holder = m.get("holder")
-        if not isinstance(holder, str) or not holder:
-            raise BadRequest("ANNOUNCE needs a non-empty string 'holder'")
-        fields_["holder"] = holder
+        fields_["holder"] = _string(m, "holder", 255)
         fields_["add"] = _keys(m, limits, "add")
         fields_["remove"] = _keys(m, limits, "remove")
         # route: the holder is an engine attached to the receiving node, which routes the
         # keys to their owners; otherwise the receiver is an owner and records them.
         fields_["route"] = _flag(m, "route")
-        if fields_["route"] and "/" in holder:
+        if fields_["route"] and "/" in fields_["holder"]:
             raise BadRequest("an engine name must not contain '/'")
     elif op is Op.ATTACH:
         fields_["name"] = _string(m, "name", 255)
@@ -293,10 +296,14 @@ def decode_reply(frames: Sequence[Buffer], max_header_bytes: int = 1 << 20) -> R
         raise BadRequest("empty reply")
     m = unpack_map(frames[0], max_header_bytes, "reply header")
     version = m.get("v")
-    if not isinstance(version, int) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
-        raise UnsupportedVersion(f"reply with protocol version {version!r}")
+    if (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX
+    ):
+        raise UnsupportedVersion(f"reply with protocol version {version!r:.40}")
     rid = m.get("id")
-    if not isinstance(rid, int):
+    if not isinstance(rid, int) or isinstance(rid, bool):
         raise BadRequest("reply without an id")
     if m.get("ok") is not True:
         raise error_from_wire(m.get("code"), m.get("error", "error reply without a message"))

@@ -100,9 +100,13 @@ class RecordHeader:
         if not isinstance(m, dict):
             raise BadRequest(f"record header must be a map, got {type(m).__name__}")
         version = m.get("v")
-        if not isinstance(version, int) or not RECORD_VERSION_MIN <= version <= RECORD_VERSION_MAX:
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or not RECORD_VERSION_MIN <= version <= RECORD_VERSION_MAX
+        ):
             raise UnsupportedVersion(
-                f"record version {version!r} not supported; must be in range "
+                f"record version {version!r:.40} not supported; must be in range "
                 f"[{RECORD_VERSION_MIN}, {RECORD_VERSION_MAX}]"
             )
         key, ns = m.get("key"), m.get("ns")

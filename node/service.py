@@ -15,11 +15,13 @@ sender gets BUSY at once, so an engine never waits past its deadline for a full 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import zmq
 
 from lmcache_mesh.transports import ZmqRouter
 from lmcache_mesh.transports.curve import CurveServer
@@ -35,12 +37,12 @@ from .errors import (
     MeshError,
     Unavailable,
 )
-from .keyring import MEMBER, TRUSTED, Keyring, Principal, Role, Sender
+from .keyring import TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
-from .records import Buffer, ChunkRecord
+from .records import Buffer, ChunkRecord, RecordHeader
 from .relay import RelayTable
-from .tenants import admit_headers, client_header, scope_fields
+from .tenants import admit_headers, client_records, scope_fields
 
 if TYPE_CHECKING:
     from .peering import WebRTCPeering
@@ -116,8 +118,10 @@ class NodeServer:
         self._observe = observe
         self._slots = max(cfg.max_inflight_requests, 1)
         self._busy_slots = 0
-        self._conns: dict[Hashable, list[int]] = {}
-        """Requests and payload bytes in flight per connection."""
+        self._inflight: dict[Hashable, int] = {}
+        """Requests waiting (disk, peers) per party: a client's key, or a connection."""
+        self._queued: dict[Hashable, deque[tuple[zmq.MessageTracker, int]]] = {}
+        """Large replies handed to libzmq per party, until sent."""
         self.busy = 0
         self.forbidden = 0
         node.security = self.security_stats
@@ -177,17 +181,46 @@ class NodeServer:
         public = router is self._public
         while True:
             peer, frames, user = await router.recv()
-            if user is None or self.keyring is None:
-                principal: Principal | None = TRUSTED
-            else:
-                principal = self.keyring.principal(user)
+            principal: Principal | None = TRUSTED
+            if router.curve is not None:
+                # No User-Id cannot happen past the handshake; if it did, nothing is served.
+                principal = self.keyring.principal(user) if self.keyring is not None and user else None
             if principal is None:
                 # Admitted, but the key left the allow-list since (reloaded): nothing more.
                 self.forbidden += 1
                 self.node.count_error("FORBIDDEN")
                 continue
-            sender = Sender(principal, peer if public else None, (public, peer))
-            await self.take([f.buffer for f in frames], functools.partial(router.send, peer), sender)
+            # Limits count per key for clients (however many connections they open), per
+            # connection otherwise.
+            party = principal.name if user is not None and principal.role is not Role.NODE else (public, peer)
+            sender = Sender(principal, peer if public else None, party)
+            await self.take([f.buffer for f in frames], self._replier(router, peer, party), sender)
+
+    def _replier(self, router: ZmqRouter, peer: bytes, party: Hashable) -> ReplyTo:
+        """Sends a reply to ``peer``; large ones are tracked until libzmq has sent them, so
+        the bytes queued for one party stay bounded."""
+
+        async def reply(frames: Sequence[Any]) -> None:
+            nbytes = sum(len(f) for f in frames[1:])
+            if nbytes < TRACKED_REPLY_BYTES:
+                await router.send(peer, frames)
+                return
+            tracker = await router.send(peer, frames, track=True)
+            self._queued.setdefault(party, deque()).append((tracker, nbytes))
+
+        return reply
+
+    def _queued_bytes(self, party: Hashable) -> int:
+        """Reply bytes handed to libzmq for ``party`` and not sent yet."""
+        queue = self._queued.get(party)
+        if not queue:
+            return 0
+        pending = deque(item for item in queue if not item[0].done)
+        if pending:
+            self._queued[party] = pending
+        else:
+            del self._queued[party]
+        return sum(n for _, n in pending)
 
     async def take(self, buffers: list[Buffer], reply_to: ReplyTo, sender: Sender = FROM_MEMBER) -> None:
         """Handle one message from a ROUTER peer, a WebRTC link (a proven member), or our
@@ -213,7 +246,7 @@ class NodeServer:
         request: Request | MeshError
         peer = sender.peer
         try:
-            request = self._admit(decode_request(buffers, self.limits), sender.principal)
+            request = self._admit(decode_request(buffers, self.limits), sender)
         except MeshError as exc:
             request = exc
         if isinstance(request, Forbidden):
@@ -230,66 +263,74 @@ class NodeServer:
                     f"name {request.fields['name']!r} is attached elsewhere, or this relay is full"
                 )
                 await reply_to([error_reply(request.id, error)])
-        elif isinstance(request, Request) and self._may_wait(request):
-            busy = self._claim(sender.conn, request)
+        elif isinstance(request, Request):
+            wait = self._may_wait(request)
+            busy = self._over_limit(sender.conn, request, wait)
             if busy is not None:
                 self.busy += 1
                 await self._answer(reply_to, buffers, busy, received)
-                return
-            task = asyncio.create_task(
-                self._answer_in_slot(reply_to, buffers, request, received, sender.conn)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            elif wait:
+                self._hold(sender.conn)
+                task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, request, received))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:  # memory-only work never blocks: answering inline saves a task per request
+                await self._answer(reply_to, buffers, request, received)
         else:
-            # Memory-only work never blocks: answering inline saves a task per request.
             await self._answer(reply_to, buffers, request, received)
 
-    def _admit(self, req: Request, principal: Principal) -> Request:
+    def _admit(self, req: Request, sender: Sender) -> Request:
         """The request as this sender may run it (keys scoped to its tenant); Forbidden if not."""
+        principal = sender.principal
+        req.fields["party"] = sender.conn
         if not _allowed(principal, req):
             raise Forbidden(f"key {principal.name!r} ({principal.role.value}) may not use {req.op.name}")
+        if req.op is Op.ATTACH and principal is not TRUSTED and req.fields["name"] != principal.name:
+            raise Forbidden(f"key {principal.name!r} may attach only under its own name")
+        if req.fields["scoped"]:
+            # A member forwarding keys it has scoped already (and records as labelled).
+            if principal.role is not Role.NODE:
+                raise Forbidden(f"key {principal.name!r} may not send scoped keys")
+            req.fields["tenant"] = None
+            return req
         tenant = _tenant(principal, req)
         req.fields["tenant"] = tenant
-        if tenant:
-            scope_fields(req.fields, tenant)
-        if (
-            req.op is Op.ATTACH
-            and principal not in (TRUSTED, MEMBER)
-            and req.fields["name"] != principal.name
-        ):
-            raise Forbidden(f"key {principal.name!r} may attach only under its own name")
-        if req.op is Op.PUT and (tenant or principal.role is not Role.NODE):
-            # Only a node passes records on as labelled; anyone else's are labelled here.
+        scope_fields(req.fields, tenant)
+        if req.op is Op.PUT:
             req.fields["headers"] = admit_headers(req.fields["headers"], tenant)
+            if principal.role is not Role.NODE:
+                req.fields["replica"] = False  # a client's chunks always get their replicas
         return req
 
-    def _claim(self, conn: Hashable, req: Request) -> Busy | None:
-        """Take a slot for a request that may wait; a Busy error when a bound is reached."""
+    def _over_limit(self, party: Hashable, req: Request, wait: bool) -> Busy | None:
+        """BUSY when taking ``req`` would pass a bound: requests waiting (in all, and for this
+        party) or reply bytes not yet sent to it."""
         cfg = self.node.config
-        nbytes = sum(len(p) for p in req.payloads)
-        used = self._conns.get(conn, [0, 0])
-        if self._busy_slots >= self._slots:
-            return Busy(f"node busy: {self._slots} requests in flight")
-        if used[0] >= cfg.max_inflight_per_peer:
-            return Busy(
-                f"this connection has {used[0]} requests in flight (limit {cfg.max_inflight_per_peer})"
-            )
-        if used[0] and used[1] + nbytes > cfg.max_inflight_bytes_per_peer:
-            return Busy(
-                f"this connection has {used[1]} bytes in flight (limit {cfg.max_inflight_bytes_per_peer})"
-            )
-        self._busy_slots += 1
-        self._conns[conn] = [used[0] + 1, used[1] + nbytes]
+        if wait:
+            if self._busy_slots >= self._slots:
+                return Busy(f"node busy: {self._slots} requests in flight")
+            waiting = self._inflight.get(party, 0)
+            if waiting >= cfg.max_inflight_per_peer:
+                return Busy(f"{waiting} requests of yours in flight (limit {cfg.max_inflight_per_peer})")
+        if req.op is Op.GET:
+            queued = self._queued_bytes(party)
+            if queued >= cfg.max_inflight_bytes_per_peer:
+                return Busy(
+                    f"{queued} bytes of replies to you not sent yet (limit {cfg.max_inflight_bytes_per_peer})"
+                )
         return None
 
-    def _release(self, conn: Hashable, req: Request) -> None:
+    def _hold(self, party: Hashable) -> None:
+        self._busy_slots += 1
+        self._inflight[party] = self._inflight.get(party, 0) + 1
+
+    def _unhold(self, party: Hashable) -> None:
         self._busy_slots -= 1
-        used = self._conns[conn]
-        used[0] -= 1
-        used[1] -= sum(len(p) for p in req.payloads)
-        if used[0] == 0:
-            del self._conns[conn]
+        left = self._inflight[party] - 1
+        if left:
+            self._inflight[party] = left
+        else:
+            del self._inflight[party]
 
     def _one_way(self, req: Request, peer: bytes | None) -> None:
         if req.op is Op.MESH:
@@ -338,12 +379,12 @@ class NodeServer:
         return c is not None and not req.fields["local"] and c.cluster.membership.num_alive() > 1
 
     async def _answer_in_slot(
-        self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float, conn: Hashable
+        self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float
     ) -> None:
         try:
             await self._answer(reply_to, buffers, request, received)
         finally:
-            self._release(conn, request)
+            self._unhold(request.fields["party"])
 
     async def _answer(
         self, reply_to: ReplyTo, buffers: list[Any], request: Request | MeshError, received: float
@@ -390,7 +431,8 @@ class NodeServer:
                 self.node.checksum_failures += 1
                 raise
             self.node.put_records(records)
-            self.node.count_tenant(req.fields["tenant"], puts=len(records))
+            if req.fields["tenant"] is not None:
+                self.node.count_tenant(req.fields["tenant"], puts=len(records))
             if self.coordinator is not None:
                 self.coordinator.stored(records, replicate=not req.fields["replica"])
             return [ok_reply(req.id, stored=len(records))]
@@ -399,18 +441,22 @@ class NodeServer:
             if store.in_memory(keys):
                 found = self.node.get_records(keys)
             else:
-                found = await self._in_thread(self.node.get_records, keys, deadline=deadline)
+                found = await self._in_thread(
+                    self.node.get_records, keys, deadline=deadline, party=req.fields["party"]
+                )
             if self.coordinator is not None and self._mesh_wide(req) and None in found:
                 found = await self.coordinator.get(keys, found, deadline, req.fields["cost"])
-            found = _within(found, self.limits.max_request_bytes)
-            hits = sum(r is not None for r in found)
-            self.node.count_tenant(req.fields["tenant"], gets=len(keys), hits=hits)
-            theirs = req.fields.get("client_keys", keys)
-            headers = [
-                None if r is None else (client_header(r, k) if req.fields["tenant"] else r.header).to_wire()
-                for r, k in zip(found, theirs, strict=True)
-            ]
-            return [ok_reply(req.id, records=headers), *(r.payload for r in found if r is not None)]
+            tenant = req.fields["tenant"]
+            if tenant is None:  # a member's request: keys and records as stored
+                headers: list[RecordHeader | None] = [None if r is None else r.header for r in found]
+            else:
+                headers = client_records(found, req.fields["client_keys"], tenant)
+                found = [r if h is not None else None for r, h in zip(found, headers, strict=True)]
+            found, headers = _within(found, headers, self.limits.max_request_bytes)
+            if tenant is not None:
+                self.node.count_tenant(tenant, gets=len(keys), hits=sum(r is not None for r in found))
+            wire = [None if h is None else h.to_wire() for h in headers]
+            return [ok_reply(req.id, records=wire), *(r.payload for r in found if r is not None)]
         if req.op is Op.LOOKUP:
             keys = req.fields["keys"]
             if req.fields["holders"] and self.coordinator is not None and self._mesh_wide(req):
@@ -472,27 +518,37 @@ class NodeServer:
             return [ok_reply(req.id, seeds=req.fields["seeds"])]
         raise InternalError(f"op {req.op.name} has no handler")  # pragma: no cover - Op and this table agree
 
-    async def _in_thread(self, fn: Callable[..., Any], *args: Any, deadline: float | None) -> Any:
-        work = asyncio.to_thread(fn, *args)
+    async def _in_thread(
+        self, fn: Callable[..., Any], *args: Any, deadline: float | None, party: Hashable = None
+    ) -> Any:
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         if deadline is None:
             return await work  # a delete must finish once started: nothing half-done
         try:
-            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
+            return await asyncio.wait_for(asyncio.shield(work), max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
+            # The thread cannot be stopped: it keeps its party's slot until it ends, so
+            # requests that time out cannot pile up reads without bound.
+            self._hold(party)
+            work.add_done_callback(lambda _: self._unhold(party))
             raise DeadlineExceeded("deadline passed while reading from disk") from None
 
 
-def _within(found: list[ChunkRecord | None], max_bytes: int) -> list[ChunkRecord | None]:
-    """Records up to ``max_bytes`` of payload in all; the rest become misses (a reply is bounded too)."""
+def _within(
+    found: list[ChunkRecord | None], headers: list[RecordHeader | None], max_bytes: int
+) -> tuple[list[ChunkRecord | None], list[RecordHeader | None]]:
+    """Records up to ``max_bytes`` (payloads and headers) in all; the rest become misses."""
     total = 0
-    out: list[ChunkRecord | None] = []
-    for r in found:
-        if r is not None:
-            total += r.nbytes
+    records: list[ChunkRecord | None] = []
+    kept: list[RecordHeader | None] = []
+    for r, h in zip(found, headers, strict=True):
+        if r is not None and h is not None:
+            total += r.nbytes + HEADER_ALLOWANCE_BYTES
             if total > max_bytes:
-                r = None
-        out.append(r)
-    return out
+                r = h = None
+        records.append(r)
+        kept.append(h)
+    return records, kept
 
 
 def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
@@ -501,6 +557,12 @@ def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
     except MeshError:
         return None
 
+
+HEADER_ALLOWANCE_BYTES = 1024
+"""What a record header adds to a reply, roughly (they are at most MAX_RECORD_HEADER_BYTES)."""
+
+TRACKED_REPLY_BYTES = 64 << 10
+"""Replies this large are tracked until sent: they count against a party's queued bytes."""
 
 FRAME_SLACK_BYTES = 1 << 20
 """Frames up to this much above our limits still reach us and get a TOO_LARGE reply."""

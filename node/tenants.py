@@ -1,11 +1,13 @@
 """Tenants: each tenant's chunks live under keys that no other tenant can name.
 
-A node admitting a request in tenant T replaces every chunk key k by
-``blake2b(k, key=T)``: a chunk stored for T can only be hit, read, deleted or ranked by a
-request in T, whatever keys another tenant sends, and the mesh (ring, replicas, index)
-only ever sees the scoped keys. Replies carry the client's own keys back. The default
-tenant ("") keeps keys as they are. Records are labelled with their tenant, so a node can
-count what it holds per tenant without knowing anyone's keys.
+A node admitting a client's request in tenant T replaces every chunk key k by
+``blake2b(k, key=T)`` (the default tenant "" by an unkeyed blake2b under another
+personalisation): a chunk stored for T can only be hit, read, deleted or ranked by a
+request in T, whatever keys another tenant sends — no client ever names a stored key
+directly, so knowing T's name and prompt is not enough. Only a mesh member forwards keys
+already scoped (``"scoped": true``). The mesh (ring, replicas, index) only ever sees the
+scoped keys; replies carry the client's own keys back. Records are labelled with their
+tenant, so a node can count what it holds per tenant without knowing anyone's keys.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ KEY_FIELDS = ("keys", "add", "remove")
 
 def scoped_key(tenant: str, key: bytes) -> bytes:
     if not tenant:
-        return key
+        return hashlib.blake2b(key, digest_size=KEY_BYTES, person=b"lmcache-default").digest()
     return hashlib.blake2b(key, digest_size=KEY_BYTES, key=tenant.encode(), person=b"lmcache-tenant").digest()
 
 
@@ -35,6 +37,17 @@ def scope_fields(fields: dict[str, object], tenant: str) -> None:
             if name == "keys":
                 fields["client_keys"] = keys
             fields[name] = [scoped_key(tenant, k) for k in keys]
+
+
+def client_records(
+    found: Sequence[ChunkRecord | None], client_keys: Sequence[bytes], tenant: str
+) -> list[RecordHeader | None]:
+    """Headers of a GET reply to a client: its own keys back; a record labelled for another
+    tenant (which no scoped key should reach) is a miss."""
+    return [
+        None if r is None or r.header.tenant != tenant else client_header(r, k)
+        for r, k in zip(found, client_keys, strict=True)
+    ]
 
 
 def admit_headers(headers: Sequence[RecordHeader], tenant: str) -> list[RecordHeader]:

@@ -135,9 +135,11 @@ class ZmqRouter:
         user = frames[0].get("User-Id") if self.curve is not None else None
         return frames[0].bytes, frames[1:], user if isinstance(user, str) and user else None
 
-    async def send(self, peer: bytes, frames: Sequence[Frame]) -> None:
+    async def send(self, peer: bytes, frames: Sequence[Frame], track: bool = False) -> Any:
+        """Queue a message for ``peer``; with ``track``, returns a MessageTracker that is
+        ``done`` once libzmq no longer holds the frames (sent, or dropped)."""
         assert self._sock is not None, "bind() first"
-        await self._sock.send_multipart([peer, *frames], copy=False)
+        return await self._sock.send_multipart([peer, *frames], copy=False, track=track)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -191,6 +191,7 @@ class MemoryTier:
             self._main_bytes += size
             return None
         del self._entries[key]
+        uncount(self.tenants, entry.record.header.tenant)
         self._ghost[key] = None
         while len(self._ghost) > max(len(self._entries), 1):  # remember about as many as we hold
             self._ghost.popitem(last=False)
@@ -206,6 +207,7 @@ class MemoryTier:
             return None
         self._main_bytes -= entry.record.nbytes
         del self._entries[key]
+        uncount(self.tenants, entry.record.header.tenant)
         self.evictions += 1
         return entry.record
 

@@ -17,6 +17,7 @@ import zmq
 from lmcache_mesh.node import AsyncClient, ChunkRecord, Client, DeadlineExceeded
 from lmcache_mesh.node.errors import ErrorCode
 from lmcache_mesh.node.protocol import Op, put_request, request_header
+from lmcache_mesh.node.tenants import scoped_key
 
 from ..conftest import DaemonFactory
 from ..helpers import Daemon, payload
@@ -183,9 +184,10 @@ def test_kill9_then_planted_torn_and_corrupt_files_are_discarded_on_restart(
         wait_for_writeback(c)
     d.stop(signal.SIGKILL)
     files = {p.name[:32]: p for p in (data / "chunks").rglob("*.rec")}
-    on_disk = [i for i, k in enumerate(keys[:12]) if k.hex() in files]
+    stored = [scoped_key("", k).hex() for k in keys[:12]]  # files are named by the stored key
+    on_disk = [i for i, name in enumerate(stored) if name in files]
     assert len(on_disk) >= 8
-    torn, corrupt = files[keys[on_disk[0]].hex()], files[keys[on_disk[1]].hex()]
+    torn, corrupt = files[stored[on_disk[0]]], files[stored[on_disk[1]]]
     torn.write_bytes(torn.read_bytes()[:1000])
     blob = bytearray(corrupt.read_bytes())
     blob[-5] ^= 0xFF

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.mesh.ring import HashRing, RingMember
+from lmcache_mesh.node.tenants import scoped_key
 from lmcache_mesh.node.tiers.disk import decode_file_header
 
 from ..helpers import Daemon, free_port, kill_all, start_daemon
@@ -35,6 +36,7 @@ LOAD_S = 16.0
 BEFORE_KILL_S = 5.0
 DOWN_S = 3.0
 N_CORRUPT = 3
+MAX_PUTS = 400
 CLIENT_TIMEOUT_S = 5.0
 MEMORY, DISK = "1MiB", "256MiB"  # a small memory tier: most records live in *.rec files on disk
 RING_WEIGHT = ((1 << 20) + (256 << 20)) / (1 << 30)
@@ -81,8 +83,15 @@ def all_alive(nodes: Sequence[Daemon]) -> bool:
     return True
 
 
+CLIENT_KEY_OF = {
+    scoped_key("", key_of(w, i)): key_of(w, i) for w in range(len(LOADED)) for i in range(MAX_PUTS)
+}
+"""The workers' keys by the key the nodes store them under (the default tenant's scoping)."""
+
+
 def corrupt_records(data_dir: Path, n: int) -> list[bytes]:
-    """Flip bytes in the middle of the payload of the ``n`` oldest record files; their keys."""
+    """Flip bytes in the middle of the payload of the ``n`` oldest record files; their
+    (clients') keys."""
     files = sorted(data_dir.glob("chunks/*/*.rec"), key=lambda p: p.stat().st_mtime)
     keys: list[bytes] = []
     for path in files:
@@ -101,7 +110,7 @@ def corrupt_records(data_dir: Path, n: int) -> list[bytes]:
             f.write(bytes(b ^ 0xFF for b in chunk))
             f.flush()
             os.fsync(f.fileno())
-        keys.append(header.key)
+        keys.append(CLIENT_KEY_OF[header.key])
     return keys
 
 
@@ -174,7 +183,14 @@ def test_mesh_serves_only_exact_bytes_through_a_kill_a_restart_and_a_corrupt_fil
         summaries = [tmp_path / f"worker{w}.json" for w in range(len(LOADED))]
         for w, i in enumerate(LOADED):
             cmd = [sys.executable, str(WORKER), addrs[i], str(w), str(len(LOADED)), str(summaries[w])]
-            cmd += ["--duration", str(LOAD_S), "--max-puts", "400", "--timeout", str(CLIENT_TIMEOUT_S)]
+            cmd += [
+                "--duration",
+                str(LOAD_S),
+                "--max-puts",
+                str(MAX_PUTS),
+                "--timeout",
+                str(CLIENT_TIMEOUT_S),
+            ]
             workers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         load_started = time.time()
 
@@ -279,7 +295,7 @@ def test_mesh_serves_only_exact_bytes_through_a_kill_a_restart_and_a_corrupt_fil
         victim_name = f"node{BASE + VICTIM}"
 
         def victim_owned(worker: int, i: int) -> bool:
-            return ring_known and victim_name in ring.owners(key_of(worker, i), REPLICAS)
+            return ring_known and victim_name in ring.owners(scoped_key("", key_of(worker, i)), REPLICAS)
 
         log = sorted((e for r in results for e in r["log"]), key=lambda e: e[0])
         windows = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,16 @@ class Harness:
         self.server = NodeServer(self.node)
         self._ids = iter(range(1, 1 << 30))
 
-    async def call(self, sender: Sender, op: Op, frames: list[Any] = (), **fields: Any) -> Reply:  # type: ignore[assignment]
+    async def call(
+        self, sender: Sender, op: Op, frames: Sequence[Any] = (), timeout_ms: int = 2000, **fields: Any
+    ) -> Reply:
         replies: list[list[Any]] = []
 
         async def reply_to(out: Any) -> None:
             replies.append([bytes(f) for f in out])
 
-        await self.server.take(
-            [request_header(op, next(self._ids), 2000, **fields), *frames], reply_to, sender
-        )
+        header = request_header(op, next(self._ids), timeout_ms, **fields)
+        await self.server.take([header, *frames], reply_to, sender)
         for _ in range(200):  # a request that may wait runs in a task
             if replies:
                 break
@@ -79,6 +81,7 @@ def test_tenants_see_only_their_own_chunks(tmp_path: Path, ns: bytes, keys: list
             assert (await h.call(other, Op.DELETE, keys=keys[:3])).fields["deleted"] == 0
         # stored under scoped keys, labelled with the tenant; the client key itself is unused
         assert h.node.lookup([scoped_key("acme", k) for k in keys[:3]]) == 3 and h.node.lookup(keys[:1]) == 0
+        assert scoped_key("", keys[0]) not in (keys[0], scoped_key("acme", keys[0]))
         (rec,) = h.node.get_records([scoped_key("acme", keys[0])])
         assert rec is not None and rec.header.tenant == "acme"
         # a front end that may name tenants reaches acme's chunks only by naming acme
@@ -101,19 +104,43 @@ def test_a_client_cannot_forge_a_tenant_label_or_name_another_tenant(
             type(forged.header)(**{**_fields(forged.header), "tenant": "acme"}), forged.payload
         )
         await h.put(SHARED, [forged])
-        (rec,) = h.node.get_records([keys[0]])
+        (rec,) = h.node.get_records([scoped_key("", keys[0])])
         assert rec is not None and rec.header.tenant == ""  # relabelled: the sender's tenant
         with pytest.raises(MeshError) as info:
             await h.get(GLOBEX, keys[:1], tenant="acme")
         assert info.value.code is ErrorCode.FORBIDDEN
         assert await h.get(ACME, keys[:1], tenant="acme") == [None]  # its own tenant: fine, and empty
-        # a node passes records on as labelled (a replica of acme's chunk)
+        # a member passes records on as stored: scoped keys, labelled (a replica of acme's chunk)
         replica = ChunkRecord(
             type(forged.header)(**{**_fields(forged.header), "key": keys[1]}), forged.payload
         )
-        await h.put(PEER, [replica], replica=True)
+        await h.put(PEER, [replica], replica=True, scoped=True)
         (rec,) = h.node.get_records([keys[1]])
         assert rec is not None and rec.header.tenant == "acme"
+        assert await h.get(ACME, keys[1:2]) == [None]  # and no client key names a stored key
+
+    run(main())
+
+
+def test_knowing_a_tenants_name_and_prompt_is_not_enough(
+    tmp_path: Path, ns: bytes, keys: list[bytes]
+) -> None:
+    """No client names a stored key: sending acme's scoped keys from elsewhere hits nothing."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        await h.put(ACME, [ChunkRecord.build(k, payload(i), ns) for i, k in enumerate(keys[:2])])
+        forged_keys = [scoped_key("acme", k) for k in keys[:2]]
+        for intruder in (SHARED, FRONT, OPS, GLOBEX):
+            assert await h.get(intruder, forged_keys) == [None, None]
+            assert (await h.call(intruder, Op.LOOKUP, keys=forged_keys)).fields["hits"] == 0
+            assert (await h.call(intruder, Op.DELETE, keys=forged_keys)).fields["deleted"] == 0
+        for intruder in (SHARED, FRONT, OPS, GLOBEX):
+            await h.put(intruder, [ChunkRecord.build(k, b"POISON", ns) for k in forged_keys])
+            with pytest.raises(MeshError) as info:  # only members send keys as stored
+                await h.call(intruder, Op.GET, keys=forged_keys, scoped=True)
+            assert info.value.code is ErrorCode.FORBIDDEN
+        assert await h.get(ACME, keys[:2]) == [payload(0), payload(1)]  # untouched
 
     run(main())
 
@@ -178,7 +205,7 @@ def test_one_connection_cannot_take_all_slots(tmp_path: Path, ns: bytes, keys: l
         h = Harness(tmp_path, max_inflight_per_peer=2)
         h.node.store.disk = StalledDisk(tmp_path, 1 << 20)
         h.node.store.disk.open()
-        record = ChunkRecord.build(keys[0], payload(0), ns)
+        record = ChunkRecord.build(scoped_key("", keys[0]), payload(0), ns)
         assert h.node.store.disk.submit(record) and h.node.store.disk.flush(10)
         slow = [asyncio.create_task(h.get(SHARED, keys[:1])) for _ in range(2)]
         await asyncio.sleep(0.05)
@@ -198,12 +225,36 @@ def test_a_get_reply_is_bounded_by_the_request_size_limit(
     tmp_path: Path, ns: bytes, keys: list[bytes]
 ) -> None:
     async def main() -> None:
-        h = Harness(tmp_path, max_request_bytes=10_000)
+        h = Harness(tmp_path, max_request_bytes=12_000)
         await h.put(SHARED, [ChunkRecord.build(k, payload(i), ns) for i, k in enumerate(keys[:2])])
         assert await h.get(SHARED, keys[:3]) == [payload(0), payload(1), None]
         for i in range(2, 5):
             await h.put(SHARED, [ChunkRecord.build(keys[i], payload(i), ns)])
         got = await h.get(SHARED, keys[:5])
         assert got[:2] == [payload(0), payload(1)] and got[2:] == [None, None, None]  # 4 KiB each
+
+    run(main())
+
+
+def test_a_disk_read_past_its_deadline_keeps_its_slot_until_it_ends(
+    tmp_path: Path, ns: bytes, keys: list[bytes]
+) -> None:
+    """Requests that time out cannot pile up disk reads: the read holds its slot until done."""
+
+    async def main() -> None:
+        h = Harness(tmp_path, max_inflight_per_peer=1)
+        h.node.store.disk = StalledDisk(tmp_path, 1 << 20)
+        h.node.store.disk.open()
+        record = ChunkRecord.build(scoped_key("", keys[0]), payload(0), ns)
+        assert h.node.store.disk.submit(record) and h.node.store.disk.flush(10)
+        with pytest.raises(MeshError) as info:
+            await h.call(SHARED, Op.GET, keys=keys[:1], timeout_ms=50)
+        assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
+        with pytest.raises(MeshError) as info:
+            await h.call(SHARED, Op.GET, keys=keys[:1])  # the abandoned read still runs
+        assert info.value.code is ErrorCode.BUSY
+        await asyncio.sleep(0.4)
+        assert await h.get(SHARED, keys[:1]) == [payload(0)]
+        assert h.server._busy_slots == 0 and not h.server._inflight
 
     run(main())

@@ -76,7 +76,7 @@ def test_valid_requests_decode() -> None:
         ),
         ([hdr(op=7), b"d"], BadRequest, "MESH needs a string 'from'"),
         ([hdr(op=8, seeds=[])], BadRequest, "JOIN needs a non-empty list 'seeds'"),
-        ([hdr(op=9, add=[b"k" * 16])], BadRequest, "ANNOUNCE needs a non-empty string 'holder'"),
+        ([hdr(op=9, add=[b"k" * 16])], BadRequest, "field 'holder' must be a non-empty string"),
         ([hdr(op=9, holder="h", add=[b"short"])], BadRequest, "every key must be 16 bytes"),
         ([hdr(op=9, holder="h", remove="x")], BadRequest, "'remove' must be a list"),
         (

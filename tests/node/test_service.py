@@ -66,14 +66,14 @@ def test_a_disk_read_past_the_deadline_gets_deadline_exceeded_and_the_node_keeps
 ) -> None:
     async def main() -> None:
         async with stalled_node(tmp_path, ChunkRecord.build(keys[0], payload(0), ns)) as sock:
-            await sock.send_multipart([request_header(Op.GET, 1, 100, keys=[keys[0]])])
+            await sock.send_multipart([request_header(Op.GET, 1, 100, keys=[keys[0]], scoped=True)])
             await sock.send_multipart([request_header(Op.PING, 2, 1000)])
             first, _ = await reply(sock)
             second, _ = await reply(sock)
             # The ping is answered while the slow disk read is still going on.
             assert first["id"] == 2 and first["ok"] is True
             assert second["id"] == 1 and second["code"] == ErrorCode.DEADLINE_EXCEEDED
-            await sock.send_multipart([request_header(Op.GET, 3, 5000, keys=[keys[0]])])
+            await sock.send_multipart([request_header(Op.GET, 3, 5000, keys=[keys[0]], scoped=True)])
             third, frames = await reply(sock)
             assert third["ok"] is True and frames == [payload(0)]
 
@@ -87,10 +87,10 @@ def test_a_full_node_answers_busy_at_once_instead_of_making_the_engine_wait(
         record = ChunkRecord.build(keys[0], payload(0), ns)
         async with stalled_node(tmp_path, record, max_inflight_requests=1) as sock:
             await sock.send_multipart(
-                [request_header(Op.GET, 1, 5000, keys=[keys[0]])]
+                [request_header(Op.GET, 1, 5000, keys=[keys[0]], scoped=True)]
             )  # holds the only slot for 0.5 s
             started = time.monotonic()
-            await sock.send_multipart([request_header(Op.GET, 2, 5000, keys=[keys[0]])])
+            await sock.send_multipart([request_header(Op.GET, 2, 5000, keys=[keys[0]], scoped=True)])
             second, _ = await reply(sock)
             assert second["id"] == 2 and second["code"] == ErrorCode.BUSY
             assert time.monotonic() - started < 0.4  # answered before the slow read ends

@@ -137,7 +137,7 @@ async def test_a_bad_offer_is_refused() -> None:
         sdp_fingerprint("v=0\r\n")
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=10_000, deadline=None)
 @given(st.lists(st.binary(min_size=0, max_size=64), max_size=8))
 def test_any_pieces_give_frames_or_a_framing_error(chunks: list[bytes]) -> None:
     r = Reassembler(1 << 16)
