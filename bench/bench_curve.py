@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, write_results
+from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for, write_results
 
 from lmcache_mesh.node import AsyncClient, ChunkRecord, chunk_keys, namespace_id
 from lmcache_mesh.node.keyring import read_key_pair, write_key_pair
@@ -131,7 +131,7 @@ def main() -> None:
         42, None, "--key", str(node_key), "--authorized-keys", str(allow), memory="512MiB"
     )
     try:
-        if not any("CurveZMQ on" in line for line in secured.lines):
+        if wait_for(lambda: any("CurveZMQ on" in line for line in secured.lines), 10) is None:
             raise RuntimeError("the secured node did not turn CurveZMQ on:\n" + "\n".join(secured.lines))
         medians = asyncio.run(measure(plain, secured, creds, args))
     finally:
