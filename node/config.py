@@ -17,6 +17,17 @@ from typing import Any
 from .sizes import parse_size
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a table; ValueError naming ``what`` and the file if unreadable or invalid."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def split_seed(seed: str) -> tuple[str, str]:
     """``NAME@tcp://HOST:PORT`` → (name, address); a bare address has no name ("")."""
     name, at, address = seed.partition("@")
@@ -332,13 +343,7 @@ class NodeConfig:
                 raise ValueError(f"{source}: bad value for {norm!r}: {exc}") from exc
 
         if config_file is not None:
-            try:
-                with open(config_file, "rb") as f:
-                    table = tomllib.load(f)
-            except OSError as exc:
-                raise ValueError(f"cannot read config file {config_file}: {exc}") from exc
-            except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"config file {config_file} is not valid TOML: {exc}") from exc
+            table = read_toml(config_file, "config file")
             table = table.get("node", table)
             for key, raw in table.items():
                 apply(f"config file {config_file}", key, raw)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -35,13 +34,8 @@ import zmq.utils.z85
 
 from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key
 
-from .config import split_seed
+from .config import read_toml, split_seed
 from .records import TENANT_RE
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 NAME_RE = re.compile(r"^[^\s#/@]{1,255}$")
 """Names hold no '/' (engine holders are NODE/ENGINE) and no '@' (seeds are NAME@ADDR)."""
@@ -149,14 +143,8 @@ def parse_allow_list(text: str, source: str) -> dict[str, AllowedKey]:
 def read_key_pair(path: Path | str) -> tuple[str, CurveKeyPair]:
     """(name, key pair) from a key pair file; raises ValueError naming the file."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except OSError as exc:
-        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"key file {path} is not valid TOML: {exc}") from None
+    table = read_toml(path, "key file")
+    mode = path.stat().st_mode
     if mode & 0o077:
         raise ValueError(f"key file {path} is readable by others (mode {mode & 0o777:o}): chmod 600 it")
     try:
@@ -198,10 +186,9 @@ def read_public_key(value: str) -> str:
     except BadKey:
         pass
     try:
-        with open(value, "rb") as f:
-            table = tomllib.load(f)
+        table = read_toml(value, "key file")
         return str(check_key(str(table.get("public", "")), f"'public' in {value}").decode("ascii"))
-    except (OSError, tomllib.TOMLDecodeError, BadKey) as exc:
+    except (ValueError, BadKey) as exc:
         raise ValueError(
             f"server key {value!r:.60} is neither a Z85 key nor a readable key file: {exc}"
         ) from None
