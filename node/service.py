@@ -207,6 +207,9 @@ class NodeServer:
                 return
             tracker = await router.send(peer, frames, track=True)
             self._queued.setdefault(party, deque()).append((tracker, nbytes))
+            if len(self._queued) > MAX_TRACKED_PARTIES:  # parties that left: forget them
+                for gone in list(self._queued):
+                    self._queued_bytes(gone)
 
         return reply
 
@@ -560,6 +563,8 @@ def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
 
 HEADER_ALLOWANCE_BYTES = 1024
 """What a record header adds to a reply, roughly (they are at most MAX_RECORD_HEADER_BYTES)."""
+
+MAX_TRACKED_PARTIES = 1024
 
 TRACKED_REPLY_BYTES = 64 << 10
 """Replies this large are tracked until sent: they count against a party's queued bytes."""

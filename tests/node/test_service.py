@@ -17,6 +17,7 @@ from lmcache_mesh.node import ChunkRecord, Node, NodeConfig
 from lmcache_mesh.node.errors import ErrorCode
 from lmcache_mesh.node.protocol import Op, request_header
 from lmcache_mesh.node.service import NodeServer
+from lmcache_mesh.node.tenants import scoped_key
 from lmcache_mesh.node.tiers import DiskTier
 
 from ..helpers import payload
@@ -98,5 +99,54 @@ def test_a_full_node_answers_busy_at_once_instead_of_making_the_engine_wait(
             assert first["id"] == 1 and first["ok"] is True and frames == [payload(0)]
             await sock.send_multipart([request_header(Op.PING, 3, 1000)])  # and it keeps serving
             assert (await reply(sock))[0]["ok"] is True
+
+    asyncio.run(main())
+
+
+def test_a_client_that_does_not_read_its_replies_gets_busy_not_more_data(
+    tmp_path: Path, ns: bytes, keys: list[bytes]
+) -> None:
+    """Reply bytes queued for one client and not yet sent are bounded: past the bound its
+    GETs are answered BUSY (small), so a slow or hostile reader cannot make the node hold
+    gigabytes of replies."""
+
+    async def main() -> None:
+        cfg = NodeConfig(
+            name="n",
+            listen=("tcp://127.0.0.1:0",),
+            data_dir=str(tmp_path),
+            disk_bytes=0,
+            max_inflight_bytes_per_peer=8 << 20,
+        )
+        node = Node(cfg)
+        node.open()
+        node.put_records([ChunkRecord.build(scoped_key("", keys[0]), b"\x07" * (4 << 20), ns)])
+        server = NodeServer(node)
+        (address,) = await server.start()
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 64 << 10)
+        sock.connect(address)
+        try:
+            for i in range(40):  # ask for 160 MiB without reading any of it
+                await sock.send_multipart([request_header(Op.GET, i + 1, 30_000, keys=[keys[0]])])
+            await asyncio.sleep(1.0)
+            codes = []
+            for _ in range(40):
+                header, frames = await asyncio.wait_for(reply(sock), 30)
+                codes.append("ok" if header["ok"] else ErrorCode(header["code"]).name)
+                if header["ok"]:
+                    assert frames == [b"\x07" * (4 << 20)]
+            assert codes.count("ok") >= 2 and codes.count("BUSY") >= 20, codes
+            assert server.busy == codes.count("BUSY")
+            await sock.send_multipart([request_header(Op.GET, 99, 5000, keys=[keys[0]])])
+            header, _ = await reply(sock)  # all read: it serves again
+            assert header["id"] == 99 and header["ok"] is True
+        finally:
+            sock.close(0)
+            ctx.term()
+            await server.stop()
+            node.close()
 
     asyncio.run(main())
