@@ -4,6 +4,7 @@
     lmcache-node join SEED_ADDR [--node ADDR]
     lmcache-node status [--node ADDR] [--json]
     lmcache-node keygen [--name NAME] [--role node|client|admin] [--tenant T] [--out FILE]
+    lmcache-node sample-config [--set KEY=VALUE ...]
 
 ``join`` and ``status`` take ``--key FILE --server-key KEY`` to reach a node over CurveZMQ.
 
@@ -28,7 +29,7 @@ from lmcache_mesh.transports import TransportError
 from lmcache_mesh.transports.curve import CurveClient
 
 from .client import Client
-from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
+from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool, parse_toml_value
 from .errors import MeshError
 from .keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
 from .node import VERSION
@@ -69,6 +70,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
             kwargs["const"] = "true"
         run.add_argument(f"--{key}", **kwargs)
 
+    sample = sub.add_parser(
+        "sample-config", help="print a config file documenting every setting at its default"
+    )
+    sample.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="set KEY (a TOML value) in it"
+    )
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair and print its allow-list line")
     keygen.add_argument(
         "--name",
@@ -169,6 +176,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"wrote {out} (secret, mode 600) and {public_key_path(out)} (public)")
     print("add this line to the authorized_keys file of every node:")
     print(f"{keys.public} {name} {args.role}{tenant}")
+    return 0
+
+
+def _cmd_sample_config(args: argparse.Namespace) -> int:
+    values: dict[str, Any] = {}
+    for item in args.set:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        values[key.strip()] = parse_toml_value(raw)
+    print(NodeConfig.sample_toml(values), end="")
     return 0
 
 
@@ -289,6 +307,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "join": _cmd_join,
     "status": _cmd_status,
     "keygen": _cmd_keygen,
+    "sample-config": _cmd_sample_config,
 }
 
 

@@ -14,7 +14,36 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .sizes import parse_size
+from .sizes import format_size, parse_size
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines
+
+
+def parse_toml_value(raw: str) -> Any:
+    """One TOML value (``"text"``, ``12``, ``true``, ``["a", "b"]``); ValueError if invalid."""
+    try:
+        return tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{raw!r:.60} is not a TOML value (quote strings): {exc}") from None
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -360,3 +389,30 @@ class NodeConfig:
 
     def with_(self, **changes: Any) -> NodeConfig:
         return replace(self, **changes)
+
+    @classmethod
+    def sample_toml(cls, values: Mapping[str, Any] | None = None) -> str:
+        """A config file documenting every setting: ``values`` (by key) are set, every other
+        setting is shown commented out at its default."""
+        values = dict(values or {})
+        unknown = set(values) - {key for _, key, _ in cls.options()}
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        lines = [
+            "# lmcache-node configuration (lmcache-node run --config FILE, or LMCACHE_MESH_CONFIG).",
+            "# Every setting is also a flag (--KEY) and an environment variable (LMCACHE_MESH_KEY);",
+            "# flags win over the environment, which wins over this file.",
+            "",
+            "[node]",
+        ]
+        for name, key, meta in cls.options():
+            lines.append("")
+            lines.extend(f"# {text}" for text in _wrap(str(meta["help"]), 88))
+            if key in values:
+                lines.append(f"{key} = {_toml_value(values[key])}")
+            else:
+                default = cls.default_of(name)
+                if meta["parse"] is parse_size:
+                    default = format_size(default).replace(" ", "").replace(".0", "")
+                lines.append(f"# {key} = {_toml_value(default)}")
+        return "\n".join(lines) + "\n"

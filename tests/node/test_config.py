@@ -79,3 +79,21 @@ def test_nat_settings_are_checked() -> None:
     )
     assert cfg.nat and cfg.webrtc_host_addresses == ("127.0.0.1",)
     assert cfg.ice_servers == ("stun:s:3478", "turn:t:3478") and cfg.webrtc_channels == 4
+
+
+def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from lmcache_mesh.node import cli
+
+    assert cli.main(["sample-config", "--set", 'memory="4GiB"', "--set", "replicas=3"]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "n.toml"
+    path.write_text(out)
+    cfg = NodeConfig.load(path, env={})
+    assert cfg.memory_bytes == 4 << 30 and cfg.replicas == 3
+    assert '# disk = "4GiB"' in out and '# curve = "auto"' in out
+    assert cli.main(["sample-config", "--set", "colour=1"]) == 1
+    assert "unknown settings ['colour']" in capsys.readouterr().err
+    assert cli.main(["sample-config", "--set", "memory=4GiB"]) == 1  # not a TOML value: say so
+    assert "not a TOML value" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""deploy/ agrees with the code: every command, flag, setting and metric it names exists.
+
+The container image and compose mesh cannot be run here (no registry for base images in
+CI), so their commands are parsed by the real ``lmcache-node`` parser and their settings
+loaded by the real config; the systemd unit goes through ``systemd-analyze verify``; the
+dashboard's metrics are read off a real daemon's /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmcache_mesh.engines.cli import add_serve_parser
+from lmcache_mesh.engines.llamacpp.tinymodel import PRESETS
+from lmcache_mesh.node import chunk_keys
+from lmcache_mesh.node import cli as node_cli
+from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig, read_toml
+
+from ..conftest import DaemonFactory
+from ..helpers import free_port, payload
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def parser() -> argparse.ArgumentParser:
+    p, sub = node_cli.build_parser()
+    add_serve_parser(sub)
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` as ``lmcache-node`` reads it; a flag it does not know fails the test."""
+    try:
+        return parser().parse_args(argv)
+    except SystemExit as exc:
+        raise AssertionError(f"lmcache-node does not accept {argv}") from exc
+
+
+def run_config(args: argparse.Namespace, env: dict[str, str]) -> NodeConfig:
+    """The NodeConfig ``lmcache-node run`` would build from these flags and environment."""
+    overrides = {
+        key: ",".join(value) if isinstance(value, list) else value
+        for _, key, _ in NodeConfig.options()
+        if (value := getattr(args, key)) is not None
+    }
+    return NodeConfig.load(args.config, env=env, overrides=overrides)
+
+
+def test_the_sample_config_documents_every_setting_and_is_what_the_generator_writes(tmp_path: Path) -> None:
+    path = DEPLOY / "lmcache-node.toml"
+    text = path.read_text()
+    values = read_toml(path, "sample")["node"]
+    assert text == NodeConfig.sample_toml(values), "regenerate with `lmcache-node sample-config --set ...`"
+    for _, key, _ in NodeConfig.options():
+        assert re.search(rf"^#? ?{re.escape(key)} = ", text, re.M), f"{key} is not in the sample"
+    cfg = NodeConfig.load(path, env={})
+    assert cfg.data_dir == "/var/lib/lmcache-mesh" and cfg.mesh_profile == "wan"
+    # every commented-out default is itself a valid setting
+    every = tmp_path / "every.toml"
+    every.write_text(re.sub(r"^# ([a-z][a-z-]* = )", r"\1", text, flags=re.M))
+    assert set(read_toml(every, "sample")["node"]) == {key for _, key, _ in NodeConfig.options()}
+    NodeConfig.load(every, env={})
+
+
+def test_the_systemd_unit_runs_the_cli_as_documented_and_verifies(tmp_path: Path) -> None:
+    unit = (DEPLOY / "systemd" / "lmcache-node.service").read_text()
+    exec_start = re.search(r"^ExecStart=(\S+) (.*)$", unit, re.M)
+    assert exec_start is not None
+    args = parse(exec_start.group(2).split())
+    assert args.command == "run" and args.config == "/etc/lmcache-mesh/lmcache-node.toml"
+    assert "Restart=on-failure" in unit and "StateDirectory=lmcache-mesh" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # rereads the allow-list
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return  # the parse above still ran; verify where systemd is installed
+    local = tmp_path / "lmcache-node.service"
+    # verify checks that the binary exists: point it at this environment's entry point
+    local.write_text(unit.replace(exec_start.group(1), sys.executable + " -m lmcache_mesh.engines.cli", 1))
+    out = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (out.stdout + out.stderr).splitlines() if "lmcache-node.service" in ln]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def dockerfile() -> str:
+    return (DEPLOY / "docker" / "Dockerfile").read_text()
+
+
+def test_the_image_settings_and_health_check_are_real() -> None:
+    text = dockerfile()
+    env = dict(re.findall(r"(LMCACHE_MESH_[A-Z_]+)=(\S+)", text))
+    assert env, "the image sets its defaults through LMCACHE_MESH_* variables"
+    cfg = NodeConfig.load(env=env)
+    assert cfg.data_dir == "/var/lib/lmcache-mesh" and cfg.metrics_port == 9109
+    assert any(ep.startswith("ipc://") for ep in cfg.listen) and any(
+        ep.startswith("tcp://") for ep in cfg.listen
+    )
+    health = re.search(r"HEALTHCHECK [^\[]*?CMD (\[[^\n]*\])", text, re.S)
+    assert health is not None
+    argv = json.loads(health.group(1))
+    assert argv[0] == "lmcache-node"
+    args = parse(argv[1:])
+    assert args.command == "status" and args.node in cfg.listen
+    assert re.search(r"^USER lmcache$", text, re.M) and re.search(
+        r"^VOLUME /var/lib/lmcache-mesh$", text, re.M
+    )
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert parse(cmd).command == "run"
+    for path in re.findall(r"^COPY (\S+) ", text, re.M):
+        for part in path.split():
+            assert (DEPLOY.parent / part).exists(), f"the image copies {part}, which does not exist"
+
+
+def test_every_compose_service_runs_a_real_command_with_real_settings() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    image_env = dict(re.findall(r"(LMCACHE_MESH_[A-Z_]+)=(\S+)", dockerfile()))
+    services = compose["services"]
+    assert {"cloud-a", "cloud-b", "edge-node", "edge-serve"} <= set(services)
+    names, joined = set(), []
+    for name, svc in services.items():
+        if "entrypoint" in svc:  # the model generator
+            entry = svc["entrypoint"]
+            assert entry[:3] == ["python", "-m", "lmcache_mesh.engines.llamacpp.tinymodel"]
+            assert entry[entry.index("--preset") + 1] in PRESETS
+            continue
+        args = parse(svc["command"])
+        env = {**image_env, **{k: str(v) for k, v in (svc.get("environment") or {}).items()}}
+        assert all(k.startswith(ENV_PREFIX) for k in env)
+        if args.command == "run":
+            cfg = run_config(args, env)
+            names.add(cfg.name)
+            assert cfg.advertise == f"tcp://{name}:7700", f"{name} must advertise its service name"
+            joined += [(name, j) for j in cfg.join]
+        else:
+            assert args.command == "serve" and args.node == "tcp://edge-node:7700"
+            assert args.model.startswith("/models/")
+    assert names == {"cloud-a", "cloud-b", "edge"}
+    assert joined and all(seed == "tcp://cloud-a:7700" for _, seed in joined)
+
+
+def test_the_dashboard_uses_only_metrics_a_node_exports(daemon_factory: DaemonFactory, ns: bytes) -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "lmcache-mesh.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(lmcache_[a-z_]+)\b", e)}
+    assert len(used) >= 8
+    port = free_port()
+    d = daemon_factory("--metrics-port", str(port), "--disk", "0")
+    with d.client() as c:
+        keys = chunk_keys(ns, list(range(32)), 16)
+        c.put(keys[0], payload(0), namespace=ns)
+        c.get(keys[:2])
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    # samples, and the declared families (a counter with no samples yet is still exported)
+    exported = set(re.findall(r"^(?:# TYPE )?(lmcache_[a-z_]+)[{ ]", body, re.M))
+    assert used <= exported, f"the dashboard uses metrics no node exports: {sorted(used - exported)}"
+    documented = (DEPLOY.parent / "README.md").read_text()
+    for metric in sorted(used):
+        base = re.sub(r"_(bucket|total)$", "", metric)
+        assert base in documented, f"{base} is not documented in README.md"
+
+
+@pytest.mark.parametrize("doc", ["README.md"])
+def test_deploy_readme_covers_edge_cloud_and_joining(doc: str) -> None:
+    text = (DEPLOY / doc).read_text()
+    for topic in ("edge", "cloud", "--join", "compose", "systemd", "authorized_keys", "lmcache-node.toml"):
+        assert topic in text, f"deploy/{doc} does not mention {topic}"
