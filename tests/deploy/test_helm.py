@@ -1,0 +1,156 @@
+"""The Helm chart renders to valid manifests whose node command the real CLI accepts."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmcache_mesh.node.sizes import parse_size
+
+from .gotemplate import Renderer
+from .test_deploy import DEPLOY, parse, run_config
+
+CHART = DEPLOY / "helm" / "lmcache-mesh"
+RELEASE = {"Name": "lmcache-mesh", "Namespace": "lmcache", "Service": "Helm"}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = (
+            merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def render(**overrides: Any) -> list[dict[str, Any]]:
+    values = merged(yaml.safe_load((CHART / "values.yaml").read_text()), overrides)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    r = Renderer(
+        values,
+        RELEASE,
+        {"Name": chart["name"], "Version": chart["version"], "AppVersion": chart["appVersion"]},
+    )
+    r.load_helpers((CHART / "templates" / "_helpers.tpl").read_text())
+    docs = []
+    for path in sorted((CHART / "templates").glob("*.yaml")):
+        for doc in yaml.safe_load_all(r.render(path.read_text())):
+            if doc:
+                assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: not a manifest"
+                assert doc["metadata"]["name"], f"{path.name}: unnamed"
+                docs.append(doc)
+    return docs
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def node_argv(script: str, pod: str, zone: str = "zone-a") -> list[str]:
+    """The ``lmcache-node`` arguments the container's shell runs, for pod ``pod``."""
+    script = script.replace('"$(cat /zone/zone 2>/dev/null | grep . || echo default)"', zone)
+    script = script.replace("$POD_NAMESPACE", RELEASE["Namespace"]).replace("$POD_NAME", pod)
+    command = script.split("exec ", 1)[1]
+    argv = shlex.split(command)
+    assert argv[0] == "lmcache-node"
+    return argv[1:]
+
+
+def test_cloud_nodes_are_a_statefulset_with_volumes_seeds_zones_and_scrape_annotations() -> None:
+    docs = render()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    sts, svc = one(docs, "StatefulSet"), one(docs, "Service")
+    assert {d["kind"] for d in docs} == {
+        "StatefulSet",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    }
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"] and svc["spec"]["clusterIP"] == "None"
+    pod = sts["spec"]["template"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert pod["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9109",
+        "prometheus.io/path": "/metrics",
+    }
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == values["storage"]["size"]
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (init,) = spec["initContainers"]  # zone from the Kubernetes node's topology label
+    assert "topology.kubernetes.io/zone" in str(init["env"]) and spec["serviceAccountName"] == "lmcache-mesh"
+    (node,) = spec["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}
+    assert mounts["data"] == "/var/lib/lmcache-mesh" and "zone" in mounts
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert parse(node[probe]["exec"]["command"][1:]).command == "status"
+    configs = {}
+    for i in range(values["replicas"]):
+        args = parse(node_argv(node["args"][0], f"lmcache-mesh-{i}"))
+        assert args.command == "run"
+        configs[i] = cfg = run_config(args, env={})
+        assert cfg.name == f"lmcache-mesh-{i}" and cfg.zone == "zone-a"
+        assert cfg.memory_bytes == parse_size(values["memory"]) and cfg.disk_bytes == parse_size(
+            values["disk"]
+        )
+        assert cfg.replicas == values["chunkReplicas"] and cfg.metrics_port == 9109
+        assert any(ep.startswith("ipc://") for ep in cfg.listen)
+    # every pod's seed is pod 0's advertised address (pod 0 ignores itself as a seed)
+    seeds = {seed for cfg in configs.values() for seed in cfg.join}
+    assert seeds == {f"lmcache-mesh-0@{configs[0].advertise}"}
+    assert configs[1].advertise == "tcp://lmcache-mesh-1.lmcache-mesh-headless.lmcache.svc.cluster.local:7700"
+
+
+def test_the_edge_values_fix_the_zone_and_join_the_cloud_mesh() -> None:
+    edge = yaml.safe_load((CHART / "values-edge.yaml").read_text())
+    docs = render(**edge)
+    assert {d["kind"] for d in docs} == {"StatefulSet", "Service"}  # no node reading: zone is fixed
+    spec = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    assert "initContainers" not in spec
+    cfg = run_config(parse(node_argv(spec["containers"][0]["args"][0], "lmcache-mesh-0")), env={})
+    assert cfg.zone == "edge" and cfg.mesh_profile == "wan" and cfg.memory_bytes == 2 << 30
+    assert edge["join"][0] in cfg.join
+
+
+def test_a_curve_secret_installs_the_pods_key_and_the_allow_list() -> None:
+    docs = render(curveSecret="lmcache-keys")
+    spec = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    node = spec["containers"][0]
+    script = node["args"][0]
+    assert (
+        'install -m 600 "/etc/lmcache-mesh/keys/$POD_NAME.key_secret" /var/lib/lmcache-mesh/node.key_secret'
+        in script
+    )
+    assert "/var/lib/lmcache-mesh/authorized_keys" in script
+    (keys,) = [v for v in spec["volumes"] if v["name"] == "keys"]
+    assert keys["secret"]["secretName"] == "lmcache-keys"
+    cfg = run_config(parse(node_argv(script, "lmcache-mesh-2")), env={})
+    # the installed files are where a node looks by default: CurveZMQ turns itself on
+    assert cfg.key_path == Path("/var/lib/lmcache-mesh/node.key_secret")
+    assert cfg.authorized_keys_path == Path("/var/lib/lmcache-mesh/authorized_keys")
+
+
+def test_a_typo_in_a_template_fails_rendering() -> None:
+    from .gotemplate import TemplateError
+
+    r = Renderer({"port": 1}, RELEASE, {"Name": "x"})
+    with pytest.raises(TemplateError, match="no field 'prot'"):
+        r.render("port: {{ .Values.prot }}")
+    assert (
+        re.sub(
+            r"\s+",
+            " ",
+            r.render("a:\n  {{- if .Values.port }}\n  b: {{ .Values.port | quote }}\n  {{- end }}"),
+        )
+        == 'a: b: "1"'
+    )
