@@ -24,6 +24,8 @@ from lmcache_mesh.node import cli as node_cli
 from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig
 from lmcache_mesh.node.sizes import format_size
 
+from .demo import add_demo_parser, cmd_demo
+
 DEFAULT_HTTP_PORT = 8000
 
 
@@ -148,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, sub = node_cli.build_parser()
     add_serve_parser(sub)
-    return int(node_cli.main(argv, parser, {**node_cli.COMMANDS, "serve": cmd_serve}))
+    add_demo_parser(sub)
+    return int(node_cli.main(argv, parser, {**node_cli.COMMANDS, "serve": cmd_serve, "demo": cmd_demo}))
 
 
 if __name__ == "__main__":

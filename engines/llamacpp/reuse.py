@@ -187,6 +187,11 @@ class KVReuse:
 
     # before prefill
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Length of the last prompt (the context before generation)."""
+        return self._prompt_tokens
+
     def continue_prompt(self, tokens: Sequence[int]) -> None:
         """A ``reset=False`` call: ``tokens`` extend what the context holds (no restore)."""
         self._prompt_tokens = self.llm.n_tokens + len(tokens)
