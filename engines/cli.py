@@ -101,9 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from lmcache_mesh.engines.llamacpp import LlamaMeshConfig, MeshLlama
         from lmcache_mesh.engines.llamacpp.server import ServerConfig, create_app
-    except ImportError as exc:
+    except (ImportError, RuntimeError, OSError) as exc:  # missing, or its native library is
+        name = exc.name if isinstance(exc, ImportError) and exc.name else exc
         print(
-            f"lmcache-node serve: error: {exc.name or exc} is not installed; install the llama extra:\n"
+            f"lmcache-node serve: error: {name} is not usable; install the llama extra:\n"
             "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install 'lmcache-mesh[llama]'",
             file=sys.stderr,
         )

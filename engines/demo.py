@@ -11,7 +11,9 @@ PNG bar chart.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from lmcache_mesh.node.client import Client
 
@@ -67,9 +67,14 @@ class _Node:
             sys.executable, "-m", "lmcache_mesh.engines.cli", "run", "--name", name,
             "--listen", "tcp://127.0.0.1:0", "--listen", self.ipc, "--data-dir", str(root / name),
             "--memory", "512MiB", "--disk", "0", "--mesh-profile", "local", "--curve", "off",
-            *(["--join", join] if join else []),
+            "--metrics-port", "0", *(["--join", join] if join else []),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # The demo's nodes take no settings from the caller's LMCACHE_MESH_* (a config file
+        # could join them to a real mesh; a metrics port would clash between the three).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_MESH_")}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         self.lines: list[str] = []
         self.tcp = ""
         started = threading.Event()
@@ -120,6 +125,8 @@ def _peer_hits(node: _Node) -> int:
 
 
 def _words(n: int, seed: int) -> str:
+    import numpy as np  # here, not at import: `lmcache-node status` (health checks) stays quick
+
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     return " ".join("".join(rng.choice(letters, rng.integers(2, 6))) for _ in range(n))
@@ -204,7 +211,7 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def report(rows: list[Row], plot: Path) -> str:
+def report(rows: list[Row]) -> str:
     lines = [
         f"{'#':>2}  {'conv':>4}  {'turn':>4}  {'engine':<22} {'prompt':>6}  {'reused':>6}  {'TTFT ms':>8}  from",
         "-" * 72,
@@ -222,11 +229,19 @@ def report(rows: list[Row], plot: Path) -> str:
         lines.append(
             f"median TTFT: cold {c:.0f} ms, with a mesh hit {h:.0f} ms ({c / max(h, 1e-9):.1f}x faster)"
         )
-    write_bar_chart(plot, [r.ttft_ms for r in rows], [COLOURS[r.source] for r in rows])
-    lines.append(
-        f"plot: {plot} (bars: TTFT per request; grey cold, blue hit on the local node, green from a peer)"
-    )
     return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> str:
+    try:
+        write_bar_chart(path, [r.ttft_ms for r in rows], [COLOURS[r.source] for r in rows])
+    except OSError as exc:
+        return f"plot not written: {exc}"
+    return f"plot: {path} (bars: TTFT per request; grey cold, blue hit on the local node, green from a peer)"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the nodes and engines are stopped on the way out
 
 
 def add_demo_parser(sub: Any) -> None:
@@ -255,9 +270,9 @@ def add_demo_parser(sub: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
+    except (ImportError, RuntimeError, OSError) as exc:  # missing, or its native library is
         print(
-            "lmcache-node demo: error: llama-cpp-python is not installed; install the llama extra:\n"
+            f"lmcache-node demo: error: llama-cpp-python is not usable ({exc}); install the llama extra:\n"
             "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install 'lmcache-mesh[llama]'",
             file=sys.stderr,
         )
@@ -274,5 +289,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if cfg.conversations < 1 or cfg.turns < 1 or cfg.system_tokens < 1:
         raise ValueError("--conversations, --turns and --system-tokens must be positive")
-    print(report(run_demo(cfg), cfg.plot))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    rows = run_demo(cfg)
+    print(report(rows))
+    print(plot(rows, cfg.plot))
     return 0

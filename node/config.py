@@ -143,7 +143,8 @@ class NodeConfig:
     )
     advertise: str = _opt(
         "advertise",
-        "address peers use to reach this node; default: the first tcp:// listen address",
+        "address peers use to reach this node; default: the first tcp:// listen address "
+        "(listening on 0.0.0.0: this machine's address on its outbound route)",
         metavar="ADDR",
         default="",
     )

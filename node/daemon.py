@@ -73,11 +73,27 @@ def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
         return None
     host, _, port = tcp[len("tcp://") :].rpartition(":")
     if host in ("0.0.0.0", "*", "[::]", "::"):
-        host = socket.gethostbyname(socket.gethostname())
+        host = _outbound_address()
         logger.warning(
             "listening on all interfaces; advertising %s to peers (set --advertise to choose)", host
         )
     return f"tcp://{host}:{port}"
+
+
+def _outbound_address() -> str:
+    """This machine's address on the route out (the host name often resolves to 127.0.1.1,
+    which peers cannot reach); the host name's address if there is no route."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))  # UDP: no packet is sent, only a route chosen
+        address: str = probe.getsockname()[0]
+    except OSError:
+        address = socket.gethostbyname(socket.gethostname())
+    finally:
+        probe.close()
+    if address.startswith("127."):
+        logger.warning("x the only address found is %s: peers on other machines cannot reach it", address)
+    return address
 
 
 def load_keyring(config: NodeConfig) -> Keyring | None:

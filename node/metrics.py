@@ -43,6 +43,12 @@ class _StatsCollector(Collector):
         for code, n in sorted(c["errors"].items()):
             errors.add_metric([code], n)
         yield errors
+        mesh = stats["mesh"]
+        for name, key, doc in (
+            ("lmcache_remote_hits", "remote_hits", "Chunks this node fetched from peers for its clients"),
+            ("lmcache_remote_misses", "remote_misses", "Chunks asked of peers and not found"),
+        ):
+            yield CounterMetricFamily(name, doc, value=mesh.get(key, 0))
         security = stats["security"]
         yield CounterMetricFamily(
             "lmcache_connections_refused",

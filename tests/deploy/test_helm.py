@@ -53,6 +53,10 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return doc
 
 
+def node_image(values: dict[str, Any]) -> str:
+    return f"{values['image']['repository']}:{values['image']['tag']}"
+
+
 def node_argv(script: str, pod: str, zone: str = "zone-a") -> list[str]:
     """The ``lmcache-node`` arguments the container's shell runs, for pod ``pod``."""
     script = script.replace('"$(cat /zone/zone 2>/dev/null | grep . || echo default)"', zone)
@@ -89,6 +93,9 @@ def test_cloud_nodes_are_a_statefulset_with_volumes_seeds_zones_and_scrape_annot
     assert spec["securityContext"]["runAsNonRoot"] is True
     (init,) = spec["initContainers"]  # zone from the Kubernetes node's topology label
     assert "topology.kubernetes.io/zone" in str(init["env"]) and spec["serviceAccountName"] == "lmcache-mesh"
+    assert init["image"] == node_image(values) and init["command"][:2] == ["python", "-c"]
+    compile(init["command"][2], "zone-init", "exec")  # the script is valid Python
+    assert spec["enableServiceLinks"] is False  # no LMCACHE_MESH_* look-alikes from Services
     (node,) = spec["containers"]
     mounts = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}
     assert mounts["data"] == "/var/lib/lmcache-mesh" and "zone" in mounts
