@@ -188,7 +188,7 @@ def read_public_key(value: str) -> str:
     try:
         table = read_toml(value, "key file")
         return str(check_key(str(table.get("public", "")), f"'public' in {value}").decode("ascii"))
-    except (ValueError, BadKey) as exc:
+    except ValueError as exc:  # an unreadable file, or a bad key in it (BadKey)
         raise ValueError(
             f"server key {value!r:.60} is neither a Z85 key nor a readable key file: {exc}"
         ) from None

@@ -58,10 +58,7 @@ ReplyTo = Callable[[Sequence[Any]], Awaitable[None]]
 
 def _relayable(frames: Sequence[Buffer], limits: Limits) -> bool:
     """Only membership datagrams and WebRTC signaling travel through a relay."""
-    try:
-        return decode_request(frames, limits).op in (Op.MESH, Op.SIGNAL)
-    except MeshError:
-        return False
+    return _peek_op(frames, limits) in (Op.MESH, Op.SIGNAL)
 
 
 async def _no_reply(frames: Sequence[Any]) -> None:
@@ -555,6 +552,7 @@ def _within(
 
 
 def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
+    """The op of a message that decodes in full (None if it does not)."""
     try:
         return decode_request(buffers, limits).op
     except MeshError:

@@ -91,7 +91,7 @@ class Renderer:
             elif kind == "expr":
                 out.append(_text(self._pipeline(node[1], dot)))
             elif kind == "if":
-                out.append(self._render(node[2] if _truthy(self._pipeline(node[1], dot)) else node[3], dot))
+                out.append(self._render(node[2] if bool(self._pipeline(node[1], dot)) else node[3], dot))
             elif kind == "range":
                 items = self._pipeline(node[1], dot) or []
                 out.append(
@@ -121,9 +121,9 @@ class Renderer:
         if name == "toYaml":
             return yaml.safe_dump(args[0], default_flow_style=False, sort_keys=False).rstrip("\n")
         if name == "not":
-            return not _truthy(args[0])
+            return not bool(args[0])
         if name == "default":
-            return args[1] if _truthy(args[1]) else args[0]
+            return args[1] if bool(args[1]) else args[0]
         raise TemplateError(f"function {name!r} is outside the supported subset")
 
     def _operand(self, word: str, dot: Any) -> Any:
@@ -161,10 +161,6 @@ def _split_pipes(expr: str) -> list[str]:
         else:
             current += ch
     return [*parts, current]
-
-
-def _truthy(value: Any) -> bool:
-    return bool(value)
 
 
 def _text(value: Any) -> str:
