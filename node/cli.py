@@ -74,7 +74,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "sample-config", help="print a config file documenting every setting at its default"
     )
     sample.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="set KEY (a TOML value) in it"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set KEY in it (a TOML value; a bare word is a string)",
     )
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair and print its allow-list line")
     keygen.add_argument(

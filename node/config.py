@@ -7,6 +7,8 @@ Precedence: flags > environment > TOML file > defaults.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .sizes import format_size, parse_size
+
+log = logging.getLogger(__name__)
 
 
 def _toml_value(value: Any) -> str:
@@ -39,11 +43,16 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def parse_toml_value(raw: str) -> Any:
-    """One TOML value (``"text"``, ``12``, ``true``, ``["a", "b"]``); ValueError if invalid."""
+    """One TOML value (``"text"``, ``12``, ``true``, ``["a", "b"]``); a bare word that is no
+    TOML value (``4GiB``, ``/var/lib/x``) is taken as a string. ValueError if a quoted string,
+    list or table is malformed."""
+    text = raw.strip()
     try:
-        return tomllib.loads(f"v = {raw.strip()}")["v"]
+        return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{raw!r:.60} is not a TOML value (quote strings): {exc}") from None
+        if text and text[0] not in "\"'[{":
+            return text
+        raise ValueError(f"{raw!r:.60} is not a TOML value: {exc}") from None
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -379,7 +388,16 @@ class NodeConfig:
                 apply(f"config file {config_file}", key, raw)
         for var, raw in (os.environ if env is None else env).items():
             if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
-                key = var[len(ENV_PREFIX) :].lower()
+                key = var[len(ENV_PREFIX) :].lower().replace("_", "-")
+                if key not in by_key:
+                    # The environment is ambient (orchestrators add variables of their own,
+                    # e.g. Kubernetes service links): warn, where a file or a flag would fail.
+                    close = difflib.get_close_matches(key, by_key, n=1)
+                    hint = (
+                        f" (did you mean {ENV_PREFIX}{close[0].upper().replace('-', '_')}?)" if close else ""
+                    )
+                    log.warning("ignoring unknown environment variable %s%s", var, hint)
+                    continue
                 apply(f"environment {var}", key, raw)
         for key, raw in (overrides or {}).items():
             apply(f"--{key}", key, raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def run_config(args: argparse.Namespace, env: dict[str, str]) -> NodeConfig:
         for _, key, _ in NodeConfig.options()
         if (value := getattr(args, key)) is not None
     }
-    return NodeConfig.load(args.config, env=env, overrides=overrides)
+    return NodeConfig.load(args.config or env.get(ENV_PREFIX + "CONFIG"), env=env, overrides=overrides)
 
 
 def test_the_sample_config_documents_every_setting_and_is_what_the_generator_writes(tmp_path: Path) -> None:
@@ -95,11 +96,28 @@ def dockerfile() -> str:
     return (DEPLOY / "docker" / "Dockerfile").read_text()
 
 
-def test_the_image_settings_and_health_check_are_real() -> None:
+def image_env(tmp_path: Path) -> dict[str, str]:
+    """The image's LMCACHE_MESH_* environment, its config file written here by running the
+    Dockerfile's own ``lmcache-node sample-config`` command."""
     text = dockerfile()
-    env = dict(re.findall(r"(LMCACHE_MESH_[A-Z_]+)=(\S+)", text))
-    assert env, "the image sets its defaults through LMCACHE_MESH_* variables"
-    cfg = NodeConfig.load(env=env)
+    env = dict(re.findall(r"^ENV (LMCACHE_MESH_[A-Z_]+)=(\S+)$", text, re.M))
+    image_path = env[ENV_PREFIX + "CONFIG"]
+    run = next(r for r in re.split(r"^RUN ", text, flags=re.M) if "sample-config" in r)
+    argv = shlex.split(run.split("lmcache-node ", 1)[1].split(">", 1)[0].replace("\\\n", " "))
+    assert parse(argv).command == "sample-config" and image_path in run.split(">", 1)[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcache_mesh.engines.cli", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    local = tmp_path / "image-lmcache-node.toml"
+    local.write_text(out.stdout)
+    return {**env, ENV_PREFIX + "CONFIG": str(local)}
+
+
+def test_the_image_settings_and_health_check_are_real(tmp_path: Path) -> None:
+    text = dockerfile()
+    env = image_env(tmp_path)
+    cfg = NodeConfig.load(env[ENV_PREFIX + "CONFIG"], env=env)
     assert cfg.data_dir == "/var/lib/lmcache-mesh" and cfg.metrics_port == 9109
     assert any(ep.startswith("ipc://") for ep in cfg.listen) and any(
         ep.startswith("tcp://") for ep in cfg.listen
@@ -120,9 +138,9 @@ def test_the_image_settings_and_health_check_are_real() -> None:
             assert (DEPLOY.parent / part).exists(), f"the image copies {part}, which does not exist"
 
 
-def test_every_compose_service_runs_a_real_command_with_real_settings() -> None:
+def test_every_compose_service_runs_a_real_command_with_real_settings(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    image_env = dict(re.findall(r"(LMCACHE_MESH_[A-Z_]+)=(\S+)", dockerfile()))
+    defaults = image_env(tmp_path)
     services = compose["services"]
     assert {"cloud-a", "cloud-b", "edge-node", "edge-serve"} <= set(services)
     names, joined = set(), []
@@ -133,7 +151,7 @@ def test_every_compose_service_runs_a_real_command_with_real_settings() -> None:
             assert entry[entry.index("--preset") + 1] in PRESETS
             continue
         args = parse(svc["command"])
-        env = {**image_env, **{k: str(v) for k, v in (svc.get("environment") or {}).items()}}
+        env = {**defaults, **{k: str(v) for k, v in (svc.get("environment") or {}).items()}}
         assert all(k.startswith(ENV_PREFIX) for k in env)
         if args.command == "run":
             cfg = run_config(args, env)

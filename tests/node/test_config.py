@@ -45,7 +45,7 @@ def test_env_list_is_comma_separated() -> None:
     "source, message",
     [
         ({"env": {"LMCACHE_MESH_MEMORY": "lots"}}, "environment LMCACHE_MESH_MEMORY: bad value for 'memory'"),
-        ({"env": {"LMCACHE_MESH_COLOUR": "red"}}, "unknown setting 'colour'"),
+        ({"overrides": {"colour": "red"}}, "unknown setting 'colour'"),
         ({"overrides": {"listen": "http://x"}}, "must start with tcp:// or ipc://"),
         ({"overrides": {"metrics-port": "70000"}}, "metrics_port must be in"),
         ({"overrides": {"max-keys": "0"}}, "max_keys_per_request must be > 0"),
@@ -55,6 +55,21 @@ def test_env_list_is_comma_separated() -> None:
 def test_bad_values_name_the_source_and_key(source: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NodeConfig.load(env=source.get("env", {}), overrides=source.get("overrides"))  # type: ignore[arg-type]
+
+
+def test_unknown_environment_variables_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # orchestrators add variables of their own (Kubernetes: LMCACHE_MESH_PORT=tcp://... for a
+    # service named lmcache-mesh); a typo is named, with the closest setting
+    env = {
+        "LMCACHE_MESH_PORT_7700_TCP": "tcp://10.0.0.1:7700",
+        "LMCACHE_MESH_MEMROY": "2GiB",
+        "LMCACHE_MESH_DISK": "0",
+    }
+    with caplog.at_level("WARNING", logger="lmcache_mesh.node.config"):
+        c = NodeConfig.load(env=env)
+    assert c.disk_bytes == 0 and c.memory_bytes == NodeConfig.default_of("memory_bytes")
+    assert "ignoring unknown environment variable LMCACHE_MESH_PORT_7700_TCP" in caplog.text
+    assert "LMCACHE_MESH_MEMROY (did you mean LMCACHE_MESH_MEMORY?)" in caplog.text
 
 
 def test_bad_toml_file(tmp_path: Path) -> None:
@@ -95,5 +110,10 @@ def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
     assert '# disk = "4GiB"' in out and '# curve = "auto"' in out
     assert cli.main(["sample-config", "--set", "colour=1"]) == 1
     assert "unknown settings ['colour']" in capsys.readouterr().err
-    assert cli.main(["sample-config", "--set", "memory=4GiB"]) == 1  # not a TOML value: say so
+    assert (
+        cli.main(["sample-config", "--set", "memory=4GiB", "--set", "data-dir=/srv/lmc"]) == 0
+    )  # bare words
+    out = capsys.readouterr().out
+    assert 'memory = "4GiB"' in out and 'data-dir = "/srv/lmc"' in out
+    assert cli.main(["sample-config", "--set", 'listen=["tcp://a:1"']) == 1  # a broken list: say so
     assert "not a TOML value" in capsys.readouterr().err
