@@ -39,7 +39,7 @@ def test_demo_runs_a_mesh_and_shows_cold_and_hit_requests_from_local_and_peer_no
     assert "[" in out.stderr and "4/4" in out.stderr  # the progress bar
     data = plot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    assert struct.unpack(">II", data[16:24]) == (640, 320)
+    assert struct.unpack(">II", data[16:24]) == (800, 420)
     # nothing left running
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
