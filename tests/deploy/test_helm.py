@@ -1,4 +1,9 @@
-"""The Helm chart renders to valid manifests whose node command the real CLI accepts."""
+"""The Helm chart renders to valid manifests whose node command the real CLI accepts.
+
+"Valid" is checked against the Kubernetes API's own OpenAPI schemas (kubernetes-validate,
+strict: an unknown or misspelt field fails), for the oldest and newest API versions we
+support.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -18,6 +24,7 @@ from .test_deploy import DEPLOY, parse, run_config
 
 CHART = DEPLOY / "helm" / "lmcache-mesh"
 RELEASE = {"Name": "lmcache-mesh", "Namespace": "lmcache", "Service": "Helm"}
+KUBERNETES_VERSIONS = ("1.25", "1.35")
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +51,13 @@ def render(**overrides: Any) -> list[dict[str, Any]]:
             if doc:
                 assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: not a manifest"
                 assert doc["metadata"]["name"], f"{path.name}: unnamed"
+                for version in KUBERNETES_VERSIONS:
+                    try:
+                        kubernetes_validate.validate(doc, version, strict=True)
+                    except kubernetes_validate.ValidationError as exc:
+                        raise AssertionError(
+                            f"{path.name}: not a valid {doc['kind']} for {version}: {exc}"
+                        ) from None
                 docs.append(doc)
     return docs
 
@@ -145,6 +159,16 @@ def test_a_curve_secret_installs_the_pods_key_and_the_allow_list() -> None:
     # the installed files are where a node looks by default: CurveZMQ turns itself on
     assert cfg.key_path == Path("/var/lib/lmcache-mesh/node.key_secret")
     assert cfg.authorized_keys_path == Path("/var/lib/lmcache-mesh/authorized_keys")
+
+
+def test_a_misspelt_or_mistyped_field_is_not_a_valid_manifest() -> None:
+    sts = one(render(), "StatefulSet")
+    typo, wrong_type = copy.deepcopy(sts), copy.deepcopy(sts)
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    wrong_type["spec"]["replicas"] = "3"
+    for bad in (typo, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, KUBERNETES_VERSIONS[-1], strict=True)
 
 
 def test_a_typo_in_a_template_fails_rendering() -> None:
