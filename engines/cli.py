@@ -69,7 +69,13 @@ def add_serve_parser(sub: Any) -> None:
     )
     serve.add_argument("--key", metavar="FILE", help="CurveZMQ key pair for a tcp:// --node (a client key)")
     serve.add_argument("--server-key", metavar="KEY", help="the --node's public key (Z85 or its .key file)")
-    serve.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 503")
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        metavar="N",
+        help="queued requests before 503 (default: %(default)s)",
+    )
     embedded = serve.add_argument_group("embedded node (without --node)")
     embedded.add_argument("--data-dir", metavar="DIR", help="disk tier directory (default: as `run`)")
     embedded.add_argument("--memory", metavar="SIZE", help="memory tier budget (default: as `run`)")
@@ -105,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = exc.name if isinstance(exc, ImportError) and exc.name else exc
         print(
             f"lmcache-node serve: error: {name} is not usable; install the llama extra:\n"
-            "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install 'lmcache-mesh[llama]'",
+            "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install -e '.[llama]'   # in the lmcache-mesh checkout",
             file=sys.stderr,
         )
         return 1
@@ -148,11 +154,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``lmcache-node`` parser: the node's commands plus ``serve`` and ``demo``."""
     parser, sub = node_cli.build_parser()
     add_serve_parser(sub)
     add_demo_parser(sub)
-    return int(node_cli.main(argv, parser, {**node_cli.COMMANDS, "serve": cmd_serve, "demo": cmd_demo}))
+    full: argparse.ArgumentParser = parser
+    return full
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    commands = {**node_cli.COMMANDS, "serve": cmd_serve, "demo": cmd_demo}
+    return int(node_cli.main(argv, build_parser(), commands))
 
 
 if __name__ == "__main__":

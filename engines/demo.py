@@ -283,7 +283,7 @@ def add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="run a 3-node mesh and two llama.cpp engines on a generated model; show TTFT cold vs hit",
-        description="Needs the [llama] extra. Takes about 30 s on 2 cores.",
+        description="Needs the [llama] extra. Takes about 20 s on 2 cores.",
     )
     d = DemoConfig()
     demo.add_argument("--conversations", type=int, default=d.conversations, metavar="N")
@@ -308,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (ImportError, RuntimeError, OSError) as exc:  # missing, or its native library is
         print(
             f"lmcache-node demo: error: llama-cpp-python is not usable ({exc}); install the llama extra:\n"
-            "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install 'lmcache-mesh[llama]'",
+            "  CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" pip install -e '.[llama]'   # in the lmcache-mesh checkout",
             file=sys.stderr,
         )
         return 1
@@ -326,7 +326,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError("--conversations, --turns and --system-tokens must be positive")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    rows = run_demo(cfg)
+    try:
+        rows = run_demo(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the demo's nodes and engines are stopped", file=sys.stderr)
+        return 130
     print(report(rows))
     print(plot(rows, cfg.plot))
     return 0

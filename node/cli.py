@@ -16,6 +16,7 @@ flags win over the environment, which wins over the file (``--config`` or
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import socket
@@ -33,7 +34,7 @@ from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool, parse_tom
 from .errors import MeshError
 from .keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
 from .node import VERSION
-from .sizes import format_size
+from .sizes import format_count, format_size, parse_size
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
@@ -46,18 +47,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     run.add_argument("--config", metavar="FILE", help=f"TOML config file (also {ENV_PREFIX}CONFIG)")
     for name, key, meta in NodeConfig.options():
         default = NodeConfig.default_of(name)
-        if isinstance(default, int) and key in (
-            "memory",
-            "disk",
-            "max-record",
-            "max-header",
-            "max-request",
-            "writeback-queue",
-        ):
+        if meta["parse"] is parse_size:
             default = format_size(default)
         elif isinstance(default, tuple):
             default = " ".join(default)
-        help_text = f"{meta['help']} (default: {'the host name' if default == '' else default}; env {ENV_PREFIX}{key.replace('-', '_').upper()})"
+        env = f"env {ENV_PREFIX}{key.replace('-', '_').upper()}"
+        # an empty default means "none" or is explained by the help text itself
+        help_text = f"{meta['help']} ({f'default: {default}; ' if default != '' else ''}{env})"
         kwargs: dict[str, Any] = {
             "dest": key,
             "metavar": meta["metavar"] or key.upper().replace("-", "_"),
@@ -222,7 +218,7 @@ def _print_status(s: dict[str, Any]) -> None:
     for name, t in s["tiers"].items():
         print(
             f"  {name:<7} {format_size(t['used_bytes'])} / {format_size(t['capacity_bytes'])}"
-            f"  {t['entries']} chunks  {t['evictions']} evictions"
+            f"  {format_count(t['entries'], 'chunk')}  {format_count(t['evictions'], 'eviction')}"
         )
     mesh = s.get("mesh", {})
     relay, webrtc = mesh.get("relay"), mesh.get("webrtc")
@@ -245,7 +241,7 @@ def _print_status(s: dict[str, Any]) -> None:
     if engines:
         print("engines  (their own KV caches, from KV events)")
         for holder, n in sorted(engines.items()):
-            print(f"  {holder:<40} {n} chunks")
+            print(f"  {holder:<40} {format_count(n, 'chunk')}")
     c = s["counters"]
     lookups = c["hits_memory"] + c["hits_disk"] + c["misses"]
     rate = f"{100 * (c['hits_memory'] + c['hits_disk']) / lookups:.1f}%" if lookups else "-"
@@ -296,7 +292,10 @@ def _cmd_join(args: argparse.Namespace) -> int:
             alive = [m for m in members if m["state"] == "alive"]
             if len(alive) > 1:
                 new = sorted({m["name"] for m in alive} - before)
-                print(f"joined: {len(alive)} members alive" + (f" (new: {', '.join(new)})" if new else ""))
+                print(
+                    f"joined: {format_count(len(alive), 'member')} alive"
+                    + (f" (new: {', '.join(new)})" if new else "")
+                )
                 return 0
             time.sleep(0.1)
     print(
@@ -315,12 +314,26 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> None:
+    """Report unknown arguments with the subcommand's usage (argparse's default shows the
+    top-level one) and the closest flag it has."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub: argparse.ArgumentParser = action.choices[command]
+    flags = [s for a in sub._actions for s in a.option_strings]
+    close = difflib.get_close_matches(extras[0].split("=", 1)[0], flags, n=1)
+    hint = f" (did you mean {close[0]}?)" if close and extras[0].startswith("-") else ""
+    sub.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
+
 def main(
     argv: Sequence[str] | None = None,
     parser: argparse.ArgumentParser | None = None,
     commands: Mapping[str, Callable[[argparse.Namespace], int]] | None = None,
 ) -> int:
-    args = (parser or build_parser()[0]).parse_args(argv)
+    parser = parser or build_parser()[0]
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _unrecognized(parser, args.command, extras)
     try:
         return (commands or COMMANDS)[args.command](args)
     except (MeshError, TransportError, ValueError, OSError) as exc:

@@ -21,6 +21,7 @@ from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
 
 from .config import split_seed
 from .protocol import Op, request_header
+from .sizes import format_count
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +119,11 @@ class Cluster:
                 RingMember(m.name, m.zone, m.weight) for m in live if reachability(m.address) == "direct"
             )
             logger.info(
-                "- %s: %s is %s; %d members alive, %d on the ring",
+                "- %s: %s %s; %s alive, %d on the ring",
                 self.name,
                 member.name,
-                member.state.value,
-                len(live),
+                "has left" if member.state is State.LEFT else f"is {member.state.value}",
+                format_count(len(live), "member"),
                 len(self.ring),
             )
         if member.state in (State.DEAD, State.LEFT):

@@ -247,7 +247,7 @@ class NodeConfig:
     )
     max_inflight_requests: int = _opt(
         "max-inflight",
-        "requests handled concurrently; more wait in the socket queue",
+        "requests that wait (disk reads, peers) at once across all clients; past it, BUSY at once",
         _parse_int,
         "N",
         default=256,
@@ -374,7 +374,11 @@ class NodeConfig:
         def apply(source: str, key: str, raw: Any) -> None:
             norm = key.replace("_", "-")
             if norm not in by_key:
-                raise ValueError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(by_key))}")
+                close = difflib.get_close_matches(norm, by_key, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"{source}: unknown setting {key!r}{hint}; known: {', '.join(sorted(by_key))}"
+                )
             name, meta = by_key[norm]
             try:
                 values[name] = meta["parse"](raw)
@@ -414,9 +418,7 @@ class NodeConfig:
         """A config file documenting every setting: ``values`` (by key) are set, every other
         setting is shown commented out at its default."""
         values = dict(values or {})
-        unknown = set(values) - {key for _, key, _ in cls.options()}
-        if unknown:
-            raise ValueError(f"unknown settings {sorted(unknown)}")
+        cls.load(env={}, overrides=values)  # a file that would not load is not written
         lines = [
             "# lmcache-node configuration (lmcache-node run --config FILE, or LMCACHE_MESH_CONFIG).",
             "# Every setting is also a flag (--KEY) and an environment variable (LMCACHE_MESH_KEY);",

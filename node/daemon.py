@@ -29,7 +29,7 @@ from .node import VERSION, Node
 from .peering import WebRTCPeering
 from .relay import Uplink
 from .service import NodeServer
-from .sizes import format_size
+from .sizes import format_count, format_size
 
 logger = logging.getLogger("lmcache_mesh.node.daemon")
 
@@ -177,7 +177,9 @@ def _start_webrtc(
     """WebRTC links to (or, behind NAT, from) other members; None if aiortc is missing."""
     if importlib.util.find_spec("aiortc") is None:
         if node.config.nat:
-            raise SystemExit("lmcache-node: --nat needs WebRTC: pip install 'lmcache-mesh[webrtc]'")
+            raise SystemExit(
+                "lmcache-node: --nat needs WebRTC: pip install -e '.[webrtc]' in the lmcache-mesh checkout"
+            )
         logger.info("WebRTC is off (no aiortc): members behind NAT are unreachable from here")
         return None
     # aiortc takes ~0.7 s to import: do it now, off the loop, not on the first link's clock.
@@ -301,7 +303,7 @@ async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None
         await peering.aclose()
     await server.stop()
     written = await asyncio.to_thread(node.close)
-    print(f"lmcache-node: stopped; wrote {written} memory records back to disk", flush=True)
+    print(f"lmcache-node: stopped; wrote {format_count(written, 'memory record')} back to disk", flush=True)
     return 0
 
 

@@ -41,6 +41,11 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def format_count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 (``1 chunk``, ``3 chunks``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_size(n: int) -> str:
     """``n`` bytes as a short binary-unit string (``1.5 GiB``)."""
     value = float(n)

@@ -5,7 +5,7 @@
                     mesh=LlamaMeshConfig(node="tcp://127.0.0.1:7700"))
     llm.create_completion(prompt, max_tokens=64)   # reuses cached prefix chunks
 
-Importing this package needs ``llama-cpp-python`` (``pip install 'lmcache-mesh[llama]'``).
+Importing this package needs ``llama-cpp-python`` (``pip install -e '.[llama]'`` in the checkout).
 """
 
 from ..fingerprint import model_fingerprint

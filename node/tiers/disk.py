@@ -155,7 +155,7 @@ class DiskTier:
         except OSError as exc:
             os.close(fd)
             raise MeshError(
-                f"data dir {self.data_dir} is in use by another lmcache-node process (lock held)"
+                f"data dir {self.data_dir} is in use by another node (its lock is held, by another process or another node in this one)"
             ) from exc
         try:
             self.recovery = self._recover()

@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmcache_mesh.engines.cli import add_serve_parser
+from lmcache_mesh.engines.cli import build_parser
 from lmcache_mesh.engines.llamacpp.tinymodel import PRESETS
 from lmcache_mesh.node import chunk_keys
-from lmcache_mesh.node import cli as node_cli
 from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig, read_toml
 
 from ..conftest import DaemonFactory
@@ -34,9 +33,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def parser() -> argparse.ArgumentParser:
-    p, sub = node_cli.build_parser()
-    add_serve_parser(sub)
-    return p
+    return build_parser()
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -191,3 +188,41 @@ def test_deploy_readme_covers_edge_cloud_and_joining(doc: str) -> None:
     text = (DEPLOY / doc).read_text()
     for topic in ("edge", "cloud", "--join", "compose", "systemd", "authorized_keys", "lmcache-node.toml"):
         assert topic in text, f"deploy/{doc} does not mention {topic}"
+
+
+def test_the_readme_synopsis_lists_every_flag_of_every_command_and_no_other() -> None:
+    readme = (DEPLOY.parent / "README.md").read_text()
+    block = readme.split("## The `lmcache-node` command", 1)[1].split("```", 2)[1].strip()
+    documented: dict[str, set[str]] = {}
+    command = ""
+    for line in block.splitlines():
+        if line.startswith("lmcache-node "):
+            command = line.split()[1]
+        documented.setdefault(command, set()).update(re.findall(r"(--[a-z][a-z-]*)", line))
+    subparsers = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = subparsers.choices
+    assert set(documented) == set(commands), "every command has a synopsis line"
+    for name, sub in commands.items():
+        real = {s for a in sub._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
+        assert documented[name] == real, (
+            f"{name}: README lacks {real - documented[name]}, has extra {documented[name] - real}"
+        )
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md"])
+def test_every_link_within_the_docs_leads_somewhere(doc: str) -> None:
+    path = DEPLOY.parent / doc
+    text = path.read_text()
+    # GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens
+    anchors = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", text, re.M)
+    }
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        file, _, anchor = target.partition("#")
+        if file:
+            assert (path.parent / file).exists(), f"{doc} links to {file}, which does not exist"
+        elif anchor:
+            assert anchor in anchors, f"{doc} links to #{anchor}; headings give {sorted(anchors)}"

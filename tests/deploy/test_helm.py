@@ -141,6 +141,10 @@ def test_the_edge_values_fix_the_zone_and_join_the_cloud_mesh() -> None:
     cfg = run_config(parse(node_argv(spec["containers"][0]["args"][0], "lmcache-mesh-0")), env={})
     assert cfg.zone == "edge" and cfg.mesh_profile == "wan" and cfg.memory_bytes == 2 << 30
     assert edge["join"][0] in cfg.join
+    # ...as the cloud's own pods name their seed (NAME@ADDR: reachable with CurveZMQ on too)
+    cloud = one(render(), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    (cloud_seed,) = run_config(parse(node_argv(cloud["args"][0], "lmcache-mesh-1")), env={}).join
+    assert edge["join"][0] == cloud_seed
 
 
 def test_a_curve_secret_installs_the_pods_key_and_the_allow_list() -> None:

@@ -87,7 +87,7 @@ def test_bad_config_is_refused_with_a_message(tmp_path: Path) -> None:
 
 def test_a_second_daemon_on_the_same_data_dir_or_port_is_refused(daemon: Daemon, tmp_path: Path) -> None:
     r = run_cli("run", "--listen", "tcp://127.0.0.1:0", "--data-dir", str(daemon.data_dir))
-    assert r.returncode == 1 and "in use by another lmcache-node process" in r.stderr
+    assert r.returncode == 1 and "in use by another node" in r.stderr
     r = run_cli("run", "--listen", daemon.tcp, "--data-dir", str(tmp_path / "other"))
     assert r.returncode == 1 and f"cannot listen on {daemon.tcp}" in r.stderr
 

@@ -109,7 +109,11 @@ def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
     assert cfg.memory_bytes == 4 << 30 and cfg.replicas == 3
     assert '# disk = "4GiB"' in out and '# curve = "auto"' in out
     assert cli.main(["sample-config", "--set", "colour=1"]) == 1
-    assert "unknown settings ['colour']" in capsys.readouterr().err
+    assert "unknown setting 'colour'" in capsys.readouterr().err
+    assert cli.main(["sample-config", "--set", "memroy=1GiB"]) == 1
+    assert "(did you mean 'memory'?)" in capsys.readouterr().err
+    assert cli.main(["sample-config", "--set", "memory=lots"]) == 1  # what `run` would refuse
+    assert "bad value for 'memory'" in capsys.readouterr().err
     assert (
         cli.main(["sample-config", "--set", "memory=4GiB", "--set", "data-dir=/srv/lmc"]) == 0
     )  # bare words

@@ -71,7 +71,9 @@ def _aiortc() -> Any:
     try:
         import aiortc
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("WebRTC needs aiortc: pip install 'lmcache-mesh[webrtc]'") from exc
+        raise ImportError(
+            "WebRTC needs aiortc: pip install -e '.[webrtc]' in the lmcache-mesh checkout"
+        ) from exc
     return aiortc
 
 
