@@ -1,8 +1,9 @@
 """deploy/ agrees with the code: every command, flag, setting and metric it names exists.
 
-The container image and compose mesh cannot be run here (no registry for base images in
+The container image and compose mesh cannot be built here (no registry for base images in
 CI), so their commands are parsed by the real ``lmcache-node`` parser and their settings
-loaded by the real config; the systemd unit goes through ``systemd-analyze verify``; the
+loaded by the real config (``tests/e2e/test_image.py`` runs the image's node configuration
+for real, in namespaces); the systemd unit goes through ``systemd-analyze verify``; the
 dashboard's metrics are read off a real daemon's /metrics.
 """
 
