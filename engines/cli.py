@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.node import cli as node_cli
-from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig
+from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.sizes import format_size
 
 from .demo import add_demo_parser, cmd_demo
@@ -92,7 +92,7 @@ def _embedded_config(args: argparse.Namespace) -> NodeConfig:
         for key, value in (("data-dir", args.data_dir), ("memory", args.memory), ("disk", args.disk))
         if value
     }
-    return NodeConfig.load(os.environ.get(f"{ENV_PREFIX}CONFIG"), os.environ, flags)
+    return NodeConfig.from_environment(None, flags)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -156,11 +156,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``lmcache-node`` parser: the node's commands plus ``serve`` and ``demo``."""
+    parser: argparse.ArgumentParser
     parser, sub = node_cli.build_parser()
     add_serve_parser(sub)
     add_demo_parser(sub)
-    full: argparse.ArgumentParser = parser
-    return full
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.node.client import Client
+from lmcache_mesh.node.sizes import format_count
 
 from .pngplot import write_bar_chart
 
@@ -122,7 +123,9 @@ class _FirstTokenClock:
         return scores
 
     def seconds(self) -> float:
-        return (self.first if self.first is not None else time.perf_counter()) - self.started
+        if self.first is None:  # llama-cpp-python stopped calling logits processors
+            raise RuntimeError("llama.cpp never asked for the first token's logits: TTFT unknown")
+        return self.first - self.started
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -180,12 +183,13 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
                 mesh=LlamaMeshConfig(node=node.ipc, chunk_tokens=cfg.chunk_tokens),
             )
         # One short request per engine first: the first call into llama.cpp pays one-time costs
-        # (allocations, thread start) that belong to neither cold nor hit. It is shorter than
-        # a chunk, so nothing of it is stored.
+        # (allocations, thread start) that belong to neither cold nor hit. It is cut shorter
+        # than a chunk, so nothing of it is stored or reused.
         print("warming up the engines ...", file=sys.stderr, flush=True)
         for llm in engines.values():
             llm.reset()
-            llm.create_completion(_words(8, 99), max_tokens=1, temperature=0.0)
+            warm = llm.tokenize(_words(8, 99).encode())[: max(1, cfg.chunk_tokens - 2)]
+            llm.create_completion(warm, max_tokens=1, temperature=0.0)
         system = _words(cfg.system_tokens, 0)
         history = {c: [{"role": "system", "content": system}] for c in range(cfg.conversations)}
         order = [(t, c) for t in range(cfg.turns) for c in range(cfg.conversations)]
@@ -249,14 +253,10 @@ def report(rows: list[Row]) -> str:
     if cold and hit:
         c, h = statistics.median(cold), statistics.median(hit)
         lines.append(
-            f"median TTFT: cold {c:.0f} ms ({_requests(len(cold))}), with a mesh hit {h:.0f} ms "
-            f"({_requests(len(hit))}): {c / max(h, 1e-9):.1f}x faster"
+            f"median TTFT: cold {c:.0f} ms ({format_count(len(cold), 'request')}), with a mesh hit "
+            f"{h:.0f} ms ({format_count(len(hit), 'request')}): {c / max(h, 1e-9):.1f}x faster"
         )
     return "\n".join(lines)
-
-
-def _requests(n: int) -> str:
-    return f"{n} request{'s' if n != 1 else ''}"
 
 
 def plot(rows: list[Row], path: Path) -> str:

@@ -129,7 +129,13 @@ def nice_ticks(top: float, count: int = 5) -> list[float]:
 
 
 def _number(value: float) -> str:
+    """A bar's value: whole from 10 up, one decimal below."""
     return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+
+
+def tick_label(value: float) -> str:
+    """A tick exactly (12.5, 0.25, 2500), without float noise or exponents."""
+    return f"{round(value, 9):.12g}"
 
 
 def write_bar_chart(
@@ -150,7 +156,7 @@ def write_bar_chart(
     c = Canvas(width, height)
     c.text((width - text_width(title, 2)) // 2, 10, title, scale=2)
     ticks = nice_ticks(max(values, default=0.0))
-    left = 16 + max(text_width(_number(t)) for t in ticks)
+    left = 16 + max(text_width(tick_label(t)) for t in ticks)
     right, top_y = width - 16, 34 + (16 if legend else 0)
     base = height - 24 - (14 if x_title else 0)
     span = base - top_y - 12  # room for the tallest bar's value
@@ -164,7 +170,7 @@ def write_bar_chart(
     for t in ticks:
         y = base - round(t / ticks[-1] * span)
         c.rect(left, y, right, y + 1, GRID)
-        label = _number(t)
+        label = tick_label(t)
         c.text(left - 6 - text_width(label), y - 3, label)
     slot = (right - left) / max(len(values), 1)
     for i, (value, colour) in enumerate(zip(values, colours, strict=True)):
@@ -173,8 +179,9 @@ def write_bar_chart(
         c.rect(x0, y0, x1, base, colour)
         mid = (x0 + x1) // 2
         shown = _number(value)
-        c.text(mid - text_width(shown) // 2, y0 - 10, shown)
-        if labels:
+        if text_width(shown) <= slot:  # many narrow bars: values would run into each other
+            c.text(mid - text_width(shown) // 2, y0 - 10, shown)
+        if labels and text_width(labels[i]) <= slot:
             c.text(mid - text_width(labels[i]) // 2, base + 6, labels[i])
     c.rect(left, base, right, base + 1, AXIS)
     c.rect(left, top_y, left + 1, base + 1, AXIS)

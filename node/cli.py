@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import socket
 import sys
 import time
@@ -30,7 +29,7 @@ from lmcache_mesh.transports import TransportError
 from lmcache_mesh.transports.curve import CurveClient
 
 from .client import Client
-from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool, parse_toml_value
+from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
 from .errors import MeshError
 from .keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
 from .node import VERSION
@@ -74,7 +73,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set KEY in it (a TOML value; a bare word is a string)",
+        help='set KEY in it, as the flag --KEY would take VALUE (a list: ["a", "b"])',
     )
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair and print its allow-list line")
     keygen.add_argument(
@@ -163,10 +162,9 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     elif args.role == "node":
-        data_dir = (
-            args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR") or NodeConfig.default_of("data_dir")
-        )
-        out = Path(data_dir).expanduser() / "node.key_secret"
+        # where `run` looks for it, as its flags, environment and config file set it
+        flags = {"data-dir": args.data_dir} if args.data_dir else None
+        out = NodeConfig.from_environment(None, flags).key_path
     else:
         out = Path(f"{name}.key_secret")
     if out.exists():
@@ -185,22 +183,23 @@ def _cmd_sample_config(args: argparse.Namespace) -> int:
         key, eq, raw = item.partition("=")
         if not eq:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        values[key.strip()] = parse_toml_value(raw)
+        key, value = NodeConfig.value_from_text(key, raw)
+        values[key] = value
     print(NodeConfig.sample_toml(values), end="")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run
+    from .daemon import configure_logging, run
+
+    configure_logging()
 
     overrides: dict[str, Any] = {}
     for _, key, _ in NodeConfig.options():
         value = getattr(args, key)
         if value is not None:
             overrides[key] = ",".join(value) if key in ("listen", "join") else value
-    config_file = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
-    config = NodeConfig.load(config_file, overrides=overrides)
-    return run(config)
+    return run(NodeConfig.from_environment(args.config, overrides))
 
 
 def _print_status(s: dict[str, Any]) -> None:
@@ -320,8 +319,9 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extras: list[st
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub: argparse.ArgumentParser = action.choices[command]
     flags = [s for a in sub._actions for s in a.option_strings]
-    close = difflib.get_close_matches(extras[0].split("=", 1)[0], flags, n=1)
-    hint = f" (did you mean {close[0]}?)" if close and extras[0].startswith("-") else ""
+    unknown_flag = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), "")
+    close = difflib.get_close_matches(unknown_flag, flags, n=1) if unknown_flag else []
+    hint = f" (did you mean {close[0]}?)" if close else ""
     sub.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 

@@ -42,19 +42,6 @@ def _wrap(text: str, width: int) -> list[str]:
     return [*lines, line] if line else lines
 
 
-def parse_toml_value(raw: str) -> Any:
-    """One TOML value (``"text"``, ``12``, ``true``, ``["a", "b"]``); a bare word that is no
-    TOML value (``4GiB``, ``/var/lib/x``) is taken as a string. ValueError if a quoted string,
-    list or table is malformed."""
-    text = raw.strip()
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as exc:
-        if text and text[0] not in "\"'[{":
-            return text
-        raise ValueError(f"{raw!r:.60} is not a TOML value: {exc}") from None
-
-
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """A TOML file as a table; ValueError naming ``what`` and the file if unreadable or invalid."""
     try:
@@ -78,6 +65,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "LMCACHE_MESH_"
+NOT_SETTINGS = frozenset({"CONFIG", "SKIP_ENGINES", "SKIP_NETNS"})
+"""``LMCACHE_MESH_*`` variables that are not node settings: the config file's path and the
+test suite's switches"""
 DEFAULT_PORT = 7700
 
 
@@ -106,7 +96,7 @@ def _parse_list(value: Any) -> tuple[str, ...]:
 
 
 def _parse_int(value: Any) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, float)):
         raise ValueError(f"expected an integer, got {value!r}")
     return int(value)
 
@@ -358,11 +348,48 @@ class NodeConfig:
         return f.default
 
     @classmethod
+    def _known_key(cls, key: str, source: str) -> str:
+        """``key`` with ``_`` as ``-``; ValueError naming the closest setting if unknown."""
+        keys = [k for _, k, _ in cls.options()]
+        norm = key.strip().replace("_", "-")
+        if norm not in keys:
+            close = difflib.get_close_matches(norm, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{source}: unknown setting {key!r}{hint}; known: {', '.join(sorted(keys))}")
+        return norm
+
+    @classmethod
+    def value_from_text(cls, key: str, raw: str) -> tuple[str, Any]:
+        """``(key, value)`` for ``KEY=VALUE`` as typed on a command line, for a config file.
+
+        Text is taken as the setting's type reads it, never as a bare TOML value (which would
+        turn ``2024#prod`` into 2024, ``0x1F`` into 31 or ``true`` into a boolean name):
+        integers and booleans become TOML integers and booleans, everything else stays text as
+        typed (a size as ``4GiB``); a value starting with a quote or ``[`` is TOML (a quoted
+        string, a list). ValueError if the setting is unknown or the value is not one it takes.
+        """
+        norm = cls._known_key(key, f"--set {key}")
+        meta = next(m for _, k, m in cls.options() if k == norm)
+        text = raw.strip()
+        value: Any = text
+        if text[:1] in ("'", '"', "["):
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"--set {norm}: {text!r:.60} is not a TOML string or list: {exc}") from None
+        try:
+            parsed = meta["parse"](value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--set {norm}: bad value for {norm!r}: {exc}") from None
+        return norm, parsed if meta["parse"] in (_parse_int, _parse_bool) else value
+
+    @classmethod
     def load(
         cls,
         config_file: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        overrides_from: str = "--",
     ) -> NodeConfig:
         """Merge TOML file < environment < ``overrides`` (flags, by key) over the defaults.
 
@@ -372,13 +399,7 @@ class NodeConfig:
         values: dict[str, Any] = {}
 
         def apply(source: str, key: str, raw: Any) -> None:
-            norm = key.replace("_", "-")
-            if norm not in by_key:
-                close = difflib.get_close_matches(norm, by_key, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
-                    f"{source}: unknown setting {key!r}{hint}; known: {', '.join(sorted(by_key))}"
-                )
+            norm = cls._known_key(key, source)
             name, meta = by_key[norm]
             try:
                 values[name] = meta["parse"](raw)
@@ -391,7 +412,7 @@ class NodeConfig:
             for key, raw in table.items():
                 apply(f"config file {config_file}", key, raw)
         for var, raw in (os.environ if env is None else env).items():
-            if var.startswith(ENV_PREFIX) and var != ENV_PREFIX + "CONFIG":
+            if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX) :] not in NOT_SETTINGS:
                 key = var[len(ENV_PREFIX) :].lower().replace("_", "-")
                 if key not in by_key:
                     # The environment is ambient (orchestrators add variables of their own,
@@ -404,11 +425,19 @@ class NodeConfig:
                     continue
                 apply(f"environment {var}", key, raw)
         for key, raw in (overrides or {}).items():
-            apply(f"--{key}", key, raw)
+            apply(f"{overrides_from}{key}", key, raw)
         try:
             return cls(**values)
         except ValueError as exc:
             raise ValueError(f"invalid configuration: {exc}") from exc
+
+    @classmethod
+    def from_environment(
+        cls, config_file: str | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> NodeConfig:
+        """As ``lmcache-node run`` configures a node: the config file (``config_file``, else
+        ``LMCACHE_MESH_CONFIG``) < ``LMCACHE_MESH_*`` < ``overrides`` (flags)."""
+        return cls.load(config_file or os.environ.get(ENV_PREFIX + "CONFIG"), os.environ, overrides)
 
     def with_(self, **changes: Any) -> NodeConfig:
         return replace(self, **changes)
@@ -417,8 +446,7 @@ class NodeConfig:
     def sample_toml(cls, values: Mapping[str, Any] | None = None) -> str:
         """A config file documenting every setting: ``values`` (by key) are set, every other
         setting is shown commented out at its default."""
-        values = dict(values or {})
-        cls.load(env={}, overrides=values)  # a file that would not load is not written
+        values = {cls._known_key(k, "sample"): v for k, v in (values or {}).items()}
         lines = [
             "# lmcache-node configuration (lmcache-node run --config FILE, or LMCACHE_MESH_CONFIG).",
             "# Every setting is also a flag (--KEY) and an environment variable (LMCACHE_MESH_KEY);",
@@ -436,4 +464,7 @@ class NodeConfig:
                 if meta["parse"] is parse_size:
                     default = format_size(default).replace(" ", "").replace(".0", "")
                 lines.append(f"# {key} = {_toml_value(default)}")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        # a file that would not load is not written: check what `run --config` will read
+        cls.load(env={}, overrides=tomllib.loads(text)["node"], overrides_from="--set ")
+        return text

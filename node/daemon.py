@@ -307,12 +307,18 @@ async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None
     return 0
 
 
-def run(config: NodeConfig) -> int:
-    """Run a node in the foreground until SIGTERM/SIGINT; returns the exit code."""
+def configure_logging() -> None:
+    """The daemon's log format; called before the config is read, so that its warnings
+    (e.g. an unknown LMCACHE_MESH_* variable) look like every other line."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("aioice").setLevel(logging.WARNING)  # it logs every ICE check at INFO
+
+
+def run(config: NodeConfig) -> int:
+    """Run a node in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    configure_logging()
     if config.disk_bytes > 0:
         config.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)

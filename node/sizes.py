@@ -1,4 +1,5 @@
-"""Human byte sizes: ``512MiB``, ``4GiB``, ``1.5G``, ``0``."""
+"""Quantities as people write and read them: byte sizes (``512MiB``, ``4GiB``, ``1.5G``, ``0``)
+and counts of things (``1 chunk``, ``3 chunks``)."""
 
 from __future__ import annotations
 

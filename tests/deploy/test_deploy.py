@@ -29,30 +29,7 @@ from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig, read_toml
 
 from ..conftest import DaemonFactory
 from ..helpers import free_port, payload
-
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def parser() -> argparse.ArgumentParser:
-    return build_parser()
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    """``argv`` as ``lmcache-node`` reads it; a flag it does not know fails the test."""
-    try:
-        return parser().parse_args(argv)
-    except SystemExit as exc:
-        raise AssertionError(f"lmcache-node does not accept {argv}") from exc
-
-
-def run_config(args: argparse.Namespace, env: dict[str, str]) -> NodeConfig:
-    """The NodeConfig ``lmcache-node run`` would build from these flags and environment."""
-    overrides = {
-        key: ",".join(value) if isinstance(value, list) else value
-        for _, key, _ in NodeConfig.options()
-        if (value := getattr(args, key)) is not None
-    }
-    return NodeConfig.load(args.config or env.get(ENV_PREFIX + "CONFIG"), env=env, overrides=overrides)
+from .files import DEPLOY, dockerfile, image_env, lmcache_node, parse, run_config
 
 
 def test_the_sample_config_documents_every_setting_and_is_what_the_generator_writes(tmp_path: Path) -> None:
@@ -60,6 +37,11 @@ def test_the_sample_config_documents_every_setting_and_is_what_the_generator_wri
     text = path.read_text()
     values = read_toml(path, "sample")["node"]
     assert text == NodeConfig.sample_toml(values), "regenerate with `lmcache-node sample-config --set ...`"
+    # ...and deploy/README.md's command for it writes exactly this file
+    readme = (DEPLOY / "README.md").read_text()
+    command = re.search(r"^lmcache-node (sample-config .*?) > deploy/lmcache-node.toml$", readme, re.M | re.S)
+    assert command is not None, "deploy/README.md shows the command that writes lmcache-node.toml"
+    assert lmcache_node(shlex.split(command.group(1).replace("\\\n", " "))) == text
     for _, key, _ in NodeConfig.options():
         assert re.search(rf"^#? ?{re.escape(key)} = ", text, re.M), f"{key} is not in the sample"
     cfg = NodeConfig.load(path, env={})
@@ -88,28 +70,6 @@ def test_the_systemd_unit_runs_the_cli_as_documented_and_verifies(tmp_path: Path
     out = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
     problems = [ln for ln in (out.stdout + out.stderr).splitlines() if "lmcache-node.service" in ln]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
-
-
-def dockerfile() -> str:
-    return (DEPLOY / "docker" / "Dockerfile").read_text()
-
-
-def image_env(tmp_path: Path) -> dict[str, str]:
-    """The image's LMCACHE_MESH_* environment, its config file written here by running the
-    Dockerfile's own ``lmcache-node sample-config`` command."""
-    text = dockerfile()
-    env = dict(re.findall(r"^ENV (LMCACHE_MESH_[A-Z_]+)=(\S+)$", text, re.M))
-    image_path = env[ENV_PREFIX + "CONFIG"]
-    run = next(r for r in re.split(r"^RUN ", text, flags=re.M) if "sample-config" in r)
-    argv = shlex.split(run.split("lmcache-node ", 1)[1].split(">", 1)[0].replace("\\\n", " "))
-    assert parse(argv).command == "sample-config" and image_path in run.split(">", 1)[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "lmcache_mesh.engines.cli", *argv], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    local = tmp_path / "image-lmcache-node.toml"
-    local.write_text(out.stdout)
-    return {**env, ENV_PREFIX + "CONFIG": str(local)}
 
 
 def test_the_image_settings_and_health_check_are_real(tmp_path: Path) -> None:
@@ -200,7 +160,7 @@ def test_the_readme_synopsis_lists_every_flag_of_every_command_and_no_other() ->
         if line.startswith("lmcache-node "):
             command = line.split()[1]
         documented.setdefault(command, set()).update(re.findall(r"(--[a-z][a-z-]*)", line))
-    subparsers = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     commands = subparsers.choices
     assert set(documented) == set(commands), "every command has a synopsis line"
     for name, sub in commands.items():
@@ -215,9 +175,10 @@ def test_every_link_within_the_docs_leads_somewhere(doc: str) -> None:
     path = DEPLOY.parent / doc
     text = path.read_text()
     # GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # a "# comment" in code is no heading
     anchors = {
         re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-        for h in re.findall(r"^#+ (.*)$", text, re.M)
+        for h in re.findall(r"^#+ (.*)$", prose, re.M)
     }
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if target.startswith(("http://", "https://")):

@@ -19,8 +19,8 @@ import yaml
 
 from lmcache_mesh.node.sizes import parse_size
 
+from .files import DEPLOY, parse, run_config
 from .gotemplate import Renderer
-from .test_deploy import DEPLOY, parse, run_config
 
 CHART = DEPLOY / "helm" / "lmcache-mesh"
 RELEASE = {"Name": "lmcache-mesh", "Namespace": "lmcache", "Service": "Helm"}

@@ -5,9 +5,10 @@ adds to Python is its configuration, and that is run for real: the config file t
 Dockerfile's own ``sample-config`` command writes, the image's ``/run/lmcache-mesh`` and
 ``/var/lib/lmcache-mesh`` (a private mount namespace puts fresh directories there, the volume
 a host directory), its network (a fresh network namespace: 0.0.0.0:7700 and :9109 clash with
-nothing), its user (uid 10001; where this checkout or Python sits under a directory others
-cannot enter, e.g. /root, the namespace opens a way to just those paths), its HEALTHCHECK
-command, its STOPSIGNAL, and a restart on the same volume.
+nothing), its user (where this checkout or Python sits under a directory others cannot
+enter, e.g. /root, the namespace opens a way to just those paths), its CMD, its HEALTHCHECK
+command, its STOPSIGNAL, and a restart on the same volume. The node dies with the test
+process (``setpriv --pdeathsig``); every mount lives and dies with the private namespace.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,28 +24,45 @@ import threading
 import time
 from pathlib import Path
 
-from ..deploy.test_deploy import ENV_PREFIX, dockerfile, image_env
+from lmcache_mesh.node.config import ENV_PREFIX
+
+from ..deploy.files import dockerfile, image_env, image_user, instructions
 from ..helpers import payload
 from ..netns import require_netns
 
-UID = 10001
 STARTUP_TIMEOUT_S = 60.0
+IMAGE_DIRS = (Path("/run"), Path("/var/lib"))
+"""fresh tmpfs in the namespace: nothing the test needs may live under them"""
 SETUP = r"""
 set -e
 ip link set lo up
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=755 tmpfs /var/lib
 mkdir -p /run/lmcache-mesh /run/image /var/lib/lmcache-mesh
-eval "$UNBLOCK"
 mount --bind "$VOLUME" /var/lib/lmcache-mesh
-cp "$CONFIG" /run/image/lmcache-node.toml
+printf '%s' "$CONFIG_TEXT" > /run/image/lmcache-node.toml
 chmod 644 /run/image/lmcache-node.toml
 chown "$RUN_AS:$RUN_AS" /run/lmcache-mesh /var/lib/lmcache-mesh
+eval "$UNBLOCK"
 cd /
-exec setpriv --reuid "$RUN_AS" --regid "$RUN_AS" --clear-groups \
+exec setpriv --pdeathsig KILL --reuid "$RUN_AS" --regid "$RUN_AS" --clear-groups \
     env -i PATH=/usr/bin:/bin HOME=/var/lib/lmcache-mesh PYTHONUNBUFFERED=1 \
-    LMCACHE_MESH_CONFIG=/run/image/lmcache-node.toml "$PYTHON" -m lmcache_mesh.engines.cli run --name image-node
+    LMCACHE_MESH_CONFIG=/run/image/lmcache-node.toml "$PYTHON" -m lmcache_mesh.engines.cli "$@"
 """
+
+
+def python_paths() -> list[Path]:
+    """What running this checkout's ``lmcache-node`` reads: the interpreter, the virtual
+    environment, the standard library and the source."""
+    import lmcache_mesh.node
+
+    return [
+        Path(sys.executable),
+        Path(os.path.realpath(sys.executable)),
+        Path(sys.prefix),
+        Path(sys.base_prefix),
+        Path(lmcache_mesh.node.__file__).parent.parent,
+    ]
 
 
 def unblock(paths: list[Path]) -> str:
@@ -58,48 +76,35 @@ def unblock(paths: list[Path]) -> str:
             parent = Path(*parts[:i])
             if not parent.stat().st_mode & 0o001:
                 ways.setdefault(parent, set()).add(parts[i])
+    q = shlex.quote
     lines = []
     for n, (parent, children) in enumerate(sorted(ways.items(), key=lambda kv: len(kv[0].parts))):
         hidden = f"/run/unblock/{n}"
-        lines += [
-            f"mkdir -p {hidden}",
-            f"mount --bind {parent} {hidden}",
-            f"mount -t tmpfs -o mode=755 tmpfs {parent}",
-        ]
+        lines += [f"mkdir -p {hidden}", f"mount --bind {q(str(parent))} {hidden}"]
+        lines += [f"mount -t tmpfs -o mode=755 tmpfs {q(str(parent))}"]
         for child in sorted(children):
             make = "mkdir" if (parent / child).is_dir() else "touch"
-            lines += [f"{make} {parent / child}", f"mount --bind {hidden}/{child} {parent / child}"]
+            lines += [f"{make} {q(str(parent / child))}"]
+            lines += [f"mount --bind {hidden}/{q(child)} {q(str(parent / child))}"]
     return "\n".join(lines)
 
 
-def python_paths() -> list[Path]:
-    import lmcache_mesh.node
-
-    return [
-        Path(sys.executable),
-        Path(os.path.realpath(sys.executable)),
-        Path(sys.prefix),
-        Path(sys.base_prefix),
-        Path(lmcache_mesh.node.__file__).parent.parent,
-    ]
-
-
 class ImageNode:
-    """One run of the image's node in its own mount and network namespaces."""
+    """One run of the image's node (its CMD) in its own mount and network namespaces."""
 
-    def __init__(self, volume: Path, config: Path, run_as: int) -> None:
+    def __init__(self, volume: Path, config_text: str, uid: int, cmd: list[str]) -> None:
+        self.uid = uid
         env = {
             **os.environ,
             "VOLUME": str(volume),
-            "CONFIG": str(config),
-            "RUN_AS": str(run_as),
+            "CONFIG_TEXT": config_text,
+            "RUN_AS": str(uid),
             "PYTHON": sys.executable,
-            "UNBLOCK": unblock(python_paths()) if run_as else "",
+            "UNBLOCK": unblock(python_paths()),
         }
-        self.run_as = run_as
         # unshare execs the shell in the new namespaces, which execs the node: one pid
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--net", "sh", "-c", SETUP],
+            ["unshare", "--mount", "--propagation", "private", "--net", "sh", "-c", SETUP, "sh", *cmd],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -124,13 +129,11 @@ class ImageNode:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def inside(
-        self, argv: list[str], as_image_user: bool = False, stdin: str = ""
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in the node's namespaces, as the image's user if asked."""
-        user = ["setpriv", "--reuid", str(self.run_as), "--regid", str(self.run_as), "--clear-groups"]
+    def inside(self, argv: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the node's namespaces as the image's user."""
+        user = ["setpriv", "--pdeathsig", "KILL", "--reuid", str(self.uid), "--regid", str(self.uid)]
         return subprocess.run(
-            ["nsenter", "-t", str(self.proc.pid), "-m", "-n", *(user if as_image_user else []), *argv],
+            ["nsenter", "-t", str(self.proc.pid), "-m", "-n", *user, "--clear-groups", *argv],
             capture_output=True,
             text=True,
             timeout=60,
@@ -143,8 +146,8 @@ class ImageNode:
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)  # the image's STOPSIGNAL
+    def stop(self, sig: signal.Signals) -> int:
+        self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
 
     def kill(self) -> None:
@@ -162,26 +165,45 @@ def client_code(body: str) -> str:
     )
 
 
+def image_argv(instruction: str) -> list[str]:
+    """An exec-form instruction's ``lmcache-node`` arguments (CMD, HEALTHCHECK ... CMD)."""
+    (text,) = instructions(instruction)
+    argv = json.loads(text[text.index("[") :])
+    return [str(a) for a in argv[1 if argv[0] == "lmcache-node" else 0 :]]
+
+
 def test_the_image_configuration_serves_passes_its_health_check_and_keeps_its_volume(tmp_path: Path) -> None:
     require_netns("unshare", "setpriv", "nsenter")
-    env = image_env(tmp_path)
-    config = Path(env[ENV_PREFIX + "CONFIG"])
     volume = tmp_path / "volume"
     volume.mkdir()
-    run_as = UID
-    health = re.search(r"HEALTHCHECK [^\[]*?CMD (\[[^\n]*\])", dockerfile(), re.S)
-    assert health is not None
-    health_argv = json.loads(health.group(1))
-    assert health_argv[0] == "lmcache-node"
-    health_argv = [sys.executable, "-m", "lmcache_mesh.engines.cli", *health_argv[1:]]
+    for needed in [*python_paths(), volume]:
+        real = Path(os.path.realpath(needed))
+        assert not any(real.is_relative_to(d) for d in IMAGE_DIRS), (
+            f"{real} lies under a directory the image's layout replaces ({', '.join(map(str, IMAGE_DIRS))}): "
+            "run the tests from a checkout and temporary directory elsewhere"
+        )
+    config_text = Path(image_env(tmp_path)[ENV_PREFIX + "CONFIG"]).read_text()
+    _, uid = image_user()
+    assert uid != 0, "the image runs its node as a user of its own"
+    (entrypoint,) = instructions("ENTRYPOINT")
+    assert json.loads(entrypoint) == ["lmcache-node"]
+    cmd = image_argv("CMD")
+    health = [sys.executable, "-m", "lmcache_mesh.engines.cli", *image_argv("HEALTHCHECK")]
+    (stop_name,) = instructions("STOPSIGNAL")
+    stop_signal = signal.Signals[stop_name]
+    assert "HEALTHCHECK" in dockerfile() and cmd == ["run"]
 
-    node = ImageNode(volume, config, run_as)
+    node = ImageNode(volume, config_text, uid, cmd)
     try:
-        assert re.search(r"serving on tcp://\S+:7700 ipc:///run/lmcache-mesh/node.sock", node.output()), node.output()
-        check = node.inside(health_argv, as_image_user=True)
+        started = re.search(
+            r"lmcache-node (\S+) .* serving on (tcp://\S+:7700) ipc:///run/lmcache-mesh/node.sock",
+            node.output(),
+        )
+        assert started, node.output()
+        check = node.inside(health)
         assert check.returncode == 0, check.stdout + check.stderr
         status = json.loads(check.stdout)
-        assert status["node"]["name"] == "image-node"
+        assert status["node"]["name"] == started.group(1)  # the default name: HOST:PORT
         assert status["tiers"]["disk"]["capacity_bytes"] > 0  # the volume holds a disk tier
         sent = [payload(i, 64 << 10).hex() for i in range(4)]
         node.python(
@@ -197,25 +219,24 @@ def test_the_image_configuration_serves_passes_its_health_check_and_keeps_its_vo
             "print(urllib.request.urlopen('http://127.0.0.1:9109/metrics', timeout=10).read().decode())"
         )
         assert 'lmcache_tenant_requests_total{kind="puts",tenant="default"} 4.0' in metrics, metrics[-3000:]
-        assert node.stop() == 0, node.output()
+        assert node.stop(stop_signal) == 0, node.output()
         assert "stopped" in node.output()
     finally:
         node.kill()
 
     files = [p for p in volume.rglob("*") if p.is_file()]
     assert files, "the node wrote nothing to its volume"
-    assert all(p.stat().st_uid == run_as for p in files), [(p, p.stat().st_uid) for p in files]
+    assert all(p.stat().st_uid == uid for p in files), [(p, p.stat().st_uid) for p in files]
 
     # a new container on the same volume serves what the last one stored
-    node = ImageNode(volume, config, run_as)
+    node = ImageNode(volume, config_text, uid, cmd)
     try:
         deadline = time.monotonic() + 30
-        while node.inside(health_argv, as_image_user=True).returncode != 0:
+        while node.inside(health).returncode != 0:
             assert time.monotonic() < deadline, node.output()
             time.sleep(0.5)
         got = node.python(client_code("print(json.dumps([bytes(p).hex() for p in c.get(keys)]))"))
         assert json.loads(got) == sent
-        assert node.stop() == 0, node.output()
+        assert node.stop(stop_signal) == 0, node.output()
     finally:
         node.kill()
-    shutil.rmtree(volume, ignore_errors=True)

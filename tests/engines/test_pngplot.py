@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_mesh.engines.pngplot import GLYPH_H, GLYPH_W, GLYPHS, TEXT, Canvas, nice_ticks, write_bar_chart
+from lmcache_mesh.engines.pngplot import (
+    GLYPH_H,
+    GLYPH_W,
+    GLYPHS,
+    TEXT,
+    Canvas,
+    nice_ticks,
+    tick_label,
+    write_bar_chart,
+)
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
 
@@ -73,12 +82,30 @@ def test_the_font_and_text() -> None:
         c.text(0, 0, "a@b")
 
 
-@pytest.mark.parametrize("top", [0.7, 9.0, 174.0, 999.0, 1000.0, 9984.0, 123456.0])
+@pytest.mark.parametrize("top", [0.7, 9.0, 11.0, 174.0, 999.0, 1000.0, 9984.0, 123456.0, 2.4e6])
 def test_ticks_are_round_and_reach_the_top(top: float) -> None:
     ticks = nice_ticks(top)
     step = ticks[1]
     assert ticks[0] == 0 and ticks[-1] >= top and ticks[-2] < top and 2 <= len(ticks) <= 7
     mantissa = step / 10 ** int(f"{step:e}".split("e")[1])
     assert round(mantissa, 6) in (1.0, 2.0, 2.5, 5.0)
-    with pytest.raises(ValueError):
-        write_bar_chart(Path("unused.png"), [1.0], [RED, BLUE])
+    # every tick is drawn as the number it is
+    assert [float(tick_label(t)) for t in ticks] == pytest.approx(ticks) and all(
+        "e" not in tick_label(t) for t in ticks
+    )
+
+
+def test_values_and_colours_must_pair(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="one colour"):
+        write_bar_chart(tmp_path / "c.png", [1.0], [RED, BLUE])
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_many_bars_still_draw(tmp_path: Path) -> None:
+    path = tmp_path / "many.png"
+    write_bar_chart(
+        path, [float(i) for i in range(1, 121)], [RED] * 120, labels=[str(i) for i in range(1, 121)]
+    )
+    assert (
+        column_height(decode(path.read_bytes()), RED) > 300
+    )  # the tallest bar, drawn; crowded labels left out

@@ -120,4 +120,81 @@ def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
     out = capsys.readouterr().out
     assert 'memory = "4GiB"' in out and 'data-dir = "/srv/lmc"' in out
     assert cli.main(["sample-config", "--set", 'listen=["tcp://a:1"']) == 1  # a broken list: say so
-    assert "not a TOML value" in capsys.readouterr().err
+    assert "not a TOML string or list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "typed, written",
+    [
+        # text settings keep the text as typed: never a TOML number, boolean, date or comment
+        ("mesh-secret=2024#prod", 'mesh-secret = "2024#prod"'),
+        ("turn-password=0x1F", 'turn-password = "0x1F"'),
+        ("name=true", 'name = "true"'),
+        ("zone=1979-05-27T07:32:00Z", 'zone = "1979-05-27T07:32:00Z"'),
+        ("data_dir=/srv/x", 'data-dir = "/srv/x"'),  # as in a file, _ is -
+        ("memory=4GiB", 'memory = "4GiB"'),
+        ("metrics-port=9109", "metrics-port = 9109"),
+        ("persist-on-shutdown=false", "persist-on-shutdown = false"),
+        ('listen=["tcp://a:1", "ipc:///x"]', 'listen = ["tcp://a:1", "ipc:///x"]'),
+        ('name="quoted"', 'name = "quoted"'),
+    ],
+)
+def test_sample_config_set_writes_what_was_typed(
+    typed: str, written: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from lmcache_mesh.node import cli
+
+    assert cli.main(["sample-config", "--set", typed]) == 0
+    out = capsys.readouterr().out
+    assert written in out.splitlines()
+    path = tmp_path / "n.toml"
+    path.write_text(out)
+    NodeConfig.load(path, env={})  # and `run --config` reads it
+
+
+@pytest.mark.parametrize("typed", ["max-keys=1e3", "metrics-port=9109.0", "memory=inf", "nat=maybe"])
+def test_sample_config_set_refuses_what_run_would_refuse(
+    typed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmcache_mesh.node import cli
+
+    assert cli.main(["sample-config", "--set", typed]) == 1
+    assert f"--set {typed.split('=')[0]}: bad value" in capsys.readouterr().err
+
+
+def test_keygen_writes_the_node_key_where_run_looks_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # as in the container image: the data dir is set by the config file LMCACHE_MESH_CONFIG names
+    from lmcache_mesh.node import cli
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata-dir = "{tmp_path / "data"}"\n')
+    monkeypatch.setenv("LMCACHE_MESH_CONFIG", str(config))
+    monkeypatch.delenv("LMCACHE_MESH_DATA_DIR", raising=False)
+    assert cli.main(["keygen", "--name", "n1"]) == 0
+    assert (tmp_path / "data" / "node.key_secret").exists()
+    assert NodeConfig.from_environment().key_path == tmp_path / "data" / "node.key_secret"
+    assert cli.main(["keygen", "--name", "n2", "--data-dir", str(tmp_path / "flag")]) == 0  # a flag wins
+    assert (tmp_path / "flag" / "node.key_secret").exists()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv, usage, hint",
+    [
+        (["run", "--memroy", "1GiB"], "usage: lmcache-node run", "(did you mean --memory?)"),
+        (["run", "stray", "--memroy=1"], "usage: lmcache-node run", "(did you mean --memory?)"),
+        (["join", "tcp://127.0.0.1:1", "--wiat", "3"], "usage: lmcache-node join", "(did you mean --wait?)"),
+        (["status", "extra"], "usage: lmcache-node status", "unrecognized arguments: extra\n"),
+    ],
+)
+def test_an_unknown_argument_gets_its_commands_usage_and_the_closest_flag(
+    argv: list[str], usage: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmcache_mesh.node import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(usage) and hint in err, err
