@@ -348,13 +348,19 @@ class NodeConfig:
         return f.default
 
     @classmethod
+    def _closest_key(cls, key: str) -> str | None:
+        """The setting an unknown ``key`` most likely meant, if any is close."""
+        close = difflib.get_close_matches(key, [k for _, k, _ in cls.options()], n=1)
+        return close[0] if close else None
+
+    @classmethod
     def _known_key(cls, key: str, source: str) -> str:
         """``key`` with ``_`` as ``-``; ValueError naming the closest setting if unknown."""
         keys = [k for _, k, _ in cls.options()]
         norm = key.strip().replace("_", "-")
         if norm not in keys:
-            close = difflib.get_close_matches(norm, keys, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = cls._closest_key(norm)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ValueError(f"{source}: unknown setting {key!r}{hint}; known: {', '.join(sorted(keys))}")
         return norm
 
@@ -417,10 +423,8 @@ class NodeConfig:
                 if key not in by_key:
                     # The environment is ambient (orchestrators add variables of their own,
                     # e.g. Kubernetes service links): warn, where a file or a flag would fail.
-                    close = difflib.get_close_matches(key, by_key, n=1)
-                    hint = (
-                        f" (did you mean {ENV_PREFIX}{close[0].upper().replace('-', '_')}?)" if close else ""
-                    )
+                    close = cls._closest_key(key)
+                    hint = f" (did you mean {ENV_PREFIX}{close.upper().replace('-', '_')}?)" if close else ""
                     log.warning("ignoring unknown environment variable %s%s", var, hint)
                     continue
                 apply(f"environment {var}", key, raw)
