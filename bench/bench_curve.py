@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for, write_results
+from benchlib import machine_info, start_mesh_daemon, wait_for, write_results
+from rich.progress import track
 
+from lmcache_mesh.engines.cli.launch import Daemon
+from lmcache_mesh.engines.cli.tables import render, table
 from lmcache_mesh.node import AsyncClient, ChunkRecord, chunk_keys, namespace_id
 from lmcache_mesh.node.keyring import read_key_pair, write_key_pair
 from lmcache_mesh.transports.curve import CurveClient
@@ -69,7 +72,7 @@ async def lookup_p50_us(client: AsyncClient, reps: int = 300) -> float:
     return statistics.median(times) * 1e6
 
 
-async def measure(plain: MeshDaemon, secured: MeshDaemon, creds: CurveClient, args: Any) -> dict[str, Any]:
+async def measure(plain: Daemon, secured: Daemon, creds: CurveClient, args: Any) -> dict[str, Any]:
     clients = {
         "plain": AsyncClient(plain.tcp, timeout_s=30),
         "curve": AsyncClient(secured.tcp, timeout_s=30, curve=creds),
@@ -80,14 +83,13 @@ async def measure(plain: MeshDaemon, secured: MeshDaemon, creds: CurveClient, ar
             for key, size in zip(KEYS, SIZES, strict=False):
                 await c.put_records([ChunkRecord.build(key, bytes([7]) * size, NS)])
             await get_rate(c, KEYS[0], SIZES[0], 1, 0.3)  # warm up connections
-        for r in range(args.rounds):
+        for _ in track(range(args.rounds), description="alternating rounds"):
             for mode, c in clients.items():
                 for key, size in zip(KEYS, SIZES, strict=False):
                     for inflight in INFLIGHT:
                         rate = await get_rate(c, key, size, inflight, args.seconds)
                         samples[mode].setdefault(f"{size >> 20}MiB x{inflight}", []).append(rate)
                 samples[mode].setdefault("lookup_p50_us", []).append(await lookup_p50_us(c))
-            print(f"  round {r + 1}/{args.rounds} done", flush=True)
     finally:
         for c in clients.values():
             await c.aclose()
@@ -135,17 +137,18 @@ def main() -> None:
             raise RuntimeError("the secured node did not turn CurveZMQ on:\n" + "\n".join(secured.lines))
         medians = asyncio.run(measure(plain, secured, creds, args))
     finally:
-        stop_mesh_daemon(plain)
-        stop_mesh_daemon(secured)
+        plain.stop()
+        secured.stop()
     rows = []
-    print(f"\n{'GET':>12} | {'plain MB/s':>10} | {'curve MB/s':>10} | {'curve/plain':>11}")
-    print("-" * 52)
+    t = table("GET", "plain MB/s", "curve MB/s", "curve/plain")
     for name, plain_v in medians["plain"].items():
         curve_v = medians["curve"][name]
         ratio = curve_v / plain_v if name != "lookup_p50_us" else plain_v / curve_v
         rows.append({"case": name, "plain": plain_v, "curve": curve_v, "ratio": ratio})
         unit = "µs" if name == "lookup_p50_us" else ""
-        print(f"{name:>12} | {plain_v:>9.1f}{unit} | {curve_v:>9.1f}{unit} | {ratio:>11.3f}")
+        t.add_row(name, f"{plain_v:.1f}{unit}", f"{curve_v:.1f}{unit}", f"{ratio:.3f}")
+    print()
+    print(render(t, indent=0))
     four = next(r for r in rows if r["case"] == "4MiB x4")
     print(
         f"\n4 MiB GETs keep {100 * four['ratio']:.0f}% of plain tcp throughput with CurveZMQ "

@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import MeshDaemon, machine_info, start_mesh_daemon, stop_mesh_daemon, wait_for, write_results
+from benchlib import machine_info, start_mesh_daemon, wait_for, write_results
 
+from lmcache_mesh.engines.cli.launch import Daemon
+from lmcache_mesh.engines.cli.tables import render, table
 from lmcache_mesh.node import Client, chunk_keys
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_llamacpp.json"
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = write_model(workdir / "mid.gguf", PRESETS["mid"])
     log(f"model {model.name}: {PRESETS['mid']}")
     kw: dict[str, Any] = {"n_ctx": max(lengths) + 256, "n_threads": 1, "n_threads_batch": 1, "verbose": False}
-    daemons: list[MeshDaemon] = []
+    daemons: list[Daemon] = []
     try:
         daemons.append(start_mesh_daemon(61, None, "--replicas", "1", "--max-record", "64MiB", memory="2GiB"))
         daemons.append(
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             meshed.close()
     finally:
         for d in daemons:
-            stop_mesh_daemon(d)
+            d.stop()
     at2k = next(c for c in cells if c["tokens"] == 2048)
     checks = {
         "hit_local_2k": at2k["hit_local_ratio"] <= TARGETS["hit_local_2k"],
@@ -206,30 +208,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    rows: list[tuple[str, ...]] = [
-        (
-            "tokens",
-            "KV MB",
-            "cold ms",
-            "miss ms",
-            "miss/cold",
-            "hit local ms",
-            "local/cold",
-            "hit peer ms",
-            "peer/cold",
-            "from peer",
-        )
-    ]
+    cells = table(
+        "tokens", "KV MB", "cold ms", "miss ms", "miss/cold", "hit local ms", "local/cold", "hit peer ms",
+        "peer/cold", "from peer",
+    )  # fmt: skip
     fmt: Callable[[float], str] = lambda x: f"{x:.1f}"  # noqa: E731
     for c in result["cells"]:
-        rows.append((
+        cells.add_row(
             str(c["tokens"]), fmt(c["kv_mb"]), fmt(c["cold_ms"]), fmt(c["miss_ms"]), f"{c['miss_ratio']:.3f}",
             fmt(c["hit_local_ms"]), f"{c['hit_local_ratio']:.3f}", fmt(c["hit_peer_ms"]), f"{c['hit_peer_ratio']:.3f}",
             f"{100 * c['remote_share']:.0f}%",
-        ))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+        )  # fmt: skip
+    print(render(cells, indent=0))
     t = result["targets"]
     print(
         f"targets: hit local/cold <= {t['hit_local_2k']} and hit peer/cold <= {t['hit_peer_2k']} at 2048 tokens; "

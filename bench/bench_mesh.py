@@ -3,7 +3,8 @@
 What it measures:
 
 1. **Membership convergence vs N** (10, 100, 500 nodes; LAN profile; the real Membership and
-   MeshAgent over a seeded :class:`InProcNetwork` with 1-10 ms delay, on its virtual clock).
+   MeshAgent over a seeded :class:`InProcNetwork` with 1-10 ms delay, on its virtual clock:
+   ``lmcache_mesh.mesh.simulation.Simulation``).
    Every node starts at t=0 and joins through n0. Convergence is the virtual time at which
    every node first sees every other node ALIVE; it is tracked in O(1) per state change
    through ``Membership.on_change`` (a per-observer count of peers seen alive), so 500 nodes
@@ -38,7 +39,7 @@ What it measures:
    alone (keys already in memory), and with the 16-byte key objects it keeps alive; for
    reference with 1 holder, and with holder ids >= 100 (a bitmask above the small-int
    cache, as in a 100+ node mesh).
-5. **Real mesh**: five ``python -m lmcache_mesh.node.cli run`` daemons on 127.0.0.1..5
+5. **Real mesh**: five ``python -m lmcache_mesh.engines.cli run`` daemons on 127.0.0.1..5
    (``--mesh-profile local --disk 0``, 2..5 ``--join`` node 1), a 128-key chain of 4 KiB
    chunks PUT on node 1, then: time until node 5's ``Client.locate`` shows all 128 keys;
    ``Client.lookup(keys)`` on node 5 (mesh-wide: asks each key's ring owner) and on node 1
@@ -80,26 +81,24 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    MeshDaemon,
     latency,
+    latency_table,
     machine_info,
     start_mesh_daemon,
-    stop_mesh_daemon,
     wait_for,
     write_results,
 )
 
-from lmcache_mesh.mesh.agent import MeshAgent
+from lmcache_mesh.engines.cli.launch import Daemon, wait_for_mesh
+from lmcache_mesh.engines.cli.tables import Column, render, table
 from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale, suspicion_bounds
 from lmcache_mesh.mesh.index import HolderIndex
-from lmcache_mesh.mesh.membership import Member, Membership, State
-from lmcache_mesh.mesh.messages import Message, MsgType
+from lmcache_mesh.mesh.membership import Member, State
 from lmcache_mesh.mesh.ring import HashRing, RingMember
+from lmcache_mesh.mesh.simulation import DEFAULT_DELAY_S, Listener, Simulation
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
-from lmcache_mesh.transports.inproc import InProcNetwork
 
 KIB = 1 << 10
-SIM_DELAY_S = (0.001, 0.010)
 CONVERGE_TIMEOUT_S = 120.0  # virtual
 SETTLE_S = 10.0  # virtual seconds after convergence before a window or a crash
 STEP_S = 0.25  # virtual seconds between predicate checks
@@ -177,130 +176,10 @@ def _max(values: Sequence[float | None]) -> float | None:
     return max(present) if present else None
 
 
-# --------------------------------------------------------------------------- simulated cluster
-
-Listener = Callable[[str, Member, "State | None"], None]
-"""(observer name, member, previous state or None) after every membership state change."""
+# --------------------------------------------------------------------------- simulation helpers
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
-    at: float
-    observer: str
-    member: str
-    state: State
-    incarnation: int
-
-
-class SimCluster:
-    """``n`` nodes n0..n{n-1} at a0..a{n-1} over one seeded InProcNetwork; n0 is the seed.
-
-    Tracks, per observer, how many peers it sees ALIVE (updated in O(1) per state change),
-    so ``converged_at`` (first virtual time every node sees every node alive) costs nothing
-    to check. Every SUSPECT/DEAD/LEFT transition is logged in ``transitions``.
-    """
-
-    def __init__(self, n: int, config: MeshConfig, seed: int, loss: float) -> None:
-        self.n = n
-        self.config = config
-        self.net = InProcNetwork(seed=seed, loss=loss, delay_s=SIM_DELAY_S)
-        self.agents: dict[str, MeshAgent] = {}
-        self.listeners: list[Listener] = []
-        self.transitions: list[Transition] = []
-        self.converged_at: float | None = None
-        self.pairs99_at: float | None = None
-        self.bytes_at_convergence = 0
-        self._alive_seen: dict[str, int] = {}
-        self._full = 0
-        self._pairs = 0
-        for i in range(n):
-            self._add(f"n{i}", f"a{i}", random.Random(f"{seed}-n{i}"))
-
-    def _add(self, name: str, address: str, rng: random.Random) -> None:
-        def on_change(member: Member, old: State | None) -> None:
-            self._on_change(name, member, old)
-
-        membership = Membership(self.config, name, address, rng=rng, on_change=on_change)
-        self.agents[name] = MeshAgent(membership, self.net.transport(address), self.net)
-        self._alive_seen[name] = 0
-
-    def _on_change(self, observer: str, member: Member, old: State | None) -> None:
-        was, now = old is State.ALIVE, member.state is State.ALIVE
-        if was != now:
-            self._count_alive(observer, 1 if now else -1)
-        if not now:
-            t = Transition(self.net.time(), observer, member.name, member.state, member.incarnation)
-            self.transitions.append(t)
-        for listener in self.listeners:
-            listener(observer, member, old)
-
-    def _count_alive(self, observer: str, delta: int) -> None:
-        full = self.n - 1
-        before = self._alive_seen[observer]
-        self._alive_seen[observer] = before + delta
-        self._full += (before + delta == full) - (before == full)
-        self._pairs += delta
-        if self.pairs99_at is None and self._pairs >= 0.99 * self.n * full:
-            self.pairs99_at = self.net.time()
-        if self._full == self.n and self.converged_at is None:
-            self.converged_at = self.net.time()
-            self.bytes_at_convergence = self.net.stats.bytes_sent
-
-    def start(self) -> None:
-        for agent in self.agents.values():
-            agent.start(["a0"])
-
-    def crash(self, name: str) -> None:
-        agent = self.agents.pop(name)
-        agent.stop()
-        self.net.detach(agent.transport.address)
-
-    def counter(self, name: str) -> int:
-        return sum(a.membership.counters[name] for a in self.agents.values())
-
-    def run_until(self, predicate: Callable[[], bool], timeout_s: float, step_s: float = STEP_S) -> bool:
-        deadline = self.net.time() + timeout_s
-        while not predicate():
-            if self.net.time() >= deadline:
-                return False
-            self.net.run_for(step_s)
-        return True
-
-    def converge(self, timeout_s: float = CONVERGE_TIMEOUT_S) -> float | None:
-        self.start()
-        self.run_until(lambda: self.converged_at is not None, timeout_s)
-        return self.converged_at
-
-
-def table_wire_bytes(membership: Membership) -> int:
-    """Encoded size of one node's full member table (what a push-pull carries)."""
-    me = membership.me
-    state = [m.news(origin=me.name) for m in membership.members.values()]
-    return len(Message(MsgType.PUSH_PULL, me.name, me.address, state=state).encode())
-
-
-def steady_window(c: SimCluster, seconds: float) -> dict[str, Any]:
-    """Bytes sent per node over ``seconds`` of virtual time, stepped by 1 s to find the peak second."""
-    before = dict(c.net.bytes_by_sender)
-    per_second: list[int] = []
-    for _ in range(int(seconds)):
-        b0 = c.net.stats.bytes_sent
-        c.net.run_for(1.0)
-        per_second.append(c.net.stats.bytes_sent - b0)
-    sent = [
-        c.net.bytes_by_sender.get(a.transport.address, 0) - before.get(a.transport.address, 0)
-        for a in c.agents.values()
-    ]
-    mean_second = sum(per_second) / len(per_second)
-    return {
-        "window_s": seconds,
-        "bytes_per_node_s": sum(sent) / len(sent) / seconds,
-        "max_node_bytes_s": max(sent) / seconds,
-        "peak_second_over_mean": max(per_second) / mean_second if mean_second else None,
-    }
-
-
-def churn_since(c: SimCluster, since: float, refutes_before: int) -> dict[str, Any]:
+def churn_since(c: Simulation, since: float, refutes_before: int) -> dict[str, Any]:
     """False suspicions and deaths after ``since`` (no node has crashed: every one is false)."""
     seconds = c.net.time() - since
     after = [t for t in c.transitions if t.at > since]
@@ -316,9 +195,7 @@ def churn_since(c: SimCluster, since: float, refutes_before: int) -> dict[str, A
         "suspicion_episodes": len({(t.member, t.incarnation) for t in suspects}),
         "suspicion_episodes_per_node_hour": len({(t.member, t.incarnation) for t in suspects}) / node_hours,
         "refutes": c.counter("refutes") - refutes_before,
-        "suspect_at_end": sum(
-            m.state is State.SUSPECT for a in c.agents.values() for m in a.membership.members.values()
-        ),
+        "suspect_at_end": c.in_state(State.SUSPECT),
         "datagrams_lost_total": c.net.stats.lost,
         "datagrams_sent_total": c.net.stats.sent,
     }
@@ -331,9 +208,9 @@ def converge_case(n: int, loss: float, seed: int, after_s: float) -> dict[str, A
     """One seeded cluster: convergence, join cost; if ``after_s`` > 0 also run that long after
     convergence: steady-state bytes over one push-pull period (from +10 s), false positives."""
     cfg = MeshConfig.lan()
-    c = SimCluster(n, cfg, seed, loss)
+    c = Simulation(n, seed, loss, cfg)
     wall = time.perf_counter()
-    took = c.converge()
+    took = c.converge(CONVERGE_TIMEOUT_S, STEP_S)
     joined = [t for t in c.transitions if took is None or t.at <= took]
     out: dict[str, Any] = {
         "n": n,
@@ -352,11 +229,11 @@ def converge_case(n: int, loss: float, seed: int, after_s: float) -> dict[str, A
     pp = push_pull_scale(cfg.push_pull_interval_s, n)
     c.net.run_for(SETTLE_S)
     out["push_pull_period_s"] = pp
-    out["steady"] = steady_window(c, pp)
+    out["steady"] = asdict(c.traffic(pp))
     c.net.run_for(max(0.0, after_s - SETTLE_S - pp))
     out["after_convergence"] = churn_since(c, took, refutes)
-    out["member_table_entries"] = statistics.mean(len(a.membership.members) for a in c.agents.values())
-    out["member_table_wire_bytes"] = table_wire_bytes(c.agents["n0"].membership)
+    out["member_table_entries"] = c.table_entries()
+    out["member_table_wire_bytes"] = c.table_wire_bytes("n0")
     out["cpu_s_total"] = time.perf_counter() - wall
     return out
 
@@ -435,17 +312,17 @@ def detection_trial(n: int, seed: int) -> dict[str, Any]:
     non-seed node; times are virtual seconds after the crash."""
     cfg = MeshConfig.lan()
     rng = random.Random(seed)
-    c = SimCluster(n, cfg, seed, loss=0.0)
+    c = Simulation(n, seed, 0.0, cfg)
     d = _Detection(f"n{rng.randrange(1, n)}", observers=n - 1)
     c.listeners.append(d.listen(c.net.time))
-    if c.converge() is None:
+    if c.converge(CONVERGE_TIMEOUT_S, STEP_S) is None:
         return {"n": n, "seed": seed, "converged": False}
     c.net.run_for(SETTLE_S + rng.uniform(0, push_pull_scale(cfg.push_pull_interval_s, n)))
     failures = c.counter("probe_failures")
     d.crashed_at = c.net.time()
     c.crash(d.victim)
     _, high = suspicion_bounds(cfg, n)
-    c.run_until(lambda: d.all_dead is not None, timeout_s=high + 60.0)
+    c.run_until(lambda: d.all_dead is not None, timeout_s=high + 60.0, step_s=STEP_S)
     return {
         "n": n,
         "seed": seed,
@@ -624,15 +501,6 @@ def bench_index(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]
 # --------------------------------------------------------------------------- 5. real mesh
 
 
-def _alive_everywhere(nodes: Sequence[MeshDaemon]) -> bool:
-    for d in nodes:
-        with d.client() as c:
-            members = c.stats()["members"]
-        if sum(m["state"] == "alive" for m in members) != len(nodes):
-            return False
-    return True
-
-
 def _chain() -> tuple[bytes, list[bytes], list[ChunkRecord]]:
     ns = namespace_id(b"bench-mesh", {"engine": "bench"}, CHUNK_TOKENS)
     keys = chunk_keys(ns, list(range(CHAIN_KEYS * CHUNK_TOKENS)), CHUNK_TOKENS)
@@ -652,9 +520,9 @@ def _timed_get(client: Client, keys: Sequence[bytes], records: Sequence[ChunkRec
     return took
 
 
-def _measure_mesh(nodes: dict[int, MeshDaemon], s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+def _measure_mesh(nodes: dict[int, Daemon], s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    converged = wait_for(lambda: _alive_everywhere(list(nodes.values())), MESH_WAIT_S, step_s=0.1)
+    converged = wait_for_mesh(list(nodes.values()), MESH_WAIT_S, step_s=0.1)
     if converged is None:
         raise RuntimeError("the 5 daemons did not all see each other alive")
     out["all_alive_after_s"] = converged
@@ -696,7 +564,7 @@ def _checked_lookup(client: Client, keys: Sequence[bytes], local: bool) -> Calla
 
 
 def bench_live_mesh(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
-    nodes: dict[int, MeshDaemon] = {}
+    nodes: dict[int, Daemon] = {}
     exit_codes: dict[str, int | None] = {}
     try:
         nodes[1] = start_mesh_daemon(1, None)
@@ -706,7 +574,7 @@ def bench_live_mesh(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         out = _measure_mesh(nodes, s, log)
     finally:
         for i, d in nodes.items():
-            exit_codes[f"node{i}"] = stop_mesh_daemon(d)
+            exit_codes[f"node{i}"] = d.stop()
     out["exit_codes"] = exit_codes
     out["lookup_mesh_over_local_p50"] = (
         out["lookup_mesh_node5"]["p50_ms"] / out["lookup_local_node1"]["p50_ms"]
@@ -742,7 +610,7 @@ def run(s: Settings, quick: bool, sections: Sequence[str], log: Callable[[str], 
         "settings": {**asdict(s), "detect_trials": {str(k): v for k, v in s.detect_trials.items()}},
         "machine": machine_info(msgpack=".".join(map(str, __import__("msgpack").version))),
         "lan_config": asdict(MeshConfig.lan()),
-        "sim_delay_s": SIM_DELAY_S,
+        "sim_delay_s": DEFAULT_DELAY_S,
     }
     steps: dict[str, Callable[[Settings, Callable[[str], None]], Any]] = {
         "convergence": bench_convergence,
@@ -767,130 +635,155 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _report_convergence(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out = [
-        "1. membership convergence (LAN profile, delay 1-10 ms, all start at t=0 and join via n0; virtual s)",
-        "  conv = every node sees every node ALIVE; 99% = 99% of (observer, member) pairs ALIVE;",
-        "  join KB = bytes each node sent until conv; steady = from conv+10 s for one push-pull period",
-        "  (each node's full-state sync counted once); peak/mean = busiest 1 s of the window / mean second",
-        f"  {'N':>4} {'loss':>4} {'seeds':>5} | {'conv p50':>8} {'max':>6} {'99% p50':>7} | {'join KB':>7} | "
-        f"{'B/s/node':>8} {'max node':>8} {'peak/mean':>9} | {'table':>5} {'table B':>7}",
-    ]
-    out.append("  " + "-" * (len(out[-1]) - 2))
+    t = table(
+        "N", "loss", "seeds", "conv p50", "max", "99% p50", "join KB", "B/s/node", "max node", "peak/mean",
+        "table", "table B", Column(""),
+    )  # fmt: skip
     for r in rows:
         first = r["cases"][0]
         st = first.get("steady", {})
         join = first.get("join_bytes_per_node")
-        out.append(
-            f"  {r['n']:>4} {r['loss']:>4.0%} {r['seeds']:>5} | {_fmt(r['converged_median_s'], '8.2f')} "
-            f"{_fmt(r['converged_max_s'], '6.2f')} {_fmt(r['pairs99_median_s'], '7.2f')} | "
-            f"{_fmt(None if join is None else join / 1e3, '7.1f')} | "
-            f"{_fmt(st.get('bytes_per_node_s'), '8.0f')} {_fmt(st.get('max_node_bytes_s'), '8.0f')} "
-            f"{_fmt(st.get('peak_second_over_mean'), '9.1f')} | {_fmt(first.get('member_table_entries'), '5.0f')} "
-            f"{_fmt(first.get('member_table_wire_bytes'), '7.0f')}"
-            + (f"  ({r['not_converged']} did not converge)" if r["not_converged"] else "")
+        t.add_row(
+            str(r["n"]),
+            f"{r['loss']:.0%}",
+            str(r["seeds"]),
+            _fmt(r["converged_median_s"], ".2f"),
+            _fmt(r["converged_max_s"], ".2f"),
+            _fmt(r["pairs99_median_s"], ".2f"),
+            _fmt(None if join is None else join / 1e3, ".1f"),
+            _fmt(st.get("bytes_per_node_s"), ".0f"),
+            _fmt(st.get("max_node_bytes_s"), ".0f"),
+            _fmt(st.get("peak_second_over_mean"), ".1f"),
+            _fmt(first.get("member_table_entries"), ".0f"),
+            _fmt(first.get("member_table_wire_bytes"), ".0f"),
+            f"({r['not_converged']} did not converge)" if r["not_converged"] else "",
         )
-    return out
+    return [
+        "1. membership convergence (LAN profile, delay 1-10 ms, all start at t=0 and join via n0; virtual s)",
+        "  conv = every node sees every node ALIVE; 99% = 99% of (observer, member) pairs ALIVE;",
+        "  join KB = bytes each node sent until conv; steady = from conv+10 s for one push-pull period",
+        "  (each node's full-state sync counted once); peak/mean = busiest 1 s of the window / mean second",
+        render(t),
+    ]
 
 
 def _report_detection(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out = [
+    t = table(
+        "N", "trials", "1st suspect", "1st dead", "min", "all dead", "max", "suspect->all dead", "max",
+        "bound min..max", "1st dead = model", Column(""),
+    )  # fmt: skip
+    for r in rows:
+        t.add_row(
+            str(r["n"]),
+            str(r["trials"]),
+            _fmt(r["first_suspect_median_s"], ".2f"),
+            _fmt(r["first_dead_median_s"], ".2f"),
+            _fmt(r["first_dead_min_s"], ".1f"),
+            _fmt(r["all_dead_median_s"], ".2f"),
+            _fmt(r["all_dead_max_s"], ".1f"),
+            _fmt(r["suspect_to_all_dead_median_s"], ".2f"),
+            _fmt(r["suspect_to_all_dead_max_s"], ".1f"),
+            f"{r['suspicion_min_s']:.1f} .. {r['suspicion_max_s']:.1f}",
+            f"{r['first_dead_matches_push_pull_model']} of {r['trials']}",
+            f"({r['undetected']} undetected)" if r["undetected"] else "",
+        )
+    return [
         "2. failure detection (LAN, no loss, one crash per seeded cluster at a random point of the",
         "   push-pull cycle; virtual seconds after the crash; medians unless marked)",
-        f"  {'N':>4} {'trials':>6} | {'1st suspect':>11} {'1st dead':>8} {'min':>5} | {'all dead':>8} {'max':>5} | "
-        f"{'suspect->all dead':>17} {'max':>5} | {'bound min..max':>14} | {'1st dead = model':>16}",
-    ]
-    out.append("  " + "-" * (len(out[-1]) - 2))
-    for r in rows:
-        out.append(
-            f"  {r['n']:>4} {r['trials']:>6} | {_fmt(r['first_suspect_median_s'], '11.2f')} "
-            f"{_fmt(r['first_dead_median_s'], '8.2f')} {_fmt(r['first_dead_min_s'], '5.1f')} | "
-            f"{_fmt(r['all_dead_median_s'], '8.2f')} {_fmt(r['all_dead_max_s'], '5.1f')} | "
-            f"{_fmt(r['suspect_to_all_dead_median_s'], '17.2f')} {_fmt(r['suspect_to_all_dead_max_s'], '5.1f')} | "
-            f"{r['suspicion_min_s']:>6.1f} .. {r['suspicion_max_s']:<5.1f} | "
-            f"{r['first_dead_matches_push_pull_model']:>9} of {r['trials']:<3}"
-            + (f"  ({r['undetected']} undetected)" if r["undetected"] else "")
-        )
-    out += [
+        render(t),
         "  (bound = mesh.config.suspicion_bounds(cfg, N); model = the next push-pull round (all nodes in",
         "   lockstep), clamped to [1st suspect + min, 1st suspect + max]; '=' means within 1 s)",
     ]
-    return out
 
 
 def _report_false_positives(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out = [
-        "2b. false positives: no crash, after convergence (first seed of each convergence case)",
-        f"  {'N':>4} {'loss':>4} {'virt s':>6} | {'DEAD':>5} {'members':>7} {'per node-h':>10} | "
-        f"{'suspicions':>10} {'episodes':>8} {'ep/node-h':>9} {'refutes':>7} {'suspect@end':>11}",
-    ]
-    out.append("  " + "-" * (len(out[-1]) - 2))
+    t = table(
+        "N", "loss", "virt s", "DEAD", "members", "per node-h", "suspicions", "episodes", "ep/node-h",
+        "refutes", "suspect@end",
+    )  # fmt: skip
     for r in rows:
         for case in r["cases"]:
             f = case.get("after_convergence")
             if f is None:
                 continue
-            out.append(
-                f"  {r['n']:>4} {r['loss']:>4.0%} {f['virtual_s']:>6.0f} | {f['dead_transitions']:>5} "
-                f"{f['members_falsely_dead']:>7} {f['fp_per_node_hour']:>10.3f} | {f['suspect_transitions']:>10} "
-                f"{f['suspicion_episodes']:>8} {f['suspicion_episodes_per_node_hour']:>9.1f} {f['refutes']:>7} "
-                f"{f['suspect_at_end']:>11}"
+            t.add_row(
+                str(r["n"]),
+                f"{r['loss']:.0%}",
+                f"{f['virtual_s']:.0f}",
+                str(f["dead_transitions"]),
+                str(f["members_falsely_dead"]),
+                f"{f['fp_per_node_hour']:.3f}",
+                str(f["suspect_transitions"]),
+                str(f["suspicion_episodes"]),
+                f"{f['suspicion_episodes_per_node_hour']:.1f}",
+                str(f["refutes"]),
+                str(f["suspect_at_end"]),
             )
-    out.append(
-        "  (DEAD: transitions of healthy nodes, any observer; episodes: distinct (member, incarnation) suspected)"
-    )
-    return out
+    return [
+        "2b. false positives: no crash, after convergence (first seed of each convergence case)",
+        render(t),
+        "  (DEAD: transitions of healthy nodes, any observer; episodes: distinct (member, incarnation) suspected)",
+    ]
 
 
 def _report_ring(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out = [
-        "3. ring balance (primary owner of random 16-byte keys)",
-        f"  {'N':>4} {'vnodes':>6} | {'max/mean':>8} {'min/mean':>8} {'share max/mean':>14} | "
-        f"{'moved':>7} {'ideal':>7} {'x ideal':>7} {'stray':>5} | {'build ms':>8} {'owners() us':>11}",
-    ]
-    out.append("  " + "-" * (len(out[-1]) - 2))
+    t = table(
+        "N", "vnodes", "max/mean", "min/mean", "share max/mean", "moved", "ideal", "x ideal", "stray",
+        "build ms", "owners() us",
+    )  # fmt: skip
     for r in rows:
-        out.append(
-            f"  {r['n']:>4} {r['vnodes']:>6} | {r['max_over_mean']:>8.3f} {r['min_over_mean']:>8.3f} "
-            f"{r['max_share_over_mean']:>14.3f} | {r['moved_fraction']:>7.4f} {r['ideal_moved_fraction']:>7.4f} "
-            f"{r['moved_over_ideal']:>7.2f} {r['moved_not_to_newcomer']:>5} | {r['build_ms']:>8.2f} "
-            f"{r['owners_us_per_call']:>11.2f}"
+        t.add_row(
+            str(r["n"]),
+            str(r["vnodes"]),
+            f"{r['max_over_mean']:.3f}",
+            f"{r['min_over_mean']:.3f}",
+            f"{r['max_share_over_mean']:.3f}",
+            f"{r['moved_fraction']:.4f}",
+            f"{r['ideal_moved_fraction']:.4f}",
+            f"{r['moved_over_ideal']:.2f}",
+            str(r["moved_not_to_newcomer"]),
+            f"{r['build_ms']:.2f}",
+            f"{r['owners_us_per_call']:.2f}",
         )
-    out.append(
-        "  (moved: keys whose primary changes when member N+1 joins; stray: moved elsewhere than to it)"
-    )
-    return out
+    return [
+        "3. ring balance (primary owner of random 16-byte keys)",
+        render(t),
+        "  (moved: keys whose primary changes when member N+1 joins; stray: moved elsewhere than to it)",
+    ]
 
 
 def _report_index(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out = [f"4. HolderIndex memory ({rows[0]['keys']} keys, tracemalloc; one add() of all keys per holder)"]
-    for r in rows:
-        out.append(
-            f"  {r['holders_per_key']} holder(s), ids from {r['holder_ids_from']:>3}: "
-            f"structure {r['structure_bytes_per_key']:6.1f} B/key, with key objects "
-            f"{r['with_key_objects_bytes_per_key']:6.1f} B/key, peak while adding "
-            f"{r['peak_bytes_per_key_while_adding']:6.1f} B/key"
-        )
-    out.append(f"  (a 16-byte key object itself is {rows[0]['key_object_bytes_per_key']:.1f} B)")
-    return out
-
-
-def _lat(name: str, lk: dict[str, Any]) -> str:
-    return (
-        f"  {name:<40} p50 {lk['p50_ms']:7.3f} ms  p90 {lk['p90_ms']:7.3f} ms  p99 {lk['p99_ms']:7.3f} ms  "
-        f"max {lk['max_ms']:7.2f} ms  ({lk['reps']} calls)"
+    t = table(
+        "holders/key", "ids from", "structure B/key", "with key objects B/key", "peak while adding B/key"
     )
+    for r in rows:
+        t.add_row(
+            str(r["holders_per_key"]),
+            str(r["holder_ids_from"]),
+            f"{r['structure_bytes_per_key']:.1f}",
+            f"{r['with_key_objects_bytes_per_key']:.1f}",
+            f"{r['peak_bytes_per_key_while_adding']:.1f}",
+        )
+    return [
+        f"4. HolderIndex memory ({rows[0]['keys']} keys, tracemalloc; one add() of all keys per holder)",
+        render(t),
+        f"  (a 16-byte key object itself is {rows[0]['key_object_bytes_per_key']:.1f} B)",
+    ]
 
 
 def _report_live(m: dict[str, Any]) -> list[str]:
+    lat = latency_table(
+        (f"LOOKUP {CHAIN_KEYS} keys local=True on node1 (baseline)", m["lookup_local_node1"]),
+        (f"LOOKUP {CHAIN_KEYS} keys mesh-wide on node5", m["lookup_mesh_node5"]),
+        (f"LOOKUP {CHAIN_KEYS} keys mesh-wide on node1 (holder)", m["lookup_mesh_node1"]),
+        ("PING node5 (round-trip floor)", m["ping_node5"]),
+    )
     return [
         f"5. real mesh: {MESH_NODES} daemons on 127.0.0.1..{MESH_NODES}, --mesh-profile local, "
         f"{CHAIN_KEYS}-key chain of {CHAIN_PAYLOAD // KIB} KiB chunks PUT on node1",
         f"  all see 5 alive {m['all_alive_after_s']:.2f} s after node5 started; PUT chain {m['put_chain_ms']:.1f} ms; "
         f"node5 locates all keys after {m['locate_all_after_s']:.2f} s; holders/key {m['holders_per_key_mean']:.2f}",
-        _lat(f"LOOKUP {CHAIN_KEYS} keys local=True on node1 (baseline)", m["lookup_local_node1"]),
-        _lat(f"LOOKUP {CHAIN_KEYS} keys mesh-wide on node5", m["lookup_mesh_node5"]),
-        _lat(f"LOOKUP {CHAIN_KEYS} keys mesh-wide on node1 (holder)", m["lookup_mesh_node1"]),
-        _lat("PING node5 (round-trip floor)", m["ping_node5"]),
+        lat,
         f"  mesh-wide / local LOOKUP: p50 x{m['lookup_mesh_over_local_p50']:.1f}, "
         f"p99 x{m['lookup_mesh_over_local_p99']:.1f}",
         f"  GET {CHAIN_KEYS} keys on node4 ({m['get_node4_local_before']} held locally before): "

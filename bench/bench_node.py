@@ -29,34 +29,28 @@ Run:  python bench/bench_node.py            (full run, under a minute)
 from __future__ import annotations
 
 import argparse
-import os
-import queue
-import re
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from benchlib import (
-    STARTUP_TIMEOUT_S,
-    daemon_env,
     latency,
+    latency_table,
     machine_info,
     no_gc,
     percentile,
-    stop_process,
     write_results,
 )
 
+from lmcache_mesh.engines.cli import launch
+from lmcache_mesh.engines.cli.launch import STARTUP_TIMEOUT_S, Daemon
+from lmcache_mesh.engines.cli.tables import Column, render, table
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 
 KIB = 1 << 10
@@ -162,75 +156,11 @@ def gbps(nbytes: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- daemon
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[str]
-    tcp: str
-    ipc: str
-    workdir: Path
-    log_path: Path
-    lines: list[str] = field(default_factory=list)
-
-
-def _short_tmpdir() -> Path:
-    """A temp dir short enough for an ipc:// socket path (sun_path is 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="lmb-"))
-    if len(os.fsencode(str(path / "n.sock"))) <= 100:
-        return path
-    shutil.rmtree(path, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix="lmb-", dir="/tmp"))
-
-
-def _pump_lines(stream: Any, out: queue.Queue[str | None]) -> None:
-    for line in stream:
-        out.put(line)
-    out.put(None)
-
-
-def _parse_addresses(line: str) -> tuple[str, str] | None:
-    m = re.search(r"serving on (.+?) \(", line)
-    if m is None:
-        return None
-    addrs = m.group(1).split()
-    tcp = next((a for a in addrs if a.startswith("tcp://")), None)
-    ipc = next((a for a in addrs if a.startswith("ipc://")), None)
-    return (tcp, ipc) if tcp and ipc else None
-
-
 def start_daemon() -> Daemon:
     """Start ``lmcache-node run`` on tcp port 0 and an ipc socket; wait for its serving line."""
-    workdir = _short_tmpdir()
-    log_path = workdir / "daemon.stderr"
-    cmd = [
-        sys.executable, "-m", "lmcache_mesh.node.cli", "run",
-        "--listen", "tcp://127.0.0.1:0",
-        "--listen", f"ipc://{workdir / 'n.sock'}",
-        "--data-dir", str(workdir / "data"),
-        "--memory", DAEMON_MEMORY, "--disk", "0", "--max-record", "64MiB",
-    ]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=daemon_env())
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump_lines, args=(proc.stdout, lines), daemon=True).start()
-    daemon = Daemon(proc, "", "", workdir, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        daemon.lines.append(line.rstrip("\n"))
-        addrs = _parse_addresses(line)
-        if addrs is not None:
-            daemon.tcp, daemon.ipc = addrs
-            return daemon
-    stop_daemon(daemon)
-    raise RuntimeError(
-        "daemon did not print its serving line within "
-        f"{STARTUP_TIMEOUT_S:g} s:\n" + "\n".join(daemon.lines) + "\n" + log_path.read_text()[-4000:]
-    )
+    return launch.start(
+        "--memory", DAEMON_MEMORY, "--disk", "0", "--max-record", "64MiB", ipc=True, isolate=True
+    )  # fmt: skip
 
 
 def wait_ready(address: str, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
@@ -245,10 +175,6 @@ def wait_ready(address: str, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
                 if time.monotonic() - start > timeout_s:
                     raise
                 time.sleep(0.05)
-
-
-def stop_daemon(daemon: Daemon) -> int | None:
-    return stop_process(daemon.proc, daemon.workdir)
 
 
 def minor_faults(pid: int) -> int:
@@ -465,7 +391,7 @@ def run(s: Settings, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
             node_stats = client.stats()
         rss_after = rss_mb(daemon.proc.pid)
     finally:
-        exit_code = stop_daemon(daemon)
+        exit_code = daemon.stop()
     if exit_code != 0:
         raise RuntimeError(f"daemon exited with {exit_code!r} after SIGTERM (None = had to be killed)")
     return {
@@ -499,19 +425,20 @@ def _size_str(size: int) -> str:
     return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
 
 
-def _cell_rows(
+def _cell_table(
     r: dict[str, Any], ops: Sequence[tuple[str, str]], text: Callable[[dict[str, Any]], str]
-) -> list[str]:
+) -> str:
     """One table row per record size, one column per (transport, op) cell."""
-    rows = []
+    t = table("size", *(f"{transport} {name}" for transport in ("ipc", "tcp") for _, name in ops))
     for size in r["settings"]["sizes"]:
-        row = []
+        row = [_size_str(size)]
         for transport in ("ipc", "tcp"):
             for op, _ in ops:
                 c = find_cell(r["cells"], op, transport, size)
                 row.append(text(c) if c else "-")
-        rows.append(f"  {_size_str(size):>8} | " + " | ".join(f"{x:>22}" for x in row))
-    return rows
+        t.add_row(*row)
+    rendered: str = render(t)
+    return rendered
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -522,32 +449,39 @@ def format_report(r: dict[str, Any]) -> str:
         "",
         "memcpy baseline (np.copyto, median)",
     ]
+    memcpy = table("size", "GB/s", "reps")
     for size, b in r["memcpy"].items():
-        out.append(f"  {_size_str(int(size)):>8}  {b['gbps']:7.2f} GB/s  ({b['reps']} reps)")
+        memcpy.add_row(_size_str(int(size)), f"{b['gbps']:.2f}", str(b["reps"]))
+    out.append(render(memcpy))
     out.append("  (sizes that fit the CPU caches copy far faster, so their ratios below are harsh)")
     out += ["", "throughput: GB/s of payload (median per call), x = ratio to memcpy of the record size"]
-    header = f"  {'size':>8} | " + " | ".join(
-        f"{t + ' ' + op:>22}" for t in ("ipc", "tcp") for op in ("put", "get", "get x8")
-    )
-    out += [header, "  " + "-" * (len(header) - 2)]
     ops = (("put", "put"), ("get", "get"), ("get_batch", "get x8"))
-    out += _cell_rows(
-        r, ops, lambda c: f"{c['gbps']:6.2f} ({c['ratio_to_memcpy']:5.3f}x) {c['median_s'] * 1e3:6.2f}ms"
+    out.append(
+        _cell_table(
+            r, ops, lambda c: f"{c['gbps']:6.2f} ({c['ratio_to_memcpy']:5.3f}x) {c['median_s'] * 1e3:6.2f}ms"
+        )
     )
     out += ["", "minor page faults per call (client / daemon), same cells"]
-    out += _cell_rows(
-        r, ops, lambda c: f"{c['client_minor_faults_per_call']:.0f} / {c['daemon_minor_faults_per_call']:.0f}"
+    out.append(
+        _cell_table(
+            r,
+            ops,
+            lambda c: f"{c['client_minor_faults_per_call']:.0f} / {c['daemon_minor_faults_per_call']:.0f}",
+        )
     )
     out += ["", "latency, one request outstanding"]
-    for what, table in (
-        (f"LOOKUP {LOOKUP_CHUNKS} keys (all present)", r["lookup"]),
-        ("PING (for reference)", r["ping"]),
-    ):
-        for transport, lk in table.items():
-            out.append(
-                f"  {what:<28} {transport}: p50 {lk['p50_ms']:.3f} ms  p90 {lk['p90_ms']:.3f} ms  "
-                f"p99 {lk['p99_ms']:.3f} ms  max {lk['max_ms']:.3f} ms  ({lk['reps']} calls)"
+    out.append(
+        latency_table(
+            *(
+                (f"{what} {transport}", lk)
+                for what, by_transport in (
+                    (f"LOOKUP {LOOKUP_CHUNKS} keys (all present)", r["lookup"]),
+                    ("PING (for reference)", r["ping"]),
+                )
+                for transport, lk in by_transport.items()
             )
+        )
+    )
     d = r["daemon"]
     out += [
         "",
@@ -556,10 +490,12 @@ def format_report(r: dict[str, Any]) -> str:
         "",
         "targets",
     ]
+    targets = table(Column("verdict"), Column("target"), "value", Column(""), "threshold")
     for t in r["targets"]:
         verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
         value = "-" if t["value"] is None else f"{t['value']:.3f}"
-        out.append(f"  {verdict:<4}  {t['name']}: {value} {t['op']} {t['threshold']}")
+        targets.add_row(verdict, t["name"], value, t["op"], str(t["threshold"]))
+    out.append(render(targets))
     out.append(f"\nelapsed {r['elapsed_s']:.1f} s")
     return "\n".join(out)
 

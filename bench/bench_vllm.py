@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import MeshDaemon, daemon_env, machine_info, start_mesh_daemon, stop_mesh_daemon, write_results
+from benchlib import machine_info, start_mesh_daemon, write_results
+
+from lmcache_mesh.engines.cli.launch import Daemon, child_env
+from lmcache_mesh.engines.cli.tables import Column, render, table
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_vllm.json"
 ENGINE = Path(__file__).resolve().parent / "vllm_engine.py"
@@ -59,7 +62,7 @@ class Engine:
         if node:
             cmd += ["--node", node]
         # Each engine on its own core: with both on all cores, whichever started first ran ~2x slower.
-        env = {**daemon_env(), "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+        env = child_env({"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core)}, isolate=True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, env=env)  # fmt: skip
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     longest = 2000 if args.quick else 4000
     workdir = Path(tempfile.mkdtemp(prefix="lmbv-"))
     model = write_model(workdir / "model", seed=0, max_len=4096, layers=8, hidden=512)
-    node: MeshDaemon | None = None
+    node: Daemon | None = None
     engines: list[Engine] = []
     try:
         node = start_mesh_daemon(71, None, "--max-record", "64MiB", memory="4GiB")
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for e in engines:
             e.close()
         if node is not None:
-            stop_mesh_daemon(node)
+            node.stop()
     checks = {
         "hit_over_cold": hits["hit_over_cold"] <= TARGETS["hit_over_cold"],
         "no_reuse_overhead": plain["ratio"] <= TARGETS["no_reuse_overhead"],
@@ -226,9 +229,10 @@ def print_table(r: dict[str, Any]) -> None:
     q = r["qa"]
     print(f"multi-round QA ({q['users']} users x {q['rounds']} rounds, system {q['system']}, question {q['question']}, "
           f"answer {q['answer']} tokens):")  # fmt: skip
-    print(f"  {'engine':<8} {'hit rate':>9} {'mean TTFT':>10}")
+    engines = table(Column("engine"), "hit rate", "mean TTFT")
     for name in ("base", "mesh"):
-        print(f"  {name:<8} {100 * q[name]['hit_rate']:>8.1f}% {q[name]['mean_ttft_ms']:>8.0f} ms")
+        engines.add_row(name, f"{100 * q[name]['hit_rate']:.1f}%", f"{q[name]['mean_ttft_ms']:.0f} ms")
+    print(render(engines))
     print(f"  mesh/base mean TTFT {q['mean_ttft_ratio']:.3f}")
     n = r["no_reuse"]
     print(f"no reuse, {n['count']} prompts of {n['tokens']}: base {n['base_mean_ms']:.0f} ms  mesh {n['mesh_mean_ms']:.0f} ms  "

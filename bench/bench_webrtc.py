@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 from benchlib import machine_info, write_results
 
+from lmcache_mesh.engines.cli.tables import render, table
 from lmcache_mesh.transports.webrtc import WebRTCConfig, answer, offer
 
 SIZES = [1 << 20, 4 << 20, 16 << 20]
@@ -178,10 +179,7 @@ def main() -> None:
     print(f"measuring WebRTC, {CHANNELS} channels, {CHANNELS} in flight ...", flush=True)
     several = asyncio.run(measure_webrtc(CHANNELS, CHANNELS, args.seconds, args.setups))
     rows = []
-    print(
-        f"\n{'record':>7} | {'zmq tcp MB/s':>12} | {'webrtc 1ch MB/s':>15} | {'ratio':>6} | "
-        f"{f'webrtc {CHANNELS}ch MB/s':>15} | {'ratio':>6}"
-    )
+    t = table("record", "zmq tcp MB/s", "webrtc 1ch MB/s", "ratio", f"webrtc {CHANNELS}ch MB/s", "ratio")
     for size in SIZES:
         z, a, b = zmq_tcp[str(size)], one[str(size)], several[str(size)]
         rows.append(
@@ -194,7 +192,9 @@ def main() -> None:
                 f"ratio_{CHANNELS}ch": b / z,
             }
         )
-        print(f"{size >> 20:>5}Mi | {z:>12.1f} | {a:>15.1f} | {a / z:>6.4f} | {b:>15.1f} | {b / z:>6.4f}")
+        t.add_row(f"{size >> 20}Mi", f"{z:.1f}", f"{a:.1f}", f"{a / z:.4f}", f"{b:.1f}", f"{b / z:.4f}")
+    print()
+    print(render(t, indent=0))
     setup = sorted(one["setup_ms"] + several["setup_ms"])
     print(
         f"\nlink setup (offer -> open, two processes): median {statistics.median(setup):.0f} ms, "

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks in this folder: timing, percentiles, machine info."""
+"""Helpers shared by the benchmarks in this folder: timing, percentiles, machine info, mesh daemons."""
 
 from __future__ import annotations
 
@@ -6,28 +6,20 @@ import gc
 import json
 import os
 import platform
-import queue
-import re
-import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from lmcache_mesh.node import VERSION, Client
-
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
+from lmcache_mesh.engines.cli import launch
+from lmcache_mesh.engines.cli.launch import Daemon
+from lmcache_mesh.engines.cli.tables import Column, render, table
+from lmcache_mesh.node import VERSION
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -69,6 +61,22 @@ def latency(call: Callable[[], object], reps: int, warmup: int = 20) -> dict[str
     }
 
 
+def latency_table(*rows: tuple[str, dict[str, Any]]) -> str:
+    """Summaries from :func:`latency` as a table, one row per ``(what was called, summary)``."""
+    t = table(Column("call"), "p50 ms", "p90 ms", "p99 ms", "max ms", "calls")
+    for name, lk in rows:
+        t.add_row(
+            name,
+            f"{lk['p50_ms']:.3f}",
+            f"{lk['p90_ms']:.3f}",
+            f"{lk['p99_ms']:.3f}",
+            f"{lk['max_ms']:.3f}",
+            str(lk["reps"]),
+        )
+    text: str = render(t)
+    return text
+
+
 def write_results(result: dict[str, Any], out: Path) -> None:
     """Write a benchmark's JSON results to ``out`` (creating its folder) and say where."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,89 +104,22 @@ def machine_info(**extra: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- real daemons
 
 
-@dataclass
-class MeshDaemon:
-    index: int
-    proc: subprocess.Popen[str]
-    tcp: str
-    workdir: Path
-    lines: list[str] = field(default_factory=list)
-
-    def client(self, timeout_s: float = 10.0) -> Client:
-        return Client(self.tcp, timeout_s=timeout_s)
-
-
 def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def daemon_env() -> dict[str, str]:
-    # No LMCACHE_MESH_* settings from the caller's environment: the flags below are the config.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_MESH_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def start_mesh_daemon(i: int, join: str | None, *extra: str, memory: str = "256MiB") -> Daemon:
+    """``lmcache-node run`` as node{i} on 127.0.0.{i}; returns once it prints its serving line.
 
-
-def _pump(proc: subprocess.Popen[str], lines: list[str], started: queue.Queue[str | None]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        m = re.search(r"serving on (tcp://\S+)", line)
-        if m:
-            started.put(m.group(1))
-    started.put(None)
-
-
-def start_mesh_daemon(i: int, join: str | None, *extra: str, memory: str = "256MiB") -> MeshDaemon:
-    """``lmcache-node run`` as node{i} on 127.0.0.{i}; returns once it prints its serving line."""
+    Its data directory is temporary (removed by ``Daemon.stop``) and only these flags configure
+    it: no LMCACHE_MESH_* settings from the caller's environment."""
     host = f"127.0.0.{i}"
-    workdir = Path(tempfile.mkdtemp(prefix="lmbm-", dir="/tmp"))
-    cmd = [
-        sys.executable, "-m", "lmcache_mesh.node.cli", "run",
-        "--listen", f"tcp://{host}:{free_port(host)}",
-        "--data-dir", str(workdir / "data"),
-        "--name", f"node{i}", "--zone", f"z{i % 2}",
-        "--memory", memory, "--disk", "0", "--mesh-profile", "local",
-        *(["--join", join] if join else []), *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=daemon_env()
-    )
-    daemon = MeshDaemon(i, proc, "", workdir)
-    started: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc, daemon.lines, started), daemon=True).start()
-    try:
-        address = started.get(timeout=STARTUP_TIMEOUT_S)
-    except queue.Empty:
-        address = None
-    if address is None:
-        stop_mesh_daemon(daemon)
-        raise RuntimeError(f"node{i} did not start:\n" + "\n".join(daemon.lines[-40:]))
-    daemon.tcp = address
-    return daemon
-
-
-def stop_process(proc: subprocess.Popen[str], workdir: Path) -> int | None:
-    """SIGTERM, wait; SIGKILL if it does not exit in time; remove ``workdir``.
-
-    Returns the exit code (None if it had to be killed)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        code: int | None = proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-        code = None
-    shutil.rmtree(workdir, ignore_errors=True)
-    return code
-
-
-def stop_mesh_daemon(daemon: MeshDaemon) -> int | None:
-    return stop_process(daemon.proc, daemon.workdir)
+    return launch.start(
+        "--zone", f"z{i % 2}", "--memory", memory, "--disk", "0", "--mesh-profile", "local", *extra,
+        listen=[f"tcp://{host}:{free_port(host)}"], name=f"node{i}", join=join, isolate=True,
+    )  # fmt: skip
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> float | None:

@@ -1,8 +1,11 @@
-"""Clients of a node over ZeroMQ: :class:`Client` (blocking) and :class:`AsyncClient`.
+"""Clients of a node: :class:`Client` (blocking), :class:`AsyncClient`, and :class:`PeerClient`.
 
-Both speak :mod:`.protocol` and share its request builders and reply readers; only the
-waiting differs. Every payload received is checked against its record checksum; a bad
-one is counted in ``checksum_failures`` and returned as a miss, never as data.
+Every call is written once, in :mod:`.calls` (its request and how its reply is read);
+the two engine-facing clients have the same methods and differ only in how they wait:
+``Client`` on a blocking socket, ``AsyncClient`` on a conduit with many calls in flight.
+:class:`PeerClient` adds what only mesh members ask of each other (announcements to a
+key's owner, WHO_HAS). Every payload received is checked against its record checksum; a
+bad one is counted in ``checksum_failures`` and returned as a miss, never as data.
 """
 
 from __future__ import annotations
@@ -13,52 +16,59 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
-import zmq
-import zmq.asyncio
-
-from lmcache_mesh.transports import dealer
+from lmcache_mesh.mesh.costs import Cost
+from lmcache_mesh.transports.base import Conduit
 from lmcache_mesh.transports.curve import CurveClient
+from lmcache_mesh.transports.zmq import ZmqChannel, ZmqConduit
 
-from .errors import BadRequest, DeadlineExceeded, Unavailable
-from .protocol import (
-    Cost,
-    Op,
-    Reply,
-    decode_reply,
-    get_results,
-    peek_request_id,
-    put_request,
-    request_header,
-)
+from . import calls
+from .calls import Call
+from .errors import DeadlineExceeded, Unavailable
+from .protocol import decode_reply, peek_request_id, request_header
 from .records import Buffer, ChunkRecord
 
 DEFAULT_TIMEOUT_S = 5.0
-MAX_REPLY_FRAME_BYTES = 1 << 30  # what we accept from a node we chose to talk to
+
+T = TypeVar("T")
 
 
-def _with_cost(fields: dict[str, Any], cost: Cost | None) -> dict[str, Any]:
-    if cost is not None:
-        fields["cost"] = cost.to_wire()
-    return fields
+def _payloads(verified: calls.Verified) -> list[memoryview | None]:
+    return [None if r is None else memoryview(r.payload) for r in verified.records]
 
 
-def _in_tenant(fields: dict[str, Any], tenant: str) -> dict[str, Any]:
-    if tenant:
-        fields["tenant"] = tenant
-    return fields
+class _Core:
+    """What both clients share: address, deadline, tenant, request ids, checksum counts."""
+
+    def __init__(self, address: str, timeout_s: float, tenant: str, first_id: int = 1) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.tenant = tenant
+        self.checksum_failures = 0
+        self._ids = itertools.count(first_id)
+
+    def _header(self, call: Call[Any], rid: int, timeout: float, **extra: Any) -> bytes:
+        fields = {**call.fields, **({"tenant": self.tenant} if self.tenant else {}), **extra}
+        return request_header(call.op, rid, max(int(timeout * 1000), 1), **fields)
+
+    def _timeout(self, call: Call[Any]) -> float:
+        return self.timeout_s if call.timeout_s is None else call.timeout_s
+
+    def _late(self, call: Call[Any], timeout: float) -> DeadlineExceeded:
+        return DeadlineExceeded(f"no reply from {self.address} to {call.op.name} within {timeout:g} s")
+
+    def _records(self, verified: calls.Verified) -> list[ChunkRecord | None]:
+        self.checksum_failures += verified.bad
+        return verified.records
 
 
-def _payloads(records: list[ChunkRecord | None]) -> list[memoryview | None]:
-    return [None if r is None else memoryview(r.payload) for r in records]
-
-
-class Client:
+class Client(_Core):
     """Blocking client of one node; thread-safe (calls are serialised).
 
     ``timeout_s`` bounds each call; on expiry it raises DeadlineExceeded and reconnects,
-    so a reply that arrives late is never mistaken for the next one.
+    so a reply that arrives late is never mistaken for the next one. Runs every request in
+    ``tenant`` ("": the default space, or the key's own); ``curve`` for CurveZMQ on tcp://.
     """
 
     def __init__(
@@ -68,14 +78,9 @@ class Client:
         curve: CurveClient | None = None,
         tenant: str = "",
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self.checksum_failures = 0
+        super().__init__(address, timeout_s, tenant)
         self.curve = curve
-        self.tenant = tenant
-        self._ctx: zmq.Context[Any] = zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
-        self._ids = itertools.count(1)
+        self._channel = ZmqChannel(address, curve)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -89,149 +94,89 @@ class Client:
 
     def close(self) -> None:
         with self._lock:
-            if self._sock is not None:
-                self._sock.close(0)
-                self._sock = None
+            self._channel.close()
 
-    def _call(
-        self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None
-    ) -> Reply:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+    def _run(self, call: Call[T]) -> T:
+        if not call.needs_sending:
+            return call.result
+        timeout = self._timeout(call)
         with self._lock:
-            if self._sock is None:
+            if self._channel.closed:
                 raise Unavailable(f"client of {self.address} is closed")
             rid = next(self._ids)
-            header = request_header(op, rid, max(int(timeout * 1000), 1), **_in_tenant(fields, self.tenant))
-            self._sock.send_multipart([header, *frames], copy=False)
+            self._channel.send([self._header(call, rid, timeout), *call.frames])
             deadline = time.monotonic() + timeout
             while True:
-                remaining_ms = (deadline - time.monotonic()) * 1000
-                if remaining_ms <= 0 or not self._sock.poll(int(remaining_ms) + 1):
-                    # Drop whatever is queued or late on this socket and start clean.
-                    self._sock.close(0)
-                    self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES, self.curve)
-                    raise DeadlineExceeded(f"no reply from {self.address} to {op.name} within {timeout:g} s")
-                reply = [f.buffer for f in self._sock.recv_multipart(copy=False)]
+                reply = self._channel.recv(deadline)
+                if reply is None:
+                    self._channel.reset()  # drop whatever is queued or late, start clean
+                    raise self._late(call, timeout)
                 if peek_request_id(reply[0]) == rid:
-                    return decode_reply(reply)
+                    return call.read(decode_reply(reply))
+
+    # the engine-facing API (AsyncClient has the same methods, as coroutines)
 
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
-        return self._call(Op.PING, {}, timeout_s=timeout_s).fields
+        return self._run(calls.ping(timeout_s))
 
-    def put(
-        self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
-    ) -> None:
-        self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
+    def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+        self._run(calls.put(key, payload, namespace, meta))
 
     def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
-        if records:
-            fields, frames = put_request(records)
-            self._call(Op.PUT, {**fields, "replica": replica}, frames)
+        self._run(calls.put_records(records, replica))
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        return _payloads(self.get_records(keys))
+        return _payloads(self._run(calls.get_records(keys)))
 
     def get_records(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
         """Verified records per key, None per miss; ``local``: this node's tiers only;
         ``cost``: skip remote chunks that would take longer to fetch than to recompute."""
-        if not keys:
-            return []
-        fields = _with_cost({"keys": list(keys), "local": local}, cost)
-        reply = self._call(Op.GET, fields, timeout_s=timeout_s)
-        records, bad = get_results(reply, keys)
-        self.checksum_failures += bad
-        return records
+        return self._records(self._run(calls.get_records(keys, local, timeout_s, cost)))
 
     def lookup(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> int:
         """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``;
         with ``cost``, only as far as fetching them beats recomputing them."""
-        if not keys:
-            return 0
-        fields = _with_cost({"keys": list(keys), "local": local}, cost)
-        return int(self._call(Op.LOOKUP, fields, timeout_s=timeout_s).fields["hits"])
+        return self._run(calls.lookup(keys, local, timeout_s, cost))
 
-    def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
+    def locate(self, keys: Sequence[bytes], timeout_s: float | None = None) -> tuple[int, list[list[str]]]:
         """Mesh-wide: the longest cached prefix and the members holding each key."""
-        if not keys:
-            return 0, []
-        f = self._call(Op.LOOKUP, {"keys": list(keys), "holders": True}).fields
-        return int(f["hits"]), f["holders"]
+        return self._run(calls.locate(keys, timeout_s))
 
     def rank(self, keys: Sequence[bytes], candidates: Sequence[str]) -> list[tuple[str, int]]:
         """``candidates`` (node names) ordered by the cached prefix of ``keys`` each holds."""
-        f = self._call(Op.RANK, {"keys": list(keys), "candidates": list(candidates)}).fields
-        return [(name, int(n)) for name, n in f["ranking"]]
+        return self._run(calls.rank(keys, candidates))
 
     def delete(self, keys: Sequence[bytes]) -> int:
-        return int(self._call(Op.DELETE, {"keys": list(keys)}).fields["deleted"]) if keys else 0
+        """Delete this node's copies (replicas elsewhere stay); returns how many were held."""
+        return self._run(calls.delete(keys))
 
     def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self._call(Op.STATS, {}).fields["stats"]
-        return stats
+        """The node's ``status --json`` document."""
+        return self._run(calls.stats())
 
     def announce_engine(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
         """Tell the mesh that ``engine`` (attached to this node) holds ``add`` and dropped ``remove``
         in its own KV cache; the index then names it ``<node>/<engine>``."""
-        fields = {"holder": engine, "add": list(add), "remove": list(remove), "route": True}
-        self._call(Op.ANNOUNCE, fields)
+        self._run(calls.announce_engine(engine, add, remove))
 
     def join(self, seeds: Sequence[str]) -> None:
         """Make the node join the mesh that ``seeds`` (tcp:// addresses) belong to."""
-        self._call(Op.JOIN, {"seeds": list(seeds)})
+        self._run(calls.join(seeds))
 
 
-class Conduit(Protocol):
-    """Carries whole messages (lists of frames) to one node and back."""
-
-    async def send(self, frames: Sequence[Buffer]) -> None: ...
-
-    async def recv(self) -> list[Buffer]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class ZmqConduit:
-    """A DEALER socket on its own asyncio context (CurveZMQ with ``curve``, for tcp://)."""
-
-    def __init__(self, address: str, curve: CurveClient | None = None) -> None:
-        self._ctx = zmq.asyncio.Context()
-        try:
-            self._sock = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
-        except BaseException:
-            self._ctx.term()
-            raise
-
-    async def send(self, frames: Sequence[Buffer]) -> None:
-        await self._sock.send_multipart(list(frames), copy=False)  # may wait: queues are bounded
-
-    async def recv(self) -> list[Buffer]:
-        return [f.buffer for f in await self._sock.recv_multipart(copy=False)]
-
-    async def aclose(self) -> None:
-        self._sock.close(0)
-        self._ctx.term()
-
-
-class AsyncClient:
+class AsyncClient(_Core):
     """asyncio client of one node; many calls may be in flight at once on one conduit.
 
     Bound to the event loop of its first call. The constructor does no I/O. ``conduit``
     makes the connection (default: ZeroMQ to ``address``, CurveZMQ with ``curve``); a conduit
-    that breaks fails the calls waiting on it and is made afresh by the next call. Both
-    clients run every request in ``tenant`` ("": the default space, or the key's own).
+    that breaks fails the calls waiting on it and is made afresh by the next call.
     """
+
+    _scoped = False
 
     def __init__(
         self,
@@ -240,25 +185,18 @@ class AsyncClient:
         conduit: Callable[[], Conduit] | None = None,
         curve: CurveClient | None = None,
         tenant: str = "",
-        scoped: bool = False,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self.checksum_failures = 0
-        self.tenant = tenant
-        self.scoped = scoped
-        """A mesh member's client: keys are already in the node key space (see node.tenants)."""
+        # Random start: a later client on the same connection (a WebRTC link outlives its
+        # clients) must never take a late reply to an earlier client's request for its own.
+        super().__init__(address, timeout_s, tenant, first_id=random.getrandbits(48) + 1)
         self._make_conduit = conduit or (lambda: ZmqConduit(address, curve))
         self._conduit: Conduit | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[list[Buffer]]] = {}
-        # Random start: a later client on the same connection (a WebRTC link outlives its
-        # clients) must never take a late reply to an earlier client's request for its own.
-        self._ids = itertools.count(random.getrandbits(48) + 1)
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<AsyncClient {self.address} inflight={len(self._pending)}>"
+        return f"<{type(self).__name__} {self.address} inflight={len(self._pending)}>"
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -297,9 +235,9 @@ class AsyncClient:
                 self._conduit = None
             await conduit.aclose()
 
-    async def _call(
-        self, op: Op, fields: dict[str, Any], frames: Sequence[Buffer] = (), timeout_s: float | None = None
-    ) -> Reply:
+    async def _run(self, call: Call[T]) -> T:
+        if not call.needs_sending:
+            return call.result
         if self._closed:
             raise Unavailable(f"client of {self.address} is closed")
         if self._conduit is None:
@@ -307,98 +245,83 @@ class AsyncClient:
             self._reader = asyncio.create_task(
                 self._read_replies(conduit), name=f"lmcache-client-{self.address}"
             )
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        timeout = self._timeout(call)
         rid = next(self._ids)
         fut: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         conduit = self._conduit
+        header = self._header(call, rid, timeout, **({"scoped": True} if self._scoped else {}))
 
         async def send_and_wait() -> list[Buffer]:
-            fields_ = {**_in_tenant(fields, self.tenant), **({"scoped": True} if self.scoped else {})}
-            header = request_header(op, rid, max(int(timeout * 1000), 1), **fields_)
-            await conduit.send([header, *frames])
+            await conduit.send([header, *call.frames])
             return await fut
 
         try:
             reply = await asyncio.wait_for(send_and_wait(), timeout)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"no reply from {self.address} to {op.name} within {timeout:g} s"
-            ) from None
+            raise self._late(call, timeout) from None
         finally:
             self._pending.pop(rid, None)
-        return decode_reply(reply)
+        return call.read(decode_reply(reply))
+
+    # the engine-facing API: the same methods as Client's
 
     async def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
-        return (await self._call(Op.PING, {}, timeout_s=timeout_s)).fields
+        return await self._run(calls.ping(timeout_s))
 
     async def put(
         self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
     ) -> None:
-        await self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
+        await self._run(calls.put(key, payload, namespace, meta))
 
     async def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
-        if records:
-            fields, frames = put_request(records)
-            await self._call(Op.PUT, {**fields, "replica": replica}, frames)
+        await self._run(calls.put_records(records, replica))
 
     async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        return _payloads(await self.get_records(keys))
+        return _payloads(await self._run(calls.get_records(keys)))
 
     async def get_records(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
-        if not keys:
-            return []
-        fields = _with_cost({"keys": list(keys), "local": local}, cost)
-        reply = await self._call(Op.GET, fields, timeout_s=timeout_s)
-        records, bad = get_results(reply, keys)
-        self.checksum_failures += bad
-        return records
+        return self._records(await self._run(calls.get_records(keys, local, timeout_s, cost)))
 
-    async def lookup(self, keys: Sequence[bytes], local: bool = False, cost: Cost | None = None) -> int:
-        if not keys:
-            return 0
-        fields = _with_cost({"keys": list(keys), "local": local}, cost)
-        return int((await self._call(Op.LOOKUP, fields)).fields["hits"])
+    async def lookup(
+        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+    ) -> int:
+        return await self._run(calls.lookup(keys, local, timeout_s, cost))
 
-    async def locate(self, keys: Sequence[bytes]) -> tuple[int, list[list[str]]]:
-        if not keys:
-            return 0, []
-        f = (await self._call(Op.LOOKUP, {"keys": list(keys), "holders": True})).fields
-        return int(f["hits"]), f["holders"]
+    async def locate(self, keys: Sequence[bytes], timeout_s: float | None = None) -> tuple[int, list[list[str]]]:
+        return await self._run(calls.locate(keys, timeout_s))
 
     async def rank(self, keys: Sequence[bytes], candidates: Sequence[str]) -> list[tuple[str, int]]:
-        f = (await self._call(Op.RANK, {"keys": list(keys), "candidates": list(candidates)})).fields
-        return [(name, int(n)) for name, n in f["ranking"]]
-
-    async def announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
-        """Peer call: tell a key owner that ``holder`` now holds ``add`` and dropped ``remove``."""
-        await self._call(Op.ANNOUNCE, {"holder": holder, "add": list(add), "remove": list(remove)})
-
-    async def who_has(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[list[str]]:
-        """Peer call: which members the owner knows to hold each key."""
-        holders = (await self._call(Op.WHO_HAS, {"keys": list(keys)}, timeout_s=timeout_s)).fields.get(
-            "holders"
-        )
-        if (
-            not isinstance(holders, list)
-            or len(holders) != len(keys)
-            or not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in holders)
-        ):
-            raise BadRequest("WHO_HAS reply needs one list of member names per key")
-        return holders
+        return await self._run(calls.rank(keys, candidates))
 
     async def delete(self, keys: Sequence[bytes]) -> int:
-        return int((await self._call(Op.DELETE, {"keys": list(keys)})).fields["deleted"]) if keys else 0
+        return await self._run(calls.delete(keys))
 
     async def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = (await self._call(Op.STATS, {})).fields["stats"]
-        return stats
+        return await self._run(calls.stats())
+
+    async def announce_engine(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        await self._run(calls.announce_engine(engine, add, remove))
 
     async def join(self, seeds: Sequence[str]) -> None:
-        await self._call(Op.JOIN, {"seeds": list(seeds)})
+        await self._run(calls.join(seeds))
+
+
+class PeerClient(AsyncClient):
+    """A mesh member's client of another member (:class:`lmcache_mesh.mesh.ports.Peer`).
+
+    Its keys are already in the node key space (see :mod:`.tenants`), so every request says
+    ``scoped``; only a node's key may send those.
+    """
+
+    _scoped = True
+
+    async def announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
+        """Tell a key's owner that ``holder`` now holds ``add`` and dropped ``remove``."""
+        await self._run(calls.announce(holder, add, remove))
+
+    async def who_has(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[list[str]]:
+        """Which members the owner knows to hold each key."""
+        return await self._run(calls.who_has(keys, timeout_s))

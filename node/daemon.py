@@ -15,23 +15,31 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from lmcache_mesh.mesh.cluster import PROFILES, Cluster
+from lmcache_mesh.mesh.coordinator import MeshCoordinator
 from lmcache_mesh.mesh.membership import State
 from lmcache_mesh.transports.addresses import reachability, webrtc_address
-from lmcache_mesh.transports.webrtc import WebRTCConfig
+from lmcache_mesh.transports.curve import CurveClient
+from lmcache_mesh.transports.relay import Uplink
+from lmcache_mesh.transports.webrtc import WebRTCConfig, WebRTCPeering
+from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
 
-from .cluster import PROFILES, Cluster
 from .config import NodeConfig, split_seed
-from .coordinator import MeshCoordinator
-from .keyring import Keyring, Role, read_key_pair
-from .metrics import NodeMetrics
+from .keyring import MEMBER, Keyring, Principal, Role, Sender, read_key_pair
+from .metrics import NodeMetrics, RequestLatency
 from .node import VERSION, Node
-from .peering import WebRTCPeering
-from .relay import Uplink
-from .service import NodeServer
+from .peers import NodeHoldings, PeerPool
+from .protocol import AttachWire, mesh_envelope, route_to, signal_message
+from .records import ChunkRecord
+from .service import MeshParts, NodeServer, Routers
 from .sizes import format_count, format_size
 
 logger = logging.getLogger("lmcache_mesh.node.daemon")
+
+PEER_TIMEOUT_S = 2.0
+"""The longest one call to a peer may take (a late peer is a miss, never an engine's error)."""
 
 
 def _warn_if_disk_budget_exceeds_free_space(config: NodeConfig) -> None:
@@ -131,7 +139,8 @@ def _reload_keys(keyring: Keyring) -> None:
         logger.error("x kept the previous allow-list: %s", exc)
 
 
-def _start_cluster(node: Node, bound: list[str], keyring: Keyring | None) -> Cluster | None:
+def _place(node: Node, bound: list[str], keyring: Keyring | None) -> str | None:
+    """This node's name (set on ``node``) and its address in the mesh; None: no mesh (ipc only)."""
     cfg = node.config
     if keyring is not None:
         node.name = keyring.name
@@ -140,24 +149,14 @@ def _start_cluster(node: Node, bound: list[str], keyring: Keyring | None) -> Clu
         tcp = next((b for b in bound if b.startswith("tcp://")), None)
         if not cfg.name and keyring is None:
             node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
-        address = webrtc_address(split_seed(cfg.join[0])[1], node.name)
-    else:
-        direct = advertised_address(cfg, bound)
-        if direct is None:
-            logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
-            return None
-        address = direct
-        if not cfg.name and keyring is None:
-            node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
-    weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
-    curve = keyring.client_for if keyring is not None else None
-    cluster = Cluster(node.name, address, cfg.zone, weight, PROFILES[cfg.mesh_profile](), curve=curve)
-    if keyring is not None:
-        keyring.name_of = cluster.name_at
-        cluster.seed_address = keyring.remember_seed
-    node.cluster = cluster
-    cluster.start(asyncio.get_running_loop(), cfg.join)
-    return cluster
+        return webrtc_address(split_seed(cfg.join[0])[1], node.name)
+    address = advertised_address(cfg, bound)
+    if address is None:
+        logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
+        return None
+    if not cfg.name and keyring is None:
+        node.name = f"{socket.gethostname()}:{address.rpartition(':')[2]}"
+    return address
 
 
 def _webrtc_config(cfg: NodeConfig) -> WebRTCConfig:
@@ -171,89 +170,150 @@ def _webrtc_config(cfg: NodeConfig) -> WebRTCConfig:
     )
 
 
-def _start_webrtc(
-    node: Node, cluster: Cluster, server: NodeServer, keyring: Keyring | None
-) -> WebRTCPeering | None:
-    """WebRTC links to (or, behind NAT, from) other members; None if aiortc is missing."""
-    if importlib.util.find_spec("aiortc") is None:
-        if node.config.nat:
-            raise SystemExit(
-                "lmcache-node: --nat needs WebRTC: pip install -e '.[webrtc]' in the lmcache-mesh checkout"
-            )
-        logger.info("WebRTC is off (no aiortc): members behind NAT are unreachable from here")
-        return None
-    # aiortc takes ~0.7 s to import: do it now, off the loop, not on the first link's clock.
-    asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "aiortc")
-    peering = WebRTCPeering(
-        cluster,
-        server,
-        _webrtc_config(node.config),
-        # With CurveZMQ keys, each pair of nodes proves itself with a secret only the two can
-        # compute; otherwise with the shared --mesh-secret.
-        keyring.pair_secret if keyring is not None else node.config.mesh_secret.encode(),
-        accept_offers=node.config.nat,
-        principal_of=keyring.node_principal if keyring is not None else None,
-    )
-    server.peering = peering
-    cluster.on_gone.append(peering.forget)
-    node.stats_sources["webrtc"] = peering.stats
-    return peering
-
-
-def _start_uplink(node: Node, cluster: Cluster, server: NodeServer, keyring: Keyring | None) -> Uplink:
-    cfg = node.config
-
-    def relays() -> list[str]:
-        """Seeds first, then direct members, live ones before the rest."""
-        direct = sorted(
-            (m for m in cluster.membership.members.values() if reachability(m.address) == "direct"),
-            key=lambda m: (m.state is not State.ALIVE, m.state is not State.SUSPECT, m.name),
+def _webrtc_available(cfg: NodeConfig) -> bool:
+    if importlib.util.find_spec("aiortc") is not None:
+        return True
+    if cfg.nat:
+        raise SystemExit(
+            "lmcache-node: --nat needs WebRTC: pip install -e '.[webrtc]' in the lmcache-mesh checkout"
         )
-        seeds = [cluster.seed_address(j) for j in cfg.join]
-        return list(dict.fromkeys([*seeds, *(m.address for m in direct)]))
-
-    uplink = Uplink(
-        node.name,
-        relays,
-        server.take_relayed,
-        lambda relay: cluster.readdress(webrtc_address(relay, node.name)),
-        cfg.max_header_bytes + cfg.max_record_bytes,
-        curve=keyring.client_for if keyring is not None else None,
-    )
-    uplink.start(cluster.seed_address(cfg.join[0]))
-    node.stats_sources["relay"] = lambda: {
-        "via": uplink.relay,
-        "attached": uplink.attached,
-        "switches": uplink.switches,
-    }
-    return uplink
+    logger.info("WebRTC is off (no aiortc): members behind NAT are unreachable from here")
+    return False
 
 
-async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None) -> int:
-    server = NodeServer(node, observe=metrics.observe, keyring=keyring)
-    bound = await server.start()
+class _Mesh:
+    """A node's mesh parts, built in dependency order (constructors do no I/O), started and
+    stopped together."""
+
+    def __init__(self, node: Node, address: str, keyring: Keyring | None) -> None:
+        cfg = node.config
+        weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
+
+        def curve(endpoint: str) -> CurveClient:
+            # Whose key to expect at an address is what the membership says lives there.
+            assert keyring is not None
+            return keyring.client_for(endpoint, self.cluster.name_at)
+
+        curve_for = curve if keyring is not None else None
+        self.cluster = Cluster(
+            node.name,
+            address,
+            cfg.zone,
+            weight,
+            PROFILES[cfg.mesh_profile](),
+            ZmqDatagramTransport(address, mesh_envelope, route_to, curve=curve_for),
+            seed_address=keyring.remember_seed if keyring is not None else lambda seed: split_seed(seed)[1],
+        )
+        self.peering: WebRTCPeering[Principal] | None = None
+        if _webrtc_available(cfg):
+            self.peering = WebRTCPeering(
+                lambda: self.cluster.name,
+                lambda: self.cluster.membership.me.address,
+                self._member_address,
+                lambda to, fields: self.cluster.transport.send_message(to, [signal_message(fields)]),
+                keyring.node_principal if keyring is not None else lambda name: MEMBER,
+                _webrtc_config(cfg),
+                # With CurveZMQ keys, each pair of nodes proves itself with a secret only the
+                # two can compute; otherwise with the shared --mesh-secret.
+                keyring.pair_secret if keyring is not None else cfg.mesh_secret.encode(),
+                accept_offers=cfg.nat,
+            )
+            self.cluster.subscribe(on_gone=self.peering.forget)
+        self.uplink = self._uplink(node, curve_for) if cfg.nat else None
+        self.coordinator: MeshCoordinator[ChunkRecord] = MeshCoordinator(
+            self.cluster,
+            NodeHoldings(node),
+            PeerPool(PEER_TIMEOUT_S, links=self.peering, curve=curve_for),
+            replicas=cfg.replicas,
+        )
+        sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        if self.peering is not None:
+            sections["webrtc"] = self.peering.stats
+        if self.uplink is not None:
+            uplink = self.uplink
+            sections["relay"] = lambda: {"via": uplink.relay, "attached": uplink.attached, "switches": uplink.switches}
+        self.parts = MeshParts(
+            self.cluster, self.coordinator, self.peering.on_signal if self.peering else None, sections
+        )
+
+    def _member_address(self, name: str) -> str | None:
+        m = self.cluster.membership.members.get(name)
+        return str(m.address) if m is not None and m.state in (State.ALIVE, State.SUSPECT) else None
+
+    def _uplink(self, node: Node, curve: CurveFor | None) -> Uplink:
+        cfg = node.config
+
+        def relays() -> list[str]:
+            """Seeds first, then direct members, live ones before the rest."""
+            direct = sorted(
+                (m for m in self.cluster.membership.members.values() if reachability(m.address) == "direct"),
+                key=lambda m: (m.state is not State.ALIVE, m.state is not State.SUSPECT, m.name),
+            )
+            seeds = [self.cluster.seed_address(j) for j in cfg.join]
+            return list(dict.fromkeys([*seeds, *(m.address for m in direct)]))
+
+        return Uplink(
+            node.name,
+            relays,
+            AttachWire(),
+            lambda relay: self.cluster.readdress(webrtc_address(relay, node.name)),
+            cfg.max_header_bytes + cfg.max_record_bytes,
+            curve=curve,
+        )
+
+    def start(self, node: Node, server: NodeServer) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = node.config
+        if self.peering is not None:
+            # aiortc takes ~0.7 s to import: do it now, off the loop, not on the first link's clock.
+            loop.run_in_executor(None, importlib.import_module, "aiortc")
+
+            async def serve(frames: list[Any], reply: Any, principal: Principal, link: Any) -> None:
+                await server.take(frames, reply, Sender(principal, conn=link))
+
+            self.peering.start(serve)
+        if self.uplink is not None:
+            self.uplink.start(self.cluster.seed_address(cfg.join[0]), server.take_relayed)
+        node.store.watch_forgotten(_on_loop(loop, self.coordinator.directory.removed))
+        self.coordinator.start()
+        self.cluster.start(loop, cfg.join)
+
+    async def stop(self) -> None:
+        await self.coordinator.aclose()
+        await self.cluster.leave()
+        if self.uplink is not None:
+            await self.uplink.aclose()
+        if self.peering is not None:
+            await self.peering.aclose()
+
+
+async def serve(node: Node, keyring: Keyring | None = None) -> int:
     cfg = node.config
-    cluster = _start_cluster(node, bound, keyring)
-    coordinator = None
-    peering = None
-    uplink = None
-    if cluster is not None:
-        peering = _start_webrtc(node, cluster, server, keyring)
-        if cfg.nat:
-            uplink = _start_uplink(node, cluster, server, keyring)
-        else:
-            node.stats_sources["relaying"] = lambda: {
-                "attached": server.relay.names(),
-                "forwarded": server.relay.forwarded,
-            }
-        coordinator = MeshCoordinator(node, cluster, replicas=cfg.replicas)
-        coordinator.peers.links = peering
-        coordinator.peers.curve = keyring.client_for if keyring is not None else None
-        cluster.on_gone.append(coordinator.forget)
-        cluster.on_joined.append(lambda _name: coordinator.ring_changed())
-        server.coordinator = node.coordinator = coordinator
-        node.store.on_forgotten = _on_loop(asyncio.get_running_loop(), coordinator.removed)
-        coordinator.start()
+    routers = Routers(cfg, keyring)
+    bound = routers.bind()
+    address = _place(node, bound, keyring)
+    mesh = _Mesh(node, address, keyring) if address is not None else None
+    latency = RequestLatency()
+    server = NodeServer(
+        node, observe=latency.observe, keyring=keyring, routers=routers, mesh=mesh.parts if mesh else None
+    )
+    metrics = NodeMetrics(server.status, latency)
+    if cfg.metrics_port:
+        metrics.serve(cfg.metrics_host, cfg.metrics_port)
+    try:
+        await server.start()
+        if mesh is not None:
+            mesh.start(node, server)
+        return await _until_signalled(node, server, mesh, keyring)
+    finally:
+        metrics.close()
+
+
+async def _until_signalled(
+    node: Node, server: NodeServer, mesh: _Mesh | None, keyring: Keyring | None
+) -> int:
+    cfg = node.config
+    bound = server.routers.bound
     disk = f"disk {format_size(cfg.disk_bytes)} at {cfg.data_path}" if cfg.disk_bytes else "no disk tier"
     report = node.open()
     print(
@@ -262,12 +322,12 @@ async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None
         f"discarded {report.discarded})",
         flush=True,
     )
-    if cluster is not None:
+    if mesh is not None:
         joining = f"; joining {' '.join(cfg.join)}" if cfg.join else ""
         if cfg.nat:
             joining += " (behind NAT: relayed, WebRTC for data)"
         print(
-            f"mesh: {node.name} at {cluster.membership.me.address} ({cfg.mesh_profile} timings){joining}",
+            f"mesh: {node.name} at {mesh.cluster.membership.me.address} ({cfg.mesh_profile} timings){joining}",
             flush=True,
         )
     if keyring is not None:
@@ -292,15 +352,8 @@ async def serve(node: Node, metrics: NodeMetrics, keyring: Keyring | None = None
         loop.add_signal_handler(signal.SIGHUP, _reload_keys, keyring)
     await stop.wait()
     print("lmcache-node: shutting down", flush=True)
-    if coordinator is not None:
-        await coordinator.flush()
-        await coordinator.aclose()
-    if cluster is not None:
-        await cluster.leave()
-    if uplink is not None:
-        await uplink.aclose()
-    if peering is not None:
-        await peering.aclose()
+    if mesh is not None:
+        await mesh.stop()
     await server.stop()
     written = await asyncio.to_thread(node.close)
     print(f"lmcache-node: stopped; wrote {format_count(written, 'memory record')} back to disk", flush=True)
@@ -326,11 +379,7 @@ def run(config: NodeConfig) -> int:
     keyring = load_keyring(config)
     node = Node(config)
     node.open()  # recovery before we accept requests; fails fast if the data dir is locked
-    metrics = NodeMetrics(node)
     try:
-        if config.metrics_port:
-            metrics.serve(config.metrics_host, config.metrics_port)
-        return asyncio.run(serve(node, metrics, keyring))
+        return asyncio.run(serve(node, keyring))
     finally:
-        metrics.close()
         node.close()

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-import zmq.utils.z85
 
-from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key
+from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key, decode_key
 
 from .config import read_toml, split_seed
 from .records import TENANT_RE
@@ -197,15 +196,14 @@ def read_public_key(value: str) -> str:
 class Keyring:
     """A node's own key pair and the allow-list it admits (reloadable, thread-safe).
 
-    ``name_of(address)`` tells which member serves at an address (the daemon points it at
-    the membership); with the allow-list that gives the key to connect to it with.
+    :meth:`client_for` finds a member's key by its name: the caller says which member
+    serves at an address (the membership), or the address was a ``NAME@ADDR`` seed.
     """
 
     def __init__(self, name: str, keys: CurveKeyPair, allow_list: Path) -> None:
         self.name = name
         self.keys = keys
         self.allow_list = allow_list
-        self.name_of: Callable[[str], str | None] = lambda address: None
         self._seeds: dict[str, str] = {}
         self._lock = threading.Lock()
         self._entries: dict[str, AllowedKey] = {}
@@ -266,13 +264,14 @@ class Keyring:
             return None
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-        ours = X25519PrivateKey.from_private_bytes(zmq.utils.z85.decode(self.keys.secret.encode("ascii")))
-        shared = ours.exchange(X25519PublicKey.from_public_bytes(zmq.utils.z85.decode(key.encode("ascii"))))
+        ours = X25519PrivateKey.from_private_bytes(decode_key(self.keys.secret))
+        shared = ours.exchange(X25519PublicKey.from_public_bytes(decode_key(key)))
         return hashlib.sha256(b"lmcache-mesh pair secret v1\0" + shared).digest()
 
-    def client_for(self, address: str) -> CurveClient:
-        """Credentials to connect to the member at ``address``; LookupError if its key is unknown."""
-        name = self.name_of(address) or self._seeds.get(address)
+    def client_for(self, address: str, name_of: Callable[[str], str | None] | None = None) -> CurveClient:
+        """Credentials to connect to the member at ``address`` (``name_of(address)`` names it);
+        LookupError if its key is unknown."""
+        name = (name_of(address) if name_of is not None else None) or self._seeds.get(address)
         key = self._nodes.get(name) if name else None
         if key is None:
             raise LookupError(

@@ -7,24 +7,25 @@ registry, so several nodes can live in one process.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .node import Node
+Status = Callable[[], dict[str, Any]]
+"""The node's ``status --json`` document, read at each scrape."""
 
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 
 class _StatsCollector(Collector):
-    def __init__(self, node: Node) -> None:
-        self._node = node
+    def __init__(self, status: Status) -> None:
+        self._status = status
 
     def collect(self) -> Iterator[Any]:
-        stats = self._node.stats()
+        stats = self._status()
         c, tiers = stats["counters"], stats["tiers"]
         hits = CounterMetricFamily("lmcache_hits", "Chunks served, by tier", labels=["tier"])
         hits.add_metric(["memory"], c["hits_memory"])
@@ -138,13 +139,12 @@ class _StatsCollector(Collector):
         )
 
 
-class NodeMetrics:
-    """The metrics of one node, and an optional HTTP endpoint serving them."""
+class RequestLatency:
+    """The request latency histogram the server observes, in the node's own registry."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(node))
-        self.latency = Histogram(
+        self.histogram = Histogram(
             "lmcache_request_seconds",
             "Time from receiving a request to sending its reply",
             ["op", "outcome"],
@@ -152,13 +152,26 @@ class NodeMetrics:
             buckets=LATENCY_BUCKETS_S,
         )
         self._children: dict[tuple[str, str], Any] = {}
-        self._server: Any = None
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         child = self._children.get((op, outcome))
         if child is None:
-            child = self._children[(op, outcome)] = self.latency.labels(op, outcome)
+            child = self._children[(op, outcome)] = self.histogram.labels(op, outcome)
         child.observe(seconds)
+
+
+class NodeMetrics:
+    """The metrics of one node — latency, and everything else read from its status at
+    scrape time — and an optional HTTP endpoint serving them."""
+
+    def __init__(self, status: Status, latency: RequestLatency | None = None) -> None:
+        self.latency = latency or RequestLatency()
+        self.registry = self.latency.registry
+        self.registry.register(_StatsCollector(status))
+        self._server: Any = None
+
+    def observe(self, op: str, outcome: str, seconds: float) -> None:
+        self.latency.observe(op, outcome, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,17 +12,13 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .config import NodeConfig
 from .errors import Unavailable
 from .records import Buffer, ChunkRecord
 from .tiers import DiskTier, MemoryTier, RecoveryReport, TieredStore
-
-if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .coordinator import MeshCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +41,7 @@ class Node:
         self.store = TieredStore(MemoryTier(self.config.memory_bytes), disk)
         self.name = self.config.name or socket.gethostname()
         self.addresses: list[str] = []
-        self.cluster: Cluster | None = None
-        self.coordinator: MeshCoordinator | None = None
-        self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
-        """More sections of ``status`` under "mesh" (WebRTC links, relaying), set by the daemon."""
-        self.security: Callable[[], dict[str, Any]] = lambda: {"curve": False}
-        """The ``security`` section of ``status`` (set by the server)."""
+        """Where this node is served (set when its server binds); empty when embedded."""
         self.started_at = time.time()
         self.checksum_failures = 0
         self.errors: dict[str, int] = {}
@@ -167,25 +158,9 @@ class Node:
             out.setdefault(tenant, {"records": {}, "requests": {}})["requests"] = counts
         return dict(sorted(out.items()))
 
-    def _members(self, address: str) -> list[dict[str, Any]]:
-        if self.cluster is not None:
-            return self.cluster.members_status()
-        me = {"name": self.name, "address": address, "zone": self.config.zone, "state": "alive"}
-        return [{**me, "reachability": "direct", "incarnation": 0, "ring_share": 1.0}]
-
-    def _mesh_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.cluster is not None:
-            out["membership"] = dict(self.cluster.membership.counters)
-            out["awareness"] = self.cluster.membership.awareness
-        if self.coordinator is not None:
-            out.update(self.coordinator.stats())
-        for section, source in list(self.stats_sources.items()):
-            out[section] = source()
-        return out
-
     def stats(self) -> dict[str, Any]:
-        """The ``status --json`` document: node, members, tiers, counters."""
+        """This node's part of the ``status --json`` document: node, tiers, tenants, counters
+        (a server adds members, mesh and security: :meth:`NodeServer.status`)."""
         address = self.addresses[0] if self.addresses else "embedded"
         tier_stats = self.store.stats()
         counters = tier_stats["counters"]
@@ -211,10 +186,13 @@ class Node:
                     "temp_removed": report.temp_removed,
                 },
             },
-            "members": self._members(address),
-            "mesh": self._mesh_stats(),
+            "members": [
+                {"name": self.name, "address": address, "zone": self.config.zone, "state": "alive",
+                 "reachability": "direct", "incarnation": 0, "ring_share": 1.0}
+            ],
+            "mesh": {},
             "tiers": tier_stats["tiers"],
             "tenants": self._tenants(tier_stats["tiers"]),
-            "security": self.security(),
+            "security": {"curve": False},
             "counters": counters,
         }

@@ -17,6 +17,9 @@ from typing import Any
 
 import msgpack
 
+from lmcache_mesh.mesh.costs import Cost
+from lmcache_mesh.transports.addresses import parse_webrtc_address
+
 from .errors import BadRequest, MeshError, TooLarge, UnknownOp, UnsupportedVersion, error_from_wire
 from .keys import KEY_BYTES
 from .records import MAX_RECORD_HEADER_BYTES, TENANT_RE, Buffer, ChunkRecord, RecordHeader, unpack_map
@@ -131,18 +134,6 @@ def _string(m: dict[str, Any], name: str, max_len: int = 1024) -> str:
     if not isinstance(value, str) or not value or len(value) > max_len:
         raise BadRequest(f"field {name!r} must be a non-empty string of at most {max_len} characters")
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class Cost:
-    """What recomputing one chunk costs the asking engine: fetch a remote chunk only if the
-    transfer is estimated to be faster than ``recompute_s``."""
-
-    recompute_s: float
-    chunk_bytes: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"recompute_s": self.recompute_s, "chunk_bytes": self.chunk_bytes}
 
 
 def _cost(m: dict[str, Any]) -> Cost | None:
@@ -339,3 +330,42 @@ def get_results(reply: Reply, keys: Sequence[bytes]) -> tuple[list[ChunkRecord |
             bad += 1
             out.append(None)
     return out, bad
+
+
+# one-way messages between members, as the transports send them
+
+
+def mesh_envelope(address: str) -> bytes:
+    """The frame before each membership datagram from ``address``."""
+    return request_header(Op.MESH, 0, 1000, **{"from": address})
+
+
+def route_to(address: str) -> tuple[str, list[bytes]]:
+    """Where one-way messages for a member go: straight to it, or through its relay."""
+    relayed = parse_webrtc_address(address)
+    if relayed is None:
+        return address, []
+    return relayed.relay, [request_header(Op.RELAY, 0, 1000, to=relayed.name)]
+
+
+def signal_message(fields: dict[str, Any]) -> bytes:
+    """A one-way WebRTC SIGNAL (offer, answer or refusal)."""
+    return request_header(Op.SIGNAL, 0, 5000, **fields)
+
+
+class AttachWire:
+    """ATTACH as the NAT node's uplink sends it, and the relay's answer as it reads it."""
+
+    def attach(self, request_id: int, name: str, token: str) -> bytes:
+        return request_header(Op.ATTACH, request_id, 2000, name=name, token=token)
+
+    def answer(self, header: Buffer) -> bool | None:
+        if len(header) > 4096:
+            return None
+        try:
+            m = msgpack.unpackb(header, raw=False)
+        except Exception:
+            return None
+        if not isinstance(m, dict) or "ok" not in m:
+            return None
+        return m["ok"] is True

@@ -18,15 +18,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import zmq
-
-from lmcache_mesh.transports import ZmqRouter
+from lmcache_mesh.mesh.cluster import Cluster
+from lmcache_mesh.mesh.coordinator import MeshCoordinator
+from lmcache_mesh.transports.base import Tracker
 from lmcache_mesh.transports.curve import CurveServer
+from lmcache_mesh.transports.relay import RelayTable
+from lmcache_mesh.transports.zmq import ZmqRouter
 
-from .coordinator import MeshCoordinator
+from .config import NodeConfig
 from .errors import (
     BadRequest,
     Busy,
@@ -41,11 +44,7 @@ from .keyring import TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
 from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
 from .records import Buffer, ChunkRecord, RecordHeader
-from .relay import RelayTable
 from .tenants import admit_headers, client_records, scope_fields
-
-if TYPE_CHECKING:
-    from .peering import WebRTCPeering
 
 logger = logging.getLogger(__name__)
 
@@ -93,41 +92,85 @@ def _tenant(principal: Principal, req: Request) -> str:
     raise Forbidden(f"key {principal.name!r} may not use tenant {asked!r}")
 
 
-class NodeServer:
-    """Binds ``node.config.listen`` and answers requests until :meth:`stop`."""
+class Routers:
+    """The node's ROUTER sockets for ``config.listen``: tcp:// ones public (CurveZMQ with a
+    keyring), ipc:// ones local. Built without I/O; :meth:`bind` listens."""
 
-    def __init__(self, node: Node, observe: Observer | None = None, keyring: Keyring | None = None) -> None:
+    def __init__(self, config: NodeConfig, keyring: Keyring | None = None) -> None:
+        # Frames a little above our own limits still reach us, so they get an error reply;
+        # libzmq drops the connection of a peer sending anything larger.
+        max_frame = max(config.max_record_bytes, config.max_header_bytes) + FRAME_SLACK_BYTES
+        public = [ep for ep in config.listen if ep.startswith("tcp://")]
+        local = [ep for ep in config.listen if not ep.startswith("tcp://")]
+        curve = CurveServer(keyring.keys, keyring.authorize) if keyring is not None else None
+        # Encryption runs in libzmq's I/O threads: two let sending and receiving overlap.
+        self.public = ZmqRouter(public, max_frame, curve, io_threads=2 if curve else 1) if public else None
+        self.local = ZmqRouter(local, max_frame) if local else None
+        self.bound: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<Routers {self.public!r} {self.local!r}>"
+
+    def all(self) -> list[ZmqRouter]:
+        return [r for r in (self.public, self.local) if r is not None]
+
+    def bind(self) -> list[str]:
+        """Bind every endpoint (once); returns the bound addresses."""
+        if not self.bound:
+            for router in self.all():
+                self.bound += router.bind()
+        return self.bound
+
+    def close(self) -> None:
+        for router in self.all():
+            router.close()
+
+
+@dataclass(frozen=True)
+class MeshParts:
+    """What a node in a mesh serves with, besides its own tiers."""
+
+    cluster: Cluster
+    coordinator: MeshCoordinator[ChunkRecord]
+    on_signal: Callable[[dict[str, Any]], None] | None = None
+    """Takes WebRTC SIGNAL messages (None: no WebRTC here)."""
+    sections: Mapping[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    """More sections of ``status`` under "mesh" (WebRTC links, the relay we use)."""
+
+
+class NodeServer:
+    """Serves ``node`` on its :class:`Routers` (by default those of ``node.config.listen``)
+    until :meth:`stop`; in a mesh with ``mesh``. The constructor does no I/O."""
+
+    def __init__(
+        self,
+        node: Node,
+        observe: Observer | None = None,
+        keyring: Keyring | None = None,
+        routers: Routers | None = None,
+        mesh: MeshParts | None = None,
+    ) -> None:
         cfg = node.config
         self.node = node
         self.keyring = keyring
+        self.mesh = mesh
         self.limits = Limits(
             cfg.max_header_bytes, cfg.max_record_bytes, cfg.max_keys_per_request, cfg.max_request_bytes
         )
-        # Frames a little above our own limits still reach us, so they get an error reply;
-        # libzmq drops the connection of a peer sending anything larger.
-        max_frame = max(cfg.max_record_bytes, cfg.max_header_bytes) + FRAME_SLACK_BYTES
-        public = [ep for ep in cfg.listen if ep.startswith("tcp://")]
-        local = [ep for ep in cfg.listen if not ep.startswith("tcp://")]
-        curve = CurveServer(keyring.keys, keyring.authorize) if keyring is not None else None
-        # Encryption runs in libzmq's I/O threads: two let sending and receiving overlap.
-        self._public = ZmqRouter(public, max_frame, curve, io_threads=2 if curve else 1) if public else None
-        self._local = ZmqRouter(local, max_frame) if local else None
+        self.routers = routers or Routers(cfg, keyring)
+        self._public, self._local = self.routers.public, self.routers.local
+        self.coordinator = mesh.coordinator if mesh is not None else None
         self._observe = observe
         self._slots = max(cfg.max_inflight_requests, 1)
         self._busy_slots = 0
         self._inflight: dict[Hashable, int] = {}
         """Requests waiting (disk, peers) per party: a client's key, or a connection."""
-        self._queued: dict[Hashable, deque[tuple[zmq.MessageTracker, int]]] = {}
+        self._queued: dict[Hashable, deque[tuple[Tracker, int]]] = {}
         """Large replies handed to libzmq per party, until sent."""
         self.busy = 0
         self.forbidden = 0
-        node.security = self.security_stats
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_tasks: list[asyncio.Task[None]] = []
-        self.coordinator: MeshCoordinator | None = None
-        """Set by the daemon when the node is part of a mesh."""
-        self.peering: WebRTCPeering | None = None
-        """Set by the daemon when the node makes WebRTC links (to or as a node behind NAT)."""
         self.relay = RelayTable()
         """Nodes behind NAT that reach the mesh through us."""
 
@@ -152,14 +195,30 @@ class NodeServer:
             out["allowed_keys"] = self.keyring.count()
         return out
 
+    def status(self) -> dict[str, Any]:
+        """The ``status --json`` document: the node's own part, its mesh, its security."""
+        doc = self.node.stats()
+        if self.mesh is not None:
+            membership = self.mesh.cluster.membership
+            doc["members"] = self.mesh.cluster.members_status()
+            doc["mesh"] = {
+                "membership": dict(membership.counters),
+                "awareness": membership.awareness,
+                **self.mesh.coordinator.stats(),
+                **{name: section() for name, section in self.mesh.sections.items()},
+            }
+            if not self.node.config.nat:  # nodes behind NAT may attach to us
+                doc["mesh"]["relaying"] = {"attached": self.relay.names(), "forwarded": self.relay.forwarded}
+        doc["security"] = self.security_stats()
+        return doc
+
     async def start(self) -> list[str]:
-        """Bind every endpoint and start answering; returns the bound addresses."""
-        bound: list[str] = []
-        routers = [r for r in (self._public, self._local) if r is not None]
-        for router in routers:
-            bound += router.bind()
-        self.node.addresses = bound
-        self._loop_tasks = [asyncio.create_task(self._serve(r), name="lmcache-node-serve") for r in routers]
+        """Bind every endpoint (unless bound already) and start answering; returns the bound addresses."""
+        bound = self.routers.bind()
+        self.node.addresses = list(bound)
+        self._loop_tasks = [
+            asyncio.create_task(self._serve(r), name="lmcache-node-serve") for r in self.routers.all()
+        ]
         return bound
 
     async def stop(self, grace_s: float = 2.0) -> None:
@@ -170,9 +229,7 @@ class NodeServer:
         self._loop_tasks = []
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
-        for router in (self._public, self._local):
-            if router is not None:
-                router.close()
+        self.routers.close()
 
     async def _serve(self, router: ZmqRouter) -> None:
         public = router is self._public
@@ -348,17 +405,16 @@ class NodeServer:
             task = asyncio.create_task(self._public.send(target, req.payloads))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif self.peering is None:
+        elif self.mesh is None or self.mesh.on_signal is None:
             self.node.count_error("SIGNAL_WITHOUT_WEBRTC")
         else:
-            self.peering.on_signal(req.fields)
+            self.mesh.on_signal(req.fields)
 
     def _mesh_datagram(self, req: Request) -> None:
-        cluster = self.node.cluster
-        if cluster is None:
+        if self.mesh is None:
             self.node.count_error("MESH_WITHOUT_CLUSTER")
             return
-        cluster.on_datagram(req.fields["from"], bytes(req.payloads[0]))
+        self.mesh.cluster.on_datagram(req.fields["from"], bytes(req.payloads[0]))
 
     def _may_wait(self, req: Request) -> bool:
         """True when answering may wait (disk, peers): such requests get a task and a slot."""
@@ -376,7 +432,7 @@ class NodeServer:
 
     def _mesh_wide(self, req: Request) -> bool:
         c = self.coordinator
-        return c is not None and not req.fields["local"] and c.cluster.membership.num_alive() > 1
+        return c is not None and not req.fields["local"] and c.mesh_wide
 
     async def _answer_in_slot(
         self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float
@@ -434,7 +490,7 @@ class NodeServer:
             if req.fields["tenant"] is not None:
                 self.node.count_tenant(req.fields["tenant"], puts=len(records))
             if self.coordinator is not None:
-                self.coordinator.stored(records, replicate=not req.fields["replica"])
+                self.coordinator.directory.stored(records, replicate=not req.fields["replica"])
             return [ok_reply(req.id, stored=len(records))]
         if req.op is Op.GET:
             keys = req.fields["keys"]
@@ -445,7 +501,7 @@ class NodeServer:
                     self.node.get_records, keys, deadline=deadline, party=req.fields["party"]
                 )
             if self.coordinator is not None and self._mesh_wide(req) and None in found:
-                found = await self.coordinator.get(keys, found, deadline, req.fields["cost"])
+                found = await self.coordinator.reads.get(keys, found, deadline, req.fields["cost"])
             tenant = req.fields["tenant"]
             if tenant is None:  # a member's request: keys and records as stored
                 headers: list[RecordHeader | None] = [None if r is None else r.header for r in found]
@@ -460,13 +516,13 @@ class NodeServer:
         if req.op is Op.LOOKUP:
             keys = req.fields["keys"]
             if req.fields["holders"] and self.coordinator is not None and self._mesh_wide(req):
-                hits, holders = await self.coordinator.lookup(keys, deadline, req.fields["cost"])
+                hits, holders = await self.coordinator.reads.lookup(keys, deadline, req.fields["cost"])
                 return [ok_reply(req.id, hits=hits, holders=holders)]
             cached = req.fields.get("local_hits")
             hits = self.node.lookup(keys) if cached is None else int(cached)
             if hits < len(keys) and self.coordinator is not None and self._mesh_wide(req):
                 # Only the part of the chain not cached here needs the owners.
-                more, _ = await self.coordinator.lookup(keys[hits:], deadline, req.fields["cost"])
+                more, _ = await self.coordinator.reads.lookup(keys[hits:], deadline, req.fields["cost"])
                 hits += more
             if req.fields["holders"]:
                 return [
@@ -476,11 +532,11 @@ class NodeServer:
         if req.op is Op.DELETE:
             deleted = await self._in_thread(self.node.delete, req.fields["keys"], deadline=None)
             if self.coordinator is not None:
-                self.coordinator.removed(req.fields["keys"])
+                self.coordinator.directory.removed(req.fields["keys"])
             return [ok_reply(req.id, deleted=deleted)]
         if req.op is Op.WHO_HAS:
             holders = (
-                self.coordinator.who_has(req.fields["keys"])
+                self.coordinator.directory.who_has(req.fields["keys"])
                 if self.coordinator
                 else [[] for _ in req.fields["keys"]]
             )
@@ -493,14 +549,14 @@ class NodeServer:
                         "this node is in no mesh (no tcp:// endpoint): it keeps no prefix index"
                     )
             elif f["route"]:
-                self.coordinator.engine_announced(f["holder"], f["add"], f["remove"])
+                self.coordinator.directory.engine_announced(f["holder"], f["add"], f["remove"])
             else:
-                self.coordinator.on_announce(f["holder"], f["add"], f["remove"])
+                self.coordinator.directory.on_announce(f["holder"], f["add"], f["remove"])
             return [ok_reply(req.id)]
         if req.op is Op.RANK:
             keys, candidates = req.fields["keys"], req.fields["candidates"]
             if self.coordinator is not None:
-                ranking = await self.coordinator.rank(keys, candidates, deadline)
+                ranking = await self.coordinator.reads.rank(keys, candidates, deadline)
             else:
                 n = self.node.lookup(keys)
                 ranking = sorted(
@@ -508,13 +564,13 @@ class NodeServer:
                 )
             return [ok_reply(req.id, ranking=[list(r) for r in ranking])]
         if req.op is Op.STATS:
-            return [ok_reply(req.id, stats=self.node.stats())]
+            return [ok_reply(req.id, stats=self.status())]
         if req.op is Op.ATTACH:
             raise BadRequest("ATTACH is only accepted over a ZeroMQ connection")
         if req.op is Op.JOIN:
-            if self.node.cluster is None:
+            if self.mesh is None:
                 raise Unavailable("this node runs without a mesh")
-            self.node.cluster.join(req.fields["seeds"])
+            self.mesh.cluster.join(req.fields["seeds"])
             return [ok_reply(req.id, seeds=req.fields["seeds"])]
         raise InternalError(f"op {req.op.name} has no handler")  # pragma: no cover - Op and this table agree
 

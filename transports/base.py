@@ -7,8 +7,11 @@ virtual clock (hundreds of nodes, seeded loss, delay and partitions).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
+
+Buffer = bytes | bytearray | memoryview
+"""Any bytes-like frame; transports keep it without copying."""
 
 Receiver = Callable[[str, bytes], None]
 """Called with (sender address, datagram) on the scheduler's thread; must not block.
@@ -45,3 +48,43 @@ class DatagramTransport(Protocol):
     def send(self, to: str, data: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+
+class GossipTransport(DatagramTransport, Protocol):
+    """A datagram transport a node's cluster runs on (ZeroMQ in the daemon, in-process in
+    simulations): datagrams, other one-way messages routed the same way, and an address
+    that can change (a node behind NAT that moves to another relay)."""
+
+    def send_message(self, to: str, frames: list[bytes]) -> None:
+        """One-way ``frames`` to ``to``, routed like a datagram; dropped (and counted) if stuck."""
+        ...
+
+    def deliver(self, sender: str, data: bytes) -> None:
+        """An inbound datagram read by whoever owns the receiving socket: hand it to ``on_receive``."""
+        ...
+
+    def readdress(self, address: str) -> None:
+        """This node is now reached at ``address``."""
+        ...
+
+
+class Tracker(Protocol):
+    """Follows a sent message until the transport no longer holds its buffers."""
+
+    @property
+    def done(self) -> bool: ...
+
+
+class Conduit(Protocol):
+    """Carries whole messages (lists of frames) to one node and back, many in flight.
+
+    ``send`` may wait (bounded queues); ``recv`` returns the next message from the node, in
+    whatever order replies come. A broken conduit raises (OSError, or the transport's own
+    error) from both; the client that owns it makes a new one. Use on one event loop.
+    """
+
+    async def send(self, frames: Sequence[Buffer]) -> None: ...
+
+    async def recv(self) -> list[Buffer]: ...
+
+    async def aclose(self) -> None: ...

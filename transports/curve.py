@@ -30,6 +30,12 @@ class BadKey(ValueError):
     """A key is not a 40-character Z85 CurveZMQ key."""
 
 
+def decode_key(key: str) -> bytes:
+    """The 32 raw bytes of a Z85-encoded CurveZMQ key."""
+    raw: bytes = zmq.utils.z85.decode(key.encode("ascii"))
+    return raw
+
+
 def check_key(key: str, what: str = "key") -> bytes:
     """``key`` as the bytes libzmq wants; raises BadKey naming ``what`` if malformed."""
     raw = key.strip().encode("ascii", "replace")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from .base import Buffer
 from .curve import CurveClient, CurveServer, ZapHandler
 
 Frame = bytes | memoryview | zmq.Frame
@@ -182,6 +184,72 @@ def dealer(
     return sock
 
 
+MAX_REPLY_FRAME_BYTES = 1 << 30
+"""The largest frame a client accepts from a node it chose to talk to."""
+
+
+class ZmqConduit:
+    """A DEALER socket on its own asyncio context (CurveZMQ with ``curve``, for tcp://):
+    a :class:`~lmcache_mesh.transports.base.Conduit`."""
+
+    def __init__(self, address: str, curve: CurveClient | None = None) -> None:
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._sock = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
+        except BaseException:
+            self._ctx.term()
+            raise
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        await self._sock.send_multipart(list(frames), copy=False)  # may wait: queues are bounded
+
+    async def recv(self) -> list[Buffer]:
+        return [f.buffer for f in await self._sock.recv_multipart(copy=False)]
+
+    async def aclose(self) -> None:
+        self._sock.close(0)
+        self._ctx.term()
+
+
+class ZmqChannel:
+    """A blocking DEALER to one node, for one caller at a time (the sync client locks it).
+
+    :meth:`recv` waits up to a deadline; :meth:`reset` drops the socket with whatever is
+    queued or late on it and connects afresh, so a late reply is never read as the next.
+    """
+
+    def __init__(self, address: str, curve: CurveClient | None = None) -> None:
+        self.address = address
+        self._curve = curve
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._sock: zmq.Socket[Any] | None = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def send(self, frames: Sequence[Buffer]) -> None:
+        assert self._sock is not None, "channel closed"
+        self._sock.send_multipart(list(frames), copy=False)
+
+    def recv(self, deadline: float) -> list[Buffer] | None:
+        """The next message, or None once ``deadline`` (time.monotonic) has passed."""
+        assert self._sock is not None, "channel closed"
+        remaining_ms = (deadline - time.monotonic()) * 1000
+        if remaining_ms <= 0 or not self._sock.poll(int(remaining_ms) + 1):
+            return None
+        return [f.buffer for f in self._sock.recv_multipart(copy=False)]
+
+    def reset(self) -> None:
+        self.close()
+        self._sock = dealer(self._ctx, self.address, MAX_REPLY_FRAME_BYTES, self._curve)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+
 def _remove_stale_ipc(path: str) -> None:
     """Remove a socket file left by a killed process; refuse one a live process serves."""
     try:
@@ -210,8 +278,8 @@ CurveFor = Callable[[str], CurveClient | None]
 class ZmqDatagramTransport:
     """Best-effort datagrams to peers' ROUTER sockets over DEALERs (a DatagramTransport).
 
-    Each datagram goes out as ``[*prefix, envelope, data]``: the envelope, a constant frame
-    chosen by the owner, tells the receiving node what the frame is and who sent it;
+    Each datagram goes out as ``[*prefix, envelope, data]``: the envelope, a frame the
+    owner builds from this node's address (``envelope(address)``), tells the receiving node what the frame is and who sent it;
     ``route(to)`` says which endpoint to connect to and which prefix frames go first. Usually
     that is the peer itself with no prefix; for a node behind NAT it is its relay, with a
     prefix asking the relay to forward. ``curve(endpoint)`` gives the credentials to connect
@@ -226,14 +294,15 @@ class ZmqDatagramTransport:
     def __init__(
         self,
         address: str,
-        envelope: bytes,
+        envelope: Callable[[str], bytes],
         route: Route,
         max_peers: int = 1024,
         queue_limit: int = 256,
         curve: CurveFor | None = None,
     ) -> None:
         self.address = address
-        self.envelope = envelope
+        self._envelope_for = envelope
+        self.envelope = envelope(address)
         self.on_receive: Callable[[str, bytes], None] | None = None
         self.dropped = 0
         self.sent = 0
@@ -282,6 +351,11 @@ class ZmqDatagramTransport:
             self.sent += 1
         except zmq.Again:
             self.dropped += 1
+
+    def readdress(self, address: str) -> None:
+        """Datagrams now say they come from ``address``."""
+        self.address = address
+        self.envelope = self._envelope_for(address)
 
     def deliver(self, sender: str, data: bytes) -> None:
         """Hand an inbound datagram to the owner's receiver (called by whoever reads the ROUTER)."""

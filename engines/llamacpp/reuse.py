@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cachetools import TTLCache
 
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
@@ -89,7 +89,7 @@ class KVReuse:
         self.enabled = False
         self.namespace = b""
         self.chunk_bytes = 0
-        self._known: OrderedDict[bytes, float] = OrderedDict()
+        self._known: TTLCache[bytes, bool] = TTLCache(maxsize=_KNOWN_KEYS, ttl=_KNOWN_TTL_S)
         self._known_lock = threading.Lock()
         self._prompt_tokens = 0
         self.prefill = PrefillRate(self.config.prefill_tokens_per_s)
@@ -163,13 +163,9 @@ class KVReuse:
     # known chunks: stored by us or seen in the mesh recently, so not stored again
 
     def _remember(self, keys: Sequence[bytes]) -> None:
-        now = time.monotonic()
-        with self._known_lock:
+        with self._known_lock:  # (re)set: its time to live starts now; the least recent go first
             for key in keys:
-                self._known[key] = now
-                self._known.move_to_end(key)
-            while len(self._known) > _KNOWN_KEYS:
-                self._known.popitem(last=False)
+                self._known[key] = True
 
     def _forget(self, keys: Sequence[bytes]) -> None:
         with self._known_lock:
@@ -177,11 +173,9 @@ class KVReuse:
                 self._known.pop(key, None)
 
     def _first_unknown(self, keys: Sequence[bytes]) -> int:
-        horizon = time.monotonic() - _KNOWN_TTL_S
         with self._known_lock:
             for i, key in enumerate(keys):
-                seen = self._known.get(key)
-                if seen is None or seen < horizon:
+                if key not in self._known:  # never seen, or longer than its time to live ago
                     return i
         return len(keys)
 

@@ -128,6 +128,8 @@ class DiskTier:
         self.counters = DiskCounters()
         self._root = self.data_dir / "chunks"
         self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)
+        """Notified (by the writer thread) after each queued write or unlink is done."""
         self._index: OrderedDict[bytes, _Slot] = OrderedDict()  # on disk, LRU first
         self._used = 0
         self._pending: dict[bytes, ChunkRecord] = {}  # queued for writing, newest version per key
@@ -172,20 +174,19 @@ class DiskTier:
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
-            self._writer = None
+            with self._written:
+                self._writer = None
+                self._written.notify_all()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued write and unlink is done; False on timeout."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            if self._queue.unfinished_tasks == 0 or self._writer is None:
-                return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.002)
+        with self._written:
+            return self._written.wait_for(
+                lambda: self._queue.unfinished_tasks == 0 or self._writer is None, timeout_s
+            )
 
     # queries
 
@@ -275,8 +276,8 @@ class DiskTier:
         """
         if record.nbytes > self.capacity_bytes or self._writer is None:
             return False
-        while True:
-            with self._lock:
+        with self._written:
+            while True:
                 if self._holds(record):
                     return True
                 if self._pending_bytes + record.nbytes <= self.max_pending_bytes or not self._pending:
@@ -288,7 +289,8 @@ class DiskTier:
                 if not block:
                     self.counters.writeback_dropped += 1
                     return False
-            time.sleep(0.002)
+                # every queued record is followed by the writer's notify once it has left the queue
+                self._written.wait()
 
     def remove(self, key: bytes) -> bool:
         """Forget ``key`` now (its file goes in order with the writes); True if it was held."""
@@ -336,6 +338,8 @@ class DiskTier:
                         self._pending_bytes -= item.nbytes
             finally:
                 self._queue.task_done()
+                with self._written:
+                    self._written.notify_all()
 
     def _write(self, record: ChunkRecord) -> None:
         size = record.nbytes

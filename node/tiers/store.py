@@ -50,16 +50,20 @@ class TieredStore:
         self.disk = disk
         self.counters = TierCounters()
         self._lock = threading.Lock()
-        self.on_forgotten: Callable[[list[bytes]], None] | None = None
-        """Called, from any thread, with keys that left every tier (not on DELETE: the caller knows)."""
+        self._on_forgotten: Callable[[list[bytes]], None] | None = None
         if disk is not None:
             disk.on_dropped = self._dropped_from_disk
+
+    def watch_forgotten(self, callback: Callable[[list[bytes]], None]) -> None:
+        """Be called, from any thread, with keys that left every tier (not on DELETE: the
+        caller knows); the mesh un-announces them."""
+        self._on_forgotten = callback
 
     def _dropped_from_disk(self, keys: list[bytes]) -> None:
         with self._lock:
             gone = [k for k in keys if k not in self.memory]
-        if gone and self.on_forgotten is not None:
-            self.on_forgotten(gone)
+        if gone and self._on_forgotten is not None:
+            self._on_forgotten(gone)
 
     def __repr__(self) -> str:
         return f"<TieredStore {self.memory!r} {self.disk!r}>"
@@ -100,8 +104,8 @@ class TieredStore:
 
     def _write_back(self, evicted: list[ChunkRecord]) -> None:
         lost = [r.key for r in evicted if self.disk is None or not self.disk.submit(r)]
-        if lost and self.on_forgotten is not None:
-            self.on_forgotten(lost)
+        if lost and self._on_forgotten is not None:
+            self._on_forgotten(lost)
 
     def keys(self) -> list[bytes]:
         """Every key held in any tier (a snapshot)."""

@@ -155,11 +155,11 @@ def test_sigterm_writes_memory_back_and_a_restart_serves_it(
     with d.client() as c:
         for i, k in enumerate(keys[:10]):
             c.put(k, payload(i, 32 << 10), namespace=ns)
-    out = d.stop(signal.SIGTERM)
+    d.stop(signal.SIGTERM)
     assert d.proc.returncode == 0
-    assert "wrote 10 memory records back to disk" in out
+    assert "wrote 10 memory records back to disk" in d.output
     d2 = daemon_factory("--memory", "64MiB", "--disk", "64MiB", data_dir=data)
-    assert "recovered 10 chunks" in "".join(d2.lines)
+    assert "recovered 10 chunks" in d2.output
     with d2.client() as c:
         assert c.lookup(keys) == 10
         got = c.get(keys[:10])

@@ -16,7 +16,7 @@ from ..helpers import node_command, require
 def test_demo_runs_a_mesh_and_shows_cold_and_hit_requests_from_local_and_peer_nodes(tmp_path: Path) -> None:
     require("llama_cpp")
     plot = tmp_path / "demo.png"
-    cmd = [c if c != "lmcache_mesh.node.cli" else "lmcache_mesh.engines.cli" for c in node_command("demo")]
+    cmd = node_command("demo")
     out = subprocess.run(
         [*cmd, "--conversations", "2", "--turns", "2", "--system-tokens", "300", "--preset", "tiny",
          "--chunk-tokens", "64", "--plot", str(plot), "--workdir", str(tmp_path / "work")],

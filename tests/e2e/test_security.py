@@ -67,7 +67,7 @@ def secured(tmp_path: Path, daemon_factory: DaemonFactory) -> tuple[Cluster, Dae
     b = daemon_factory(
         *common, "--join", f"node-a@{a.tcp}", data_dir=tmp_path / "node-b", tcp="tcp://127.0.0.22:0"
     )
-    assert "CurveZMQ on tcp:// as node-a" in "".join(a.lines)
+    assert "CurveZMQ on tcp:// as node-a" in a.output
     ok = wait_until(lambda: all(len(members(d)) == 2 for d in (a, b)), 30)
     assert ok is not None, "the two nodes never found each other over CurveZMQ"
     return c, a, b
@@ -189,7 +189,7 @@ def test_the_allow_list_is_reread_on_sighup(secured: tuple[Cluster, Daemon, Daem
     with c.client("engine-globex", a, "node-a", timeout_s=SHUT_OUT_S) as globex:
         globex.ping()  # connected while still listed
         a.proc.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: "keys allowed" in "".join(a.lines), 10) is not None
+        assert wait_until(lambda: "keys allowed" in a.output, 10) is not None
         with pytest.raises(DeadlineExceeded):
             globex.ping()  # its open connection gets nothing more
     with Client(a.tcp, timeout_s=10, curve=outsider) as newcomer:
@@ -197,7 +197,7 @@ def test_the_allow_list_is_reread_on_sighup(secured: tuple[Cluster, Daemon, Daem
     # a broken allow-list keeps the previous one: nobody is locked out by a typo
     c.allow.write_text("this is not a key line\n")
     a.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: "kept the previous allow-list" in "".join(a.lines), 10) is not None
+    assert wait_until(lambda: "kept the previous allow-list" in a.output, 10) is not None
     with Client(a.tcp, timeout_s=10, curve=outsider) as newcomer:
         newcomer.ping()
 

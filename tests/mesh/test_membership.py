@@ -7,12 +7,11 @@ import pytest
 from lmcache_mesh.mesh.config import MeshConfig, suspicion_bounds
 from lmcache_mesh.mesh.membership import Membership, State
 from lmcache_mesh.mesh.messages import Kind, Message, MsgType, News
-
-from .sim import Sim
+from lmcache_mesh.mesh.simulation import Simulation
 
 
 def test_ten_nodes_join_through_one_seed() -> None:
-    sim = Sim(10, seed=1)
+    sim = Simulation(10, seed=1)
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     assert repr(sim.agents["n3"].membership).endswith("alive=10>")
@@ -20,7 +19,7 @@ def test_ten_nodes_join_through_one_seed() -> None:
 
 def test_a_crashed_node_is_declared_dead_by_everyone_within_the_suspicion_bound() -> None:
     cfg = MeshConfig.lan()
-    sim = Sim(10, seed=2, config=cfg)
+    sim = Simulation(10, seed=2, config=cfg)
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     sim.crash("n7")
@@ -34,7 +33,7 @@ def test_a_crashed_node_is_declared_dead_by_everyone_within_the_suspicion_bound(
 def test_confirmations_shorten_the_suspicion() -> None:
     """Lifeguard: with many independent suspicions, death comes well before the maximum timeout."""
     cfg = MeshConfig.lan()
-    sim = Sim(30, seed=3, config=cfg)
+    sim = Simulation(30, seed=3, config=cfg)
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=20) is not None
     sim.crash("n5")
@@ -44,7 +43,7 @@ def test_confirmations_shorten_the_suspicion() -> None:
 
 
 def test_graceful_leave_is_seen_as_left_not_dead() -> None:
-    sim = Sim(8, seed=4)
+    sim = Simulation(8, seed=4)
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     sim.agents["n2"].leave()
@@ -55,7 +54,7 @@ def test_graceful_leave_is_seen_as_left_not_dead() -> None:
 
 
 def test_a_restarted_node_rejoins_and_refutes_its_death() -> None:
-    sim = Sim(6, seed=5, config=MeshConfig.local())
+    sim = Simulation(6, seed=5, config=MeshConfig.local())
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     sim.crash("n4")
@@ -67,7 +66,7 @@ def test_a_restarted_node_rejoins_and_refutes_its_death() -> None:
 
 
 def test_a_partition_of_two_thirds_heals() -> None:
-    sim = Sim(9, seed=6, config=MeshConfig.local())
+    sim = Simulation(9, seed=6, config=MeshConfig.local())
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     big = [f"a{i}" for i in range(6)]
@@ -90,7 +89,7 @@ def test_a_partition_of_two_thirds_heals() -> None:
 def test_a_short_blackout_is_refuted_not_fatal() -> None:
     """A node that misses a few probes is suspected, hears of it, refutes, and stays alive."""
     cfg = MeshConfig.lan()
-    sim = Sim(8, seed=7, config=cfg)
+    sim = Simulation(8, seed=7, config=cfg)
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     sim.net.partition(["a3"])  # a3 alone, shorter than the minimum suspicion timeout
@@ -134,7 +133,7 @@ def test_news_about_unknown_members_other_than_alive_is_ignored(state_news: Kind
 
 
 def test_joining_through_only_our_own_address_does_not_spin() -> None:
-    sim = Sim(3, seed=8, config=MeshConfig.local())
+    sim = Simulation(3, seed=8, config=MeshConfig.local())
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     sim.agents["n1"].join(["a1"])  # only ourselves: nothing to do, and no timer stuck in the past
@@ -145,7 +144,7 @@ def test_joining_through_only_our_own_address_does_not_spin() -> None:
 
 def test_a_dead_member_does_not_hurt_the_health_of_those_probing_it() -> None:
     """Lifeguard: helpers nack in time, so probing a dead node does not look like our own fault."""
-    sim = Sim(10, seed=9, config=MeshConfig.lan())
+    sim = Simulation(10, seed=9, config=MeshConfig.lan())
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=10) is not None
     sim.crash("n9")

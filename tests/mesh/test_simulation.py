@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from lmcache_mesh.mesh.config import MeshConfig
 from lmcache_mesh.mesh.membership import State
-
-from .sim import Sim
+from lmcache_mesh.mesh.simulation import Simulation
 
 
 def test_one_hundred_nodes_converge() -> None:
-    sim = Sim(100, seed=11)
+    sim = Simulation(100, seed=11)
     sim.start()
     took = sim.run_until(sim.converged, timeout_s=30, step_s=0.5)
     assert took is not None and took < 30
@@ -18,13 +17,11 @@ def test_one_hundred_nodes_converge() -> None:
 
 def test_no_healthy_node_is_declared_dead_under_five_percent_loss() -> None:
     """100 nodes, 5% of all datagrams lost, ten simulated minutes: no false deaths."""
-    sim = Sim(100, seed=12, loss=0.05, config=MeshConfig.lan())
+    sim = Simulation(100, seed=12, loss=0.05, config=MeshConfig.lan())
     sim.start()
     assert sim.run_until(sim.converged, timeout_s=60, step_s=0.5) is not None
     sim.net.run_for(600)
     assert sim.deaths == []
     assert sim.net.stats.lost > 1000  # the loss really happened
-    suspects = sum(
-        m.state is State.SUSPECT for a in sim.agents.values() for m in a.membership.members.values()
-    )
+    suspects = sim.in_state(State.SUSPECT)
     assert suspects <= 5  # a few may be in flight right now, none stuck

@@ -99,7 +99,7 @@ def test_nat_settings_are_checked() -> None:
 def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from lmcache_mesh.node import cli
+    from lmcache_mesh.engines.cli import commands as cli
 
     assert cli.main(["sample-config", "--set", 'memory="4GiB"', "--set", "replicas=3"]) == 0
     out = capsys.readouterr().out
@@ -142,7 +142,7 @@ def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
 def test_sample_config_set_writes_what_was_typed(
     typed: str, written: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from lmcache_mesh.node import cli
+    from lmcache_mesh.engines.cli import commands as cli
 
     assert cli.main(["sample-config", "--set", typed]) == 0
     out = capsys.readouterr().out
@@ -156,7 +156,7 @@ def test_sample_config_set_writes_what_was_typed(
 def test_sample_config_set_refuses_what_run_would_refuse(
     typed: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lmcache_mesh.node import cli
+    from lmcache_mesh.engines.cli import commands as cli
 
     assert cli.main(["sample-config", "--set", typed]) == 1
     assert f"--set {typed.split('=')[0]}: bad value" in capsys.readouterr().err
@@ -166,7 +166,7 @@ def test_keygen_writes_the_node_key_where_run_looks_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # as in the container image: the data dir is set by the config file LMCACHE_MESH_CONFIG names
-    from lmcache_mesh.node import cli
+    from lmcache_mesh.engines.cli import commands as cli
 
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\ndata-dir = "{tmp_path / "data"}"\n')
@@ -192,7 +192,7 @@ def test_keygen_writes_the_node_key_where_run_looks_for_it(
 def test_an_unknown_argument_gets_its_commands_usage_and_the_closest_flag(
     argv: list[str], usage: str, hint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lmcache_mesh.node import cli
+    from lmcache_mesh.engines.cli import commands as cli
 
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)

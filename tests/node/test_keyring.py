@@ -85,12 +85,11 @@ def test_reload_keeps_the_old_list_on_error_and_peers_are_found_by_name(tmp_path
     ring = Keyring("node-a", me, allow)
     assert ring.authorize(B) and not ring.authorize(C)
     members = {"tcp://10.0.0.2:7700": "node-b"}
-    ring.name_of = members.get
-    assert ring.client_for("tcp://10.0.0.2:7700").server_key == B
+    assert ring.client_for("tcp://10.0.0.2:7700", members.get).server_key == B
     with pytest.raises(LookupError, match="no key for tcp://10.0.0.9:7700"):
-        ring.client_for("tcp://10.0.0.9:7700")
+        ring.client_for("tcp://10.0.0.9:7700", members.get)
     assert ring.remember_seed("node-b@tcp://10.0.0.9:7700") == "tcp://10.0.0.9:7700"
-    assert ring.client_for("tcp://10.0.0.9:7700").server_key == B
+    assert ring.client_for("tcp://10.0.0.9:7700", members.get).server_key == B
     allow.write_text("garbage\n")
     with pytest.raises(ValueError):
         ring.reload()

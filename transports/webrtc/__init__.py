@@ -4,18 +4,24 @@
 by the caller's signaling; the link moves multipart messages of any size (fragmented below
 the data channel's 256 KiB limit) over several data channels with flow control. aiortc is
 an optional dependency (``lmcache-mesh[webrtc]``), imported only when a link is made.
+:class:`WebRTCPeering` holds every link of one node: dialing members behind NAT, answering
+offers, and the membership proof each link must pass before it carries a request.
 """
 
 from .framing import FramingError, Reassembler, pieces
 from .link import Dialing, LinkClosed, WebRTCConfig, WebRTCLink, answer, offer, sdp_fingerprint
+from .peering import LinkConduit, LinkUnavailable, WebRTCPeering
 
 __all__ = [
     "Dialing",
     "FramingError",
     "LinkClosed",
+    "LinkConduit",
+    "LinkUnavailable",
     "Reassembler",
     "WebRTCConfig",
     "WebRTCLink",
+    "WebRTCPeering",
     "answer",
     "offer",
     "pieces",

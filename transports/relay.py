@@ -16,17 +16,13 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from lmcache_mesh.transports import TransportError, dealer
-from lmcache_mesh.transports.zmq import CurveFor
-
-from .protocol import Op, request_header
-from .records import Buffer
+from .base import Buffer
+from .zmq import CurveFor, TransportError, dealer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +83,19 @@ class RelayTable:
         return sorted(self._attached)
 
 
+class AttachMessages(Protocol):
+    """How the node's protocol spells an ATTACH and its answer (the uplink only sends them)."""
+
+    def attach(self, request_id: int, name: str, token: str) -> bytes:
+        """The one-frame ATTACH request for ``name``."""
+        ...
+
+    def answer(self, header: Buffer) -> bool | None:
+        """True/False for an ok/error reply (to our ATTACH); None for anything else (a
+        message the relay forwarded to us)."""
+        ...
+
+
 class Uplink:
     """NAT side: the outbound connection to our relay, and what comes down it."""
 
@@ -94,7 +103,7 @@ class Uplink:
         self,
         name: str,
         candidates: Callable[[], Sequence[str]],
-        deliver: Callable[[list[Buffer]], Awaitable[None]],
+        messages: AttachMessages,
         on_relay: Callable[[str], None],
         max_message_bytes: int,
         keepalive_s: float = KEEPALIVE_S,
@@ -109,7 +118,8 @@ class Uplink:
         """The current relay answered our last ATTACH in time."""
         self.switches = 0
         self._candidates = candidates
-        self._deliver = deliver
+        self._messages = messages
+        self._deliver: Callable[[list[Buffer]], Awaitable[None]] | None = None
         self._on_relay = on_relay
         self._max_message_bytes = max_message_bytes
         self._keepalive_s = keepalive_s
@@ -126,7 +136,10 @@ class Uplink:
     def __repr__(self) -> str:
         return f"<Uplink {self.name} via {self.relay or '-'} attached={self.attached}>"
 
-    def start(self, first_relay: str) -> None:
+    def start(self, first_relay: str, deliver: Callable[[list[Buffer]], Awaitable[None]]) -> None:
+        """Connect to ``first_relay`` and keep attached; what the relay forwards to us goes
+        to ``deliver``."""
+        self._deliver = deliver
         self._connect(first_relay)
         self._tasks = [
             asyncio.create_task(self._keepalive(), name="lmcache-uplink-keepalive"),
@@ -160,8 +173,7 @@ class Uplink:
     def _send_attach(self) -> None:
         assert self._sock is not None
         try:
-            header = request_header(Op.ATTACH, next(self._ids), 2000, name=self.name, token=self._token)
-            self._sock.send(header, zmq.NOBLOCK)
+            self._sock.send(self._messages.attach(next(self._ids), self.name, self._token), zmq.NOBLOCK)
         except zmq.Again:
             pass  # the relay is not reading: the switch timer deals with it
 
@@ -209,7 +221,7 @@ class Uplink:
             buffers: list[Any] = [f.buffer for f in frames]
             if sock is not self._sock:
                 continue
-            reply = _reply_ok(buffers[0])
+            reply = self._messages.answer(buffers[0])
             if reply is False:
                 logger.warning("x relay %s refused us (an older node, or our name is taken)", self.relay)
             elif reply:
@@ -218,7 +230,7 @@ class Uplink:
                     logger.info("- attached to relay %s", self.relay)
                 self.attached = True
                 self._attached_event.set()
-            else:
+            elif self._deliver is not None:
                 await self._deliver(buffers)
 
     async def aclose(self) -> None:
@@ -230,16 +242,3 @@ class Uplink:
             self._sock.close(0)
             self._sock = None
         self._ctx.term()
-
-
-def _reply_ok(header: Buffer) -> bool | None:
-    """True/False for an ok/error reply (to our ATTACH); None for a forwarded request."""
-    if len(header) > 4096:
-        return None
-    try:
-        m = msgpack.unpackb(header, raw=False)
-    except Exception:
-        return None
-    if not isinstance(m, dict) or "ok" not in m:
-        return None
-    return m["ok"] is True

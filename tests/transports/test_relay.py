@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from lmcache_mesh.node.relay import RelayTable
+from lmcache_mesh.transports.relay import RelayTable
 
 
 def test_a_live_name_cannot_be_taken_but_its_holder_may_reconnect() -> None:

@@ -5,7 +5,9 @@ offer routed through its relay; the NAT node checks that the offer comes from a 
 at the address it claims, answers with a SIGNAL sent back the same way a datagram to that
 member goes (directly, or through the asker's own relay), and both ends bring the link up.
 Requests then flow over it exactly as over ZeroMQ: the dialer is the client, the answerer
-serves them with the node's own request handler.
+serves them with the node's own request handler (given to :meth:`WebRTCPeering.start`).
+What a member is, how a SIGNAL is sent and who a proven peer is come from the node, as
+callables: this module knows links and proofs, not the node's protocol.
 
 Proof of membership: before the answerer serves anything, the dialer sends an AUTH message
 and the answerer returns its own. Each carries the sender's name and, when the mesh has a
@@ -24,23 +26,15 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
-from lmcache_mesh.mesh.membership import State
-from lmcache_mesh.transports.webrtc import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
-
-from .errors import Unavailable
-from .keyring import MEMBER, Principal, Sender
-from .protocol import Op, request_header
-from .records import Buffer
-
-if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .service import NodeServer
+from ..zmq import TransportError
+from .framing import Buffer
+from .link import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +52,18 @@ class AuthFailed(Exception):
     pass
 
 
+class LinkUnavailable(TransportError, ConnectionError):
+    """No WebRTC link to that member (now): it failed, was refused, or is shutting down."""
+
+
+P = TypeVar("P")
+"""Who a proven peer is to the node (its principal); opaque here."""
+
+Serve = Callable[[list[Buffer], Callable[[Sequence[Any]], Awaitable[None]], P, Hashable], Awaitable[None]]
+"""The node's request handler: (request frames, reply function, the peer's principal, the
+link its requests count against)."""
+
+
 def _mac(secret: bytes, role: bytes, name: str, offer_fp: str, answer_fp: str) -> bytes:
     msg = b"\0".join(
         [b"lmcache-mesh webrtc auth v1", role, name.encode(), offer_fp.encode(), answer_fp.encode()]
@@ -69,25 +75,31 @@ def _same_for_all(secret: bytes, peer: str) -> bytes:
     return secret
 
 
-def _any_member(name: str) -> Principal:
-    return MEMBER
+class WebRTCPeering(Generic[P]):
+    """Every WebRTC link of one node. Constructing it does no I/O; use on the event loop.
 
-
-class WebRTCPeering:
-    """Every WebRTC link of one node. Use on the event loop."""
+    ``name`` and ``address()`` are this node's; ``member_address(name)`` is where a live
+    member is (None if it is not one); ``send_signal(address, fields)`` sends one SIGNAL
+    there; ``principal_of(name)`` says who a proven member is now (None: no longer allowed).
+    """
 
     def __init__(
         self,
-        cluster: Cluster,
-        server: NodeServer,
+        name: Callable[[], str],
+        address: Callable[[], str],
+        member_address: Callable[[str], str | None],
+        send_signal: Callable[[str, dict[str, Any]], None],
+        principal_of: Callable[[str], P | None],
         config: WebRTCConfig,
         secret: bytes | Callable[[str], bytes | None] = b"",
         accept_offers: bool = False,
         signal_timeout_s: float = 5.0,
-        principal_of: Callable[[str], Principal | None] | None = None,
     ) -> None:
-        self.cluster = cluster
-        self.server = server
+        self._name = name
+        self._address = address
+        self._member_address = member_address
+        self._send_signal = send_signal
+        self._serve: Serve[P] | None = None
         self.config = config
         # Replies are as large as what we asked for (a GET of many records); requests to us
         # are bounded like any request.
@@ -99,7 +111,7 @@ class WebRTCPeering:
         )
         """The secret proofs to and from a peer use: b"" none required, None: no way to trust it."""
         self.signal_timeout_s = signal_timeout_s
-        self.principal_of = principal_of or _any_member
+        self.principal_of = principal_of
         """Who a proven member is now, per message (None: its key left the allow-list)."""
         self.counters: dict[str, int] = defaultdict(int)
         self._out: dict[str, WebRTCLink] = {}
@@ -120,7 +132,11 @@ class WebRTCPeering:
 
     @property
     def me(self) -> str:
-        return self.cluster.name
+        return self._name()
+
+    def start(self, serve: Serve[P]) -> None:
+        """Serve requests that arrive on links members dial to us with ``serve``."""
+        self._serve = serve
 
     # dialing (we are the client)
 
@@ -158,9 +174,9 @@ class WebRTCPeering:
         if link is not None and not link.closed:
             return link
         if time.monotonic() < self._retry_at.get(name, 0.0):
-            raise Unavailable(f"WebRTC link to {name} failed recently; retrying later")
+            raise LinkUnavailable(f"WebRTC link to {name} failed recently; retrying later")
         if self._closed:
-            raise Unavailable("WebRTC is shutting down")
+            raise LinkUnavailable("WebRTC is shutting down")
         pending = self._dialing.get(name)
         if pending is None:
             pending = asyncio.ensure_future(self._dial(name))
@@ -170,33 +186,33 @@ class WebRTCPeering:
 
     async def _dial(self, name: str) -> WebRTCLink:
         started = time.monotonic()
-        member = self.cluster.membership.members.get(name)
-        if member is None or member.state not in (State.ALIVE, State.SUSPECT):
-            raise Unavailable(f"{name} is not a live member")
+        member_address = self._member_address(name)
+        if member_address is None:
+            raise LinkUnavailable(f"{name} is not a live member")
         session = secrets.token_hex(8)
         dialing = await offer(self.dial_config, label=f"{self.me}->{name}")
         answer_future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._answers[session] = answer_future
         try:
-            self._signal(member.address, session, "offer", dialing.sdp)
+            self._signal(member_address, session, "offer", dialing.sdp)
             sdp = await asyncio.wait_for(answer_future, self.signal_timeout_s)
             link = await dialing.complete(sdp)
             await self._prove(link, b"dialer", dialing.sdp, sdp, expect=name)
         except asyncio.CancelledError:
             await dialing.cancel()
             raise
-        except (asyncio.TimeoutError, LinkClosed, AuthFailed, Unavailable) as exc:
+        except (asyncio.TimeoutError, LinkClosed, AuthFailed, LinkUnavailable) as exc:
             await dialing.cancel()
             self._retry_at[name] = time.monotonic() + RETRY_AFTER_S
             self.counters["webrtc_dial_failures"] += 1
             why = "no answer" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             logger.warning("x WebRTC link to %s failed: %s", name, why)
-            raise Unavailable(f"no WebRTC link to {name}: {why}") from None
+            raise LinkUnavailable(f"no WebRTC link to {name}: {why}") from None
         finally:
             self._answers.pop(session, None)
         if self._closed:
             await link.close("node stopping")
-            raise Unavailable("WebRTC is shutting down")
+            raise LinkUnavailable("WebRTC is shutting down")
         self._out[name] = link
         self._spawn(self._pump(name, link))
         self._retry_at.pop(name, None)
@@ -260,12 +276,11 @@ class WebRTCPeering:
         elif kind == "answer":
             future.set_result(f["sdp"])
         else:
-            future.set_exception(Unavailable(f"{f['name']} refused the link: {f['reason']}"))
+            future.set_exception(LinkUnavailable(f"{f['name']} refused the link: {f['reason']}"))
 
     async def _accept(self, f: dict[str, Any]) -> None:
         name, address, session = f["name"], f["from"], f["session"]
-        member = self.cluster.membership.members.get(name)
-        if member is None or member.state not in (State.ALIVE, State.SUSPECT) or member.address != address:
+        if self._member_address(name) != address:
             self.counters["webrtc_refused"] += 1
             logger.warning("x WebRTC offer from %s at %s refused: not a live member there", name, address)
             self._signal(address, session, "refuse", reason="not a live member at that address")
@@ -311,10 +326,13 @@ class WebRTCPeering:
 
     async def _serve(self, link: WebRTCLink, name: str) -> None:
         slots = asyncio.Semaphore(MAX_INFLIGHT_PER_LINK)
+        serve = self._serve
+        if serve is None:
+            raise AuthFailed("this node serves no requests over WebRTC (not started)")
 
-        async def one(frames: list[Buffer], sender: Sender) -> None:
+        async def one(frames: list[Buffer], principal: P) -> None:
             try:
-                await self.server.take(frames, link.send, sender)
+                await serve(frames, link.send, principal, link)
             finally:
                 slots.release()
 
@@ -326,11 +344,11 @@ class WebRTCPeering:
             # Each request gets its own task (a slow disk read must not hold up the link), up
             # to a bound: past it we stop reading, and SCTP's window pushes back on the peer.
             await slots.acquire()
-            self._spawn(one(list(frames), Sender(principal, conn=link)))
+            self._spawn(one(list(frames), principal))
 
     def _signal(self, to: str, session: str, kind: str, sdp: str = "", reason: str = "") -> None:
         fields: dict[str, Any] = {
-            "from": self.cluster.membership.me.address,
+            "from": self._address(),
             "name": self.me,
             "session": session,
             "kind": kind,
@@ -338,7 +356,7 @@ class WebRTCPeering:
             "reason": reason,
             "channels": self.config.channels,
         }
-        self.cluster.transport.send_message(to, [request_header(Op.SIGNAL, 0, 5000, **fields)])
+        self._send_signal(to, fields)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -387,7 +405,7 @@ class LinkConduit:
     the same member (its address changed) takes them over instead of racing for them.
     """
 
-    def __init__(self, peering: WebRTCPeering, name: str) -> None:
+    def __init__(self, peering: WebRTCPeering[Any], name: str) -> None:
         self._peering = peering
         self._name = name
         # Bounded: a member can have no more replies for us than requests we sent it.
@@ -419,10 +437,10 @@ class LinkConduit:
     async def _ready(self) -> WebRTCLink:
         try:
             return await asyncio.shield(self._link)
-        except Unavailable:
+        except LinkUnavailable:
             raise
         except Exception as exc:
-            raise Unavailable(f"no WebRTC link to {self._name}: {exc}") from None
+            raise LinkUnavailable(f"no WebRTC link to {self._name}: {exc}") from None
 
     async def send(self, frames: Sequence[Buffer]) -> None:
         link = await self._ready()
@@ -431,14 +449,14 @@ class LinkConduit:
             # would close the link under every other request on it).
             await asyncio.shield(link.send(frames))
         except LinkClosed as exc:
-            raise Unavailable(str(exc)) from None
+            raise LinkUnavailable(str(exc)) from None
 
     async def recv(self) -> list[Buffer]:
         await self._ready()
         item = await self._inbox.get()
         if isinstance(item, str):
             self._inbox.put_nowait(item)
-            raise Unavailable(f"WebRTC link to {self._name}: {item}")
+            raise LinkUnavailable(f"WebRTC link to {self._name}: {item}")
         return item
 
     async def aclose(self) -> None:

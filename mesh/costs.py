@@ -12,11 +12,21 @@ that turns out slow is cut off and measured as at most that fast.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import Cost
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What recomputing one chunk costs the asking engine: fetch a remote chunk only if the
+    transfer is estimated to be faster than ``recompute_s``."""
+
+    recompute_s: float
+    chunk_bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"recompute_s": self.recompute_s, "chunk_bytes": self.chunk_bytes}
+
 
 SMALL_REPLY_BYTES = 64 << 10
 """Replies below this measure latency; larger ones measure bandwidth."""
@@ -37,18 +47,24 @@ class PeerEstimate:
     measured_at: float = 0.0
     """When the bandwidth was last measured (monotonic)."""
 
-    def transfer_s(self, nbytes: int) -> float | None:
+    def transfer_s(self, nbytes: int, now: float) -> float | None:
         """Estimated seconds to fetch ``nbytes`` in one request; None while unmeasured (or
         measured too long ago)."""
-        if self.bytes_per_s is None or time.monotonic() - self.measured_at > REMEASURE_AFTER_S:
+        if self.bytes_per_s is None or now - self.measured_at > REMEASURE_AFTER_S:
             return None
         return (self.rtt_s or 0.0) + nbytes / self.bytes_per_s
 
 
 class PeerStats:
-    """Latency and bandwidth per peer name, from real transfers. Use on one thread."""
+    """Latency and bandwidth per peer name, from real transfers. Use on one thread.
 
-    def __init__(self, alpha: float = 0.3, max_peers: int = 4096) -> None:
+    ``clock`` gives the time in seconds (monotonic; a simulation's virtual clock).
+    """
+
+    def __init__(
+        self, alpha: float = 0.3, max_peers: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.clock = clock
         self.alpha = alpha
         self.max_peers = max_peers
         self.peers: dict[str, PeerEstimate] = {}
@@ -70,22 +86,24 @@ class PeerStats:
             e.rtt_s = self._ewma(e.rtt_s, seconds)
         else:
             moving = max(seconds - (e.rtt_s or 0.0), seconds / 2)
-            stale = time.monotonic() - e.measured_at > REMEASURE_AFTER_S
+            now = self.clock()
+            stale = now - e.measured_at > REMEASURE_AFTER_S
             e.bytes_per_s = self._ewma(None if stale else e.bytes_per_s, nbytes / moving)
-            e.measured_at = time.monotonic()
+            e.measured_at = now
 
     def cut_off(self, peer: str, nbytes: int, seconds: float) -> None:
         """A fetch of ``nbytes`` was abandoned after ``seconds``: the peer is at most that fast."""
         e = self.peers.setdefault(peer, PeerEstimate())
         bound = nbytes / max(seconds, 1e-6)
-        fresh = e.bytes_per_s is not None and time.monotonic() - e.measured_at <= REMEASURE_AFTER_S
+        now = self.clock()
+        fresh = e.bytes_per_s is not None and now - e.measured_at <= REMEASURE_AFTER_S
         e.bytes_per_s = min(e.bytes_per_s, bound) if fresh and e.bytes_per_s is not None else bound
-        e.measured_at = time.monotonic()
+        e.measured_at = now
         e.samples += 1
 
     def transfer_s(self, peer: str, nbytes: int) -> float | None:
         e = self.peers.get(peer)
-        return None if e is None else e.transfer_s(nbytes)
+        return None if e is None else e.transfer_s(nbytes, self.clock())
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {

@@ -28,12 +28,12 @@ from typing import Any
 from lmcache_mesh.transports import TransportError
 from lmcache_mesh.transports.curve import CurveClient
 
-from .client import Client
-from .config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
-from .errors import MeshError
-from .keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
-from .node import VERSION
-from .sizes import format_count, format_size, parse_size
+from lmcache_mesh.node.client import Client
+from lmcache_mesh.node.config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
+from lmcache_mesh.node.errors import MeshError
+from lmcache_mesh.node.keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
+from lmcache_mesh.node.node import VERSION
+from lmcache_mesh.node.sizes import format_count, format_size, parse_size
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
@@ -190,7 +190,7 @@ def _cmd_sample_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import configure_logging, run
+    from lmcache_mesh.node.daemon import configure_logging, run
 
     configure_logging()
 
@@ -203,22 +203,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_status(s: dict[str, Any]) -> None:
+    from .tables import Column, add_rows, render, table  # not for --json: health checks stay quick
+
     node = s["node"]
     print(
         f"node     {node['name']}  {node['address']}  zone={node['zone']}  v{node['version']}  up {node['uptime_s']:.0f} s"
     )
     print("members")
-    for m in s["members"]:
-        share = f"{100 * m.get('ring_share', 0):.0f}%"
-        print(
-            f"  {m['name']:<20} {m['address']:<28} zone={m['zone']:<10} {m['state']:<8} {m['reachability']:<7} ring {share}"
-        )
+    members = table(*map(Column, ("name", "address", "zone", "state", "reachability")), "ring")
+    add_rows(
+        members,
+        (
+            (
+                m["name"],
+                m["address"],
+                m["zone"],
+                m["state"],
+                m["reachability"],
+                f"{100 * m.get('ring_share', 0):.0f}%",
+            )
+            for m in s["members"]
+        ),
+    )
+    print(render(members))
     print("tiers")
-    for name, t in s["tiers"].items():
-        print(
-            f"  {name:<7} {format_size(t['used_bytes'])} / {format_size(t['capacity_bytes'])}"
-            f"  {format_count(t['entries'], 'chunk')}  {format_count(t['evictions'], 'eviction')}"
-        )
+    tiers = table(Column("tier"), "used", "capacity", "held", "evicted")
+    add_rows(
+        tiers,
+        (
+            (
+                name,
+                format_size(t["used_bytes"]),
+                format_size(t["capacity_bytes"]),
+                format_count(t["entries"], "chunk"),
+                format_count(t["evictions"], "eviction"),
+            )
+            for name, t in s["tiers"].items()
+        ),
+    )
+    print(render(tiers))
     mesh = s.get("mesh", {})
     relay, webrtc = mesh.get("relay"), mesh.get("webrtc")
     if relay:
@@ -232,15 +255,25 @@ def _print_status(s: dict[str, Any]) -> None:
     peers = mesh.get("peers", {})
     if peers:
         print("peers    (estimates from real transfers)")
-        for name, e in peers.items():
-            rtt = "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f} ms"
-            bw = "-" if e["mb_per_s"] is None else f"{e['mb_per_s']:.1f} MB/s"
-            print(f"  {name:<20} latency {rtt:<10} bandwidth {bw}")
+        estimates = table(Column("peer"), "latency", "bandwidth")
+        add_rows(
+            estimates,
+            (
+                (
+                    name,
+                    "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f} ms",
+                    "-" if e["mb_per_s"] is None else f"{e['mb_per_s']:.1f} MB/s",
+                )
+                for name, e in peers.items()
+            ),
+        )
+        print(render(estimates))
     engines = mesh.get("engines", {})
     if engines:
         print("engines  (their own KV caches, from KV events)")
-        for holder, n in sorted(engines.items()):
-            print(f"  {holder:<40} {format_count(n, 'chunk')}")
+        held = table(Column("engine"), "held")
+        add_rows(held, ((holder, format_count(n, "chunk")) for holder, n in sorted(engines.items())))
+        print(render(held))
     c = s["counters"]
     lookups = c["hits_memory"] + c["hits_disk"] + c["misses"]
     rate = f"{100 * (c['hits_memory'] + c['hits_disk']) / lookups:.1f}%" if lookups else "-"
@@ -254,12 +287,21 @@ def _print_status(s: dict[str, Any]) -> None:
     tenants = {t: v for t, v in s.get("tenants", {}).items() if t != "default"}
     if tenants:
         print("tenants  (chunks held, chunks asked for / found)")
-        for tenant, t in tenants.items():
-            held = "  ".join(f"{tier}={n}" for tier, n in t["records"].items()) or "none"
-            r = t["requests"]
-            print(
-                f"  {tenant:<20} {held}  gets={r.get('gets', 0)} hits={r.get('hits', 0)} puts={r.get('puts', 0)}"
-            )
+        per_tenant = table(Column("tenant"), Column("held"), "gets", "hits", "puts")
+        add_rows(
+            per_tenant,
+            (
+                (
+                    tenant,
+                    "  ".join(f"{tier}={n}" for tier, n in t["records"].items()) or "none",
+                    t["requests"].get("gets", 0),
+                    t["requests"].get("hits", 0),
+                    t["requests"].get("puts", 0),
+                )
+                for tenant, t in tenants.items()
+            ),
+        )
+        print(render(per_tenant))
     sec = s.get("security", {})
     if sec.get("curve"):
         print(
@@ -342,6 +384,3 @@ def main(
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,8 @@
 """Cluster: this node's place in the mesh — membership, gossip transport and hash ring.
 
-Membership runs on the daemon's event loop (the loop is the scheduler); its datagrams go
-out over ZeroMQ DEALERs and come in through the node's own ROUTER as MESH requests.
+Membership runs on the event loop (the loop is the scheduler). Its datagrams go out over
+the transport it is given — ZeroMQ DEALERs in the daemon, whose ROUTER hands inbound ones
+back through :meth:`Cluster.on_datagram`; the in-process network in simulations.
 """
 
 from __future__ import annotations
@@ -12,28 +13,17 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmcache_mesh.mesh.agent import MeshAgent
-from lmcache_mesh.mesh.config import MeshConfig
-from lmcache_mesh.mesh.membership import Member, Membership, State
-from lmcache_mesh.mesh.ring import HashRing, RingMember
-from lmcache_mesh.transports.addresses import parse_webrtc_address, reachability
-from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
+from lmcache_mesh.transports.addresses import reachability
+from lmcache_mesh.transports.base import GossipTransport
 
-from .config import split_seed
-from .protocol import Op, request_header
-from .sizes import format_count
+from .agent import MeshAgent
+from .config import MeshConfig
+from .membership import Member, Membership, State
+from .ring import HashRing, RingMember
 
 logger = logging.getLogger(__name__)
 
 PROFILES = {"lan": MeshConfig.lan, "wan": MeshConfig.wan, "local": MeshConfig.local}
-
-
-def route_to(address: str) -> tuple[str, list[bytes]]:
-    """Where one-way messages for a member go: straight to it, or through its relay."""
-    relayed = parse_webrtc_address(address)
-    if relayed is None:
-        return address, []
-    return relayed.relay, [request_header(Op.RELAY, 0, 1000, to=relayed.name)]
 
 
 class Cluster:
@@ -46,20 +36,18 @@ class Cluster:
         zone: str,
         weight: float,
         config: MeshConfig,
+        transport: GossipTransport,
         rng: random.Random | None = None,
-        curve: CurveFor | None = None,
+        seed_address: Callable[[str], str] = str,
     ) -> None:
-        envelope = request_header(Op.MESH, 0, 1000, **{"from": address})
-        self.transport = ZmqDatagramTransport(address, envelope, route_to, curve=curve)
-        self.seed_address: Callable[[str], str] = lambda seed: split_seed(seed)[1]
-        """A seed as given (``NAME@ADDR`` or ``ADDR``) → its address; the daemon notes names."""
+        self.transport = transport
+        self.seed_address = seed_address
+        """A seed as given (e.g. ``NAME@ADDR``) → its address."""
         self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
         self.ring = HashRing([RingMember(name, zone, weight)] if reachability(address) == "direct" else [])
         self._agent: MeshAgent | None = None
-        self.on_gone: list[Callable[[str], None]] = []
-        """Called with a member's name when it is declared dead or leaves."""
-        self.on_joined: list[Callable[[str], None]] = []
-        """Called with a member's name when it joins (or comes back)."""
+        self._on_gone: list[Callable[[str], None]] = []
+        self._on_joined: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"<Cluster {self.membership!r} {self.ring!r}>"
@@ -68,6 +56,16 @@ class Cluster:
     def name(self) -> str:
         name: str = self.membership.me.name
         return name
+
+    def subscribe(
+        self, on_gone: Callable[[str], None] | None = None, on_joined: Callable[[str], None] | None = None
+    ) -> None:
+        """Be called with a member's name when it is declared dead or leaves (``on_gone``), or
+        when it joins or comes back (``on_joined``). Callbacks run on the loop; must not block."""
+        if on_gone is not None:
+            self._on_gone.append(on_gone)
+        if on_joined is not None:
+            self._on_joined.append(on_joined)
 
     def start(self, loop: asyncio.AbstractEventLoop, seeds: Sequence[str] = ()) -> None:
         self._agent = MeshAgent(self.membership, self.transport, loop)
@@ -103,9 +101,8 @@ class Cluster:
 
     def readdress(self, address: str) -> None:
         """Our address changed (a node behind NAT moved to another relay): tell everyone."""
-        self.transport.address = address
+        self.transport.readdress(address)
         self.membership.readdress(address)
-        self.transport.envelope = request_header(Op.MESH, 0, 1000, **{"from": address})
         self._changed(self.membership.me, self.membership.me.state)
 
     def _changed(self, member: Member, old: State | None) -> None:
@@ -119,18 +116,19 @@ class Cluster:
                 RingMember(m.name, m.zone, m.weight) for m in live if reachability(m.address) == "direct"
             )
             logger.info(
-                "- %s: %s %s; %s alive, %d on the ring",
+                "- %s: %s %s; %d member%s alive, %d on the ring",
                 self.name,
                 member.name,
                 "has left" if member.state is State.LEFT else f"is {member.state.value}",
-                format_count(len(live), "member"),
+                len(live),
+                "" if len(live) == 1 else "s",
                 len(self.ring),
             )
         if member.state in (State.DEAD, State.LEFT):
-            for callback in self.on_gone:
+            for callback in self._on_gone:
                 callback(member.name)
         elif old is None or old in (State.DEAD, State.LEFT):
-            for callback in self.on_joined:
+            for callback in self._on_joined:
                 callback(member.name)
 
     def members_status(self) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmcache_mesh.node.costs import PeerStats, fetch_window, nearest_first, worth_prefix
+from lmcache_mesh.mesh.costs import PeerStats, fetch_window, nearest_first, worth_prefix
 from lmcache_mesh.node.errors import BadRequest
 from lmcache_mesh.node.protocol import Cost, Limits, Op, decode_request, request_header
 
@@ -67,7 +67,7 @@ def test_a_cost_hint_is_decoded() -> None:
 def test_old_estimates_count_as_unknown_so_slow_peers_get_measured_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import lmcache_mesh.node.costs as costs
+    import lmcache_mesh.mesh.costs as costs
 
     s = PeerStats(alpha=1.0)
     s.cut_off("p", MB, 1.0)

@@ -6,7 +6,7 @@
 through the mesh: through the node at ``--node``, or through a node embedded in the
 server process (memory and disk tiers from the ``--memory``/``--disk``/``--data-dir``
 flags, as ``lmcache-node run`` takes them). The node commands live in
-:mod:`lmcache_mesh.node.cli`; this module only adds to them, so the node package never
+:mod:`.commands`; this module only adds to them, so the node package never
 imports an engine.
 """
 
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmcache_mesh.node import cli as node_cli
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.sizes import format_size
 
-from .demo import add_demo_parser, cmd_demo
+from . import commands as node_cli
+from .demo_args import add_demo_parser
 
 DEFAULT_HTTP_PORT = 8000
 
@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_demo_parser(sub)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import cmd_demo as run  # only now: the demo pulls in an engine and a chart
+
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

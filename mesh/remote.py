@@ -1,0 +1,126 @@
+"""RemoteCalls: this node's questions to other members, each within a deadline.
+
+Shared by the holder directory (repair pulls) and the mesh-wide reads: who a member is
+now (its address, if alive), asking a key's owner who holds it, fetching records from a
+holder — and what failures teach us (a peer that is late is dropped, so requests do not
+queue up behind it; transfer times feed the per-peer cost estimates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Generic
+
+from lmcache_mesh.transports.addresses import reachability
+
+from .cluster import Cluster
+from .costs import Cost, PeerStats, fetch_window
+from .errors import DeadlineExceeded, MeshError
+from .membership import State
+from .ports import Holdings, Peers, R
+
+logger = logging.getLogger(__name__)
+
+WEBRTC_GET_KEYS = 8
+"""Records per GET to a peer behind NAT: 8 of the largest (64 MiB) stay within what a
+WebRTC link accepts in one reply."""
+
+
+class RemoteCalls(Generic[R]):
+    """Calls to members by name. Use on the event loop."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        peers: Peers[R],
+        holdings: Holdings[R],
+        clock: Callable[[], float],
+        counters: defaultdict[str, int],
+    ) -> None:
+        self.cluster = cluster
+        self.peers = peers
+        self.holdings = holdings
+        self.clock = clock
+        self.counters = counters
+        self.peer_stats = PeerStats(clock=clock)
+        """Latency and bandwidth per peer, from real requests: nearest-first GETs, cost decisions."""
+
+    def address(self, name: str) -> str | None:
+        """Where member ``name`` is served, if it is alive (or suspected)."""
+        m = self.cluster.membership.members.get(name)
+        if m is None or m.state not in (State.ALIVE, State.SUSPECT):
+            return None
+        address: str = m.address
+        return address
+
+    async def ask_owner(self, owner: str, keys: list[bytes], deadline: float) -> list[list[str]]:
+        """Holders of ``keys`` by their owner's index; nobody if it fails or is late."""
+        address = self.address(owner)
+        remaining = deadline - self.clock()
+        if address is None or remaining <= 0:
+            return [[] for _ in keys]
+        try:
+            # Never the whole deadline: a stalled owner must leave time to fetch from holders.
+            budget = min(remaining / 2, self.peers.timeout_s)
+            started = self.clock()
+            holders = await self.peers.get(address).who_has(keys, timeout_s=budget)
+            self.peer_stats.observe(owner, 0, self.clock() - started)
+            return holders
+        except (MeshError, OSError) as exc:
+            self.failed(address, exc)
+            return [[] for _ in keys]
+
+    async def fetch(
+        self, peer: str, keys: Sequence[bytes], deadline: float, cost: Cost | None = None
+    ) -> list[R | None]:
+        """Records of ``keys`` held by ``peer`` (None per miss, or all None on failure); with
+        ``cost``, never waiting longer than recomputing them would take."""
+        address = self.address(peer)
+        started = self.clock()
+        window = None if cost is None else fetch_window(self.peer_stats, peer, len(keys), cost)
+        if window is not None:
+            deadline = min(deadline, started + window)  # never wait longer than recomputing
+        remaining = deadline - started
+        if address is None or remaining <= 0:
+            return [None] * len(keys)
+        client = self.peers.get(address)
+        # Replies over a WebRTC link are bounded (and slow): ask in slices, side by side,
+        # all within the one deadline; the estimate comes from the whole transfer.
+        step = WEBRTC_GET_KEYS if reachability(address) == "webrtc" else len(keys)
+        slices = [list(keys[i : i + step]) for i in range(0, len(keys), step)]
+        answers = await asyncio.gather(
+            *(client.get_records(part, local=True, timeout_s=remaining) for part in slices),
+            return_exceptions=True,
+        )
+        if client.checksum_failures:
+            self.holdings.checksum_failed(client.checksum_failures)
+            client.checksum_failures = 0
+        records: list[R | None] = []
+        failure: BaseException | None = None
+        for part, answer in zip(slices, answers, strict=True):
+            if isinstance(answer, BaseException):
+                failure = failure or answer
+                records.extend([None] * len(part))
+            else:
+                records.extend(answer)
+        elapsed = self.clock() - started
+        if failure is None:
+            self.peer_stats.observe(peer, sum(r.nbytes for r in records if r is not None), elapsed)
+            return records
+        if not isinstance(failure, (MeshError, OSError)):
+            raise failure
+        if isinstance(failure, DeadlineExceeded) and cost is not None:
+            self.peer_stats.cut_off(peer, len(keys) * cost.chunk_bytes, elapsed)
+            self.counters["cost_cut_off_fetches"] += 1
+        self.failed(address, failure)
+        return records
+
+    def failed(self, address: str, exc: Exception) -> None:
+        """A call to ``address`` failed: counted; a peer that did not answer in time is dropped."""
+        self.counters["peer_errors"] += 1
+        logger.debug("x request to peer %s failed: %s", address, exc)
+        if isinstance(exc, DeadlineExceeded):
+            self.peers.drop(address)  # do not let requests queue up for a peer that is not answering

@@ -1,0 +1,164 @@
+"""Every call a client makes, written once: the request it sends and how its reply is read.
+
+A :class:`Call` is sans-I/O: an op, its header fields, its payload frames and a reader
+that turns the reply into the caller's result (or raises). :class:`~.client.Client` runs
+calls on a blocking socket and :class:`~.client.AsyncClient` on a conduit with many in
+flight; neither builds a request or parses a reply itself. A call with nothing to ask
+(no keys) has its ``result`` already and is never sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from lmcache_mesh.mesh.costs import Cost
+
+from .errors import BadRequest
+from .protocol import Op, Reply, get_results, put_request
+from .records import Buffer, ChunkRecord
+
+T = TypeVar("T")
+
+_UNSENT: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    op: Op
+    fields: dict[str, Any]
+    read: Callable[[Reply], T]
+    frames: Sequence[Buffer] = ()
+    timeout_s: float | None = None
+    """This call's own deadline (None: the client's ``timeout_s``)."""
+    result: T = field(default=_UNSENT)
+    """Set when the answer is known without asking (nothing to ask)."""
+
+    @property
+    def needs_sending(self) -> bool:
+        return self.result is _UNSENT
+
+
+def _answered(op: Op, result: T) -> Call[T]:
+    return Call(op, {}, _no_reader, result=result)
+
+
+def _no_reader(reply: Reply) -> Any:  # pragma: no cover - an answered call is never sent
+    raise AssertionError("an answered call has no reply")
+
+
+def _ignore(reply: Reply) -> None:
+    return None
+
+
+def _keys_fields(keys: Sequence[bytes], local: bool, cost: Cost | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"keys": list(keys), "local": local}
+    if cost is not None:
+        fields["cost"] = cost.to_wire()
+    return fields
+
+
+def ping(timeout_s: float | None = None) -> Call[dict[str, Any]]:
+    return Call(Op.PING, {}, lambda r: r.fields, timeout_s=timeout_s)
+
+
+def put_records(records: Sequence[ChunkRecord], replica: bool = False) -> Call[None]:
+    if not records:
+        return _answered(Op.PUT, None)
+    fields, frames = put_request(records)
+    return Call(Op.PUT, {**fields, "replica": replica}, _ignore, frames)
+
+
+def put(key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> Call[None]:
+    return put_records([ChunkRecord.build(key, payload, namespace, meta)])
+
+
+@dataclass(slots=True)
+class Verified:
+    """Records of a GET reply, each verified; ``bad`` of them failed and became misses."""
+
+    records: list[ChunkRecord | None]
+    bad: int = 0
+
+
+def get_records(
+    keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+) -> Call[Verified]:
+    if not keys:
+        return _answered(Op.GET, Verified([]))
+
+    def read(reply: Reply) -> Verified:
+        return Verified(*get_results(reply, keys))
+
+    return Call(Op.GET, _keys_fields(keys, local, cost), read, timeout_s=timeout_s)
+
+
+def lookup(
+    keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+) -> Call[int]:
+    if not keys:
+        return _answered(Op.LOOKUP, 0)
+    return Call(Op.LOOKUP, _keys_fields(keys, local, cost), lambda r: int(r.fields["hits"]), timeout_s=timeout_s)
+
+
+def locate(keys: Sequence[bytes], timeout_s: float | None = None) -> Call[tuple[int, list[list[str]]]]:
+    if not keys:
+        return _answered(Op.LOOKUP, (0, []))
+
+    def read(reply: Reply) -> tuple[int, list[list[str]]]:
+        return int(reply.fields["hits"]), _holders(reply, keys, "LOOKUP")
+
+    return Call(Op.LOOKUP, {"keys": list(keys), "holders": True}, read, timeout_s=timeout_s)
+
+
+def rank(keys: Sequence[bytes], candidates: Sequence[str]) -> Call[list[tuple[str, int]]]:
+    def read(reply: Reply) -> list[tuple[str, int]]:
+        return [(name, int(n)) for name, n in reply.fields["ranking"]]
+
+    return Call(Op.RANK, {"keys": list(keys), "candidates": list(candidates)}, read)
+
+
+def delete(keys: Sequence[bytes]) -> Call[int]:
+    if not keys:
+        return _answered(Op.DELETE, 0)
+    return Call(Op.DELETE, {"keys": list(keys)}, lambda r: int(r.fields["deleted"]))
+
+
+def stats() -> Call[dict[str, Any]]:
+    def read(reply: Reply) -> dict[str, Any]:
+        document: dict[str, Any] = reply.fields["stats"]
+        return document
+
+    return Call(Op.STATS, {}, read)
+
+
+def announce_engine(engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> Call[None]:
+    fields = {"holder": engine, "add": list(add), "remove": list(remove), "route": True}
+    return Call(Op.ANNOUNCE, fields, _ignore)
+
+
+def join(seeds: Sequence[str]) -> Call[None]:
+    return Call(Op.JOIN, {"seeds": list(seeds)}, _ignore)
+
+
+# peer-to-peer calls (members only)
+
+
+def announce(holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> Call[None]:
+    return Call(Op.ANNOUNCE, {"holder": holder, "add": list(add), "remove": list(remove)}, _ignore)
+
+
+def who_has(keys: Sequence[bytes], timeout_s: float | None = None) -> Call[list[list[str]]]:
+    return Call(Op.WHO_HAS, {"keys": list(keys)}, lambda r: _holders(r, keys, "WHO_HAS"), timeout_s=timeout_s)
+
+
+def _holders(reply: Reply, keys: Sequence[bytes], op: str) -> list[list[str]]:
+    holders = reply.fields.get("holders")
+    if (
+        not isinstance(holders, list)
+        or len(holders) != len(keys)
+        or not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in holders)
+    ):
+        raise BadRequest(f"{op} reply needs one list of member names per key")
+    return holders
