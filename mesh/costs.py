@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+
 @dataclass(frozen=True, slots=True)
 class Cost:
     """What recomputing one chunk costs the asking engine: fetch a remote chunk only if the

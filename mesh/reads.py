@@ -124,7 +124,10 @@ class MeshReads(Generic[R]):
             if not plan or self.remote.clock() >= deadline:
                 break
             results = await asyncio.gather(
-                *(self.remote.fetch(peer, [keys[i] for i in idx], deadline, cost) for peer, idx in plan.items())
+                *(
+                    self.remote.fetch(peer, [keys[i] for i in idx], deadline, cost)
+                    for peer, idx in plan.items()
+                )
             )
             for idx, records in zip(plan.values(), results, strict=True):
                 for i, record in zip(idx, records, strict=True):

@@ -99,7 +99,9 @@ def lookup(
 ) -> Call[int]:
     if not keys:
         return _answered(Op.LOOKUP, 0)
-    return Call(Op.LOOKUP, _keys_fields(keys, local, cost), lambda r: int(r.fields["hits"]), timeout_s=timeout_s)
+    return Call(
+        Op.LOOKUP, _keys_fields(keys, local, cost), lambda r: int(r.fields["hits"]), timeout_s=timeout_s
+    )
 
 
 def locate(keys: Sequence[bytes], timeout_s: float | None = None) -> Call[tuple[int, list[list[str]]]]:

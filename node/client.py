@@ -119,7 +119,9 @@ class Client(_Core):
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
         return self._run(calls.ping(timeout_s))
 
-    def put(self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> None:
+    def put(
+        self, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
+    ) -> None:
         self._run(calls.put(key, payload, namespace, meta))
 
     def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
@@ -129,14 +131,22 @@ class Client(_Core):
         return _payloads(self._run(calls.get_records(keys)))
 
     def get_records(
-        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
     ) -> list[ChunkRecord | None]:
         """Verified records per key, None per miss; ``local``: this node's tiers only;
         ``cost``: skip remote chunks that would take longer to fetch than to recompute."""
         return self._records(self._run(calls.get_records(keys, local, timeout_s, cost)))
 
     def lookup(
-        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
     ) -> int:
         """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``;
         with ``cost``, only as far as fetching them beats recomputing them."""
@@ -281,16 +291,26 @@ class AsyncClient(_Core):
         return _payloads(await self._run(calls.get_records(keys)))
 
     async def get_records(
-        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
     ) -> list[ChunkRecord | None]:
         return self._records(await self._run(calls.get_records(keys, local, timeout_s, cost)))
 
     async def lookup(
-        self, keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Sequence[bytes],
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
     ) -> int:
         return await self._run(calls.lookup(keys, local, timeout_s, cost))
 
-    async def locate(self, keys: Sequence[bytes], timeout_s: float | None = None) -> tuple[int, list[list[str]]]:
+    async def locate(
+        self, keys: Sequence[bytes], timeout_s: float | None = None
+    ) -> tuple[int, list[list[str]]]:
         return await self._run(calls.locate(keys, timeout_s))
 
     async def rank(self, keys: Sequence[bytes], candidates: Sequence[str]) -> list[tuple[str, int]]:

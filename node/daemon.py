@@ -27,13 +27,14 @@ from lmcache_mesh.transports.webrtc import WebRTCConfig, WebRTCPeering
 from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
 
 from .config import NodeConfig, split_seed
+from .endpoints import Routers
 from .keyring import MEMBER, Keyring, Principal, Role, Sender, read_key_pair
 from .metrics import NodeMetrics, RequestLatency
 from .node import VERSION, Node
 from .peers import NodeHoldings, PeerPool
 from .protocol import AttachWire, mesh_envelope, route_to, signal_message
 from .records import ChunkRecord
-from .service import MeshParts, NodeServer, Routers
+from .service import MeshParts, NodeServer
 from .sizes import format_count, format_size
 
 logger = logging.getLogger("lmcache_mesh.node.daemon")
@@ -231,7 +232,11 @@ class _Mesh:
             sections["webrtc"] = self.peering.stats
         if self.uplink is not None:
             uplink = self.uplink
-            sections["relay"] = lambda: {"via": uplink.relay, "attached": uplink.attached, "switches": uplink.switches}
+            sections["relay"] = lambda: {
+                "via": uplink.relay,
+                "attached": uplink.attached,
+                "switches": uplink.switches,
+            }
         self.parts = MeshParts(
             self.cluster, self.coordinator, self.peering.on_signal if self.peering else None, sections
         )

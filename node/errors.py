@@ -1,19 +1,19 @@
 """The node's typed errors (defined with the mesh, which raises them too), each with one wire code."""
 
 from lmcache_mesh.mesh.errors import (
-    ErrorCode,
-    MeshError,
     BadRequest,
-    UnsupportedVersion,
-    TooLarge,
+    Busy,
     ChecksumMismatch,
     DeadlineExceeded,
-    UnknownOp,
-    NoSpace,
-    Unavailable,
-    Busy,
+    ErrorCode,
     Forbidden,
     InternalError,
+    MeshError,
+    NoSpace,
+    TooLarge,
+    Unavailable,
+    UnknownOp,
+    UnsupportedVersion,
     error_from_wire,
 )
 

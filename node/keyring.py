@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-
 from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key, decode_key
 
 from .config import read_toml, split_seed

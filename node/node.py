@@ -187,8 +187,15 @@ class Node:
                 },
             },
             "members": [
-                {"name": self.name, "address": address, "zone": self.config.zone, "state": "alive",
-                 "reachability": "direct", "incarnation": 0, "ring_share": 1.0}
+                {
+                    "name": self.name,
+                    "address": address,
+                    "zone": self.config.zone,
+                    "state": "alive",
+                    "reachability": "direct",
+                    "incarnation": 0,
+                    "ring_share": 1.0,
+                }
             ],
             "mesh": {},
             "tiers": tier_stats["tiers"],

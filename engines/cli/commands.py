@@ -25,15 +25,21 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmcache_mesh.transports import TransportError
-from lmcache_mesh.transports.curve import CurveClient
-
 from lmcache_mesh.node.client import Client
 from lmcache_mesh.node.config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
 from lmcache_mesh.node.errors import MeshError
-from lmcache_mesh.node.keyring import Role, check_tenant, public_key_path, read_key_pair, read_public_key, write_key_pair
+from lmcache_mesh.node.keyring import (
+    Role,
+    check_tenant,
+    public_key_path,
+    read_key_pair,
+    read_public_key,
+    write_key_pair,
+)
 from lmcache_mesh.node.node import VERSION
 from lmcache_mesh.node.sizes import format_count, format_size, parse_size
+from lmcache_mesh.transports import TransportError
+from lmcache_mesh.transports.curve import CurveClient
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:

@@ -22,7 +22,6 @@ class DemoConfig:
     plot: Path = Path("lmcache-demo.png")
 
 
-
 def add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
