@@ -10,6 +10,25 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+__all__ = [
+    "BadRequest",
+    "Busy",
+    "ChecksumMismatch",
+    "DeadlineExceeded",
+    "ErrorCode",
+    "Forbidden",
+    "InternalError",
+    "MalformedMessage",
+    "MeshError",
+    "MeshProtocolError",
+    "NoSpace",
+    "TooLarge",
+    "Unavailable",
+    "UnknownOp",
+    "UnsupportedVersion",
+    "error_from_wire",
+]
+
 
 class ErrorCode(IntEnum):
     # APPEND ONLY: the numbers are on the wire.

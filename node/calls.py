@@ -21,6 +21,9 @@ from .records import Buffer, ChunkRecord
 
 T = TypeVar("T")
 
+Keys = Sequence[bytes]
+"""A chain of chunk keys (16 bytes each), in prompt order."""
+
 _UNSENT: Any = object()
 
 

@@ -24,7 +24,7 @@ from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.zmq import ZmqChannel, ZmqConduit
 
 from . import calls
-from .calls import Call
+from .calls import Call, Keys
 from .errors import DeadlineExceeded, Unavailable
 from .protocol import decode_reply, peek_request_id, request_header
 from .records import Buffer, ChunkRecord
@@ -131,22 +131,14 @@ class Client(_Core):
         return _payloads(self._run(calls.get_records(keys)))
 
     def get_records(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
         """Verified records per key, None per miss; ``local``: this node's tiers only;
         ``cost``: skip remote chunks that would take longer to fetch than to recompute."""
         return self._records(self._run(calls.get_records(keys, local, timeout_s, cost)))
 
     def lookup(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> int:
         """Leading ``keys`` cached: anywhere in the mesh, or on this node only with ``local``;
         with ``cost``, only as far as fetching them beats recomputing them."""
@@ -272,6 +264,10 @@ class AsyncClient(_Core):
             raise self._late(call, timeout) from None
         finally:
             self._pending.pop(rid, None)
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # failed while the send failed too: seen, so asyncio does not warn
         return call.read(decode_reply(reply))
 
     # the engine-facing API: the same methods as Client's
@@ -291,20 +287,12 @@ class AsyncClient(_Core):
         return _payloads(await self._run(calls.get_records(keys)))
 
     async def get_records(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
         return self._records(await self._run(calls.get_records(keys, local, timeout_s, cost)))
 
     async def lookup(
-        self,
-        keys: Sequence[bytes],
-        local: bool = False,
-        timeout_s: float | None = None,
-        cost: Cost | None = None,
+        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> int:
         return await self._run(calls.lookup(keys, local, timeout_s, cost))
 

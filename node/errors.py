@@ -1,35 +1,8 @@
-"""The node's typed errors (defined with the mesh, which raises them too), each with one wire code."""
+"""The node's typed errors, each with one wire code: the public path to them.
 
-from lmcache_mesh.mesh.errors import (
-    BadRequest,
-    Busy,
-    ChecksumMismatch,
-    DeadlineExceeded,
-    ErrorCode,
-    Forbidden,
-    InternalError,
-    MeshError,
-    NoSpace,
-    TooLarge,
-    Unavailable,
-    UnknownOp,
-    UnsupportedVersion,
-    error_from_wire,
-)
+They are defined once, in :mod:`lmcache_mesh.mesh.errors`, because the mesh's own calls to
+peers raise and catch them too.
+"""
 
-__all__ = [
-    "ErrorCode",
-    "MeshError",
-    "BadRequest",
-    "UnsupportedVersion",
-    "TooLarge",
-    "ChecksumMismatch",
-    "DeadlineExceeded",
-    "UnknownOp",
-    "NoSpace",
-    "Unavailable",
-    "Busy",
-    "Forbidden",
-    "InternalError",
-    "error_from_wire",
-]
+from lmcache_mesh.mesh.errors import *  # noqa: F403 - this module re-exports them all
+from lmcache_mesh.mesh.errors import __all__ as __all__

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
+from lmcache_mesh.node import ChunkRecord, Client, calls, chunk_keys, namespace_id
+from lmcache_mesh.node.calls import Call
 from lmcache_mesh.node.errors import DeadlineExceeded, Forbidden
 from lmcache_mesh.node.keyring import read_key_pair, write_key_pair
 from lmcache_mesh.node.protocol import Op
@@ -230,9 +231,9 @@ def test_a_client_key_cannot_use_mesh_operations(secured: tuple[Cluster, Daemon,
         with pytest.raises(Forbidden):
             acme.join(["tcp://127.0.0.99:1"])
         with pytest.raises(Forbidden):
-            acme._call(Op.WHO_HAS, {"keys": [KEYS[0]]})  # what owners tell each other
+            acme._run(calls.who_has([KEYS[0]]))  # what owners tell each other
         with pytest.raises(Forbidden):
-            acme._call(Op.ATTACH, {"name": "node-a", "token": "t"})  # taking a node's relay slot
+            acme._run(Call(Op.ATTACH, {"name": "node-a", "token": "t"}, lambda reply: None))  # taking a node's relay slot
 
 
 @pytest.mark.timeout(180)

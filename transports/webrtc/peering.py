@@ -99,7 +99,7 @@ class WebRTCPeering(Generic[P]):
         self._address = address
         self._member_address = member_address
         self._send_signal = send_signal
-        self._serve: Serve[P] | None = None
+        self._handler: Serve[P] | None = None
         self.config = config
         # Replies are as large as what we asked for (a GET of many records); requests to us
         # are bounded like any request.
@@ -136,7 +136,7 @@ class WebRTCPeering(Generic[P]):
 
     def start(self, serve: Serve[P]) -> None:
         """Serve requests that arrive on links members dial to us with ``serve``."""
-        self._serve = serve
+        self._handler = serve
 
     # dialing (we are the client)
 
@@ -326,7 +326,7 @@ class WebRTCPeering(Generic[P]):
 
     async def _serve(self, link: WebRTCLink, name: str) -> None:
         slots = asyncio.Semaphore(MAX_INFLIGHT_PER_LINK)
-        serve = self._serve
+        serve = self._handler
         if serve is None:
             raise AuthFailed("this node serves no requests over WebRTC (not started)")
 
