@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from lmcache_mesh.transports import wire
+
 from .errors import MalformedMessage
 
 MESH_VERSION_MIN = 1
@@ -77,7 +79,7 @@ class News:
             raise MalformedMessage(f"unknown broadcast kind {kind!r:.40}") from None
         if not isinstance(name, str) or not name:
             raise MalformedMessage("broadcast name must be a non-empty string")
-        if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc <= MAX_INCARNATION:
+        if not wire.is_int(inc) or not 0 <= inc <= MAX_INCARNATION:
             raise MalformedMessage(f"incarnation must be an int in [0, 2**62], got {inc!r:.40}")
         if not all(isinstance(s, str) for s in (address, zone, origin)):
             raise MalformedMessage("broadcast address, zone and origin must be strings")
@@ -118,16 +120,9 @@ class Message:
     @classmethod
     def decode(cls, data: bytes) -> Message:
         """Raises MalformedMessage (never anything else) on any bad input."""
-        if len(data) > MAX_MESSAGE_BYTES:
-            raise MalformedMessage(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-        try:
-            m = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise MalformedMessage(f"not valid msgpack: {type(exc).__name__}") from exc
-        if not isinstance(m, dict):
-            raise MalformedMessage("message must be a map")
+        m = wire.unpack_map(data, MAX_MESSAGE_BYTES, "message", MalformedMessage, MalformedMessage)
         v = m.get("v")
-        if not isinstance(v, int) or isinstance(v, bool) or not MESH_VERSION_MIN <= v <= MESH_VERSION_MAX:
+        if not wire.is_int(v) or not MESH_VERSION_MIN <= v <= MESH_VERSION_MAX:
             raise MalformedMessage(
                 f"mesh version {v!r:.40} not supported; must be in range [{MESH_VERSION_MIN}, {MESH_VERSION_MAX}]"
             )
@@ -148,14 +143,9 @@ class Message:
             or not src
         ):
             raise MalformedMessage("src, sa, tg and ta must be strings (src non-empty)")
-        if not isinstance(seq, int) or isinstance(seq, bool):
+        if not wire.is_int(seq):
             raise MalformedMessage("seq must be an int")
-        state = [News.from_wire(x) for x in _list(m.get("st", []), "st")]
-        gossip = [News.from_wire(x) for x in _list(m.get("g", []), "g")]
+        f = wire.Fields(m, MalformedMessage)
+        state = [News.from_wire(x) for x in f.listing("st", [])]
+        gossip = [News.from_wire(x) for x in f.listing("g", [])]
         return cls(t, src, sa, seq, target, ta, state, bool(m.get("r", False)), gossip)
-
-
-def _list(value: object, name: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise MalformedMessage(f"field {name!r:.40} must be a list")
-    return value

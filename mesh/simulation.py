@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from lmcache_mesh.transports.base import Scheduler
 from lmcache_mesh.transports.inproc import InProcNetwork
 
 from .agent import MeshAgent
@@ -87,11 +88,12 @@ class Simulation:
         loss: float = 0.0,
         config: MeshConfig | None = None,
         delay_s: tuple[float, float] = DEFAULT_DELAY_S,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.n = n
         self.seed = seed
         self.config = config or MeshConfig.lan()
-        self.net = InProcNetwork(seed=seed, loss=loss, delay_s=delay_s)
+        self.net = InProcNetwork(seed=seed, loss=loss, delay_s=delay_s, scheduler=scheduler)
         self.agents: dict[str, MeshAgent] = {}
         self.listeners: list[Listener] = []
         self.transitions: list[Transition] = []
@@ -118,12 +120,17 @@ class Simulation:
         times = self._added[name]
         self._added[name] += 1
         rng = random.Random(f"{self.seed}-{name}" if times == 0 else f"{self.seed}-{name}-{times}")
-        on_change = functools.partial(self._on_change, name)
-        membership = Membership(self.config, name, address_of(name), zone=zone, rng=rng, on_change=on_change)
-        agent = MeshAgent(membership, self.net.transport(address_of(name)), self.net)
+        agent = self._node(name, zone, rng, functools.partial(self._on_change, name))
         self.agents[name] = agent
         self._alive_seen[name] = 0
         return agent
+
+    def _node(
+        self, name: str, zone: str, rng: random.Random, on_change: Callable[[Member, State | None], None]
+    ) -> MeshAgent:
+        """Build node ``name``: its membership, driven on the network's clock."""
+        membership = Membership(self.config, name, address_of(name), zone=zone, rng=rng, on_change=on_change)
+        return MeshAgent(membership, self.net.transport(address_of(name)), self.net)
 
     def start(self, names: Iterable[str] | None = None, seed_address: str = "a0") -> None:
         """Start ``names`` (default: every node), each joining through ``seed_address``."""
@@ -141,6 +148,10 @@ class Simulation:
 
     # running
 
+    def run_for(self, seconds: float) -> None:
+        """Run ``seconds`` of virtual time."""
+        self.net.run_for(seconds)
+
     def run_until(self, predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.1) -> float | None:
         """Virtual seconds until ``predicate`` holds (checked every ``step_s``), or None after ``timeout_s``."""
         start = self.net.time()
@@ -148,7 +159,7 @@ class Simulation:
         while not predicate():
             if self.net.time() >= deadline:
                 return None
-            self.net.run_for(step_s)
+            self.run_for(step_s)
         return float(self.net.time() - start)
 
     def converge(self, timeout_s: float = 120.0, step_s: float = 0.1) -> float | None:
@@ -202,7 +213,7 @@ class Simulation:
         per_second: list[int] = []
         for _ in range(int(seconds)):
             b0 = self.net.stats.bytes_sent
-            self.net.run_for(1.0)
+            self.run_for(1.0)
             per_second.append(self.net.stats.bytes_sent - b0)
         sent = [b - before.get(name, 0) for name, b in self.bytes_sent().items()]
         mean_second = sum(per_second) / len(per_second)

@@ -211,7 +211,7 @@ class _Mesh:
                 lambda: self.cluster.name,
                 lambda: self.cluster.membership.me.address,
                 self._member_address,
-                lambda to, fields: self.cluster.transport.send_message(to, [signal_message(fields)]),
+                lambda to, signal: self.cluster.transport.send_message(to, [signal_message(signal)]),
                 keyring.node_principal if keyring is not None else lambda name: MEMBER,
                 _webrtc_config(cfg),
                 # With CurveZMQ keys, each pair of nodes proves itself with a secret only the

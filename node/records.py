@@ -16,6 +16,8 @@ from typing import Any
 import msgpack
 import xxhash
 
+from lmcache_mesh.transports import wire
+
 from .errors import BadRequest, ChecksumMismatch, TooLarge, UnsupportedVersion
 from .keys import KEY_BYTES
 
@@ -39,15 +41,7 @@ META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
 
 def unpack_map(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
     """Decode a msgpack map of at most ``limit`` bytes; raises TooLarge or BadRequest naming ``what``."""
-    if len(frame) > limit:
-        raise TooLarge(f"{what} of {len(frame)} bytes exceeds the limit of {limit}")
-    try:
-        m = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise BadRequest(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(m, dict):
-        raise BadRequest(f"{what} must be a msgpack map, got {type(m).__name__}")
-    return m
+    return wire.unpack_map(frame, limit, what, BadRequest, TooLarge)
 
 
 def checksum(payload: Buffer) -> int:
@@ -100,44 +94,34 @@ class RecordHeader:
         if not isinstance(m, dict):
             raise BadRequest(f"record header must be a map, got {type(m).__name__}")
         version = m.get("v")
-        if (
-            not isinstance(version, int)
-            or isinstance(version, bool)
-            or not RECORD_VERSION_MIN <= version <= RECORD_VERSION_MAX
-        ):
+        if not wire.is_int(version) or not RECORD_VERSION_MIN <= version <= RECORD_VERSION_MAX:
             raise UnsupportedVersion(
                 f"record version {version!r:.40} not supported; must be in range "
                 f"[{RECORD_VERSION_MIN}, {RECORD_VERSION_MAX}]"
             )
-        key, ns = m.get("key"), m.get("ns")
-        for name, value in (("key", key), ("ns", ns)):
-            if not isinstance(value, bytes) or len(value) != KEY_BYTES:
-                raise BadRequest(f"record header field {name!r} must be {KEY_BYTES} bytes, got {value!r:.60}")
-        length, digest, tokens = m.get("len"), m.get("xxh3"), m.get("tokens", 0)
-        for name, value in (("len", length), ("xxh3", digest), ("tokens", tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise BadRequest(
-                    f"record header field {name!r} must be a non-negative int, got {value!r:.60}"
-                )
-        layout, dtype, shape, codec = (
-            m.get("layout", {}),
-            m.get("dtype", "uint8"),
-            m.get("shape", []),
-            m.get("codec", "raw"),
-        )
-        if not isinstance(layout, dict):
-            raise BadRequest(f"record header field 'layout' must be a map, got {type(layout).__name__}")
+        f = wire.Fields(m, BadRequest, "record header field")
+        shape = f.listing("shape", [])
+        if not all(wire.is_int(d) and d >= 0 for d in shape):
+            raise f.fail("shape", "a list of non-negative ints", shape)
+        dtype, codec = f.raw("dtype", "uint8"), f.raw("codec", "raw")
         if not isinstance(dtype, str) or not isinstance(codec, str):
             raise BadRequest("record header fields 'dtype' and 'codec' must be strings")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise BadRequest(
-                f"record header field 'shape' must be a list of non-negative ints, got {shape!r:.60}"
-            )
-        tenant = m.get("tenant", "")
+        tenant = f.raw("tenant", "")
         if not isinstance(tenant, str) or (tenant and not TENANT_RE.match(tenant)):
-            raise BadRequest(f"record header field 'tenant' must be a tenant name, got {tenant!r:.80}")
-        assert isinstance(key, bytes) and isinstance(ns, bytes)  # narrowed above, for the type checker
-        return cls(key, ns, length, digest, tokens, layout, dtype, tuple(shape), codec, version, tenant)  # type: ignore[arg-type]
+            raise f.fail("tenant", "a tenant name", tenant)
+        return cls(
+            key=f.blob("key", KEY_BYTES),
+            namespace=f.blob("ns", KEY_BYTES),
+            length=f.integer("len", lo=0),
+            checksum=f.integer("xxh3", lo=0),
+            tokens=f.integer("tokens", 0, lo=0),
+            layout=f.mapping("layout", {}),
+            dtype=dtype,
+            shape=tuple(shape),
+            codec=codec,
+            version=version,
+            tenant=tenant,
+        )
 
     @classmethod
     def decode(cls, data: Buffer) -> RecordHeader:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmcache_mesh.mesh.cluster import Cluster
@@ -28,6 +28,7 @@ from lmcache_mesh.transports.base import Tracker
 from lmcache_mesh.transports.relay import RelayTable
 from lmcache_mesh.transports.zmq import ZmqRouter
 
+from .admission import Job, admit
 from .endpoints import Routers
 from .errors import (
     BadRequest,
@@ -41,14 +42,36 @@ from .errors import (
 )
 from .keyring import TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
-from .protocol import Limits, Op, Request, decode_request, error_reply, ok_reply, peek_request_id
+from .protocol import Limits, Op, error_reply, ok_reply, peek_request_id
 from .records import Buffer, ChunkRecord, RecordHeader
-from .tenants import admit_headers, client_records, scope_fields
+from .requests import (
+    Announce,
+    Attach,
+    Body,
+    Delete,
+    Get,
+    Join,
+    Lookup,
+    Mesh,
+    Ping,
+    Put,
+    Rank,
+    Relay,
+    Request,
+    SignalBody,
+    Stats,
+    WhoHas,
+    decode_request,
+)
+from .tenants import client_records
 
 logger = logging.getLogger(__name__)
 
 Observer = Callable[[str, str, float], None]
 """Called after each request with (op name, outcome, seconds); must not block."""
+
+Reply = list[Any]
+"""A reply's frames: its header, then payload frames."""
 
 ReplyTo = Callable[[Sequence[Any]], Awaitable[None]]
 """Sends a reply (frames) back to whoever sent the request: a ROUTER peer or a WebRTC link."""
@@ -65,30 +88,7 @@ async def _no_reply(frames: Sequence[Any]) -> None:
 
 FROM_MEMBER = Sender()
 
-CLIENT_OPS = frozenset({Op.PING, Op.PUT, Op.GET, Op.LOOKUP, Op.DELETE, Op.RANK, Op.ANNOUNCE})
-"""What an engine's key may do: chunks, in its tenant (ANNOUNCE only of its own engine)."""
-
-ADMIN_OPS = CLIENT_OPS | {Op.STATS, Op.JOIN}
-"""An operator's key adds status and joining; gossip, relaying and signaling stay with nodes."""
-
 ONE_WAY_OPS = frozenset({Op.MESH, Op.RELAY, Op.SIGNAL})
-
-
-def _allowed(principal: Principal, req: Request) -> bool:
-    if principal.role is Role.NODE:
-        return True
-    ops = ADMIN_OPS if principal.role is Role.ADMIN else CLIENT_OPS
-    return req.op in ops and (req.op is not Op.ANNOUNCE or req.fields["route"])
-
-
-def _tenant(principal: Principal, req: Request) -> str:
-    """The tenant a request runs in; Forbidden if the sender may not name that one."""
-    asked = req.fields.get("tenant")
-    if asked is None or asked == principal.tenant:
-        return principal.tenant
-    if principal.any_tenant:
-        return str(asked)
-    raise Forbidden(f"key {principal.name!r} may not use tenant {asked!r}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,20 @@ class NodeServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_tasks: list[asyncio.Task[None]] = []
         self.relay = RelayTable()
+        self._handlers: dict[type[Body], Callable[[Any, float], Awaitable[Reply]]] = {
+            Ping: self._ping,
+            Put: self._put,
+            Get: self._get,
+            Lookup: self._lookup,
+            Delete: self._delete,
+            WhoHas: self._who_has,
+            Announce: self._announce,
+            Rank: self._rank,
+            Stats: self._stats,
+            Attach: self._attach_elsewhere,
+            Join: self._join,
+        }
+        """How each request type is answered (one-way ones go to :meth:`_one_way`)."""
         """Nodes behind NAT that reach the mesh through us."""
 
     def __repr__(self) -> str:
@@ -265,68 +279,46 @@ class NodeServer:
 
     async def _take(self, buffers: list[Buffer], reply_to: ReplyTo, sender: Sender) -> None:
         received = time.monotonic()
-        request: Request | MeshError
-        peer = sender.peer
+        job: Job[Any] | MeshError
         try:
-            request = self._admit(decode_request(buffers, self.limits), sender)
+            job = admit(decode_request(buffers, self.limits), sender)
         except MeshError as exc:
-            request = exc
-        if isinstance(request, Forbidden):
+            job = exc
+        if isinstance(job, Forbidden):
             self.forbidden += 1
-        if isinstance(request, Request) and request.op in ONE_WAY_OPS:
-            self._one_way(request, peer)  # gossip, forwarding and signaling get no reply
-        elif isinstance(request, Forbidden) and _peek_op(buffers, self.limits) in ONE_WAY_OPS:
+        if isinstance(job, Job) and job.op in ONE_WAY_OPS:
+            self._one_way(job.request, sender.peer)  # gossip, forwarding and signaling get no reply
+        elif isinstance(job, Forbidden) and _peek_op(buffers, self.limits) in ONE_WAY_OPS:
             self.node.count_error("FORBIDDEN")  # nobody waits for an answer
-        elif isinstance(request, Request) and request.op is Op.ATTACH and peer is not None:
-            if self.relay.attach(request.fields["name"], peer, request.fields["token"]):
-                await reply_to([ok_reply(request.id, relay=self.node.name)])
-            else:
-                error = Unavailable(
-                    f"name {request.fields['name']!r} is attached elsewhere, or this relay is full"
-                )
-                await reply_to([error_reply(request.id, error)])
-        elif isinstance(request, Request):
-            wait = self._may_wait(request)
-            busy = self._over_limit(sender.conn, request, wait)
+        elif isinstance(job, Job) and isinstance(job.body, Attach) and sender.peer is not None:
+            await reply_to([self._attach(job.request.id, job.body, sender.peer)])
+        elif isinstance(job, Job):
+            wait, local_hits = self._may_wait(job)
+            if local_hits is not None:
+                job = replace(job, local_hits=local_hits)
+            busy = self._over_limit(job.party, job.op, wait)
             if busy is not None:
                 self.busy += 1
                 await self._answer(reply_to, buffers, busy, received)
             elif wait:
-                self._hold(sender.conn)
-                task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, request, received))
+                self._hold(job.party)
+                task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, job, received))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:  # memory-only work never blocks: answering inline saves a task per request
-                await self._answer(reply_to, buffers, request, received)
+                await self._answer(reply_to, buffers, job, received)
         else:
-            await self._answer(reply_to, buffers, request, received)
+            await self._answer(reply_to, buffers, job, received)
 
-    def _admit(self, req: Request, sender: Sender) -> Request:
-        """The request as this sender may run it (keys scoped to its tenant); Forbidden if not."""
-        principal = sender.principal
-        req.fields["party"] = sender.conn
-        if not _allowed(principal, req):
-            raise Forbidden(f"key {principal.name!r} ({principal.role.value}) may not use {req.op.name}")
-        if req.op is Op.ATTACH and principal is not TRUSTED and req.fields["name"] != principal.name:
-            raise Forbidden(f"key {principal.name!r} may attach only under its own name")
-        if req.fields["scoped"]:
-            # A member forwarding keys it has scoped already (and records as labelled).
-            if principal.role is not Role.NODE:
-                raise Forbidden(f"key {principal.name!r} may not send scoped keys")
-            req.fields["tenant"] = None
-            return req
-        tenant = _tenant(principal, req)
-        req.fields["tenant"] = tenant
-        scope_fields(req.fields, tenant)
-        if req.op is Op.PUT:
-            req.fields["headers"] = admit_headers(req.fields["headers"], tenant)
-            if principal.role is not Role.NODE:
-                req.fields["replica"] = False  # a client's chunks always get their replicas
-        return req
+    def _attach(self, rid: int, body: Attach, peer: bytes) -> bytes:
+        if self.relay.attach(body.name, peer, body.token):
+            return ok_reply(rid, relay=self.node.name)
+        error = Unavailable(f"name {body.name!r} is attached elsewhere, or this relay is full")
+        return error_reply(rid, error)
 
-    def _over_limit(self, party: Hashable, req: Request, wait: bool) -> Busy | None:
-        """BUSY when taking ``req`` would pass a bound: requests waiting (in all, and for this
-        party) or reply bytes not yet sent to it."""
+    def _over_limit(self, party: Hashable, op: Op, wait: bool) -> Busy | None:
+        """BUSY when taking a request would pass a bound: requests waiting (in all, and for
+        this party) or reply bytes not yet sent to it."""
         cfg = self.node.config
         if wait:
             if self._busy_slots >= self._slots:
@@ -334,7 +326,7 @@ class NodeServer:
             waiting = self._inflight.get(party, 0)
             if waiting >= cfg.max_inflight_per_peer:
                 return Busy(f"{waiting} requests of yours in flight (limit {cfg.max_inflight_per_peer})")
-        if req.op is Op.GET:
+        if op is Op.GET:
             queued = self._queued_bytes(party)
             if queued >= cfg.max_inflight_bytes_per_peer:
                 return Busy(
@@ -354,68 +346,73 @@ class NodeServer:
         else:
             del self._inflight[party]
 
-    def _one_way(self, req: Request, peer: bytes | None) -> None:
-        if req.op is Op.MESH:
-            self._mesh_datagram(req)
-        elif req.op is Op.RELAY:
-            target = self.relay.identity(req.fields["to"]) if peer is not None else None
+    def _one_way(self, req: Request[Any], peer: bytes | None) -> None:
+        body = req.body
+        if isinstance(body, Mesh):
+            if self.mesh is None:
+                self.node.count_error("MESH_WITHOUT_CLUSTER")
+            else:
+                self.mesh.cluster.on_datagram(body.sender, bytes(req.payloads[0]))
+        elif isinstance(body, Relay):
+            target = self.relay.identity(body.to) if peer is not None else None
             if target is None:
                 self.node.count_error("RELAY_UNKNOWN_TARGET")
-                return
-            if not _relayable(req.payloads, self.limits):
+            elif not _relayable(req.payloads, self.limits):
                 self.node.count_error("RELAY_NOT_ALLOWED")
-                return
-            self.relay.forwarded += 1
-            assert self._public is not None  # attached over it
-            task = asyncio.create_task(self._public.send(target, req.payloads))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            else:
+                self.relay.forwarded += 1
+                assert self._public is not None  # attached over it
+                task = asyncio.create_task(self._public.send(target, req.payloads))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         elif self.mesh is None or self.mesh.on_signal is None:
             self.node.count_error("SIGNAL_WITHOUT_WEBRTC")
-        else:
-            self.mesh.on_signal(req.fields)
+        elif isinstance(body, SignalBody):
+            self.mesh.on_signal(body.signal)
 
-    def _mesh_datagram(self, req: Request) -> None:
-        if self.mesh is None:
-            self.node.count_error("MESH_WITHOUT_CLUSTER")
-            return
-        self.mesh.cluster.on_datagram(req.fields["from"], bytes(req.payloads[0]))
-
-    def _may_wait(self, req: Request) -> bool:
-        """True when answering may wait (disk, peers): such requests get a task and a slot."""
-        if req.op in (Op.DELETE, Op.RANK):
-            return True
-        if req.op is Op.GET:
-            return not self.node.store.in_memory(req.fields["keys"])
-        if req.op is Op.LOOKUP:
+    def _may_wait(self, job: Job[Any]) -> tuple[bool, int | None]:
+        """Whether answering may wait (disk, peers): such requests get a task and a slot;
+        and, for a LOOKUP, its hits here (so they are counted once)."""
+        body = job.body
+        if isinstance(body, (Delete, Rank)):
+            return True, None
+        if isinstance(body, Get):
+            return not self.node.store.in_memory(body.keys), None
+        if isinstance(body, Lookup):
+            mesh_wide = self._mesh_wide(body.local)
+            if not mesh_wide or body.holders:
+                return mesh_wide, None
             # A chain cached here entirely needs no peer: answer inline.
-            if not self._mesh_wide(req) or req.fields["holders"]:
-                return self._mesh_wide(req)
-            req.fields["local_hits"] = self.node.lookup(req.fields["keys"])  # reused by _dispatch
-            return bool(req.fields["local_hits"] < len(req.fields["keys"]))
-        return False
+            hits = self.node.lookup(body.keys)
+            return hits < len(body.keys), hits
+        return False, None
 
-    def _mesh_wide(self, req: Request) -> bool:
+    def _mesh_wide(self, local: bool) -> bool:
         c = self.coordinator
-        return c is not None and not req.fields["local"] and c.mesh_wide
+        return c is not None and not local and c.mesh_wide
 
     async def _answer_in_slot(
-        self, reply_to: ReplyTo, buffers: list[Any], request: Request, received: float
+        self, reply_to: ReplyTo, buffers: list[Any], job: Job[Any], received: float
     ) -> None:
         try:
-            await self._answer(reply_to, buffers, request, received)
+            await self._answer(reply_to, buffers, job, received)
         finally:
-            self._unhold(request.fields["party"])
+            self._unhold(job.party)
 
     async def _answer(
-        self, reply_to: ReplyTo, buffers: list[Any], request: Request | MeshError, received: float
+        self, reply_to: ReplyTo, buffers: list[Any], job: Job[Any] | MeshError, received: float
     ) -> None:
-        op_name = request.op.name if isinstance(request, Request) else "INVALID"
+        op_name = job.op.name if isinstance(job, Job) else "INVALID"
         outcome = "ok"
         try:
-            if isinstance(request, MeshError):
-                raise request
-            reply = await self._dispatch(request, received + request.timeout_ms / 1000.0)
+            if isinstance(job, MeshError):
+                raise job
+            deadline = received + job.request.timeout_ms / 1000.0
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"request {job.request.id} waited past its {job.request.timeout_ms} ms deadline"
+                )
+            reply = await self._handlers[type(job.body)](job, deadline)
         except MeshError as exc:
             outcome = exc.code.name
             self.node.count_error(exc.code.name)
@@ -435,109 +432,109 @@ class NodeServer:
         if self._observe is not None:
             self._observe(op_name, outcome, time.monotonic() - received)
 
-    async def _dispatch(self, req: Request, deadline: float) -> list[Any]:
-        if time.monotonic() > deadline:
-            raise DeadlineExceeded(f"request {req.id} waited past its {req.timeout_ms} ms deadline")
-        store = self.node.store
-        if req.op is Op.PING:
-            return [ok_reply(req.id, **self.node.ping())]
-        if req.op is Op.PUT:
-            # Verify every record before storing any: a bad one means nothing changes.
-            try:
-                records = [
-                    ChunkRecord.verified(h, _own(p))
-                    for h, p in zip(req.fields["headers"], req.payloads, strict=True)
-                ]
-            except ChecksumMismatch:
-                self.node.checksum_failures += 1
-                raise
-            self.node.put_records(records)
-            if req.fields["tenant"] is not None:
-                self.node.count_tenant(req.fields["tenant"], puts=len(records))
-            if self.coordinator is not None:
-                self.coordinator.directory.stored(records, replicate=not req.fields["replica"])
-            return [ok_reply(req.id, stored=len(records))]
-        if req.op is Op.GET:
-            keys = req.fields["keys"]
-            if store.in_memory(keys):
-                found = self.node.get_records(keys)
-            else:
-                found = await self._in_thread(
-                    self.node.get_records, keys, deadline=deadline, party=req.fields["party"]
-                )
-            if self.coordinator is not None and self._mesh_wide(req) and None in found:
-                found = await self.coordinator.reads.get(keys, found, deadline, req.fields["cost"])
-            tenant = req.fields["tenant"]
-            if tenant is None:  # a member's request: keys and records as stored
-                headers: list[RecordHeader | None] = [None if r is None else r.header for r in found]
-            else:
-                headers = client_records(found, req.fields["client_keys"], tenant)
-                found = [r if h is not None else None for r, h in zip(found, headers, strict=True)]
-            found, headers = _within(found, headers, self.limits.max_request_bytes)
-            if tenant is not None:
-                self.node.count_tenant(tenant, gets=len(keys), hits=sum(r is not None for r in found))
-            wire = [None if h is None else h.to_wire() for h in headers]
-            return [ok_reply(req.id, records=wire), *(r.payload for r in found if r is not None)]
-        if req.op is Op.LOOKUP:
-            keys = req.fields["keys"]
-            if req.fields["holders"] and self.coordinator is not None and self._mesh_wide(req):
-                hits, holders = await self.coordinator.reads.lookup(keys, deadline, req.fields["cost"])
-                return [ok_reply(req.id, hits=hits, holders=holders)]
-            cached = req.fields.get("local_hits")
-            hits = self.node.lookup(keys) if cached is None else int(cached)
-            if hits < len(keys) and self.coordinator is not None and self._mesh_wide(req):
-                # Only the part of the chain not cached here needs the owners.
-                more, _ = await self.coordinator.reads.lookup(keys[hits:], deadline, req.fields["cost"])
-                hits += more
-            if req.fields["holders"]:
-                return [
-                    ok_reply(req.id, hits=hits, holders=[[self.node.name]] * hits + [[] for _ in keys[hits:]])
-                ]
-            return [ok_reply(req.id, hits=hits)]
-        if req.op is Op.DELETE:
-            deleted = await self._in_thread(self.node.delete, req.fields["keys"], deadline=None)
-            if self.coordinator is not None:
-                self.coordinator.directory.removed(req.fields["keys"])
-            return [ok_reply(req.id, deleted=deleted)]
-        if req.op is Op.WHO_HAS:
-            holders = (
-                self.coordinator.directory.who_has(req.fields["keys"])
-                if self.coordinator
-                else [[] for _ in req.fields["keys"]]
-            )
-            return [ok_reply(req.id, holders=holders)]
-        if req.op is Op.ANNOUNCE:
-            f = req.fields
-            if self.coordinator is None:
-                if f["route"]:
-                    raise Unavailable(
-                        "this node is in no mesh (no tcp:// endpoint): it keeps no prefix index"
-                    )
-            elif f["route"]:
-                self.coordinator.directory.engine_announced(f["holder"], f["add"], f["remove"])
-            else:
-                self.coordinator.directory.on_announce(f["holder"], f["add"], f["remove"])
-            return [ok_reply(req.id)]
-        if req.op is Op.RANK:
-            keys, candidates = req.fields["keys"], req.fields["candidates"]
-            if self.coordinator is not None:
-                ranking = await self.coordinator.reads.rank(keys, candidates, deadline)
-            else:
-                n = self.node.lookup(keys)
-                ranking = sorted(
-                    ((c, n if c == self.node.name else 0) for c in candidates), key=lambda r: -r[1]
-                )
-            return [ok_reply(req.id, ranking=[list(r) for r in ranking])]
-        if req.op is Op.STATS:
-            return [ok_reply(req.id, stats=self.status())]
-        if req.op is Op.ATTACH:
-            raise BadRequest("ATTACH is only accepted over a ZeroMQ connection")
-        if req.op is Op.JOIN:
-            if self.mesh is None:
-                raise Unavailable("this node runs without a mesh")
-            self.mesh.cluster.join(req.fields["seeds"])
-            return [ok_reply(req.id, seeds=req.fields["seeds"])]
-        raise InternalError(f"op {req.op.name} has no handler")  # pragma: no cover - Op and this table agree
+    # the handlers: one per request type (one-way ones are in _one_way)
+
+    async def _ping(self, job: Job[Ping], deadline: float) -> Reply:
+        return [ok_reply(job.request.id, **self.node.ping())]
+
+    async def _put(self, job: Job[Put], deadline: float) -> Reply:
+        # Verify every record before storing any: a bad one means nothing changes.
+        try:
+            records = [
+                ChunkRecord.verified(h, _own(p))
+                for h, p in zip(job.body.headers, job.request.payloads, strict=True)
+            ]
+        except ChecksumMismatch:
+            self.node.checksum_failures += 1
+            raise
+        self.node.put_records(records)
+        if job.tenant is not None:
+            self.node.count_tenant(job.tenant, puts=len(records))
+        if self.coordinator is not None:
+            self.coordinator.directory.stored(records, replicate=not job.body.replica)
+        return [ok_reply(job.request.id, stored=len(records))]
+
+    async def _get(self, job: Job[Get], deadline: float) -> Reply:
+        keys = job.body.keys
+        if self.node.store.in_memory(keys):
+            found = self.node.get_records(keys)
+        else:
+            found = await self._in_thread(self.node.get_records, keys, deadline=deadline, party=job.party)
+        if self.coordinator is not None and self._mesh_wide(job.body.local) and None in found:
+            found = await self.coordinator.reads.get(keys, found, deadline, job.body.cost)
+        tenant = job.tenant
+        if tenant is None:  # a member's request: keys and records as stored
+            headers: list[RecordHeader | None] = [None if r is None else r.header for r in found]
+        else:
+            assert job.client_keys is not None
+            headers = client_records(found, job.client_keys, tenant)
+            found = [r if h is not None else None for r, h in zip(found, headers, strict=True)]
+        found, headers = _within(found, headers, self.limits.max_request_bytes)
+        if tenant is not None:
+            self.node.count_tenant(tenant, gets=len(keys), hits=sum(r is not None for r in found))
+        wire = [None if h is None else h.to_wire() for h in headers]
+        return [ok_reply(job.request.id, records=wire), *(r.payload for r in found if r is not None)]
+
+    async def _lookup(self, job: Job[Lookup], deadline: float) -> Reply:
+        body, rid = job.body, job.request.id
+        mesh_wide = self.coordinator is not None and self._mesh_wide(body.local)
+        if body.holders and mesh_wide:
+            assert self.coordinator is not None
+            hits, holders = await self.coordinator.reads.lookup(body.keys, deadline, body.cost)
+            return [ok_reply(rid, hits=hits, holders=holders)]
+        hits = self.node.lookup(body.keys) if job.local_hits is None else job.local_hits
+        if hits < len(body.keys) and mesh_wide:
+            assert self.coordinator is not None
+            # Only the part of the chain not cached here needs the owners.
+            more, _ = await self.coordinator.reads.lookup(body.keys[hits:], deadline, body.cost)
+            hits += more
+        if body.holders:
+            holders = [[self.node.name]] * hits + [[] for _ in body.keys[hits:]]
+            return [ok_reply(rid, hits=hits, holders=holders)]
+        return [ok_reply(rid, hits=hits)]
+
+    async def _delete(self, job: Job[Delete], deadline: float) -> Reply:
+        deleted = await self._in_thread(self.node.delete, job.body.keys, deadline=None)
+        if self.coordinator is not None:
+            self.coordinator.directory.removed(job.body.keys)
+        return [ok_reply(job.request.id, deleted=deleted)]
+
+    async def _who_has(self, job: Job[WhoHas], deadline: float) -> Reply:
+        keys = job.body.keys
+        holders = self.coordinator.directory.who_has(keys) if self.coordinator else [[] for _ in keys]
+        return [ok_reply(job.request.id, holders=holders)]
+
+    async def _announce(self, job: Job[Announce], deadline: float) -> Reply:
+        f = job.body
+        if self.coordinator is None:
+            if f.route:
+                raise Unavailable("this node is in no mesh (no tcp:// endpoint): it keeps no prefix index")
+        elif f.route:
+            self.coordinator.directory.engine_announced(f.holder, f.add, f.remove)
+        else:
+            self.coordinator.directory.on_announce(f.holder, f.add, f.remove)
+        return [ok_reply(job.request.id)]
+
+    async def _rank(self, job: Job[Rank], deadline: float) -> Reply:
+        keys, candidates = job.body.keys, job.body.candidates
+        if self.coordinator is not None:
+            ranking = await self.coordinator.reads.rank(keys, candidates, deadline)
+        else:
+            n = self.node.lookup(keys)
+            ranking = sorted(((c, n if c == self.node.name else 0) for c in candidates), key=lambda r: -r[1])
+        return [ok_reply(job.request.id, ranking=[list(r) for r in ranking])]
+
+    async def _stats(self, job: Job[Stats], deadline: float) -> Reply:
+        return [ok_reply(job.request.id, stats=self.status())]
+
+    async def _attach_elsewhere(self, job: Job[Attach], deadline: float) -> Reply:
+        raise BadRequest("ATTACH is only accepted over a ZeroMQ connection")
+
+    async def _join(self, job: Job[Join], deadline: float) -> Reply:
+        if self.mesh is None:
+            raise Unavailable("this node runs without a mesh")
+        self.mesh.cluster.join(job.body.seeds)
+        return [ok_reply(job.request.id, seeds=job.body.seeds)]
 
     async def _in_thread(
         self, fn: Callable[..., Any], *args: Any, deadline: float | None, party: Hashable = None

@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from .keys import KEY_BYTES
 from .records import ChunkRecord, RecordHeader
 
 KEY_FIELDS = ("keys", "add", "remove")
 """Request fields that hold chunk keys."""
+
+B = TypeVar("B")
 
 
 def scoped_key(tenant: str, key: bytes) -> bytes:
@@ -29,14 +32,14 @@ def scoped_key(tenant: str, key: bytes) -> bytes:
     return hashlib.blake2b(key, digest_size=KEY_BYTES, key=tenant.encode(), person=b"lmcache-tenant").digest()
 
 
-def scope_fields(fields: dict[str, object], tenant: str) -> None:
-    """Scope every chunk key of a decoded request in place; ``client_keys`` keeps the originals."""
-    for name in KEY_FIELDS:
-        keys = fields.get(name)
-        if isinstance(keys, list):
-            if name == "keys":
-                fields["client_keys"] = keys
-            fields[name] = [scoped_key(tenant, k) for k in keys]
+def scope_body(body: B, tenant: str) -> B:
+    """A request body with every chunk key scoped to ``tenant`` (a new body; the old one stays)."""
+    changes = {
+        name: [scoped_key(tenant, k) for k in getattr(body, name)]
+        for name in KEY_FIELDS
+        if hasattr(body, name)
+    }
+    return replace(body, **changes) if changes else body
 
 
 def client_records(

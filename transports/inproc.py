@@ -3,7 +3,9 @@
 Every transport created by one :class:`InProcNetwork` shares its event queue. Delivery
 takes a seeded random delay; messages may be lost (seeded), reordered (by the delay jitter)
 or blocked by a partition. Nothing sleeps: :meth:`InProcNetwork.run_until` jumps from event
-to event, so a simulated hour of gossip among 500 nodes takes seconds.
+to event, so a simulated hour of gossip among 500 nodes takes seconds. Given a
+``scheduler`` (a virtual-time asyncio loop, say), the network keeps no clock of its own:
+deliveries are timers on that scheduler, which then runs everything on one clock.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .base import Receiver
+from .base import Handle, Receiver, Scheduler
 
 
 @dataclass(slots=True)
@@ -43,6 +45,7 @@ class InProcNetwork:
         seed: int = 0,
         loss: float = 0.0,
         delay_s: tuple[float, float] = (0.001, 0.005),
+        scheduler: Scheduler | None = None,
     ) -> None:
         if not 0.0 <= loss < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {loss}")
@@ -52,6 +55,8 @@ class InProcNetwork:
         self.loss = loss
         self.delay_s = delay_s
         self.stats = NetworkStats()
+        self.scheduler = scheduler
+        """Whose clock and timers deliveries use; None: this network's own (:meth:`run_until`)."""
         self._now = 0.0
         self._queue: list[tuple[float, int, _Timer, Callable[[], object]]] = []
         self._seq = itertools.count()
@@ -65,18 +70,22 @@ class InProcNetwork:
     # Scheduler
 
     def time(self) -> float:
-        return self._now
+        return self._now if self.scheduler is None else self.scheduler.time()
 
-    def call_at(self, when: float, callback: Callable[[], object]) -> _Timer:
+    def call_at(self, when: float, callback: Callable[[], object]) -> Handle:
+        if self.scheduler is not None:
+            return self.scheduler.call_at(when, callback)
         timer = _Timer()
         heapq.heappush(self._queue, (max(when, self._now), next(self._seq), timer, callback))
         return timer
 
-    def call_later(self, delay: float, callback: Callable[[], object]) -> _Timer:
-        return self.call_at(self._now + delay, callback)
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Handle:
+        return self.call_at(self.time() + delay, callback)
 
     def run_until(self, t: float, max_events: int = 50_000_000) -> int:
         """Run every event due up to virtual time ``t``; returns how many ran."""
+        if self.scheduler is not None:
+            raise RuntimeError("this network runs on its scheduler's clock: run that instead")
         ran = 0
         while self._queue and self._queue[0][0] <= t:
             when, _, timer, callback = heapq.heappop(self._queue)
@@ -115,6 +124,10 @@ class InProcNetwork:
     def heal(self) -> None:
         self._group = {}
 
+    def reachable(self, src: str, dst: str) -> bool:
+        """``dst`` is attached and no partition separates it from ``src``."""
+        return dst in self._endpoints and self._group.get(src, 0) == self._group.get(dst, 0)
+
     def _route(self, src: str, dst: str, data: bytes) -> None:
         self.stats.sent += 1
         self.stats.bytes_sent += len(data)
@@ -126,7 +139,7 @@ class InProcNetwork:
             self.stats.lost += 1
             return
         delay = self.rng.uniform(*self.delay_s)
-        self.call_at(self._now + delay, lambda: self._deliver(src, dst, data))
+        self.call_at(self.time() + delay, lambda: self._deliver(src, dst, data))
 
     def _deliver(self, src: str, dst: str, data: bytes) -> None:
         endpoint = self._endpoints.get(dst)

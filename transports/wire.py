@@ -20,7 +20,9 @@ Raise = Callable[[str], Exception]
 _REQUIRED: Any = object()
 
 
-def unpack_map(data: bytes | bytearray | memoryview, limit: int, what: str, bad: Raise, too_large: Raise) -> dict[str, Any]:
+def unpack_map(
+    data: bytes | bytearray | memoryview, limit: int, what: str, bad: Raise, too_large: Raise
+) -> dict[str, Any]:
     """Decode a msgpack map of at most ``limit`` bytes; ``too_large`` or ``bad`` naming ``what``."""
     if len(data) > limit:
         raise too_large(f"{what} of {len(data)} bytes exceeds the limit of {limit}")
@@ -59,10 +61,8 @@ class Fields:
         return self._bad(f"{self._prefix} {name!r} must be {must}{got}")
 
     def _value(self, name: str, default: Any) -> Any:
-        value = self._m.get(name, default)
-        if value is _REQUIRED:
-            raise self.fail(name, "present")
-        return value
+        """The field's value; a missing required one reads as None, which no check accepts."""
+        return self._m.get(name, None if default is _REQUIRED else default)
 
     def flag(self, name: str, default: bool = False) -> bool:
         value = self._value(name, default)
@@ -71,7 +71,12 @@ class Fields:
         return value
 
     def integer(
-        self, name: str, default: Any = _REQUIRED, lo: int | None = None, hi: int | None = None, must: str = ""
+        self,
+        name: str,
+        default: Any = _REQUIRED,
+        lo: int | None = None,
+        hi: int | None = None,
+        must: str = "",
     ) -> int:
         value = self._value(name, default)
         if not is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.node.client import Client
-from lmcache_mesh.node.config import DEFAULT_PORT, ENV_PREFIX, NodeConfig, _parse_bool
+from lmcache_mesh.node.config import DEFAULT_PORT, ENV_PREFIX, SETTINGS, NodeConfig
 from lmcache_mesh.node.errors import MeshError
 from lmcache_mesh.node.keyring import (
     Role,
@@ -37,7 +37,7 @@ from lmcache_mesh.node.keyring import (
     write_key_pair,
 )
 from lmcache_mesh.node.node import VERSION
-from lmcache_mesh.node.sizes import format_count, format_size, parse_size
+from lmcache_mesh.node.sizes import format_count, format_size
 from lmcache_mesh.transports import TransportError
 from lmcache_mesh.transports.curve import CurveClient
 
@@ -50,26 +50,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
     run = sub.add_parser("run", help="run a cache node in the foreground (SIGTERM/SIGINT stop it cleanly)")
     run.add_argument("--config", metavar="FILE", help=f"TOML config file (also {ENV_PREFIX}CONFIG)")
-    for name, key, meta in NodeConfig.options():
-        default = NodeConfig.default_of(name)
-        if meta["parse"] is parse_size:
-            default = format_size(default)
-        elif isinstance(default, tuple):
-            default = " ".join(default)
-        env = f"env {ENV_PREFIX}{key.replace('-', '_').upper()}"
-        # an empty default means "none" or is explained by the help text itself
-        help_text = f"{meta['help']} ({f'default: {default}; ' if default != '' else ''}{env})"
-        kwargs: dict[str, Any] = {
-            "dest": key,
-            "metavar": meta["metavar"] or key.upper().replace("-", "_"),
-            "help": help_text,
-        }
-        if key in ("listen", "join"):
-            kwargs["action"] = "append"
-        if meta["parse"] is _parse_bool:
-            kwargs["nargs"] = "?"  # `--nat` alone means true
-            kwargs["const"] = "true"
-        run.add_argument(f"--{key}", **kwargs)
+    SETTINGS.add_arguments(run)  # one flag per NodeConfig setting, help from its docstring
 
     sample = sub.add_parser(
         "sample-config", help="print a config file documenting every setting at its default"
@@ -189,7 +170,7 @@ def _cmd_sample_config(args: argparse.Namespace) -> int:
         key, eq, raw = item.partition("=")
         if not eq:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = NodeConfig.value_from_text(key, raw)
+        key, value = SETTINGS.from_text(key, raw)
         values[key] = value
     print(NodeConfig.sample_toml(values), end="")
     return 0
@@ -200,12 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging()
 
-    overrides: dict[str, Any] = {}
-    for _, key, _ in NodeConfig.options():
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = ",".join(value) if key in ("listen", "join") else value
-    return run(NodeConfig.from_environment(args.config, overrides))
+    return run(NodeConfig.from_environment(args.config, SETTINGS.flag_values(args)))
 
 
 def _print_status(s: dict[str, Any]) -> None:

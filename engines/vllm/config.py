@@ -5,43 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..store import StoreConfig, adapter_store_config, check_adapter_settings
+from ..adapter_config import AdapterConfig
 
 
-@dataclass(frozen=True)
-class VllmMeshConfig:
-    """``kv_connector_extra_config`` keys of ``MeshConnector``; defaults suit a node on the same machine."""
+@dataclass(frozen=True, kw_only=True)
+class VllmMeshConfig(AdapterConfig):
+    """``kv_connector_extra_config`` keys of ``MeshConnector``: the shared
+    :class:`~lmcache_mesh.engines.adapter_config.AdapterConfig` fields, plus these. Defaults
+    suit a node on the same machine."""
 
-    node: str | None = None
-    """address of a running node (``tcp://HOST:PORT`` / ``ipc:///PATH``); None = a node embedded in
-    each engine process (scheduler and workers would then not share it: use a node)"""
-    chunk_tokens: int = 256
-    """tokens per chunk; a multiple of the engine's block size"""
-    tenant: str | None = None
-    """namespace salt, and the node-side tenant of every request: tenants never share chunks"""
-    key_file: str | None = None
-    """CurveZMQ key pair file (``lmcache-node keygen --role client``) for a tcp:// node"""
-    server_key: str | None = None
-    """that node's public key: Z85 text or its ``node.key`` file"""
-    lookup_timeout_s: float = 0.25
-    fetch_timeout_s: float = 2.0
-    retry_after_s: float = 5.0
     max_pending_save_bytes: int = 1 << 30
-    """KV waiting to be stored; past it new saves are dropped (counted), never waited on"""
+    """KV bytes waiting to be stored; past it new saves are dropped (counted), never waited on.
+    Twice the llama.cpp default: a GPU engine produces KV faster than the host stores it."""
     load_failure_policy: str = "recompute"
-    """what vLLM does when a load fails: "recompute" the tokens (a cache may forget) or "fail" the request"""
-    fingerprint_cache_dir: str | None = None
+    """What vLLM does when a load fails: "recompute" the tokens (a cache may forget) or "fail"
+    the request."""
     engine_name: str | None = None
-    """this engine's name in the mesh index (``<node>/<engine_name>``); default ``vllm-<engine id>``"""
+    """This engine's name in the mesh index (``<node>/<engine_name>``); default ``vllm-<engine id>``."""
     ingest_events: bool = True
-    """when the engine publishes KV events (``kv_events_config``), feed them to the mesh index"""
-    cost_aware: bool = True
-    """count and load a remote chunk only when fetching it is estimated faster than recomputing"""
-    prefill_tokens_per_s: float | None = None
-    """this engine's prefill rate for those estimates; None = measured from its own steps"""
+    """When the engine publishes KV events (``kv_events_config``), feed them to the mesh index."""
 
     def __post_init__(self) -> None:
-        check_adapter_settings(self)
+        super().__post_init__()
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(
                 f"load_failure_policy must be 'recompute' or 'fail', got {self.load_failure_policy!r}"
@@ -58,6 +43,3 @@ class VllmMeshConfig:
                 f"known: {', '.join(sorted(known))}"
             )
         return cls(**extra)
-
-    def store_config(self) -> StoreConfig:
-        return adapter_store_config(self)

@@ -9,6 +9,7 @@ engine's key in another tenant), and the node's records stay as they were.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,18 +36,17 @@ from lmcache_mesh.node.errors import Busy, ErrorCode, Forbidden
 from lmcache_mesh.node.keyring import MEMBER, Principal, Role, Sender
 from lmcache_mesh.node.protocol import (
     PROTOCOL_VERSION,
-    SIGNAL_KINDS,
     Limits,
     Op,
-    Request,
     decode_reply,
-    decode_request,
     error_reply,
     get_results,
     ok_reply,
 )
+from lmcache_mesh.node.requests import Request, SignalBody, decode_request
 from lmcache_mesh.node.records import TENANT_RE, RecordHeader, checksum
 from lmcache_mesh.node.service import NodeServer
+from lmcache_mesh.transports.webrtc import SIGNAL_KINDS
 
 from .strategies import FUZZ, RECORDS, Fuzz, fuzzed, is_int, pack, record_header_map
 
@@ -213,7 +213,16 @@ def expected_reply_id(frames: Sequence[bytes], limit: int) -> int:
     return rid if isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0 else 0
 
 
-def check_request(req: Request, frames: Sequence[bytes], limits: Limits) -> None:
+def fields_of(req: Request[Any]) -> dict[str, Any]:
+    """A typed request's fields under their wire names ("from" for ``sender``)."""
+    body = req.body.signal if isinstance(req.body, SignalBody) else req.body
+    out: dict[str, Any] = {"tenant": req.tenant, "scoped": req.scoped}
+    for f in dataclasses.fields(body):
+        out["from" if f.name == "sender" else f.name] = getattr(body, f.name)
+    return out
+
+
+def check_request(req: Request[Any], frames: Sequence[bytes], limits: Limits) -> None:
     """Every bound decode_request promises, checked against the raw header."""
     m = header_map(frames[0], limits.max_header_bytes)
     assert m is not None
@@ -222,7 +231,7 @@ def check_request(req: Request, frames: Sequence[bytes], limits: Limits) -> None
     assert is_int(req.timeout_ms) and req.timeout_ms > 0
     assert [bytes(p) for p in req.payloads] == list(frames[1:])
     assert sum(len(p) for p in req.payloads) <= limits.max_request_bytes
-    f = req.fields
+    f = fields_of(req)
     assert f["tenant"] == m.get("tenant") and (f["tenant"] is None or TENANT_RE.match(f["tenant"]))
     if req.op is Op.PUT:
         assert 0 < len(f["headers"]) == len(req.payloads) <= limits.max_keys
@@ -448,7 +457,7 @@ async def take(
 
 def verified(req: Request) -> bool:
     try:
-        for h, p in zip(req.fields["headers"], req.payloads, strict=True):
+        for h, p in zip(fields_of(req)["headers"], req.payloads, strict=True):
             ChunkRecord.verified(h, p)
     except ChecksumMismatch:
         return False
@@ -495,7 +504,7 @@ def test_a_server_answers_garbage_with_typed_errors_and_keeps_its_records(
         assert msgpack.unpackb(got[0][0])["id"] == expected_reply_id(frames, server.limits.max_header_bytes)
         assert node.errors[req.code.name] == errors_before.get(req.code.name, 0) + 1
         return
-    engine_may = req.op in ENGINE_OPS and (req.op is not Op.ANNOUNCE or req.fields["route"])
+    engine_may = req.op in ENGINE_OPS and (req.op is not Op.ANNOUNCE or fields_of(req)["route"])
     if one_way:  # no reply; counted as refused, or as what this node lacks to act on it
         counted = {k for k, n in node.errors.items() if n != errors_before.get(k, 0)}
         event(f"{req.op.name} as {principal.name}: {', '.join(sorted(counted))}")
@@ -519,12 +528,12 @@ def test_a_server_answers_garbage_with_typed_errors_and_keeps_its_records(
     # Whatever the keys, a reply never carries bytes the node does not hold for them, and an
     # engine in tenant t1 never reaches the default space's records.
     if req.op is Op.LOOKUP:
-        assert 0 <= ok.fields["hits"] <= len(req.fields["keys"])
+        assert 0 <= ok.fields["hits"] <= len(fields_of(req)["keys"])
         assert principal is MEMBER or ok.fields["hits"] == 0
     if req.op is Op.GET:
-        found, bad = get_results(ok, req.fields["keys"])  # the keys as the client sent them
+        found, bad = get_results(ok, fields_of(req)["keys"])  # the keys as the client sent them
         assert bad == 0
-        for key, rec in zip(req.fields["keys"], found, strict=True):
+        for key, rec in zip(fields_of(req)["keys"], found, strict=True):
             if rec is not None:
                 assert principal is MEMBER and key in served.stored
                 assert (rec.header, bytes(rec.payload)) == served.stored[key]

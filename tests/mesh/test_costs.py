@@ -6,7 +6,8 @@ import pytest
 
 from lmcache_mesh.mesh.costs import PeerStats, fetch_window, nearest_first, worth_prefix
 from lmcache_mesh.node.errors import BadRequest
-from lmcache_mesh.node.protocol import Cost, Limits, Op, decode_request, request_header
+from lmcache_mesh.node.protocol import Cost, Limits, Op, request_header
+from lmcache_mesh.node.requests import decode_request
 
 MB = 1_000_000
 
@@ -61,7 +62,7 @@ def test_a_malformed_cost_hint_is_a_bad_request(cost: object) -> None:
 
 def test_a_cost_hint_is_decoded() -> None:
     header = request_header(Op.LOOKUP, 1, 1000, keys=[bytes(16)], cost=Cost(0.5, 1024).to_wire())
-    assert decode_request([header], Limits()).fields["cost"] == Cost(0.5, 1024)
+    assert decode_request([header], Limits()).body.cost == Cost(0.5, 1024)
 
 
 def test_old_estimates_count_as_unknown_so_slow_peers_get_measured_again(

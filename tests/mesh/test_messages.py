@@ -38,7 +38,7 @@ def _map(**m: object) -> bytes:
     "data, message",
     [
         (b"\xc1", "not valid msgpack"),
-        (msgpack.packb([1]), "must be a map"),
+        (msgpack.packb([1]), "must be a msgpack map"),
         (_map(v=2), r"mesh version 2 not supported; must be in range \[1, 1\]"),
         (_map(t=99), "unknown message type 99"),
         (_map(src=""), "src, sa, tg and ta must be strings"),

@@ -7,7 +7,8 @@ import pytest
 
 from lmcache_mesh.node import BadRequest, ChunkRecord, TooLarge, UnknownOp, UnsupportedVersion
 from lmcache_mesh.node.errors import ErrorCode, error_from_wire
-from lmcache_mesh.node.protocol import Limits, Op, decode_request, peek_request_id, request_header
+from lmcache_mesh.node.protocol import Limits, Op, peek_request_id, request_header
+from lmcache_mesh.node.requests import decode_request
 
 LIMITS = Limits(max_header_bytes=4096, max_record_bytes=1000, max_keys=8)
 REC = ChunkRecord.build(b"k" * 16, b"x" * 10, b"n" * 16)
@@ -19,16 +20,16 @@ def hdr(**m: object) -> bytes:
 
 def test_valid_requests_decode() -> None:
     r = decode_request([request_header(Op.GET, 3, 50, keys=[b"a" * 16])], LIMITS)
-    assert (r.op, r.id, r.timeout_ms, r.fields["keys"]) == (Op.GET, 3, 50, [b"a" * 16])
+    assert (r.op, r.id, r.timeout_ms, r.body.keys) == (Op.GET, 3, 50, [b"a" * 16])
     r = decode_request([hdr(op=2, records=[REC.header.to_wire()]), b"x" * 10], LIMITS)
-    assert r.op is Op.PUT and r.fields["headers"] == [REC.header] and len(r.payloads) == 1
+    assert r.op is Op.PUT and r.body.headers == [REC.header] and len(r.payloads) == 1
     assert decode_request([hdr(op=1)], LIMITS).op is Op.PING
     r = decode_request([hdr(op=7, **{"from": "tcp://127.0.0.1:1"}), b"gossip"], LIMITS)
-    assert r.op is Op.MESH and r.fields["from"] == "tcp://127.0.0.1:1" and r.payloads == [b"gossip"]
+    assert r.op is Op.MESH and r.body.sender == "tcp://127.0.0.1:1" and r.payloads == [b"gossip"]
     r = decode_request([hdr(op=9, holder="n1", add=[b"a" * 16])], LIMITS)
-    assert (r.fields["holder"], r.fields["add"], r.fields["remove"]) == ("n1", [b"a" * 16], [])
+    assert (r.body.holder, r.body.add, r.body.remove) == ("n1", [b"a" * 16], [])
     r = decode_request([hdr(op=4, keys=[b"a" * 16], local=True, holders=True)], LIMITS)
-    assert r.fields["local"] and r.fields["holders"]
+    assert r.body.local and r.body.holders
 
 
 @pytest.mark.parametrize(
@@ -127,6 +128,6 @@ def test_malformed_relay_and_signaling_requests_are_bad_requests(op: Op, fields:
 
 def test_relay_and_signaling_requests_decode() -> None:
     req = decode_request([request_header(Op.RELAY, 1, 1000, to="edge"), b"inner", b"payload"], Limits())
-    assert req.fields["to"] == "edge" and [bytes(p) for p in req.payloads] == [b"inner", b"payload"]
+    assert req.body.to == "edge" and [bytes(p) for p in req.payloads] == [b"inner", b"payload"]
     sig = {"from": "webrtc://h:1/a", "name": "a", "session": "s1", "kind": "refuse", "reason": "no"}
-    assert decode_request([request_header(Op.SIGNAL, 1, 1000, **sig)], Limits()).fields["sdp"] == ""
+    assert decode_request([request_header(Op.SIGNAL, 1, 1000, **sig)], Limits()).body.signal.sdp == ""

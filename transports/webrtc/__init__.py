@@ -10,15 +10,17 @@ offers, and the membership proof each link must pass before it carries a request
 
 from .framing import FramingError, Reassembler, pieces
 from .link import Dialing, LinkClosed, WebRTCConfig, WebRTCLink, answer, offer, sdp_fingerprint
-from .peering import LinkConduit, LinkUnavailable, WebRTCPeering
+from .peering import SIGNAL_KINDS, LinkConduit, LinkUnavailable, Signal, WebRTCPeering
 
 __all__ = [
+    "SIGNAL_KINDS",
     "Dialing",
     "FramingError",
     "LinkClosed",
     "LinkConduit",
     "LinkUnavailable",
     "Reassembler",
+    "Signal",
     "WebRTCConfig",
     "WebRTCLink",
     "WebRTCPeering",

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import msgpack
@@ -56,6 +56,28 @@ class LinkUnavailable(TransportError, ConnectionError):
     """No WebRTC link to that member (now): it failed, was refused, or is shutting down."""
 
 
+SIGNAL_KINDS = ("offer", "answer", "refuse")
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One WebRTC signaling message: an offer, its answer, or a refusal, for one session."""
+
+    sender: str
+    """Where the sender is reached (its member address): answers and refusals go there."""
+    name: str
+    """The sender's member name."""
+    session: str
+    kind: str
+    """One of :data:`SIGNAL_KINDS`."""
+    sdp: str = ""
+    """The offer or answer ("" for a refusal)."""
+    reason: str = ""
+    """Why a link was refused."""
+    channels: int = 0
+    """Data channels the offer opens (0: the answerer's default)."""
+
+
 P = TypeVar("P")
 """Who a proven peer is to the node (its principal); opaque here."""
 
@@ -80,7 +102,7 @@ class WebRTCPeering(Generic[P]):
 
     ``name`` and ``address()`` are this node's; ``member_address(name)`` is where a live
     member is (None if it is not one); ``send_signal(address, fields)`` sends one SIGNAL
-    there; ``principal_of(name)`` says who a proven member is now (None: no longer allowed).
+    there (a :class:`Signal`); ``principal_of(name)`` says who a proven member is now (None: no longer allowed).
     """
 
     def __init__(
@@ -88,7 +110,7 @@ class WebRTCPeering(Generic[P]):
         name: Callable[[], str],
         address: Callable[[], str],
         member_address: Callable[[str], str | None],
-        send_signal: Callable[[str, dict[str, Any]], None],
+        send_signal: Callable[[str, Signal], None],
         principal_of: Callable[[str], P | None],
         config: WebRTCConfig,
         secret: bytes | Callable[[str], bytes | None] = b"",
@@ -264,22 +286,21 @@ class WebRTCPeering(Generic[P]):
 
     # answering (we serve)
 
-    def on_signal(self, f: dict[str, Any]) -> None:
+    def on_signal(self, signal: Signal) -> None:
         """A SIGNAL message arrived (directly or through our relay)."""
-        kind = f["kind"]
-        if kind == "offer":
-            self._spawn(self._accept(f))
+        if signal.kind == "offer":
+            self._spawn(self._accept(signal))
             return
-        future = self._answers.get(f["session"])
+        future = self._answers.get(signal.session)
         if future is None or future.done():
             self.counters["webrtc_stray_signals"] += 1
-        elif kind == "answer":
-            future.set_result(f["sdp"])
+        elif signal.kind == "answer":
+            future.set_result(signal.sdp)
         else:
-            future.set_exception(LinkUnavailable(f"{f['name']} refused the link: {f['reason']}"))
+            future.set_exception(LinkUnavailable(f"{signal.name} refused the link: {signal.reason}"))
 
-    async def _accept(self, f: dict[str, Any]) -> None:
-        name, address, session = f["name"], f["from"], f["session"]
+    async def _accept(self, f: Signal) -> None:
+        name, address, session = f.name, f.sender, f.session
         if self._member_address(name) != address:
             self.counters["webrtc_refused"] += 1
             logger.warning("x WebRTC offer from %s at %s refused: not a live member there", name, address)
@@ -289,7 +310,7 @@ class WebRTCPeering(Generic[P]):
             self.counters["webrtc_refused"] += 1
             self._signal(address, session, "refuse", reason="directly reachable: use ZeroMQ")
             return
-        if f["channels"] > MAX_OFFERED_CHANNELS:
+        if f.channels > MAX_OFFERED_CHANNELS:
             self.counters["webrtc_refused"] += 1
             self._signal(address, session, "refuse", reason=f"more than {MAX_OFFERED_CHANNELS} channels")
             return
@@ -300,7 +321,7 @@ class WebRTCPeering(Generic[P]):
         self._accepting += 1  # held from here, so a burst of offers cannot pass the check at once
         try:
             link, sdp = await answer(
-                self.config, f["sdp"], label=f"{name}->{self.me}", channels=f["channels"] or None
+                self.config, f.sdp, label=f"{name}->{self.me}", channels=f.channels or None
             )
         except LinkClosed as exc:
             self.counters["webrtc_refused"] += 1
@@ -347,16 +368,8 @@ class WebRTCPeering(Generic[P]):
             self._spawn(one(list(frames), principal))
 
     def _signal(self, to: str, session: str, kind: str, sdp: str = "", reason: str = "") -> None:
-        fields: dict[str, Any] = {
-            "from": self._address(),
-            "name": self.me,
-            "session": session,
-            "kind": kind,
-            "sdp": sdp,
-            "reason": reason,
-            "channels": self.config.channels,
-        }
-        self._send_signal(to, fields)
+        signal = Signal(self._address(), self.me, session, kind, sdp, reason, self.config.channels)
+        self._send_signal(to, signal)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
