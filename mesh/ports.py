@@ -26,9 +26,10 @@ class Record(Protocol):
 
 
 R = TypeVar("R", bound=Record)
+R_in = TypeVar("R_in", bound=Record, contravariant=True)
 
 
-class Holdings(Protocol[R]):
+class Holdings(Protocol[R_in]):
     """This node's own tiers. Must not block the loop for long (memory and index lookups)."""
 
     def present(self, keys: Sequence[bytes]) -> list[bool]:
@@ -39,7 +40,7 @@ class Holdings(Protocol[R]):
         """Every key held here (a copy)."""
         ...
 
-    def put_records(self, records: Sequence[R]) -> None:
+    def put_records(self, records: Sequence[R_in]) -> None:
         """Keep these records here (all or none); raises a MeshError such as NoSpace."""
         ...
 

@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -158,9 +158,8 @@ class Uplink:
             credentials = self._curve(relay) if self._curve is not None else None
         except LookupError as exc:
             raise TransportError(str(exc)) from None
-        sock = dealer(
-            self._ctx, relay, self._max_message_bytes, credentials
-        )  # raises before we drop the old one
+        # raises before we drop the old one
+        sock = cast(zmq.asyncio.Socket, dealer(self._ctx, relay, self._max_message_bytes, credentials))
         if self._sock is not None:
             self._sock.close(0)
         self._sock = sock

@@ -13,7 +13,7 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -195,7 +195,7 @@ class ZmqConduit:
     def __init__(self, address: str, curve: CurveClient | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         try:
-            self._sock = dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve)
+            self._sock = cast(zmq.asyncio.Socket, dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve))
         except BaseException:
             self._ctx.term()
             raise

@@ -433,9 +433,9 @@ class LinkConduit:
             and (self._link.result() is link)
         )
 
-    def deliver(self, frames: list[Buffer]) -> None:
+    def deliver(self, frames: Sequence[Buffer]) -> None:
         try:
-            self._inbox.put_nowait(frames)
+            self._inbox.put_nowait(list(frames))
         except asyncio.QueueFull:  # replies nobody asked for: dropped, counted
             self._peering.counters["webrtc_replies_dropped"] += 1
 
