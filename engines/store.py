@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lmcache_mesh.node.client import Client
@@ -100,7 +100,7 @@ def _open_embedded(config: NodeConfig) -> Node:
         return node
     except (OSError, MeshError) as exc:
         logger.warning("embedded node: disk tier unavailable (%s); caching in memory only", exc)
-        node = Node(replace(config, disk_bytes=0))
+        node = Node(config.with_(disk_bytes=0))
         node.open()
         return node
 

@@ -54,8 +54,8 @@ class StorageSettings:
     between them."""
 
     data_dir: str = setting(default_factory=default_data_dir, metavar="DIR")
-    """Directory of the disk tier and node state (locked against a second node). Default:
-    $XDG_DATA_HOME/lmcache-mesh, else ~/.local/share/lmcache-mesh."""
+    """Directory of the disk tier and node state, locked against a second node (by default
+    lmcache-mesh under $XDG_DATA_HOME, else under ~/.local/share)."""
     memory_bytes: int = setting(1 << 30, key="memory")
     """Memory tier budget in bytes, e.g. 512MiB or 4GiB (S3-FIFO eviction; evictions are
     written back to disk). More: more hits at memory speed, less memory for the engine."""

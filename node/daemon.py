@@ -44,18 +44,19 @@ PEER_TIMEOUT_S = 2.0
 
 
 def _warn_if_disk_budget_exceeds_free_space(config: NodeConfig) -> None:
-    if config.disk_bytes <= 0:
+    storage = config.storage
+    if storage.disk_bytes <= 0:
         return
     try:
-        free = shutil.disk_usage(config.data_path).free
+        free = shutil.disk_usage(storage.data_path).free
     except OSError:
         return
-    if config.disk_bytes > free:
+    if storage.disk_bytes > free:
         logger.warning(
             "disk budget %s exceeds the %s free at %s; writes beyond that fail and are counted",
-            format_size(config.disk_bytes),
+            format_size(storage.disk_bytes),
             format_size(free),
-            config.data_path,
+            storage.data_path,
         )
 
 
@@ -75,8 +76,8 @@ def _on_loop(
 
 def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
     """The tcp:// address peers should use for this node (None: ipc only, no mesh)."""
-    if config.advertise:
-        return config.advertise
+    if config.mesh.advertise:
+        return config.mesh.advertise
     tcp = next((b for b in bound if b.startswith("tcp://")), None)
     if tcp is None:
         return None
@@ -145,12 +146,12 @@ def _place(node: Node, bound: list[str], keyring: Keyring | None) -> str | None:
     cfg = node.config
     if keyring is not None:
         node.name = keyring.name
-    if cfg.nat:
+    if cfg.mesh.nat:
         # No address of our own: peers reach us as webrtc://RELAY/NAME through the first seed.
         tcp = next((b for b in bound if b.startswith("tcp://")), None)
         if not cfg.name and keyring is None:
             node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
-        return webrtc_address(split_seed(cfg.join[0])[1], node.name)
+        return webrtc_address(split_seed(cfg.mesh.join[0])[1], node.name)
     address = advertised_address(cfg, bound)
     if address is None:
         logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")
@@ -162,19 +163,19 @@ def _place(node: Node, bound: list[str], keyring: Keyring | None) -> str | None:
 
 def _webrtc_config(cfg: NodeConfig) -> WebRTCConfig:
     return WebRTCConfig(
-        ice_servers=cfg.ice_servers,
-        turn_username=cfg.turn_username or None,
-        turn_password=cfg.turn_password or None,
-        host_addresses=cfg.webrtc_host_addresses,
-        channels=cfg.webrtc_channels,
-        max_message_bytes=cfg.max_request_bytes + (1 << 20),
+        ice_servers=cfg.webrtc.ice_servers,
+        turn_username=cfg.webrtc.turn_username or None,
+        turn_password=cfg.webrtc.turn_password or None,
+        host_addresses=cfg.webrtc.host_addresses,
+        channels=cfg.webrtc.channels,
+        max_message_bytes=cfg.limits.max_request_bytes + (1 << 20),
     )
 
 
 def _webrtc_available(cfg: NodeConfig) -> bool:
     if importlib.util.find_spec("aiortc") is not None:
         return True
-    if cfg.nat:
+    if cfg.mesh.nat:
         raise SystemExit(
             "lmcache-node: --nat needs WebRTC: pip install -e '.[webrtc]' in the lmcache-mesh checkout"
         )
@@ -188,7 +189,7 @@ class _Mesh:
 
     def __init__(self, node: Node, address: str, keyring: Keyring | None) -> None:
         cfg = node.config
-        weight = max((cfg.memory_bytes + cfg.disk_bytes) / (1 << 30), 0.01)
+        weight = max((cfg.storage.memory_bytes + cfg.storage.disk_bytes) / (1 << 30), 0.01)
 
         def curve(endpoint: str) -> CurveClient:
             # Whose key to expect at an address is what the membership says lives there.
@@ -199,9 +200,9 @@ class _Mesh:
         self.cluster = Cluster(
             node.name,
             address,
-            cfg.zone,
+            cfg.mesh.zone,
             weight,
-            PROFILES[cfg.mesh_profile](),
+            PROFILES[cfg.mesh.profile](),
             ZmqDatagramTransport(address, mesh_envelope, route_to, curve=curve_for),
             seed_address=keyring.remember_seed if keyring is not None else lambda seed: split_seed(seed)[1],
         )
@@ -216,16 +217,16 @@ class _Mesh:
                 _webrtc_config(cfg),
                 # With CurveZMQ keys, each pair of nodes proves itself with a secret only the
                 # two can compute; otherwise with the shared --mesh-secret.
-                keyring.pair_secret if keyring is not None else cfg.mesh_secret.encode(),
-                accept_offers=cfg.nat,
+                keyring.pair_secret if keyring is not None else cfg.webrtc.mesh_secret.encode(),
+                accept_offers=cfg.mesh.nat,
             )
             self.cluster.subscribe(on_gone=self.peering.forget)
-        self.uplink = self._uplink(node, curve_for) if cfg.nat else None
+        self.uplink = self._uplink(node, curve_for) if cfg.mesh.nat else None
         self.coordinator: MeshCoordinator[ChunkRecord] = MeshCoordinator(
             self.cluster,
             NodeHoldings(node),
             PeerPool(PEER_TIMEOUT_S, links=self.peering, curve=curve_for),
-            replicas=cfg.replicas,
+            replicas=cfg.mesh.replicas,
         )
         sections: dict[str, Callable[[], dict[str, Any]]] = {}
         if self.peering is not None:
@@ -254,7 +255,7 @@ class _Mesh:
                 (m for m in self.cluster.membership.members.values() if reachability(m.address) == "direct"),
                 key=lambda m: (m.state is not State.ALIVE, m.state is not State.SUSPECT, m.name),
             )
-            seeds = [self.cluster.seed_address(j) for j in cfg.join]
+            seeds = [self.cluster.seed_address(j) for j in cfg.mesh.join]
             return list(dict.fromkeys([*seeds, *(m.address for m in direct)]))
 
         return Uplink(
@@ -262,7 +263,7 @@ class _Mesh:
             relays,
             AttachWire(),
             lambda relay: self.cluster.readdress(webrtc_address(relay, node.name)),
-            cfg.max_header_bytes + cfg.max_record_bytes,
+            cfg.limits.max_header_bytes + cfg.limits.max_record_bytes,
             curve=curve,
         )
 
@@ -278,10 +279,10 @@ class _Mesh:
 
             self.peering.start(serve)
         if self.uplink is not None:
-            self.uplink.start(self.cluster.seed_address(cfg.join[0]), server.take_relayed)
+            self.uplink.start(self.cluster.seed_address(cfg.mesh.join[0]), server.take_relayed)
         node.store.watch_forgotten(_on_loop(loop, self.coordinator.directory.removed))
         self.coordinator.start()
-        self.cluster.start(loop, cfg.join)
+        self.cluster.start(loop, cfg.mesh.join)
 
     async def stop(self) -> None:
         await self.coordinator.aclose()
@@ -303,8 +304,8 @@ async def serve(node: Node, keyring: Keyring | None = None) -> int:
         node, observe=latency.observe, keyring=keyring, routers=routers, mesh=mesh.parts if mesh else None
     )
     metrics = NodeMetrics(server.status, latency)
-    if cfg.metrics_port:
-        metrics.serve(cfg.metrics_host, cfg.metrics_port)
+    if cfg.metrics.port:
+        metrics.serve(cfg.metrics.host, cfg.metrics.port)
     try:
         await server.start()
         if mesh is not None:
@@ -319,20 +320,25 @@ async def _until_signalled(
 ) -> int:
     cfg = node.config
     bound = server.routers.bound
-    disk = f"disk {format_size(cfg.disk_bytes)} at {cfg.data_path}" if cfg.disk_bytes else "no disk tier"
+    storage = cfg.storage
+    disk = (
+        f"disk {format_size(storage.disk_bytes)} at {storage.data_path}"
+        if storage.disk_bytes
+        else "no disk tier"
+    )
     report = node.open()
     print(
         f"lmcache-node {node.name} v{VERSION} serving on {' '.join(bound)} "
-        f"(memory {format_size(cfg.memory_bytes)}, {disk}; recovered {report.recovered} chunks, "
+        f"(memory {format_size(storage.memory_bytes)}, {disk}; recovered {report.recovered} chunks, "
         f"discarded {report.discarded})",
         flush=True,
     )
     if mesh is not None:
-        joining = f"; joining {' '.join(cfg.join)}" if cfg.join else ""
-        if cfg.nat:
+        joining = f"; joining {' '.join(cfg.mesh.join)}" if cfg.mesh.join else ""
+        if cfg.mesh.nat:
             joining += " (behind NAT: relayed, WebRTC for data)"
         print(
-            f"mesh: {node.name} at {mesh.cluster.membership.me.address} ({cfg.mesh_profile} timings){joining}",
+            f"mesh: {node.name} at {mesh.cluster.membership.me.address} ({cfg.mesh.profile} timings){joining}",
             flush=True,
         )
     if keyring is not None:
@@ -347,8 +353,8 @@ async def _until_signalled(
             "(lmcache-node keygen turns it on)",
             flush=True,
         )
-    if cfg.metrics_port:
-        print(f"metrics on http://{cfg.metrics_host}:{cfg.metrics_port}/metrics", flush=True)
+    if cfg.metrics.port:
+        print(f"metrics on http://{cfg.metrics.host}:{cfg.metrics.port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -377,8 +383,8 @@ def configure_logging() -> None:
 def run(config: NodeConfig) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit code."""
     configure_logging()
-    if config.disk_bytes > 0:
-        config.data_path.mkdir(parents=True, exist_ok=True)
+    if config.storage.disk_bytes > 0:
+        config.storage.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP during recovery must not kill the node
     keyring = load_keyring(config)

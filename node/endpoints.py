@@ -20,7 +20,7 @@ class Routers:
     def __init__(self, config: NodeConfig, keyring: Keyring | None = None) -> None:
         # Frames a little above our own limits still reach us, so they get an error reply;
         # libzmq drops the connection of a peer sending anything larger.
-        max_frame = max(config.max_record_bytes, config.max_header_bytes) + FRAME_SLACK_BYTES
+        max_frame = max(config.limits.max_record_bytes, config.limits.max_header_bytes) + FRAME_SLACK_BYTES
         public = [ep for ep in config.listen if ep.startswith("tcp://")]
         local = [ep for ep in config.listen if not ep.startswith("tcp://")]
         curve = CurveServer(keyring.keys, keyring.authorize) if keyring is not None else None

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from lmcache_mesh.transports.curve import BadKey, CurveClient, CurveKeyPair, check_key, decode_key
 
-from .config import read_toml, split_seed
+from .config import split_seed
 from .records import TENANT_RE
+from .settings import read_toml
 
 NAME_RE = re.compile(r"^[^\s#/@]{1,255}$")
 """Names hold no '/' (engine holders are NODE/ENGINE) and no '@' (seeds are NAME@ADDR)."""

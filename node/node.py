@@ -36,9 +36,10 @@ class Node:
     def __init__(self, config: NodeConfig | None = None) -> None:
         self.config = config or NodeConfig()
         disk = None
-        if self.config.disk_bytes > 0:
-            disk = DiskTier(self.config.data_path, self.config.disk_bytes, self.config.writeback_queue_bytes)
-        self.store = TieredStore(MemoryTier(self.config.memory_bytes), disk)
+        storage = self.config.storage
+        if storage.disk_bytes > 0:
+            disk = DiskTier(storage.data_path, storage.disk_bytes, storage.writeback_queue_bytes)
+        self.store = TieredStore(MemoryTier(storage.memory_bytes), disk)
         self.name = self.config.name or socket.gethostname()
         self.addresses: list[str] = []
         """Where this node is served (set when its server binds); empty when embedded."""
@@ -84,7 +85,7 @@ class Node:
                 self._state = "closed"
                 return 0
             self._state = "closed"
-        return self.store.close(persist=self.config.persist_on_shutdown)
+        return self.store.close(persist=self.config.storage.persist_on_shutdown)
 
     def _ready(self) -> None:
         if self._state != "open":
@@ -175,7 +176,7 @@ class Node:
                 "name": self.name,
                 "address": address,
                 "addresses": list(self.addresses),
-                "zone": self.config.zone,
+                "zone": self.config.mesh.zone,
                 "version": VERSION,
                 "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started_at, 3),
@@ -190,7 +191,7 @@ class Node:
                 {
                     "name": self.name,
                     "address": address,
-                    "zone": self.config.zone,
+                    "zone": self.config.mesh.zone,
                     "state": "alive",
                     "reachability": "direct",
                     "incarnation": 0,

@@ -120,13 +120,16 @@ class NodeServer:
         self.keyring = keyring
         self.mesh = mesh
         self.limits = Limits(
-            cfg.max_header_bytes, cfg.max_record_bytes, cfg.max_keys_per_request, cfg.max_request_bytes
+            cfg.limits.max_header_bytes,
+            cfg.limits.max_record_bytes,
+            cfg.limits.max_keys_per_request,
+            cfg.limits.max_request_bytes,
         )
         self.routers = routers or Routers(cfg, keyring)
         self._public, self._local = self.routers.public, self.routers.local
         self.coordinator = mesh.coordinator if mesh is not None else None
         self._observe = observe
-        self._slots = max(cfg.max_inflight_requests, 1)
+        self._slots = max(cfg.limits.max_inflight_requests, 1)
         self._busy_slots = 0
         self._inflight: dict[Hashable, int] = {}
         """Requests waiting (disk, peers) per party: a client's key, or a connection."""
@@ -186,7 +189,7 @@ class NodeServer:
                 **self.mesh.coordinator.stats(),
                 **{name: section() for name, section in self.mesh.sections.items()},
             }
-            if not self.node.config.nat:  # nodes behind NAT may attach to us
+            if not self.node.config.mesh.nat:  # nodes behind NAT may attach to us
                 doc["mesh"]["relaying"] = {"attached": self.relay.names(), "forwarded": self.relay.forwarded}
         doc["security"] = self.security_stats()
         return doc
@@ -319,7 +322,7 @@ class NodeServer:
     def _over_limit(self, party: Hashable, op: Op, wait: bool) -> Busy | None:
         """BUSY when taking a request would pass a bound: requests waiting (in all, and for
         this party) or reply bytes not yet sent to it."""
-        cfg = self.node.config
+        cfg = self.node.config.limits
         if wait:
             if self._busy_slots >= self._slots:
                 return Busy(f"node busy: {self._slots} requests in flight")

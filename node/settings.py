@@ -161,8 +161,13 @@ class Setting:
     kind: str
     """SIZE, INT, BOOL, LIST or TEXT: how its text is read"""
     metavar: str
+    """its placeholder in ``--help`` (``SIZE``)"""
     help: str
+    """its attribute docstring, one paragraph: ``--help`` text and sample-file comment"""
     dataclass_field: dataclasses.Field[Any]
+
+    def __repr__(self) -> str:
+        return f"<Setting {self.path} --{self.key} {self.kind}>"
 
     @property
     def path(self) -> str:
@@ -171,7 +176,7 @@ class Setting:
 
     def default(self) -> Any:
         f = self.dataclass_field
-        return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        return f.default_factory() if f.default is MISSING and callable(f.default_factory) else f.default
 
     def parse(self, raw: Any) -> Any:
         """``raw`` (text, or a TOML value) as the setting's type; ValueError if it is not one."""
@@ -305,16 +310,16 @@ class Schema(Generic[T]):
         at the top or under ``[node]`` (as earlier releases wrote them)."""
         out: dict[str, Any] = {}
         node = table.get("node")
-        items = [*((k, v) for k, v in table.items() if k != "node")]
+        items = [(k, v) for k, v in table.items() if not (k == "node" and isinstance(v, dict))]
         if isinstance(node, dict):
-            items += list(node.items())
+            items += node.items()
         for key, raw in items:
             if key in self.sections and isinstance(raw, dict):
                 for inner, value in raw.items():
                     s = self.find(inner, f"{source} [{key}]")
                     if s.section != key:
-                        where = f"[{s.section}]" if s.section else "the top of the file"
-                        raise ValueError(f"{source} [{key}]: {s.key!r} belongs in {where}")
+                        where = f"in [{s.section}]" if s.section else "at the top, before any [section]"
+                        raise ValueError(f"{source} [{key}]: {s.key!r} belongs {where}")
                     self._put(out, s, value, source)
             else:
                 self._put(out, self.find(key, source), raw, source)
@@ -425,13 +430,21 @@ class Schema(Generic[T]):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """A ``--KEY`` flag per setting, its help the setting's docstring, its default and its
-        environment variable. A list flag may be repeated; ``--BOOL`` alone means true."""
+        environment variable, grouped by section. A list flag may be repeated; ``--BOOL`` alone
+        means true."""
+        groups: dict[str, Any] = {"": parser}
+        for section, cls in self.sections.items():
+            doc = " ".join(inspect.cleandoc(cls.__doc__ or "").split())
+            title = f"{section} settings ([{section}] in a config file)"
+            groups[section] = parser.add_argument_group(title, doc.replace("%", "%%"))
         for s in self.settings:
             default = s.default()
             if s.kind == SIZE:
                 default = format_size(default)
             elif s.kind == LIST:
                 default = " ".join(default)
+            elif s.kind == BOOL:
+                default = _toml_value(default)
             # an empty default means "none" or is explained by the help text itself
             shown = f"default: {default}; " if default != "" else ""
             repeat = "repeat or comma-separate; " if s.kind == LIST else ""
@@ -445,4 +458,4 @@ class Schema(Generic[T]):
             if s.kind == BOOL:
                 kwargs["nargs"] = "?"
                 kwargs["const"] = "true"
-            parser.add_argument(f"--{s.key}", **kwargs)
+            groups[s.section].add_argument(f"--{s.key}", **kwargs)

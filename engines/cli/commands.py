@@ -181,7 +181,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging()
 
-    return run(NodeConfig.from_environment(args.config, SETTINGS.flag_values(args)))
+    code: int = run(NodeConfig.from_environment(args.config, SETTINGS.flag_values(args)))
+    return code
 
 
 def _print_status(s: dict[str, Any]) -> None:
@@ -365,4 +366,3 @@ def main(
         return 1
     except KeyboardInterrupt:
         return 130
-

@@ -117,13 +117,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     node_config = None if args.node else _embedded_config(args)
     if node_config is not None:
+        storage = node_config.storage
         disk = (
-            f"disk {format_size(node_config.disk_bytes)} in {node_config.data_dir}"
-            if node_config.disk_bytes
+            f"disk {format_size(storage.disk_bytes)} in {storage.data_dir}"
+            if storage.disk_bytes
             else "no disk tier"
         )
         logging.getLogger(__name__).info(
-            "embedded node: memory %s, %s", format_size(node_config.memory_bytes), disk
+            "embedded node: memory %s, %s", format_size(storage.memory_bytes), disk
         )
     mesh = LlamaMeshConfig(
         node=args.node,

@@ -16,7 +16,7 @@ class VllmMeshConfig(AdapterConfig):
 
     max_pending_save_bytes: int = 1 << 30
     """KV bytes waiting to be stored; past it new saves are dropped (counted), never waited on.
-    Twice the llama.cpp default: a GPU engine produces KV faster than the host stores it."""
+    Twice the shared default: one vLLM step saves the KV of a whole batch of requests."""
     load_failure_policy: str = "recompute"
     """What vLLM does when a load fails: "recompute" the tokens (a cache may forget) or "fail"
     the request."""

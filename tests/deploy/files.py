@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lmcache_mesh.engines.cli import build_parser
-from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig
+from lmcache_mesh.node.config import ENV_PREFIX, SETTINGS, NodeConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -26,11 +26,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, env: dict[str, str]) -> NodeConfig:
     """The NodeConfig ``lmcache-node run`` would build from these flags and environment."""
-    overrides = {
-        key: ",".join(value) if isinstance(value, list) else value
-        for _, key, _ in NodeConfig.options()
-        if (value := getattr(args, key)) is not None
-    }
+    overrides = SETTINGS.flag_values(args)
     return NodeConfig.load(args.config or env.get(ENV_PREFIX + "CONFIG"), env=env, overrides=overrides)
 
 

@@ -25,7 +25,8 @@ import yaml
 from lmcache_mesh.engines.cli import build_parser
 from lmcache_mesh.engines.llamacpp.tinymodel import PRESETS
 from lmcache_mesh.node import chunk_keys
-from lmcache_mesh.node.config import ENV_PREFIX, NodeConfig, read_toml
+from lmcache_mesh.node.config import ENV_PREFIX, SETTINGS, NodeConfig
+from lmcache_mesh.node.settings import read_toml
 
 from ..conftest import DaemonFactory
 from ..helpers import free_port, payload
@@ -35,21 +36,23 @@ from .files import DEPLOY, dockerfile, image_env, lmcache_node, parse, run_confi
 def test_the_sample_config_documents_every_setting_and_is_what_the_generator_writes(tmp_path: Path) -> None:
     path = DEPLOY / "lmcache-node.toml"
     text = path.read_text()
-    values = read_toml(path, "sample")["node"]
+    values = SETTINGS.file_values(read_toml(path, "sample"), "sample")
     assert text == NodeConfig.sample_toml(values), "regenerate with `lmcache-node sample-config --set ...`"
     # ...and deploy/README.md's command for it writes exactly this file
     readme = (DEPLOY / "README.md").read_text()
     command = re.search(r"^lmcache-node (sample-config .*?) > deploy/lmcache-node.toml$", readme, re.M | re.S)
     assert command is not None, "deploy/README.md shows the command that writes lmcache-node.toml"
     assert lmcache_node(shlex.split(command.group(1).replace("\\\n", " "))) == text
-    for _, key, _ in NodeConfig.options():
-        assert re.search(rf"^#? ?{re.escape(key)} = ", text, re.M), f"{key} is not in the sample"
+    for s in SETTINGS.settings:
+        assert re.search(rf"^#? ?{re.escape(s.key)} = ", text, re.M), f"{s.key} is not in the sample"
     cfg = NodeConfig.load(path, env={})
-    assert cfg.data_dir == "/var/lib/lmcache-mesh" and cfg.mesh_profile == "wan"
+    assert cfg.storage.data_dir == "/var/lib/lmcache-mesh" and cfg.mesh.profile == "wan"
     # every commented-out default is itself a valid setting
     every = tmp_path / "every.toml"
     every.write_text(re.sub(r"^# ([a-z][a-z-]* = )", r"\1", text, flags=re.M))
-    assert set(read_toml(every, "sample")["node"]) == {key for _, key, _ in NodeConfig.options()}
+    assert set(SETTINGS.file_values(read_toml(every, "sample"), "sample")) == {
+        s.key for s in SETTINGS.settings
+    }
     NodeConfig.load(every, env={})
 
 
@@ -76,7 +79,7 @@ def test_the_image_settings_and_health_check_are_real(tmp_path: Path) -> None:
     text = dockerfile()
     env = image_env(tmp_path)
     cfg = NodeConfig.load(env[ENV_PREFIX + "CONFIG"], env=env)
-    assert cfg.data_dir == "/var/lib/lmcache-mesh" and cfg.metrics_port == 9109
+    assert cfg.storage.data_dir == "/var/lib/lmcache-mesh" and cfg.metrics.port == 9109
     assert any(ep.startswith("ipc://") for ep in cfg.listen) and any(
         ep.startswith("tcp://") for ep in cfg.listen
     )
@@ -114,8 +117,8 @@ def test_every_compose_service_runs_a_real_command_with_real_settings(tmp_path: 
         if args.command == "run":
             cfg = run_config(args, env)
             names.add(cfg.name)
-            assert cfg.advertise == f"tcp://{name}:7700", f"{name} must advertise its service name"
-            joined += [(name, j) for j in cfg.join]
+            assert cfg.mesh.advertise == f"tcp://{name}:7700", f"{name} must advertise its service name"
+            joined += [(name, j) for j in cfg.mesh.join]
         else:
             assert args.command == "serve" and args.node == "tcp://edge-node:7700"
             assert args.model.startswith("/models/")

@@ -120,16 +120,19 @@ def test_cloud_nodes_are_a_statefulset_with_volumes_seeds_zones_and_scrape_annot
         args = parse(node_argv(node["args"][0], f"lmcache-mesh-{i}"))
         assert args.command == "run"
         configs[i] = cfg = run_config(args, env={})
-        assert cfg.name == f"lmcache-mesh-{i}" and cfg.zone == "zone-a"
-        assert cfg.memory_bytes == parse_size(values["memory"]) and cfg.disk_bytes == parse_size(
-            values["disk"]
-        )
-        assert cfg.replicas == values["chunkReplicas"] and cfg.metrics_port == 9109
+        assert cfg.name == f"lmcache-mesh-{i}" and cfg.mesh.zone == "zone-a"
+        storage = cfg.storage
+        assert storage.memory_bytes == parse_size(values["memory"])
+        assert storage.disk_bytes == parse_size(values["disk"])
+        assert cfg.mesh.replicas == values["chunkReplicas"] and cfg.metrics.port == 9109
         assert any(ep.startswith("ipc://") for ep in cfg.listen)
     # every pod's seed is pod 0's advertised address (pod 0 ignores itself as a seed)
-    seeds = {seed for cfg in configs.values() for seed in cfg.join}
-    assert seeds == {f"lmcache-mesh-0@{configs[0].advertise}"}
-    assert configs[1].advertise == "tcp://lmcache-mesh-1.lmcache-mesh-headless.lmcache.svc.cluster.local:7700"
+    seeds = {seed for cfg in configs.values() for seed in cfg.mesh.join}
+    assert seeds == {f"lmcache-mesh-0@{configs[0].mesh.advertise}"}
+    assert (
+        configs[1].mesh.advertise
+        == "tcp://lmcache-mesh-1.lmcache-mesh-headless.lmcache.svc.cluster.local:7700"
+    )
 
 
 def test_the_edge_values_fix_the_zone_and_join_the_cloud_mesh() -> None:
@@ -139,11 +142,11 @@ def test_the_edge_values_fix_the_zone_and_join_the_cloud_mesh() -> None:
     spec = one(docs, "StatefulSet")["spec"]["template"]["spec"]
     assert "initContainers" not in spec
     cfg = run_config(parse(node_argv(spec["containers"][0]["args"][0], "lmcache-mesh-0")), env={})
-    assert cfg.zone == "edge" and cfg.mesh_profile == "wan" and cfg.memory_bytes == 2 << 30
-    assert edge["join"][0] in cfg.join
+    assert cfg.mesh.zone == "edge" and cfg.mesh.profile == "wan" and cfg.storage.memory_bytes == 2 << 30
+    assert edge["join"][0] in cfg.mesh.join
     # ...as the cloud's own pods name their seed (NAME@ADDR: reachable with CurveZMQ on too)
     cloud = one(render(), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
-    (cloud_seed,) = run_config(parse(node_argv(cloud["args"][0], "lmcache-mesh-1")), env={}).join
+    (cloud_seed,) = run_config(parse(node_argv(cloud["args"][0], "lmcache-mesh-1")), env={}).mesh.join
     assert edge["join"][0] == cloud_seed
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from lmcache_mesh.engines.store import MeshStore, StoreConfig
 from lmcache_mesh.node import ChunkRecord, NodeConfig
+from lmcache_mesh.node.config import StorageSettings
 from lmcache_mesh.node.errors import Unavailable
 
 from ..helpers import Daemon, free_port, payload
@@ -53,7 +54,9 @@ def test_a_dead_node_costs_one_timeout_then_instant_misses(ns: bytes, keys: list
 
 
 def test_an_embedded_node_whose_data_dir_is_taken_falls_back_to_memory(tmp_path, ns, keys) -> None:  # type: ignore[no-untyped-def]
-    config = NodeConfig(data_dir=str(tmp_path), memory_bytes=1 << 20, disk_bytes=1 << 20)
+    config = NodeConfig(
+        storage=StorageSettings(data_dir=str(tmp_path), memory_bytes=1 << 20, disk_bytes=1 << 20)
+    )
     first = MeshStore(StoreConfig(node_config=config))
     second = MeshStore(StoreConfig(node_config=config))
     try:

@@ -16,9 +16,11 @@ from vllm.v1.request import Request  # noqa: E402
 from lmcache_mesh.engines.store import MeshStore, StoreConfig  # noqa: E402
 from lmcache_mesh.engines.vllm.scheduler import SchedulerSide  # noqa: E402
 from lmcache_mesh.node import ChunkRecord, NodeConfig, chunk_keys, namespace_id  # noqa: E402
+from lmcache_mesh.node.config import StorageSettings  # noqa: E402
 
 NS = namespace_id(b"weights", {"engine": "vllm"}, 64)
 C, BS = 64, 32
+MEMORY_ONLY = NodeConfig(storage=StorageSettings(memory_bytes=1 << 20, disk_bytes=0))
 
 
 def request(rid: str, tokens: list[int], **kw: object) -> Request:
@@ -27,7 +29,7 @@ def request(rid: str, tokens: list[int], **kw: object) -> Request:
 
 @pytest.fixture
 def side() -> SchedulerSide:
-    store = MeshStore(StoreConfig(node_config=NodeConfig(memory_bytes=1 << 20, disk_bytes=0)))
+    store = MeshStore(StoreConfig(node_config=MEMORY_ONLY))
     return SchedulerSide(NS, C, BS, store)
 
 
@@ -100,7 +102,7 @@ def test_chunk_size_must_be_whole_blocks(side: SchedulerSide) -> None:
 def test_lookups_carry_the_engines_recompute_cost_and_loads_keep_it() -> None:
     from lmcache_mesh.engines.prefill import PrefillRate
 
-    store = MeshStore(StoreConfig(node_config=NodeConfig(memory_bytes=1 << 20, disk_bytes=0)))
+    store = MeshStore(StoreConfig(node_config=MEMORY_ONLY))
     side = SchedulerSide(NS, C, BS, store, PrefillRate(configured=640.0), chunk_bytes=8)
     tokens = list(range(1, 201))
     cache(side, tokens, 3)
@@ -116,7 +118,7 @@ def test_the_prefill_rate_is_measured_from_step_times() -> None:
 
     from lmcache_mesh.engines.prefill import PrefillRate
 
-    store = MeshStore(StoreConfig(node_config=NodeConfig(memory_bytes=1 << 20, disk_bytes=0)))
+    store = MeshStore(StoreConfig(node_config=MEMORY_ONLY))
     side = SchedulerSide(NS, C, BS, store, PrefillRate(), chunk_bytes=8)
     side.build_meta(step(scheduled={"a": 512}))
     time.sleep(0.1)

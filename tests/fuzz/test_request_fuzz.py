@@ -32,6 +32,7 @@ from lmcache_mesh.node import (
     UnknownOp,
     UnsupportedVersion,
 )
+from lmcache_mesh.node.config import LimitsSettings, StorageSettings
 from lmcache_mesh.node.errors import Busy, ErrorCode, Forbidden
 from lmcache_mesh.node.keyring import MEMBER, Principal, Role, Sender
 from lmcache_mesh.node.protocol import (
@@ -412,13 +413,17 @@ def served() -> Iterator[Served]:
     cfg = NodeConfig(
         name="fuzz",
         listen=("tcp://127.0.0.1:0",),
-        data_dir="/tmp/lmcache-mesh-fuzz-unused",  # disk_bytes=0: never touched
-        memory_bytes=1 << 20,
-        disk_bytes=0,
-        max_header_bytes=LIMITS.max_header_bytes,
-        max_record_bytes=LIMITS.max_record_bytes,
-        max_keys_per_request=LIMITS.max_keys,
-        max_request_bytes=LIMITS.max_request_bytes,
+        storage=StorageSettings(
+            data_dir="/tmp/lmcache-mesh-fuzz-unused",  # disk_bytes=0: never touched
+            memory_bytes=1 << 20,
+            disk_bytes=0,
+        ),
+        limits=LimitsSettings(
+            max_header_bytes=LIMITS.max_header_bytes,
+            max_record_bytes=LIMITS.max_record_bytes,
+            max_keys_per_request=LIMITS.max_keys,
+            max_request_bytes=LIMITS.max_request_bytes,
+        ),
     )
     node = Node(cfg)
     node.open()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from lmcache_mesh.node import ChunkRecord, Node, NodeConfig
+from lmcache_mesh.node.config import LimitsSettings, StorageSettings
 from lmcache_mesh.node.errors import ErrorCode, MeshError
 from lmcache_mesh.node.keyring import TRUSTED, Principal, Role, Sender
 from lmcache_mesh.node.protocol import Op, Reply, decode_reply, get_results, put_request, request_header
@@ -33,8 +34,9 @@ PEER = Sender(Principal("node-b", Role.NODE), conn="node-b")
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, **config: Any) -> None:
-        self.node = Node(NodeConfig(name="n", listen=(), data_dir=str(tmp_path), disk_bytes=0, **config))
+    def __init__(self, tmp_path: Path, **limits: Any) -> None:
+        storage = StorageSettings(data_dir=str(tmp_path), disk_bytes=0)
+        self.node = Node(NodeConfig(name="n", listen=(), storage=storage, limits=LimitsSettings(**limits)))
         self.node.open()
         self.server = NodeServer(self.node)
         self._ids = iter(range(1, 1 << 30))

@@ -7,14 +7,25 @@ from pathlib import Path
 import pytest
 
 from lmcache_mesh.node import NodeConfig
+from lmcache_mesh.node.config import SETTINGS, MeshSettings, StorageSettings
+
+KEYS_OF_EARLIER_RELEASES = """
+    name listen data-dir memory disk zone join advertise replicas mesh-profile nat mesh-secret
+    ice-servers turn-username turn-password webrtc-host-addresses webrtc-channels curve key
+    authorized-keys metrics-port metrics-host max-record max-header max-request max-keys
+    max-inflight max-inflight-per-peer max-inflight-bytes-per-peer writeback-queue
+    persist-on-shutdown
+""".split()
+"""Every flag (--KEY), environment variable (LMCACHE_MESH_KEY) and TOML key that worked before
+the settings had sections: each must keep working, with the same meaning."""
 
 
 def test_defaults_are_sane() -> None:
     c = NodeConfig()
     assert c.listen == ("tcp://127.0.0.1:7700",)
-    assert c.memory_bytes == 1 << 30 and c.disk_bytes == 4 << 30
-    assert c.name == "" and c.join == () and c.mesh_profile == "lan"  # name: HOST:PORT, decided at start
-    assert c.data_dir.endswith("lmcache-mesh")
+    assert c.storage.memory_bytes == 1 << 30 and c.storage.disk_bytes == 4 << 30
+    assert c.name == "" and c.mesh.join == () and c.mesh.profile == "lan"  # name: HOST:PORT, decided at start
+    assert c.storage.data_dir.endswith("lmcache-mesh")
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
@@ -22,18 +33,94 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> No
     f.write_text('[node]\nmemory = "256MiB"\ndisk = "1GiB"\nzone = "file-zone"\ndata_dir = "/from/file"\n')
     env = {"LMCACHE_MESH_DISK": "2GiB", "LMCACHE_MESH_ZONE": "env-zone", "UNRELATED": "x"}
     c = NodeConfig.load(f, env=env, overrides={"zone": "flag-zone"})
-    assert c.memory_bytes == 256 << 20  # file
-    assert c.disk_bytes == 2 << 30  # env beats file
-    assert c.zone == "flag-zone"  # flag beats env
-    assert c.data_dir == "/from/file"
-    assert c.max_record_bytes == NodeConfig().max_record_bytes  # default
+    assert c.storage.memory_bytes == 256 << 20  # file
+    assert c.storage.disk_bytes == 2 << 30  # env beats file
+    assert c.mesh.zone == "flag-zone"  # flag beats env
+    assert c.storage.data_dir == "/from/file"
+    assert c.limits.max_record_bytes == NodeConfig().limits.max_record_bytes  # default
 
 
 def test_file_without_a_node_table_and_lists(tmp_path: Path) -> None:
     f = tmp_path / "node.toml"
     f.write_text('listen = ["tcp://127.0.0.1:9000", "ipc:///tmp/x.sock"]\npersist-on-shutdown = false\n')
     c = NodeConfig.load(f, env={})
-    assert c.listen == ("tcp://127.0.0.1:9000", "ipc:///tmp/x.sock") and c.persist_on_shutdown is False
+    assert (
+        c.listen == ("tcp://127.0.0.1:9000", "ipc:///tmp/x.sock") and c.storage.persist_on_shutdown is False
+    )
+
+
+def test_every_key_of_earlier_releases_still_works_and_lands_in_its_section() -> None:
+    assert {s.key for s in SETTINGS.settings} == set(KEYS_OF_EARLIER_RELEASES)
+    env = {"LMCACHE_MESH_MAX_INFLIGHT_BYTES_PER_PEER": "2GiB", "LMCACHE_MESH_WEBRTC_CHANNELS": "8"}
+    c = NodeConfig.load(env=env, overrides={"key": "/k", "mesh-profile": "wan", "metrics-host": "0.0.0.0"})
+    assert c.limits.max_inflight_bytes_per_peer == 2 << 30 and c.webrtc.channels == 8
+    assert c.security.key_file == "/k" and c.mesh.profile == "wan" and c.metrics.host == "0.0.0.0"
+
+
+def test_sections_flat_keys_and_a_node_table_read_the_same(tmp_path: Path) -> None:
+    sectioned = '[storage]\nmemory = "256MiB"\n\n[mesh]\nzone = "z"\n\n[limits]\nmax-keys = 8\n'
+    flat = 'memory = "256MiB"\nzone = "z"\nmax_keys = 8\n'
+    node_table = "[node]\n" + flat
+    nested = '[node.storage]\nmemory = "256MiB"\n[node.mesh]\nzone = "z"\n[node.limits]\nmax-keys = 8\n'
+    configs = []
+    for i, text in enumerate((sectioned, flat, node_table, nested)):
+        (tmp_path / f"{i}.toml").write_text(text)
+        configs.append(NodeConfig.load(tmp_path / f"{i}.toml", env={}))
+    assert configs[0].storage.memory_bytes == 256 << 20 and configs[0].mesh.zone == "z"
+    assert configs[0].limits.max_keys_per_request == 8
+    assert all(c == configs[0] for c in configs)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[limits]\nmemory = "1GiB"\n', r"\[limits\]: 'memory' belongs in \[storage\]"),
+        ('[mesh]\nname = "n"\n', r"\[mesh\]: 'name' belongs at the top, before any \[section\]"),
+        ('memory = "1GiB"\n[storage]\nmemory = "2GiB"\n', "'memory' is set twice"),
+        (
+            '[storage]\nmemroy = "1GiB"\n',
+            r"\[storage\]: unknown setting 'memroy' \(did you mean 'memory'\?\)",
+        ),
+    ],
+)
+def test_a_key_in_the_wrong_section_or_set_twice_is_refused(text: str, message: str, tmp_path: Path) -> None:
+    f = tmp_path / "node.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        NodeConfig.load(f, env={})
+
+
+def test_every_setting_is_documented_where_it_is_defined_and_run_help_shows_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lmcache_mesh.engines.cli import commands as cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in SETTINGS.settings:
+        assert len(s.help) > 10, f"{s.path} has no docstring"
+        usage = f"--{s.key} [{s.metavar}]" if s.kind == "bool" else f"--{s.key} {s.metavar}"
+        assert usage in text and s.help.split(";")[0] in text, s.key
+        assert SETTINGS.env_var(s) in text
+
+
+def test_sections_validate_their_fields_naming_field_value_and_range() -> None:
+    with pytest.raises(ValueError, match=r"mesh\.replicas must be in \[1, 16\], got 0"):
+        MeshSettings(replicas=0)
+    with pytest.raises(ValueError, match=r"storage\.disk_bytes must be >= 0, got -1"):
+        StorageSettings(disk_bytes=-1)
+    with pytest.raises(ValueError, match=r"mesh\.profile must be one of lan, wan, local, got 'fast'"):
+        NodeConfig.load(env={}, overrides={"mesh-profile": "fast"})
+
+
+def test_with_changes_one_setting_in_its_section() -> None:
+    c = NodeConfig(name="a", storage=StorageSettings(memory_bytes=1 << 20))
+    d = c.with_(disk_bytes=0, zone="z", name="b")
+    assert (d.name, d.storage.memory_bytes, d.storage.disk_bytes, d.mesh.zone) == ("b", 1 << 20, 0, "z")
+    assert c.storage.disk_bytes == 4 << 30  # frozen: c is unchanged
+    with pytest.raises(TypeError, match="no setting or section 'colour'"):
+        c.with_(colour="red")
 
 
 def test_env_list_is_comma_separated() -> None:
@@ -47,7 +134,7 @@ def test_env_list_is_comma_separated() -> None:
         ({"env": {"LMCACHE_MESH_MEMORY": "lots"}}, "environment LMCACHE_MESH_MEMORY: bad value for 'memory'"),
         ({"overrides": {"colour": "red"}}, "unknown setting 'colour'"),
         ({"overrides": {"listen": "http://x"}}, "must start with tcp:// or ipc://"),
-        ({"overrides": {"metrics-port": "70000"}}, "metrics_port must be in"),
+        ({"overrides": {"metrics-port": "70000"}}, r"metrics\.port must be in \[0, 65535\], got 70000"),
         ({"overrides": {"max-keys": "0"}}, "max_keys_per_request must be > 0"),
         ({"overrides": {"persist-on-shutdown": "maybe"}}, "expected a boolean"),
     ],
@@ -67,7 +154,7 @@ def test_unknown_environment_variables_are_ignored_with_a_warning(caplog: pytest
     }
     with caplog.at_level("WARNING", logger="lmcache_mesh.node.config"):
         c = NodeConfig.load(env=env)
-    assert c.disk_bytes == 0 and c.memory_bytes == NodeConfig.default_of("memory_bytes")
+    assert c.storage.disk_bytes == 0 and c.storage.memory_bytes == NodeConfig.default_of("memory_bytes")
     assert "ignoring unknown environment variable LMCACHE_MESH_PORT_7700_TCP" in caplog.text
     assert "LMCACHE_MESH_MEMROY (did you mean LMCACHE_MESH_MEMORY?)" in caplog.text
 
@@ -92,8 +179,8 @@ def test_nat_settings_are_checked() -> None:
         env={"LMCACHE_MESH_WEBRTC_HOST_ADDRESSES": "127.0.0.1"},
         overrides={"nat": "true", "join": "tcp://h:1", "ice-servers": "stun:s:3478,turn:t:3478"},
     )
-    assert cfg.nat and cfg.webrtc_host_addresses == ("127.0.0.1",)
-    assert cfg.ice_servers == ("stun:s:3478", "turn:t:3478") and cfg.webrtc_channels == 4
+    assert cfg.mesh.nat and cfg.webrtc.host_addresses == ("127.0.0.1",)
+    assert cfg.webrtc.ice_servers == ("stun:s:3478", "turn:t:3478") and cfg.webrtc.channels == 4
 
 
 def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
@@ -106,7 +193,7 @@ def test_sample_config_prints_every_setting_and_sets_what_it_is_told(
     path = tmp_path / "n.toml"
     path.write_text(out)
     cfg = NodeConfig.load(path, env={})
-    assert cfg.memory_bytes == 4 << 30 and cfg.replicas == 3
+    assert cfg.storage.memory_bytes == 4 << 30 and cfg.mesh.replicas == 3
     assert '# disk = "4GiB"' in out and '# curve = "auto"' in out
     assert cli.main(["sample-config", "--set", "colour=1"]) == 1
     assert "unknown setting 'colour'" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_mesh.node.config import NodeConfig, split_seed
+from lmcache_mesh.node.config import MeshSettings, NodeConfig, SecuritySettings, StorageSettings, split_seed
 from lmcache_mesh.node.keyring import (
     Keyring,
     Role,
@@ -102,11 +102,14 @@ def test_reload_keeps_the_old_list_on_error_and_peers_are_found_by_name(tmp_path
 def test_seeds_may_be_named_and_curve_follows_the_key_file(tmp_path: Path) -> None:
     assert split_seed("node-a@tcp://h:1") == ("node-a", "tcp://h:1")
     assert split_seed("tcp://h:1") == ("", "tcp://h:1")
-    cfg = NodeConfig(data_dir=str(tmp_path), join=("node-a@tcp://127.0.0.1:7700",))
+    cfg = NodeConfig(
+        storage=StorageSettings(data_dir=str(tmp_path)),
+        mesh=MeshSettings(join=("node-a@tcp://127.0.0.1:7700",)),
+    )
     assert not cfg.curve_enabled()
     write_key_pair(cfg.key_path, "me")
     assert cfg.curve_enabled() and not cfg.with_(curve="off").curve_enabled()
     with pytest.raises(ValueError, match="curve must be"):
-        NodeConfig(curve="maybe")
+        NodeConfig(security=SecuritySettings(curve="maybe"))
     with pytest.raises(ValueError, match="tcp://"):
-        NodeConfig(join=("node-a@ipc:///x",))
+        NodeConfig(mesh=MeshSettings(join=("node-a@ipc:///x",)))

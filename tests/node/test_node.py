@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from lmcache_mesh.node import Node, NodeConfig, Unavailable, chunk_keys
+from lmcache_mesh.node.config import StorageSettings
 
 from ..helpers import payload
 
 
-def config(tmp_path: Path, **kw: object) -> NodeConfig:
-    return NodeConfig(
-        name="n1", listen=(), data_dir=str(tmp_path), memory_bytes=64 << 10, disk_bytes=1 << 20, **kw
-    )  # type: ignore[arg-type]
+def config(tmp_path: Path) -> NodeConfig:
+    storage = StorageSettings(data_dir=str(tmp_path), memory_bytes=64 << 10, disk_bytes=1 << 20)
+    return NodeConfig(name="n1", listen=(), storage=storage)
 
 
 def test_put_get_lookup_delete(tmp_path: Path, ns: bytes, keys: list[bytes]) -> None:

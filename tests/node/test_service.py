@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from lmcache_mesh.node import ChunkRecord, Node, NodeConfig
+from lmcache_mesh.node.config import LimitsSettings, StorageSettings
 from lmcache_mesh.node.errors import ErrorCode
 from lmcache_mesh.node.protocol import Op, request_header
 from lmcache_mesh.node.service import NodeServer
@@ -33,11 +34,14 @@ class StalledDisk(DiskTier):
 
 @asynccontextmanager
 async def stalled_node(
-    tmp_path: Path, record: ChunkRecord, **config: Any
+    tmp_path: Path, record: ChunkRecord, **limits: Any
 ) -> AsyncIterator[zmq.asyncio.Socket]:
     """A served node whose disk holds ``record`` behind a stalled read, and a raw DEALER to it."""
     cfg = NodeConfig(
-        name="n", listen=("tcp://127.0.0.1:0",), data_dir=str(tmp_path), memory_bytes=1 << 20, **config
+        name="n",
+        listen=("tcp://127.0.0.1:0",),
+        storage=StorageSettings(data_dir=str(tmp_path), memory_bytes=1 << 20),
+        limits=LimitsSettings(**limits),
     )
     node = Node(cfg)
     node.store.disk = StalledDisk(tmp_path, 1 << 20)
@@ -114,9 +118,8 @@ def test_a_client_that_does_not_read_its_replies_gets_busy_not_more_data(
         cfg = NodeConfig(
             name="n",
             listen=("tcp://127.0.0.1:0",),
-            data_dir=str(tmp_path),
-            disk_bytes=0,
-            max_inflight_bytes_per_peer=8 << 20,
+            storage=StorageSettings(data_dir=str(tmp_path), disk_bytes=0),
+            limits=LimitsSettings(max_inflight_bytes_per_peer=8 << 20),
         )
         node = Node(cfg)
         node.open()
