@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmcache_mesh.mesh.cluster import Cluster
 from lmcache_mesh.mesh.coordinator import MeshCoordinator
-from lmcache_mesh.transports.base import Tracker
 from lmcache_mesh.transports.relay import RelayTable
 from lmcache_mesh.transports.zmq import ZmqRouter
 
@@ -32,7 +30,6 @@ from .admission import Job, admit
 from .endpoints import Routers
 from .errors import (
     BadRequest,
-    Busy,
     ChecksumMismatch,
     DeadlineExceeded,
     Forbidden,
@@ -40,6 +37,7 @@ from .errors import (
     MeshError,
     Unavailable,
 )
+from .flow import TRACKED_REPLY_BYTES, FlowControl
 from .keyring import TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
 from .protocol import Limits, Op, error_reply, ok_reply, peek_request_id
@@ -129,12 +127,8 @@ class NodeServer:
         self._public, self._local = self.routers.public, self.routers.local
         self.coordinator = mesh.coordinator if mesh is not None else None
         self._observe = observe
-        self._slots = max(cfg.limits.max_inflight_requests, 1)
-        self._busy_slots = 0
-        self._inflight: dict[Hashable, int] = {}
+        self.flow = FlowControl(cfg.limits)
         """Requests waiting (disk, peers) per party: a client's key, or a connection."""
-        self._queued: dict[Hashable, deque[tuple[Tracker, int]]] = {}
-        """Large replies handed to libzmq per party, until sent."""
         self.busy = 0
         self.forbidden = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -241,25 +235,9 @@ class NodeServer:
             if nbytes < TRACKED_REPLY_BYTES:
                 await router.send(peer, frames)
                 return
-            tracker = await router.send(peer, frames, track=True)
-            self._queued.setdefault(party, deque()).append((tracker, nbytes))
-            if len(self._queued) > MAX_TRACKED_PARTIES:  # parties that left: forget them
-                for gone in list(self._queued):
-                    self._queued_bytes(gone)
+            self.flow.sent(party, await router.send(peer, frames, track=True), nbytes)
 
         return reply
-
-    def _queued_bytes(self, party: Hashable) -> int:
-        """Reply bytes handed to libzmq for ``party`` and not sent yet."""
-        queue = self._queued.get(party)
-        if not queue:
-            return 0
-        pending = deque(item for item in queue if not item[0].done)
-        if pending:
-            self._queued[party] = pending
-        else:
-            del self._queued[party]
-        return sum(n for _, n in pending)
 
     async def take(self, buffers: list[Buffer], reply_to: ReplyTo, sender: Sender = FROM_MEMBER) -> None:
         """Handle one message from a ROUTER peer, a WebRTC link (a proven member), or our
@@ -299,12 +277,12 @@ class NodeServer:
             wait, local_hits = self._may_wait(job)
             if local_hits is not None:
                 job = replace(job, local_hits=local_hits)
-            busy = self._over_limit(job.party, job.op, wait)
+            busy = self.flow.over_limit(job.party, wait, replies_bytes=job.op is Op.GET)
             if busy is not None:
                 self.busy += 1
                 await self._answer(reply_to, buffers, busy, received)
             elif wait:
-                self._hold(job.party)
+                self.flow.hold(job.party)
                 task = asyncio.create_task(self._answer_in_slot(reply_to, buffers, job, received))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -318,36 +296,6 @@ class NodeServer:
             return ok_reply(rid, relay=self.node.name)
         error = Unavailable(f"name {body.name!r} is attached elsewhere, or this relay is full")
         return error_reply(rid, error)
-
-    def _over_limit(self, party: Hashable, op: Op, wait: bool) -> Busy | None:
-        """BUSY when taking a request would pass a bound: requests waiting (in all, and for
-        this party) or reply bytes not yet sent to it."""
-        cfg = self.node.config.limits
-        if wait:
-            if self._busy_slots >= self._slots:
-                return Busy(f"node busy: {self._slots} requests in flight")
-            waiting = self._inflight.get(party, 0)
-            if waiting >= cfg.max_inflight_per_peer:
-                return Busy(f"{waiting} requests of yours in flight (limit {cfg.max_inflight_per_peer})")
-        if op is Op.GET:
-            queued = self._queued_bytes(party)
-            if queued >= cfg.max_inflight_bytes_per_peer:
-                return Busy(
-                    f"{queued} bytes of replies to you not sent yet (limit {cfg.max_inflight_bytes_per_peer})"
-                )
-        return None
-
-    def _hold(self, party: Hashable) -> None:
-        self._busy_slots += 1
-        self._inflight[party] = self._inflight.get(party, 0) + 1
-
-    def _unhold(self, party: Hashable) -> None:
-        self._busy_slots -= 1
-        left = self._inflight[party] - 1
-        if left:
-            self._inflight[party] = left
-        else:
-            del self._inflight[party]
 
     def _one_way(self, req: Request[Any], peer: bytes | None) -> None:
         body = req.body
@@ -400,7 +348,7 @@ class NodeServer:
         try:
             await self._answer(reply_to, buffers, job, received)
         finally:
-            self._unhold(job.party)
+            self.flow.release(job.party)
 
     async def _answer(
         self, reply_to: ReplyTo, buffers: list[Any], job: Job[Any] | MeshError, received: float
@@ -550,8 +498,8 @@ class NodeServer:
         except asyncio.TimeoutError:
             # The thread cannot be stopped: it keeps its party's slot until it ends, so
             # requests that time out cannot pile up reads without bound.
-            self._hold(party)
-            work.add_done_callback(lambda _: self._unhold(party))
+            self.flow.hold(party)
+            work.add_done_callback(lambda _: self.flow.release(party))
             raise DeadlineExceeded("deadline passed while reading from disk") from None
 
 
@@ -582,11 +530,6 @@ def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
 
 HEADER_ALLOWANCE_BYTES = 1024
 """What a record header adds to a reply, roughly (they are at most MAX_RECORD_HEADER_BYTES)."""
-
-MAX_TRACKED_PARTIES = 1024
-
-TRACKED_REPLY_BYTES = 64 << 10
-"""Replies this large are tracked until sent: they count against a party's queued bytes."""
 
 SMALL_FRAME_BYTES = 64 << 10
 """Below this, libzmq may place a received frame inside a shared receive buffer."""

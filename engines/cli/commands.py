@@ -177,7 +177,7 @@ def _cmd_sample_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lmcache_mesh.node.daemon import configure_logging, run
+    from .daemon import configure_logging, run
 
     configure_logging()
 

@@ -257,6 +257,6 @@ def test_a_disk_read_past_its_deadline_keeps_its_slot_until_it_ends(
         assert info.value.code is ErrorCode.BUSY
         await asyncio.sleep(0.4)
         assert await h.get(SHARED, keys[:1]) == [payload(0)]
-        assert h.server._busy_slots == 0 and not h.server._inflight
+        assert h.server.flow.busy_slots == 0 and not h.server.flow.inflight
 
     run(main())

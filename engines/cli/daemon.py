@@ -20,24 +20,23 @@ from typing import Any
 from lmcache_mesh.mesh.cluster import PROFILES, Cluster
 from lmcache_mesh.mesh.coordinator import MeshCoordinator
 from lmcache_mesh.mesh.membership import State
+from lmcache_mesh.node.config import NodeConfig, split_seed
+from lmcache_mesh.node.endpoints import Routers
+from lmcache_mesh.node.keyring import MEMBER, Keyring, Principal, Role, Sender, read_key_pair
+from lmcache_mesh.node.metrics import NodeMetrics, RequestLatency
+from lmcache_mesh.node.node import VERSION, Node
+from lmcache_mesh.node.peers import NodeHoldings, PeerPool
+from lmcache_mesh.node.protocol import AttachWire, mesh_envelope, route_to, signal_message
+from lmcache_mesh.node.records import ChunkRecord
+from lmcache_mesh.node.service import MeshParts, NodeServer
+from lmcache_mesh.node.sizes import format_count, format_size
 from lmcache_mesh.transports.addresses import reachability, webrtc_address
 from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.relay import Uplink
 from lmcache_mesh.transports.webrtc import WebRTCConfig, WebRTCPeering
 from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
 
-from .config import NodeConfig, split_seed
-from .endpoints import Routers
-from .keyring import MEMBER, Keyring, Principal, Role, Sender, read_key_pair
-from .metrics import NodeMetrics, RequestLatency
-from .node import VERSION, Node
-from .peers import NodeHoldings, PeerPool
-from .protocol import AttachWire, mesh_envelope, route_to, signal_message
-from .records import ChunkRecord
-from .service import MeshParts, NodeServer
-from .sizes import format_count, format_size
-
-logger = logging.getLogger("lmcache_mesh.node.daemon")
+logger = logging.getLogger(__name__)
 
 PEER_TIMEOUT_S = 2.0
 """The longest one call to a peer may take (a late peer is a miss, never an engine's error)."""
