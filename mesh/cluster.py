@@ -44,13 +44,31 @@ class Cluster:
         self.seed_address = seed_address
         """A seed as given (e.g. ``NAME@ADDR``) → its address."""
         self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
-        self.ring = HashRing([RingMember(name, zone, weight)] if reachability(address) == "direct" else [])
+        self._ring: HashRing | None = HashRing(
+            [RingMember(name, zone, weight)] if reachability(address) == "direct" else []
+        )
         self._agent: MeshAgent | None = None
         self._on_gone: list[Callable[[str], None]] = []
         self._on_joined: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"<Cluster {self.membership!r} {self.ring!r}>"
+
+    @property
+    def ring(self) -> HashRing:
+        """Placement over the live members that peers can dial. Rebuilt on first use after
+        membership changed, so a join that brings in k members at once costs one rebuild, not k."""
+        ring = self._ring
+        if ring is None:
+            # Nodes behind NAT own no part of the ring: every lookup of a key asks its owner,
+            # and an owner reachable only through a relay and WebRTC would slow them all.
+            members = list(self.membership.members.values())  # one step: safe from a scrape thread
+            ring = self._ring = HashRing(
+                RingMember(m.name, m.zone, m.weight)
+                for m in members
+                if m.state in (State.ALIVE, State.SUSPECT) and reachability(m.address) == "direct"
+            )
+        return ring
 
     @property
     def name(self) -> str:
@@ -110,11 +128,7 @@ class Cluster:
         # Rebuild on joins, deaths and revivals, and when a live member's zone or weight changed.
         if old is None or (old in (State.ALIVE, State.SUSPECT)) != live_now or old is member.state:
             live = self.membership.alive_members()
-            # Nodes behind NAT own no part of the ring: every lookup of a key asks its owner,
-            # and an owner reachable only through a relay and WebRTC would slow them all.
-            self.ring = HashRing(
-                RingMember(m.name, m.zone, m.weight) for m in live if reachability(m.address) == "direct"
-            )
+            self._ring = None  # rebuilt when next used
             logger.info(
                 "- %s: %s %s; %d member%s alive, %d on the ring",
                 self.name,
@@ -122,7 +136,7 @@ class Cluster:
                 "has left" if member.state is State.LEFT else f"is {member.state.value}",
                 len(live),
                 "" if len(live) == 1 else "s",
-                len(self.ring),
+                sum(reachability(m.address) == "direct" for m in live),
             )
         if member.state in (State.DEAD, State.LEFT):
             for callback in self._on_gone:

@@ -9,6 +9,7 @@ preferring nodes in zones not yet chosen. Adding or removing one of N nodes move
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ DEFAULT_VNODES = 128
 
 def _point(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+@functools.lru_cache(maxsize=1024)
+def _member_points(name: str, count: int) -> tuple[tuple[int, str], ...]:
+    """A member's virtual-node points, sorted: the same in every ring, so hashed once
+    (a rebuild of an N-member ring then merges N sorted runs instead of hashing N * vnodes)."""
+    return tuple(sorted((_point(f"{name}#{i}".encode()), name) for i in range(count)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +48,7 @@ class HashRing:
         for m in self.members.values():
             if m.weight <= 0:
                 raise ValueError(f"member {m.name!r} has weight {m.weight}; must be > 0")
-            count = max(1, round(vnodes * m.weight))
-            points.extend((_point(f"{m.name}#{i}".encode()), m.name) for i in range(count))
+            points.extend(_member_points(m.name, max(1, round(vnodes * m.weight))))
         points.sort()
         self._zones_total = len({m.zone for m in self.members.values()})
         self._points = [p for p, _ in points]

@@ -10,24 +10,58 @@ run is deterministic for a given seed and a simulated hour takes seconds. Tests 
     sim.run_until(sim.converged, timeout_s=10)
     sim.crash("n7")                     # churn: crash, later sim.add("n7").start(["a0"])
     sim.net.partition(["a0", "a1"])     # partitions and heal() on the network itself
+
+:class:`DataSimulation` adds the mesh's data work: every node also runs the real
+:class:`~lmcache_mesh.mesh.coordinator.MeshCoordinator` (holder index, replication, repair,
+reads) over in-memory holdings and peer calls (:mod:`lmcache_mesh.mesh.simulated_ports`), and
+membership, gossip and peer calls share one virtual-time asyncio loop::
+
+    with DataSimulation(100, seed=1, config=MeshConfig.local(), replicas=2) as sim:
+        sim.converge(timeout_s=30)
+        sim.put("n3", [SimRecord.of("chunk-0")])
+        sim.run_until(lambda: sim.replicated(keys), timeout_s=5)
+        holders = sim.locate("n42", keys)
+
+Determinism: the same seed and the same calls (``run_for`` steps included: timers due at
+the same instant run in heap order) give the same run within one interpreter. Across
+interpreters, the mesh's own iteration over sets of names and keys follows
+``PYTHONHASHSEED``; fix it to replay a run in another process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import random
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from lmcache_mesh.transports.base import Scheduler
 from lmcache_mesh.transports.inproc import InProcNetwork
 
 from .agent import MeshAgent
+from .cluster import Cluster
 from .config import MeshConfig
+from .coordinator import MeshCoordinator
 from .membership import Member, Membership, State
 from .messages import Message, MsgType
+from .ring import HashRing, RingMember
+from .simulated_ports import (
+    CallNetwork,
+    ErrorLog,
+    InProcGossip,
+    MemoryHoldings,
+    SimNode,
+    SimPeers,
+    SimRecord,
+    VirtualLoop,
+)
+
+T = TypeVar("T")
 
 DEFAULT_DELAY_S = (0.001, 0.010)
 """One-way datagram delay range (seconds) unless told otherwise: a LAN with some jitter."""
@@ -258,3 +292,193 @@ class Simulation:
         if self._full == self.n and self.converged_at is None:
             self.converged_at = self.net.time()
             self.bytes_at_convergence = self.net.stats.bytes_sent
+
+
+class DataSimulation(Simulation):
+    """A :class:`Simulation` whose nodes also do the mesh's data work, all on one virtual clock.
+
+    Each node is a real :class:`Cluster` (membership driven by a :class:`MeshAgent` on the
+    :class:`VirtualLoop`) and a real :class:`MeshCoordinator` over :class:`MemoryHoldings`
+    and :class:`SimPeers`. ``call_loss`` (default: ``loss``) drops peer requests and replies,
+    ``call_timeout_s`` is the peers' timeout, ``refuse_dead`` makes calls to a crashed node
+    fail at once rather than time out; ``directory_options`` go to :class:`HolderDirectory`
+    (``anti_entropy_s``, ``flush_interval_s``...). ``errors`` collects exceptions the loop
+    saw and errors the mesh logged. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        *,
+        loss: float = 0.0,
+        call_loss: float | None = None,
+        config: MeshConfig | None = None,
+        delay_s: tuple[float, float] = DEFAULT_DELAY_S,
+        replicas: int = 2,
+        call_timeout_s: float = 2.0,
+        capacity_bytes: int | None = None,
+        refuse_dead: bool = False,
+        **directory_options: Any,
+    ) -> None:
+        self.loop = VirtualLoop()
+        self.errors: list[str] = []
+        self.loop.set_exception_handler(self._loop_error)
+        self.replicas = replicas
+        self.call_timeout_s = call_timeout_s
+        self.capacity_bytes = capacity_bytes
+        self.directory_options = directory_options
+        self.nodes: dict[str, SimNode] = {}
+        self.calls = CallNetwork(
+            self.loop,
+            random.Random(f"{seed}-calls"),
+            loss if call_loss is None else call_loss,
+            delay_s,
+            reachable=lambda src, dst: self.net.reachable(src, dst),
+            refuse_dead=refuse_dead,
+        )
+        self._log = ErrorLog(self.errors)
+        logging.getLogger("lmcache_mesh").addHandler(self._log)
+        super().__init__(n, seed, loss, config, delay_s, scheduler=self.loop)
+
+    def __enter__(self) -> DataSimulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every node's mesh work, cancel what still runs and close the loop."""
+        if self.loop.is_closed():
+            return
+
+        async def stop() -> None:
+            for node in self.nodes.values():
+                await node.directory.aclose()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(stop())
+        self.loop.close()
+        logging.getLogger("lmcache_mesh").removeHandler(self._log)
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        self.errors.append(f"{context.get('message')}: {context.get('exception')!r}")
+
+    def _node(
+        self, name: str, zone: str, rng: random.Random, on_change: Callable[[Member, State | None], None]
+    ) -> MeshAgent:
+        address = address_of(name)
+        transport = self.net.transport(address)
+        mesh_rng = random.Random(rng.getrandbits(64))
+        cluster = Cluster(name, address, zone, 1.0, self.config, InProcGossip(transport), rng=rng)
+        ring_follows = cluster.membership.on_change
+        assert ring_follows is not None
+
+        def changed(member: Member, old: State | None) -> None:
+            ring_follows(member, old)
+            on_change(member, old)
+
+        cluster.membership.on_change = changed
+        holdings = MemoryHoldings(self.capacity_bytes)
+        peers = SimPeers(self.calls, address, self.call_timeout_s)
+        coordinator = MeshCoordinator(
+            cluster,
+            holdings,
+            peers,
+            replicas=self.replicas,
+            clock=self.loop.time,
+            rng=mesh_rng,
+            **self.directory_options,
+        )
+        self.nodes[name] = node = SimNode(name, address, cluster, holdings, peers, coordinator)
+        self.calls.attach(address, node)
+        return MeshAgent(cluster.membership, transport, self.loop)
+
+    # running: everything happens on the loop
+
+    def run(self, work: Coroutine[Any, Any, T] | asyncio.Future[T]) -> T:
+        """Run ``work`` on the loop (virtual time passes as it waits) and return its result."""
+        return self.loop.run_until_complete(work)
+
+    def run_for(self, seconds: float) -> None:
+        self.run(asyncio.sleep(seconds))
+
+    def start(self, names: Iterable[str] | None = None, seed_address: str = "a0") -> None:
+        """Start ``names`` (default: every node): membership joins through ``seed_address``,
+        and each node's mesh work (flushes, anti-entropy) begins."""
+        chosen = list(self.agents) if names is None else list(names)
+
+        async def start() -> None:
+            for name in chosen:
+                self.agents[name].start([seed_address])
+                self.nodes[name].coordinator.start()
+
+        self.run(start())
+
+    def crash(self, name: str) -> None:
+        """Node ``name`` stops at once, its holdings gone with it; nobody is told."""
+        super().crash(name)
+        node = self.nodes.pop(name)
+        self.calls.detach(node.address)
+        self.run(node.directory.aclose())
+
+    # the data plane, as a client of node ``name`` sees it
+
+    def put(self, name: str, records: Sequence[SimRecord]) -> None:
+        """A client's PUT to node ``name``: stored there, announced and replicated."""
+        node = self.nodes[name]
+        node.holdings.put_records(records)
+        node.directory.stored(records, replicate=True)
+
+    def locate(self, name: str, keys: Sequence[bytes], timeout_s: float = 1.0) -> list[list[str]]:
+        node = self.nodes[name]
+        return self.run(node.reads.locate(keys, self.loop.time() + timeout_s))
+
+    def lookup(self, name: str, keys: Sequence[bytes], timeout_s: float = 1.0) -> tuple[int, list[list[str]]]:
+        node = self.nodes[name]
+        return self.run(node.reads.lookup(keys, self.loop.time() + timeout_s))
+
+    def get(self, name: str, keys: Sequence[bytes], timeout_s: float = 1.0) -> list[SimRecord | None]:
+        """A client's GET from node ``name``: its own tiers, then the mesh."""
+        node = self.nodes[name]
+        return self.run(node.reads.get(keys, node.holdings.get(keys), self.loop.time() + timeout_s))
+
+    # what is where
+
+    def ring(self) -> HashRing:
+        """The ring every running node's view converges to (all of them alive)."""
+        return HashRing(
+            RingMember(n.name, n.cluster.membership.me.zone, n.cluster.membership.me.weight)
+            for n in self.nodes.values()
+        )
+
+    def holders_of(self, key: bytes) -> list[str]:
+        """Running nodes that hold ``key``."""
+        return sorted(name for name, node in self.nodes.items() if key in node.holdings.records)
+
+    def replicated(self, keys: Iterable[bytes], ring: HashRing | None = None) -> bool:
+        """Every key is held by each of its ``replicas`` owners on the converged :meth:`ring`."""
+        ring = ring or self.ring()
+        return all(
+            key in self.nodes[o].holdings.records for key in keys for o in ring.owners(key, self.replicas)
+        )
+
+    def indexed(self, keys: Iterable[bytes], ring: HashRing | None = None) -> bool:
+        """Each key's owners (on the converged :meth:`ring`) index every running node holding it."""
+        ring = ring or self.ring()
+        for key in keys:
+            held = set(self.holders_of(key))
+            for owner in ring.owners(key, self.replicas):
+                if not held <= set(self.nodes[owner].directory.index.holders(key)):
+                    return False
+        return True
+
+    def mesh_counters(self) -> Counter[str]:
+        """The mesh's counters (``replicated``, ``repaired``, ``announced``...) summed over running nodes."""
+        total: Counter[str] = Counter()
+        for node in self.nodes.values():
+            total.update(node.coordinator.counters)
+        return total

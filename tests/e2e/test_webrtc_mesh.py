@@ -16,6 +16,7 @@ import msgpack
 import pytest
 import zmq
 
+from lmcache_mesh.mesh.ring import HashRing, RingMember
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
 from lmcache_mesh.node.errors import DeadlineExceeded
 from lmcache_mesh.node.protocol import Op, request_header
@@ -51,6 +52,16 @@ def records(n: int, size: int) -> list[ChunkRecord]:
     ns = namespace_id(model_fingerprint=b"webrtc-test", layout={"size": size}, chunk_tokens=4)
     keys = chunk_keys(ns, list(range(4 * n)), chunk_tokens=4)
     return [ChunkRecord.build(k, bytes([i + 1]) * size, ns) for i, k in enumerate(keys)]
+
+
+def owned_by(owner: str, members: list[str], size: int) -> ChunkRecord:
+    """A record whose one ring owner (``--replicas 1``) is ``owner``: then no other member
+    pulls a copy of it (the ring as the daemons build it: their weight is their GiB, here
+    the 256 MiB memory tier of COMMON, in the default zone)."""
+    ring = HashRing([RingMember(m, "default", 0.25) for m in members])
+    ns = namespace_id(model_fingerprint=b"webrtc-owned", layout={"size": size}, chunk_tokens=4)
+    key = next(k for k in chunk_keys(ns, list(range(4 * 64)), chunk_tokens=4) if ring.owners(k, 1) == [owner])
+    return ChunkRecord.build(key, b"\x07" * size, ns)
 
 
 def announced(d: Daemon, recs: list[ChunkRecord]) -> None:
@@ -117,23 +128,34 @@ def test_records_of_4_and_16_mib_come_from_a_nat_node_over_webrtc(
 @pytest.mark.timeout(180)
 def test_a_peer_without_the_mesh_secret_gets_nothing(daemon_factory: DaemonFactory) -> None:
     require("aiortc")
-    seed = daemon_factory("--name", "seed", *COMMON, *LOOPBACK, "--mesh-secret", "right")
+    # One replica, owned by the stranger: the members with the secret never pull a copy of
+    # their own (repair), so all the stranger could get is what the edge sends it.
+    one = ("--replicas", "1")
+    seed = daemon_factory("--name", "seed", *COMMON, *LOOPBACK, *one, "--mesh-secret", "right")
     stranger = daemon_factory(
-        "--name", "stranger", "--join", seed.tcp, *COMMON, *LOOPBACK, "--mesh-secret", "wrong"
+        "--name", "stranger", "--join", seed.tcp, *COMMON, *LOOPBACK, *one, "--mesh-secret", "wrong"
     )
     friend = daemon_factory(
-        "--name", "friend", "--join", seed.tcp, *COMMON, *LOOPBACK, "--mesh-secret", "right"
+        "--name", "friend", "--join", seed.tcp, *COMMON, *LOOPBACK, *one, "--mesh-secret", "right"
     )
     edge = daemon_factory(
-        "--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK, "--mesh-secret", "right"
+        "--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK, *one, "--mesh-secret", "right"
     )
     wait_for("four members alive", lambda: all_alive([seed, stranger, friend, edge], 4))
-    recs = records(1, 1 << 20)
+    recs = [owned_by("stranger", ["seed", "stranger", "friend"], 1 << 20)]
     with edge.client() as c:
         c.put_records(recs, replica=True)
     announced(stranger, recs)
     with stranger.client(timeout_s=30) as c:
-        assert c.get_records([recs[0].key], local=False) == [None]
+        _, holders = c.locate([recs[0].key])
+        got = c.get_records([recs[0].key], local=False)
+        webrtc = c.stats()["mesh"]["webrtc"]
+    # Nothing ever came to the stranger over a link to the edge; and while the edge alone holds
+    # the chunk (the usual case: a member with the secret pulls a copy only if a false
+    # suspicion under load moved ownership to it), the stranger gets nothing at all.
+    assert webrtc["links_out"] == [] and webrtc["bytes_received"] == 0
+    if holders[0] == ["edge"]:
+        assert got == [None]
     with edge.client() as c:
         assert c.stats()["mesh"]["webrtc"].get("webrtc_auth_failures", 0) >= 1
         assert c.ping()  # still serving
