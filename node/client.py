@@ -49,8 +49,9 @@ class _Core:
         self._ids = itertools.count(first_id)
 
     def _header(self, call: Call[Any], rid: int, timeout: float, **extra: Any) -> bytes:
-        fields = {**call.fields, **({"tenant": self.tenant} if self.tenant else {}), **extra}
-        return request_header(call.op, rid, max(int(timeout * 1000), 1), **fields)
+        if self.tenant:
+            extra["tenant"] = self.tenant
+        return request_header(call.op, rid, max(int(timeout * 1000), 1), **call.fields, **extra)
 
     def _timeout(self, call: Call[Any]) -> float:
         return self.timeout_s if call.timeout_s is None else call.timeout_s
