@@ -3,9 +3,7 @@
 from lmcache_mesh.node import Client, AsyncClient, Node, NodeConfig, namespace_id, chunk_keys
 """
 
-from .client import AsyncClient, Client
-from .config import NodeConfig
-from .errors import (
+from lmcache_mesh.mesh.errors import (
     BadRequest,
     ChecksumMismatch,
     DeadlineExceeded,
@@ -17,6 +15,9 @@ from .errors import (
     UnknownOp,
     UnsupportedVersion,
 )
+
+from .client import AsyncClient, Client
+from .config import NodeConfig
 from .keys import KEY_BYTES, chunk_keys, namespace_id
 from .node import VERSION, Node
 from .records import ChunkRecord, RecordHeader

@@ -13,7 +13,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any, Generic
 
-from .errors import Forbidden
+from lmcache_mesh.mesh.errors import Forbidden
+
 from .keyring import TRUSTED, Principal, Role, Sender
 from .protocol import Op
 from .requests import Announce, Attach, B, Get, Put, Request

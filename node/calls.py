@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
+from lmcache_mesh.mesh.errors import BadRequest
 
-from .errors import BadRequest
 from .protocol import Op, Reply, get_results, put_request
 from .records import Buffer, ChunkRecord
 

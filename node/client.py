@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
+from lmcache_mesh.mesh.errors import DeadlineExceeded, Unavailable
 from lmcache_mesh.transports.base import Conduit
 from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.zmq import ZmqChannel, ZmqConduit
 
 from . import calls
 from .calls import Call, Keys
-from .errors import DeadlineExceeded, Unavailable
 from .protocol import decode_reply, peek_request_id, request_header
 from .records import Buffer, ChunkRecord
 

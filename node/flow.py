@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 
+from lmcache_mesh.mesh.errors import Busy
 from lmcache_mesh.transports.base import Tracker
 
 from .config import LimitsSettings
-from .errors import Busy
 
 MAX_TRACKED_PARTIES = 1024
 """Parties whose queued replies are followed; past it, those with nothing queued are forgotten."""

@@ -15,8 +15,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lmcache_mesh.mesh.errors import Unavailable
+
 from .config import NodeConfig
-from .errors import Unavailable
 from .records import Buffer, ChunkRecord
 from .tiers import DiskTier, MemoryTier, RecoveryReport, TieredStore
 

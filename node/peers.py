@@ -13,12 +13,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from lmcache_mesh.mesh.errors import Unavailable
 from lmcache_mesh.transports.addresses import parse_webrtc_address
 from lmcache_mesh.transports.base import Conduit
 from lmcache_mesh.transports.zmq import CurveFor, ZmqConduit
 
 from .client import PeerClient
-from .errors import Unavailable
 from .node import Node
 from .records import Buffer, ChunkRecord
 

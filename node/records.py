@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import xxhash
 
+from lmcache_mesh.mesh.errors import BadRequest, ChecksumMismatch, TooLarge, UnsupportedVersion
 from lmcache_mesh.transports import wire
 
-from .errors import BadRequest, ChecksumMismatch, TooLarge, UnsupportedVersion
 from .keys import KEY_BYTES
 
 RECORD_VERSION_MIN = 1
@@ -41,7 +41,8 @@ META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
 
 def unpack_map(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
     """Decode a msgpack map of at most ``limit`` bytes; raises TooLarge or BadRequest naming ``what``."""
-    return wire.unpack_map(frame, limit, what, BadRequest, TooLarge)
+    m: dict[str, Any] = wire.unpack_map(frame, limit, what, BadRequest, TooLarge)
+    return m
 
 
 def checksum(payload: Buffer) -> int:
@@ -93,7 +94,7 @@ class RecordHeader:
         """Validate a decoded header map; raises BadRequest/UnsupportedVersion naming the field."""
         if not isinstance(m, dict):
             raise BadRequest(f"record header must be a map, got {type(m).__name__}")
-        version = m.get("v")
+        version: Any = m.get("v")
         if not wire.is_int(version) or not RECORD_VERSION_MIN <= version <= RECORD_VERSION_MAX:
             raise UnsupportedVersion(
                 f"record version {version!r:.40} not supported; must be in range "

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
+from lmcache_mesh.mesh.errors import BadRequest, TooLarge, UnknownOp, UnsupportedVersion
 from lmcache_mesh.transports.webrtc.peering import SIGNAL_KINDS, Signal
 from lmcache_mesh.transports.wire import Fields, is_int
 
-from .errors import BadRequest, TooLarge, UnknownOp, UnsupportedVersion
 from .keys import KEY_BYTES
 from .protocol import (
     DEFAULT_TIMEOUT_MS,
@@ -324,7 +324,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request[Any]:
     if not frames:
         raise BadRequest("empty message")
     m = unpack_map(frames[0], limits.max_header_bytes, "request header")
-    version = m.get("v")
+    version: Any = m.get("v")
     if not is_int(version) or not PROTOCOL_VERSION_MIN <= version <= PROTOCOL_VERSION_MAX:
         raise UnsupportedVersion(
             f"protocol version {version!r:.40} not supported; must be in range "
@@ -333,7 +333,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request[Any]:
     f = Fields(m, BadRequest)
     rid = f.integer("id", lo=0)
     timeout_ms = f.integer("timeout_ms", DEFAULT_TIMEOUT_MS, lo=1)
-    op_code = m.get("op")
+    op_code: Any = m.get("op")
     try:
         op = Op(op_code) if is_int(op_code) else Op(-1)
     except ValueError:

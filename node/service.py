@@ -23,12 +23,7 @@ from typing import Any
 
 from lmcache_mesh.mesh.cluster import Cluster
 from lmcache_mesh.mesh.coordinator import MeshCoordinator
-from lmcache_mesh.transports.relay import RelayTable
-from lmcache_mesh.transports.zmq import ZmqRouter
-
-from .admission import Job, admit
-from .endpoints import Routers
-from .errors import (
+from lmcache_mesh.mesh.errors import (
     BadRequest,
     ChecksumMismatch,
     DeadlineExceeded,
@@ -37,6 +32,12 @@ from .errors import (
     MeshError,
     Unavailable,
 )
+from lmcache_mesh.transports.relay import RelayTable
+from lmcache_mesh.transports.webrtc import Signal
+from lmcache_mesh.transports.zmq import ZmqRouter
+
+from .admission import Job, admit
+from .endpoints import Routers
 from .flow import TRACKED_REPLY_BYTES, FlowControl
 from .keyring import TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
@@ -95,7 +96,7 @@ class MeshParts:
 
     cluster: Cluster
     coordinator: MeshCoordinator[ChunkRecord]
-    on_signal: Callable[[dict[str, Any]], None] | None = None
+    on_signal: Callable[[Signal], None] | None = None
     """Takes WebRTC SIGNAL messages (None: no WebRTC here)."""
     sections: Mapping[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     """More sections of ``status`` under "mesh" (WebRTC links, the relay we use)."""
@@ -134,6 +135,7 @@ class NodeServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_tasks: list[asyncio.Task[None]] = []
         self.relay = RelayTable()
+        """Nodes behind NAT that reach the mesh through us."""
         self._handlers: dict[type[Body], Callable[[Any, float], Awaitable[Reply]]] = {
             Ping: self._ping,
             Put: self._put,
@@ -148,7 +150,6 @@ class NodeServer:
             Join: self._join,
         }
         """How each request type is answered (one-way ones go to :meth:`_one_way`)."""
-        """Nodes behind NAT that reach the mesh through us."""
 
     def __repr__(self) -> str:
         return f"<NodeServer {self.node.config.name} {self._public!r} {self._local!r} inflight={len(self._tasks)}>"

@@ -39,7 +39,7 @@ def scope_body(body: B, tenant: str) -> B:
         for name in KEY_FIELDS
         if hasattr(body, name)
     }
-    return replace(body, **changes) if changes else body
+    return replace(body, **changes) if changes else body  # type: ignore[type-var]  # bodies are dataclasses
 
 
 def client_records(

@@ -76,7 +76,7 @@ def _on_loop(
 def advertised_address(config: NodeConfig, bound: list[str]) -> str | None:
     """The tcp:// address peers should use for this node (None: ipc only, no mesh)."""
     if config.mesh.advertise:
-        return config.mesh.advertise
+        return str(config.mesh.advertise)
     tcp = next((b for b in bound if b.startswith("tcp://")), None)
     if tcp is None:
         return None
@@ -150,7 +150,7 @@ def _place(node: Node, bound: list[str], keyring: Keyring | None) -> str | None:
         tcp = next((b for b in bound if b.startswith("tcp://")), None)
         if not cfg.name and keyring is None:
             node.name = f"{socket.gethostname()}:{tcp.rpartition(':')[2] if tcp else 'nat'}"
-        return webrtc_address(split_seed(cfg.mesh.join[0])[1], node.name)
+        return str(webrtc_address(split_seed(cfg.mesh.join[0])[1], node.name))
     address = advertised_address(cfg, bound)
     if address is None:
         logger.warning("no tcp:// endpoint: this node serves local clients only and joins no mesh")

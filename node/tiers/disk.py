@@ -33,7 +33,8 @@ from pathlib import Path
 
 import xxhash
 
-from ..errors import MeshError
+from lmcache_mesh.mesh.errors import MeshError
+
 from ..records import ChunkRecord, RecordHeader
 from .memory import uncount
 
@@ -47,7 +48,7 @@ _SUFFIX = ".rec"
 _TMP_SUFFIX = ".tmp"
 
 
-class CorruptFile(MeshError):
+class CorruptFile(MeshError):  # type: ignore[misc]  # mypy checks mesh/ on its own: Any here
     """A record file on disk is torn, truncated or fails a checksum."""
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from ..errors import NoSpace
+from lmcache_mesh.mesh.errors import NoSpace
+
 from ..records import ChunkRecord
 
 _MAX_FREQ = 3

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import NoSpace
+from lmcache_mesh.mesh.errors import NoSpace
+
 from ..records import ChunkRecord
 from .disk import DiskTier
 from .memory import MemoryTier

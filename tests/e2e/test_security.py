@@ -233,7 +233,9 @@ def test_a_client_key_cannot_use_mesh_operations(secured: tuple[Cluster, Daemon,
         with pytest.raises(Forbidden):
             acme._run(calls.who_has([KEYS[0]]))  # what owners tell each other
         with pytest.raises(Forbidden):
-            acme._run(Call(Op.ATTACH, {"name": "node-a", "token": "t"}, lambda reply: None))  # taking a node's relay slot
+            acme._run(
+                Call(Op.ATTACH, {"name": "node-a", "token": "t"}, lambda reply: None)
+            )  # taking a node's relay slot
 
 
 @pytest.mark.timeout(180)

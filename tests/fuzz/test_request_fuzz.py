@@ -44,8 +44,8 @@ from lmcache_mesh.node.protocol import (
     get_results,
     ok_reply,
 )
-from lmcache_mesh.node.requests import Request, SignalBody, decode_request
 from lmcache_mesh.node.records import TENANT_RE, RecordHeader, checksum
+from lmcache_mesh.node.requests import Request, SignalBody, decode_request
 from lmcache_mesh.node.service import NodeServer
 from lmcache_mesh.transports.webrtc import SIGNAL_KINDS
 
