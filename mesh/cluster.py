@@ -23,6 +23,12 @@ from .ring import HashRing, RingMember
 
 logger = logging.getLogger(__name__)
 
+
+def is_live(state: State) -> bool:
+    """Alive or suspected: a member that still owns its share of the ring and serves requests."""
+    return state in (State.ALIVE, State.SUSPECT)
+
+
 PROFILES = {"lan": MeshConfig.lan, "wan": MeshConfig.wan, "local": MeshConfig.local}
 
 
@@ -42,11 +48,15 @@ class Cluster:
     ) -> None:
         self.transport = transport
         self.seed_address = seed_address
-        """A seed as given (e.g. ``NAME@ADDR``) → its address."""
+        """A seed as given on the command line → the address to send to (the daemon strips a
+        ``NAME@`` and notes the name for CurveZMQ; by default the seed is the address)."""
         self.membership = Membership(config, name, address, zone, weight, rng, on_change=self._changed)
         self._ring: HashRing | None = HashRing(
             [RingMember(name, zone, weight)] if reachability(address) == "direct" else []
         )
+        self._ring_generation = 0
+        """Counts membership changes that move owners: a ring built from an older count is
+        not kept (a status scrape on another thread may build one while the loop changes it)."""
         self._agent: MeshAgent | None = None
         self._on_gone: list[Callable[[str], None]] = []
         self._on_joined: list[Callable[[str], None]] = []
@@ -60,15 +70,27 @@ class Cluster:
         membership changed, so a join that brings in k members at once costs one rebuild, not k."""
         ring = self._ring
         if ring is None:
+            generation = self._ring_generation
             # Nodes behind NAT own no part of the ring: every lookup of a key asks its owner,
             # and an owner reachable only through a relay and WebRTC would slow them all.
             members = list(self.membership.members.values())  # one step: safe from a scrape thread
-            ring = self._ring = HashRing(
+            ring = HashRing(
                 RingMember(m.name, m.zone, m.weight)
                 for m in members
-                if m.state in (State.ALIVE, State.SUSPECT) and reachability(m.address) == "direct"
+                if is_live(m.state) and reachability(m.address) == "direct"
             )
+            if generation == self._ring_generation:
+                self._ring = ring
         return ring
+
+    def live_address(self, name: str) -> str | None:
+        """Where member ``name`` is served, while it is alive or suspected; else None."""
+        m = self.membership.members.get(name)
+        return str(m.address) if m is not None and is_live(m.state) else None
+
+    def live_names(self) -> set[str]:
+        """Members alive or suspected (this node included)."""
+        return {m.name for m in list(self.membership.members.values()) if is_live(m.state)}
 
     @property
     def name(self) -> str:
@@ -124,10 +146,11 @@ class Cluster:
         self._changed(self.membership.me, self.membership.me.state)
 
     def _changed(self, member: Member, old: State | None) -> None:
-        live_now = member.state in (State.ALIVE, State.SUSPECT)
+        live_now = is_live(member.state)
         # Rebuild on joins, deaths and revivals, and when a live member's zone or weight changed.
-        if old is None or (old in (State.ALIVE, State.SUSPECT)) != live_now or old is member.state:
+        if old is None or (old is not None and is_live(old)) != live_now or old is member.state:
             live = self.membership.alive_members()
+            self._ring_generation += 1
             self._ring = None  # rebuilt when next used
             logger.info(
                 "- %s: %s %s; %d member%s alive, %d on the ring",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Generic
 
 from .cluster import Cluster
-from .directory import HolderDirectory
+from .directory import DirectoryConfig, HolderDirectory
 from .ports import Holdings, Peers, R
 from .reads import MeshReads
 from .remote import RemoteCalls
@@ -33,14 +33,14 @@ class MeshCoordinator(Generic[R]):
         replicas: int = 2,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        **directory_options: Any,
+        directory: DirectoryConfig | None = None,
     ) -> None:
         self.cluster = cluster
         self.peers = peers
         self.counters: defaultdict[str, int] = defaultdict(int)
         self.remote = RemoteCalls(cluster, peers, holdings, clock, self.counters)
         self.directory = HolderDirectory(
-            cluster, holdings, self.remote, self.counters, replicas=replicas, rng=rng, **directory_options
+            cluster, holdings, self.remote, self.counters, replicas=replicas, config=directory, rng=rng
         )
         self.reads = MeshReads(cluster, holdings, self.directory, self.remote, self.counters)
         cluster.subscribe(on_gone=self.forget, on_joined=lambda _name: self.directory.ring_changed())

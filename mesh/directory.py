@@ -17,6 +17,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic
 
 from .cluster import Cluster
@@ -49,6 +50,29 @@ MAX_REPAIR_KEYS = 100_000
 """Most keys waiting for repair at once; beyond that they wait for the next announcement."""
 
 
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    """How a node's holder directory batches, bounds and re-sends its work."""
+
+    flush_interval_s: float = 0.05
+    """Seconds between batches of announcements and replicas. Lower: peers learn sooner, more requests."""
+    max_index_keys: int = 1_000_000
+    """Keys the owner-side holder index keeps; past it, the oldest are forgotten (a GET still verifies)."""
+    max_queued_bytes: int = 256 << 20
+    """Replica bytes waiting to be sent; past it, replicas are dropped and counted (never the PUT)."""
+    anti_entropy_s: float = 300.0
+    """Every this many seconds, everything held here is announced again (owners that lost
+    announcements relearn them). Lower: faster healing, more announcement traffic."""
+
+    def __post_init__(self) -> None:
+        for name in ("flush_interval_s", "anti_entropy_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        for name in ("max_index_keys", "max_queued_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
 def _owner_batches() -> defaultdict[str, defaultdict[str, set[bytes]]]:
     return defaultdict(lambda: defaultdict(set))
 
@@ -63,23 +87,21 @@ class HolderDirectory(Generic[R]):
         remote: RemoteCalls[R],
         counters: defaultdict[str, int],
         replicas: int = 2,
-        flush_interval_s: float = 0.05,
-        max_index_keys: int = 1_000_000,
-        max_queued_bytes: int = 256 << 20,
-        anti_entropy_s: float = 300.0,
+        config: DirectoryConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        config = config or DirectoryConfig()
         self.cluster = cluster
         self.holdings = holdings
         self.remote = remote
         self.counters = counters
         self.replicas = replicas
-        self.flush_interval_s = flush_interval_s
-        self.anti_entropy_s = anti_entropy_s
+        self.flush_interval_s = config.flush_interval_s
+        self.anti_entropy_s = config.anti_entropy_s
         """Every this many seconds, re-announce everything held here to its owners."""
-        self.index = HolderIndex(max_index_keys)
+        self.index = HolderIndex(config.max_index_keys)
         self._rng = rng or random.Random()
-        self._max_queued_bytes = max_queued_bytes
+        self._max_queued_bytes = config.max_queued_bytes
         self._queued_bytes = 0
         # owner name -> holder -> keys: the holder is this node, or an engine attached to it
         self._adds = _owner_batches()

@@ -18,7 +18,6 @@ from .cluster import Cluster
 from .costs import Cost, fetch_window, nearest_first, worth_prefix
 from .directory import HolderDirectory
 from .errors import MeshError
-from .membership import State
 from .ports import Holdings, R
 from .remote import RemoteCalls
 
@@ -65,11 +64,7 @@ class MeshReads(Generic[R]):
         for (_, idx), answer in zip(remote, answers, strict=True):
             for i, hs in zip(idx, answer, strict=True):
                 holders[i] = hs
-        alive = {
-            m.name
-            for m in self.cluster.membership.members.values()
-            if m.state in (State.ALIVE, State.SUSPECT)
-        }
+        alive = self.cluster.live_names()
         local = self.holdings.present(keys)
         return [
             # an engine's entry lives as long as the node it is attached to

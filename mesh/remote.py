@@ -19,7 +19,6 @@ from lmcache_mesh.transports.addresses import reachability
 from .cluster import Cluster
 from .costs import Cost, PeerStats, fetch_window
 from .errors import DeadlineExceeded, MeshError
-from .membership import State
 from .ports import Holdings, Peers, R
 
 logger = logging.getLogger(__name__)
@@ -50,11 +49,7 @@ class RemoteCalls(Generic[R]):
 
     def address(self, name: str) -> str | None:
         """Where member ``name`` is served, if it is alive (or suspected)."""
-        m = self.cluster.membership.members.get(name)
-        if m is None or m.state not in (State.ALIVE, State.SUSPECT):
-            return None
-        address: str = m.address
-        return address
+        return self.cluster.live_address(name)
 
     async def ask_owner(self, owner: str, keys: list[bytes], deadline: float) -> list[list[str]]:
         """Holders of ``keys`` by their owner's index; nobody if it fails or is late."""

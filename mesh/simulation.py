@@ -47,6 +47,7 @@ from .agent import MeshAgent
 from .cluster import Cluster
 from .config import MeshConfig
 from .coordinator import MeshCoordinator
+from .directory import DirectoryConfig
 from .membership import Member, Membership, State
 from .messages import Message, MsgType
 from .ring import HashRing, RingMember
@@ -391,7 +392,7 @@ class DataSimulation(Simulation):
             replicas=self.replicas,
             clock=self.loop.time,
             rng=mesh_rng,
-            **self.directory_options,
+            directory=DirectoryConfig(**self.directory_options),
         )
         self.nodes[name] = node = SimNode(name, address, cluster, holdings, peers, coordinator)
         self.calls.attach(address, node)

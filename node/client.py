@@ -34,8 +34,8 @@ DEFAULT_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
-def _payloads(verified: calls.Verified) -> list[memoryview | None]:
-    return [None if r is None else memoryview(r.payload) for r in verified.records]
+def _payloads(records: list[ChunkRecord | None]) -> list[memoryview | None]:
+    return [None if r is None else memoryview(r.payload) for r in records]
 
 
 class _Core:
@@ -129,7 +129,7 @@ class Client(_Core):
         self._run(calls.put_records(records, replica))
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        return _payloads(self._run(calls.get_records(keys)))
+        return _payloads(self._records(self._run(calls.get_records(keys))))
 
     def get_records(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
@@ -285,7 +285,7 @@ class AsyncClient(_Core):
         await self._run(calls.put_records(records, replica))
 
     async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        return _payloads(await self._run(calls.get_records(keys)))
+        return _payloads(self._records(await self._run(calls.get_records(keys))))
 
     async def get_records(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None

@@ -301,6 +301,6 @@ SAMPLE_HEADER = """\
 lmcache-node configuration (lmcache-node run --config FILE, or LMCACHE_MESH_CONFIG).
 Every setting is also a flag (--KEY) and an environment variable (LMCACHE_MESH_KEY);
 flags win over the environment, which wins over this file. The sections below are the
-canonical layout; flat keys (at the top, or under [node], as earlier releases wrote them)
-are read too.
+canonical layout; flat keys are read too, and a file with a [node] table (as earlier
+releases wrote them) is read from that table only.
 """

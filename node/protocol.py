@@ -21,7 +21,7 @@ import msgpack
 from lmcache_mesh.mesh.costs import Cost as Cost  # what an engine says recomputing costs it
 from lmcache_mesh.mesh.errors import BadRequest, MeshError, UnsupportedVersion, error_from_wire
 from lmcache_mesh.transports.addresses import parse_webrtc_address
-from lmcache_mesh.transports.webrtc.peering import Signal
+from lmcache_mesh.transports.webrtc.signaling import Signal
 
 from .records import Buffer, ChunkRecord, RecordHeader, unpack_map
 

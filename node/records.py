@@ -100,28 +100,24 @@ class RecordHeader:
                 f"record version {version!r:.40} not supported; must be in range "
                 f"[{RECORD_VERSION_MIN}, {RECORD_VERSION_MAX}]"
             )
+        # Checked in this order (the first bad field is the one named): key and namespace,
+        # the counts, layout, dtype and codec, shape, tenant.
         f = wire.Fields(m, BadRequest, "record header field")
-        shape = f.listing("shape", [])
-        if not all(wire.is_int(d) and d >= 0 for d in shape):
-            raise f.fail("shape", "a list of non-negative ints", shape)
+        key, namespace = f.blob("key", KEY_BYTES), f.blob("ns", KEY_BYTES)
+        length, digest = f.integer("len", lo=0, width=60), f.integer("xxh3", lo=0, width=60)
+        tokens = f.integer("tokens", 0, lo=0, width=60)
+        layout = f.mapping("layout", {})
         dtype, codec = f.raw("dtype", "uint8"), f.raw("codec", "raw")
         if not isinstance(dtype, str) or not isinstance(codec, str):
             raise BadRequest("record header fields 'dtype' and 'codec' must be strings")
+        shape = f.raw("shape", [])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise f.fail("shape", "a list of non-negative ints", shape, width=60)
         tenant = f.raw("tenant", "")
         if not isinstance(tenant, str) or (tenant and not TENANT_RE.match(tenant)):
-            raise f.fail("tenant", "a tenant name", tenant)
+            raise f.fail("tenant", "a tenant name", tenant, width=80)
         return cls(
-            key=f.blob("key", KEY_BYTES),
-            namespace=f.blob("ns", KEY_BYTES),
-            length=f.integer("len", lo=0),
-            checksum=f.integer("xxh3", lo=0),
-            tokens=f.integer("tokens", 0, lo=0),
-            layout=f.mapping("layout", {}),
-            dtype=dtype,
-            shape=tuple(shape),
-            codec=codec,
-            version=version,
-            tenant=tenant,
+            key, namespace, length, digest, tokens, layout, dtype, tuple(shape), codec, version, tenant
         )
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
 from lmcache_mesh.mesh.errors import BadRequest, TooLarge, UnknownOp, UnsupportedVersion
-from lmcache_mesh.transports.webrtc.peering import SIGNAL_KINDS, Signal
+from lmcache_mesh.transports.webrtc.signaling import SIGNAL_KINDS, Signal
 from lmcache_mesh.transports.wire import Fields, is_int
 
 from .keys import KEY_BYTES
@@ -57,17 +57,25 @@ def _keys(f: Fields, limits: Limits, name: str = "keys") -> list[bytes]:
     return keys
 
 
+def _keyed(f: Fields, limits: Limits) -> tuple[list[bytes], bool, bool]:
+    """The fields every keyed op (GET, LOOKUP, DELETE, WHO_HAS, RANK) carries, all checked
+    whether the op uses them or not: its keys and its ``local`` and ``holders`` flags."""
+    return _keys(f, limits), f.flag("local"), f.flag("holders")
+
+
 def _cost(f: Fields) -> Cost | None:
     raw = f.raw("cost")
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise BadRequest("field 'cost' must be a map {recompute_s, chunk_bytes}")
-    cost = Fields(raw, BadRequest, "cost field")
-    return Cost(
-        cost.number("recompute_s", 0, 1e6, "a positive number of seconds"),
-        cost.integer("chunk_bytes", lo=1, hi=1 << 40, must="a positive int"),
-    )
+    seconds: Any = raw.get("recompute_s")
+    nbytes: Any = raw.get("chunk_bytes")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 1e6:
+        raise BadRequest(f"cost.recompute_s must be a positive number of seconds, got {seconds!r:.40}")
+    if not is_int(nbytes) or not 0 < nbytes <= 1 << 40:
+        raise BadRequest(f"cost.chunk_bytes must be a positive int, got {nbytes!r:.40}")
+    return Cost(float(seconds), nbytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +122,8 @@ class KeysBody(Body):
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> KeysBody:
-        return cls(_keys(f, limits))
+        keys, _, _ = _keyed(f, limits)
+        return cls(keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +137,8 @@ class Get(Body):
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Get:
-        return cls(_keys(f, limits), f.flag("local"), _cost(f))
+        keys, local, _ = _keyed(f, limits)
+        return cls(keys, local, _cost(f))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +152,7 @@ class Lookup(Body):
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Lookup:
-        return cls(_keys(f, limits), f.flag("local"), f.flag("holders"), _cost(f))
+        return cls(*_keyed(f, limits), _cost(f))
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +173,8 @@ class Rank(Body):
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Rank:
-        return cls(_keys(f, limits), f.strings("candidates"))
+        keys, _, _ = _keyed(f, limits)
+        return cls(keys, f.strings("candidates"))
 
 
 @dataclass(frozen=True, slots=True)

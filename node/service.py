@@ -129,7 +129,7 @@ class NodeServer:
         self.coordinator = mesh.coordinator if mesh is not None else None
         self._observe = observe
         self.flow = FlowControl(cfg.limits)
-        """Requests waiting (disk, peers) per party: a client's key, or a connection."""
+        """Slots and queued reply bytes per party (a client's key, or a connection): BUSY past them."""
         self.busy = 0
         self.forbidden = 0
         self._tasks: set[asyncio.Task[None]] = set()

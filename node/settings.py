@@ -292,10 +292,14 @@ class Schema(Generic[T]):
         top: dict[str, Any] = {}
         parts: dict[str, dict[str, Any]] = {}
         for name, value in changes.items():
-            s = self._by_name.get(name)
+            # A field name, or a key spelled as a name: the flat names of earlier releases
+            # (``metrics_port``, ``mesh_profile``) are the keys of today's settings.
+            s = self._by_name.get(name) or self._by_key.get(name.replace("_", "-"))
             if s is not None and s.section:
-                parts.setdefault(s.section, {})[name] = value
-            elif s is not None or name in self.sections:
+                parts.setdefault(s.section, {})[s.name] = value
+            elif s is not None:
+                top[s.name] = value
+            elif name in self.sections:
                 top[name] = value
             else:
                 raise TypeError(f"{self.root.__name__} has no setting or section {name!r}")
@@ -306,13 +310,13 @@ class Schema(Generic[T]):
     # reading
 
     def file_values(self, table: Mapping[str, Any], source: str) -> dict[str, Any]:
-        """Raw values by key from a TOML document: its sections (``[storage]``), and flat keys
-        at the top or under ``[node]`` (as earlier releases wrote them)."""
+        """Raw values by key from a TOML document: its sections (``[storage]``) and flat keys.
+        A document with a ``[node]`` table (as earlier releases wrote them, and files shared
+        with other programs) is read from that table only: its keys and its ``[node.storage]``
+        style sections; the rest of the file belongs to someone else."""
         out: dict[str, Any] = {}
         node = table.get("node")
-        items = [(k, v) for k, v in table.items() if not (k == "node" and isinstance(v, dict))]
-        if isinstance(node, dict):
-            items += node.items()
+        items = list((node if isinstance(node, dict) else table).items())
         for key, raw in items:
             if key in self.sections and isinstance(raw, dict):
                 for inner, value in raw.items():

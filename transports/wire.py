@@ -56,8 +56,9 @@ class Fields:
     def raw(self, name: str, default: Any = None) -> Any:
         return self._m.get(name, default)
 
-    def fail(self, name: str, must: str, value: object = _REQUIRED) -> Exception:
-        got = "" if value is _REQUIRED else f", got {value!r:.60}"
+    def fail(self, name: str, must: str, value: object = _REQUIRED, width: int = 40) -> Exception:
+        """The error for field ``name``: what it must be and (its repr cut at ``width``) what it is."""
+        got = "" if value is _REQUIRED else f", got {value!r:.{width}}"
         return self._bad(f"{self._prefix} {name!r} must be {must}{got}")
 
     def _value(self, name: str, default: Any) -> Any:
@@ -76,20 +77,12 @@ class Fields:
         default: Any = _REQUIRED,
         lo: int | None = None,
         hi: int | None = None,
-        must: str = "",
+        width: int = 40,
     ) -> int:
         value = self._value(name, default)
         if not is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = must or _int_bounds(lo, hi)
-            raise self.fail(name, bounds, value)
+            raise self.fail(name, _int_bounds(lo, hi), value, width)
         return int(value)
-
-    def number(self, name: str, lo: float, hi: float, must: str) -> float:
-        """A number (int or float) strictly between ``lo`` and ``hi``."""
-        value = self._value(name, _REQUIRED)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < value < hi:
-            raise self.fail(name, must, value)
-        return float(value)
 
     def string(self, name: str, max_len: int = 1024, default: Any = _REQUIRED, empty: bool = False) -> str:
         value = self._value(name, "" if default is _REQUIRED and empty else default)
@@ -107,7 +100,7 @@ class Fields:
     def blob(self, name: str, length: int) -> bytes:
         value = self._m.get(name)
         if not isinstance(value, bytes) or len(value) != length:
-            raise self.fail(name, f"{length} bytes", value)
+            raise self.fail(name, f"{length} bytes", value, width=60)
         return value
 
     def listing(self, name: str, default: Any = _REQUIRED, must: str = "a list") -> list[Any]:
@@ -119,7 +112,7 @@ class Fields:
     def mapping(self, name: str, default: Any = _REQUIRED) -> dict[str, Any]:
         value = self._value(name, default)
         if not isinstance(value, dict):
-            raise self.fail(name, "a map", type(value).__name__)
+            raise self._bad(f"{self._prefix} {name!r} must be a map, got {type(value).__name__}")
         return value
 
 

@@ -210,7 +210,7 @@ class _Mesh:
             self.peering = WebRTCPeering(
                 lambda: self.cluster.name,
                 lambda: self.cluster.membership.me.address,
-                self._member_address,
+                self.cluster.live_address,
                 lambda to, signal: self.cluster.transport.send_message(to, [signal_message(signal)]),
                 keyring.node_principal if keyring is not None else lambda name: MEMBER,
                 _webrtc_config(cfg),
@@ -221,6 +221,8 @@ class _Mesh:
             )
             self.cluster.subscribe(on_gone=self.peering.forget)
         self.uplink = self._uplink(node, curve_for) if cfg.mesh.nat else None
+        self._preload: asyncio.Future[Any] | None = None
+        """aiortc's import, started off the loop by :meth:`start`."""
         self.coordinator: MeshCoordinator[ChunkRecord] = MeshCoordinator(
             self.cluster,
             NodeHoldings(node),
@@ -240,10 +242,6 @@ class _Mesh:
         self.parts = MeshParts(
             self.cluster, self.coordinator, self.peering.on_signal if self.peering else None, sections
         )
-
-    def _member_address(self, name: str) -> str | None:
-        m = self.cluster.membership.members.get(name)
-        return str(m.address) if m is not None and m.state in (State.ALIVE, State.SUSPECT) else None
 
     def _uplink(self, node: Node, curve: CurveFor | None) -> Uplink:
         cfg = node.config
@@ -271,7 +269,7 @@ class _Mesh:
         cfg = node.config
         if self.peering is not None:
             # aiortc takes ~0.7 s to import: do it now, off the loop, not on the first link's clock.
-            loop.run_in_executor(None, importlib.import_module, "aiortc")
+            self._preload = loop.run_in_executor(None, importlib.import_module, "aiortc")
 
             async def serve(frames: list[Any], reply: Any, principal: Principal, link: Any) -> None:
                 await server.take(frames, reply, Sender(principal, conn=link))
@@ -284,6 +282,8 @@ class _Mesh:
         self.cluster.start(loop, cfg.mesh.join)
 
     async def stop(self) -> None:
+        if self._preload is not None:
+            await asyncio.gather(self._preload, return_exceptions=True)
         await self.coordinator.aclose()
         await self.cluster.leave()
         if self.uplink is not None:
@@ -296,22 +296,25 @@ async def serve(node: Node, keyring: Keyring | None = None) -> int:
     cfg = node.config
     routers = Routers(cfg, keyring)
     bound = routers.bind()
-    address = _place(node, bound, keyring)
-    mesh = _Mesh(node, address, keyring) if address is not None else None
-    latency = RequestLatency()
-    server = NodeServer(
-        node, observe=latency.observe, keyring=keyring, routers=routers, mesh=mesh.parts if mesh else None
-    )
-    metrics = NodeMetrics(server.status, latency)
-    if cfg.metrics.port:
-        metrics.serve(cfg.metrics.host, cfg.metrics.port)
+    metrics: NodeMetrics | None = None
     try:
+        address = _place(node, bound, keyring)
+        mesh = _Mesh(node, address, keyring) if address is not None else None
+        latency = RequestLatency()
+        server = NodeServer(
+            node, observe=latency.observe, keyring=keyring, routers=routers, mesh=mesh.parts if mesh else None
+        )
+        metrics = NodeMetrics(server.status, latency)
+        if cfg.metrics.port:
+            metrics.serve(cfg.metrics.host, cfg.metrics.port)
         await server.start()
         if mesh is not None:
             mesh.start(node, server)
         return await _until_signalled(node, server, mesh, keyring)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        routers.close()  # after a clean stop already closed: this is for a failed start
 
 
 async def _until_signalled(

@@ -71,6 +71,13 @@ def test_sections_flat_keys_and_a_node_table_read_the_same(tmp_path: Path) -> No
     assert all(c == configs[0] for c in configs)
 
 
+def test_a_node_table_is_read_alone_in_a_file_shared_with_other_programs(tmp_path: Path) -> None:
+    """With a [node] table, the rest of the file (other programs' tables, stray keys) is not ours."""
+    shared = tmp_path / "shared.toml"
+    shared.write_text('memory = "3GiB"\n\n[node]\nmemory = "256MiB"\n\n[vllm]\nmodel = "m"\n')
+    assert NodeConfig.load(shared, env={}).storage.memory_bytes == 256 << 20
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -285,3 +292,16 @@ def test_an_unknown_argument_gets_its_commands_usage_and_the_closest_flag(
         cli.main(argv)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(usage) and hint in err, err
+
+
+def test_with_takes_the_flat_names_of_earlier_releases() -> None:
+    """``with_`` finds a setting by its field name or by its key spelled as a name."""
+    c = NodeConfig().with_(memory_bytes=1 << 20, disk_bytes=0, metrics_port=9, mesh_profile="wan")
+    assert (c.storage.memory_bytes, c.storage.disk_bytes, c.metrics.port, c.mesh.profile) == (
+        1 << 20,
+        0,
+        9,
+        "wan",
+    )
+    with pytest.raises(TypeError, match="no setting or section 'memory_gb'"):
+        NodeConfig().with_(memory_gb=1)

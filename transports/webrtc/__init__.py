@@ -10,7 +10,8 @@ offers, and the membership proof each link must pass before it carries a request
 
 from .framing import FramingError, Reassembler, pieces
 from .link import Dialing, LinkClosed, WebRTCConfig, WebRTCLink, answer, offer, sdp_fingerprint
-from .peering import SIGNAL_KINDS, LinkConduit, LinkUnavailable, Signal, WebRTCPeering
+from .peering import LinkConduit, LinkUnavailable, WebRTCPeering
+from .signaling import SIGNAL_KINDS, Signal
 
 __all__ = [
     "SIGNAL_KINDS",

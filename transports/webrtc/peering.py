@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 import msgpack
@@ -35,6 +35,7 @@ import msgpack
 from ..zmq import TransportError
 from .framing import Buffer
 from .link import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
+from .signaling import Signal
 
 logger = logging.getLogger(__name__)
 
@@ -54,28 +55,6 @@ class AuthFailed(Exception):
 
 class LinkUnavailable(TransportError, ConnectionError):
     """No WebRTC link to that member (now): it failed, was refused, or is shutting down."""
-
-
-SIGNAL_KINDS = ("offer", "answer", "refuse")
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    """One WebRTC signaling message: an offer, its answer, or a refusal, for one session."""
-
-    sender: str
-    """Where the sender is reached (its member address): answers and refusals go there."""
-    name: str
-    """The sender's member name."""
-    session: str
-    kind: str
-    """One of :data:`SIGNAL_KINDS`."""
-    sdp: str = ""
-    """The offer or answer ("" for a refusal)."""
-    reason: str = ""
-    """Why a link was refused."""
-    channels: int = 0
-    """Data channels the offer opens (0: the answerer's default)."""
 
 
 P = TypeVar("P")
@@ -101,8 +80,8 @@ class WebRTCPeering(Generic[P]):
     """Every WebRTC link of one node. Constructing it does no I/O; use on the event loop.
 
     ``name`` and ``address()`` are this node's; ``member_address(name)`` is where a live
-    member is (None if it is not one); ``send_signal(address, fields)`` sends one SIGNAL
-    there (a :class:`Signal`); ``principal_of(name)`` says who a proven member is now (None: no longer allowed).
+    member is (None if it is not one); ``send_signal(address, signal)`` sends one
+    :class:`Signal` there; ``principal_of(name)`` says who a proven member is now (None: no longer allowed).
     """
 
     def __init__(
