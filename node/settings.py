@@ -356,8 +356,10 @@ class Schema(Generic[T]):
         Raises ValueError naming the source, the key and the bad value.
         """
         values: dict[Setting, Any] = {}
+        sources: dict[Setting, str] = {}
 
         def apply(source: str, s: Setting, raw: Any) -> None:
+            sources[s] = source
             try:
                 values[s] = s.parse(raw)
             except (TypeError, ValueError) as exc:
@@ -384,7 +386,9 @@ class Schema(Generic[T]):
         try:
             return self.build(values)
         except ValueError as exc:
-            raise ValueError(f"invalid configuration: {exc}") from exc
+            # The sections check their fields by path (``mesh.replicas``): say where it was set.
+            where = next((src for s, src in sources.items() if str(exc).startswith(s.path + " ")), None)
+            raise ValueError(f"invalid configuration: {exc}" + (f" (from {where})" if where else "")) from exc
 
     def from_text(self, key: str, raw: str) -> tuple[str, Any]:
         """``(key, value)`` for ``KEY=VALUE`` as typed on a command line, for a config file.
