@@ -1,7 +1,8 @@
 """Transports move frames between processes; they know nothing of KV.
 
-``zmq`` is the data path between daemons and engines (tcp:// and ipc://). WebRTC and the
-in-process simulation transport arrive with the mesh and edge issues.
+``zmq`` is the data path between daemons and engines (tcp:// and ipc://); ``webrtc`` links
+reach nodes behind NAT, through the ``relay``; ``inproc`` is the simulations' network; ``wire``
+reads msgpack maps for every layer above.
 """
 
 from .zmq import TransportError, ZmqRouter, dealer
