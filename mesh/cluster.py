@@ -18,15 +18,10 @@ from lmcache_mesh.transports.base import GossipTransport
 
 from .agent import MeshAgent
 from .config import MeshConfig
-from .membership import Member, Membership, State
+from .membership import Member, Membership, State, is_live
 from .ring import HashRing, RingMember
 
 logger = logging.getLogger(__name__)
-
-
-def is_live(state: State) -> bool:
-    """Alive or suspected: a member that still owns its share of the ring and serves requests."""
-    return state in (State.ALIVE, State.SUSPECT)
 
 
 PROFILES = {"lan": MeshConfig.lan, "wan": MeshConfig.wan, "local": MeshConfig.local}
@@ -148,7 +143,7 @@ class Cluster:
     def _changed(self, member: Member, old: State | None) -> None:
         live_now = is_live(member.state)
         # Rebuild on joins, deaths and revivals, and when a live member's zone or weight changed.
-        if old is None or (old is not None and is_live(old)) != live_now or old is member.state:
+        if old is None or is_live(old) != live_now or old is member.state:
             live = self.membership.alive_members()
             self._ring_generation += 1
             self._ring = None  # rebuilt when next used

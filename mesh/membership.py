@@ -47,6 +47,14 @@ class State(str, Enum):
     LEFT = "left"
 
 
+LIVE_STATES = frozenset({State.ALIVE, State.SUSPECT})
+"""A member in these states owns its share of the ring and is probed, asked and served."""
+
+
+def is_live(state: State | None) -> bool:
+    return state in LIVE_STATES
+
+
 @dataclass(slots=True)
 class Member:
     name: str
@@ -161,7 +169,7 @@ class Membership:
         return self._alive_count
 
     def alive_members(self) -> list[Member]:
-        return [m for m in self.members.values() if m.state in (State.ALIVE, State.SUSPECT)]
+        return [m for m in self.members.values() if is_live(m.state)]
 
     @property
     def awareness(self) -> int:
@@ -388,7 +396,7 @@ class Membership:
                     self._awareness = min(
                         cfg.awareness_max_multiplier - 1, self._awareness + 1 + missing_nacks
                     )
-                    if target is not None and target.state in (State.ALIVE, State.SUSPECT):
+                    if target is not None and is_live(target.state):
                         # A new suspicion, or an independent confirmation of one that shortens it.
                         self._apply(
                             News(Kind.SUSPECT, target.name, target.incarnation, origin=self.me.name), now
@@ -415,7 +423,7 @@ class Membership:
         for _ in range(2):
             while self._probe_order:
                 m = self.members.get(self._probe_order.pop())
-                if m is not None and m is not self.me and m.state in (State.ALIVE, State.SUSPECT):
+                if m is not None and m is not self.me and is_live(m.state):
                     return m
             self._probe_order = [m.name for m in self.alive_members() if m is not self.me]
             self.rng.shuffle(self._probe_order)
@@ -427,7 +435,7 @@ class Membership:
             for m in self.members.values()
             if m is not self.me
             and (
-                m.state in (State.ALIVE, State.SUSPECT)
+                is_live(m.state)
                 or (include_dead and m.state is State.DEAD and now - m.since < self.config.gossip_to_dead_s)
             )
         ]
@@ -453,8 +461,7 @@ class Membership:
 
     def _transition(self, member: Member, new: State, now: float, reason: str, is_new: bool = False) -> None:
         old = None if is_new else member.state
-        live = (State.ALIVE, State.SUSPECT)
-        self._alive_count += (new in live) - (old in live)
+        self._alive_count += is_live(new) - is_live(old)
         member.state = new
         member.since = now
         if new is not State.SUSPECT:

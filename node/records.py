@@ -18,6 +18,7 @@ import xxhash
 
 from lmcache_mesh.mesh.errors import BadRequest, ChecksumMismatch, TooLarge, UnsupportedVersion
 from lmcache_mesh.transports import wire
+from lmcache_mesh.transports.base import Buffer as Buffer  # records keep payloads without copying
 
 from .keys import KEY_BYTES
 
@@ -29,8 +30,6 @@ RECORD_VERSION = 1
 MAX_RECORD_HEADER_BYTES = 16 * 1024
 """Largest encoded record header we accept; a header only describes a payload."""
 
-Buffer = bytes | bytearray | memoryview
-"""Any bytes-like payload; records keep it without copying."""
 
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A tenant name: short, printable, safe in file names and metric labels."""

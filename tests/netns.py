@@ -2,7 +2,7 @@
 
 ``Topology`` builds namespaces joined to the test's own (root) namespace by veth pairs and
 removes everything on close. Needs root, ``ip`` (iproute2), ``tc`` for slow links and
-``iptables`` for NAT (``.ci/run`` installs it). Without them the tests fail with the reason,
+``iptables`` for NAT (the README's test command installs it). Without them the tests fail with the reason,
 unless ``LMCACHE_MESH_SKIP_NETNS=1`` asks to skip them.
 """
 

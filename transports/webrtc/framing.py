@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 
-Buffer = bytes | bytearray | memoryview
+from ..base import Buffer
 
 MAGIC = b"LMW1"
 _HEAD = struct.Struct("<4sI")

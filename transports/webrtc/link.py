@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .framing import MAX_PIECE_BYTES, Buffer, FramingError, Reassembler, pieces
+from ..base import Buffer
+from .framing import MAX_PIECE_BYTES, FramingError, Reassembler, pieces
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import Any, Generic, TypeVar
 
 import msgpack
 
+from ..base import Buffer
 from ..zmq import TransportError
-from .framing import Buffer
 from .link import LinkClosed, WebRTCConfig, WebRTCLink, answer, offer
 from .signaling import Signal
 
