@@ -21,6 +21,7 @@ from lmcache_mesh.node.keyring import read_key_pair, read_public_key
 from lmcache_mesh.node.node import Node
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import TENANT_RE, ChunkRecord
+from lmcache_mesh.node.sizes import format_size
 from lmcache_mesh.transports.curve import CurveClient
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,31 @@ class MeshStore:
                 exc,
                 outcome,
                 self.config.retry_after_s,
+            )
+
+    def check_chunk_bytes(self, chunk_bytes: int) -> None:
+        """Raise ValueError, naming the setting to change, if the node cannot store one chunk of
+        ``chunk_bytes``: an adapter calls it at start, so such a limit never shows up as misses.
+        A node that does not answer now is not an error (it may start later)."""
+        if self._node is not None:
+            limit = self._node.config.limits.max_record_bytes
+        else:
+            assert self._front is not None
+            try:
+                limits = self._front.ping(timeout_s=self.config.lookup_timeout_s * 4).get("limits", {})
+            except MeshError as exc:
+                logger.warning(
+                    "node %s did not answer at start (%s); its limits are not checked", self.config.node, exc
+                )
+                return
+            limit = limits.get("max_record_bytes") if isinstance(limits, dict) else None
+            if not isinstance(limit, int):
+                return  # an older node: it says nothing about its limits
+        if chunk_bytes > limit:
+            raise ValueError(
+                f"one chunk holds {format_size(chunk_bytes)} ({chunk_bytes} bytes) of KV, more than node "
+                f"{self.config.node or '(embedded)'} accepts per record ({format_size(limit)}): start the node "
+                f"with --max-record {-(-chunk_bytes // (1 << 20))}MiB or more, or use a smaller chunk_tokens"
             )
 
     def lookup(self, keys: Sequence[bytes], cost: Cost | None = None) -> int:

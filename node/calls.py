@@ -5,11 +5,17 @@ that turns the reply into the caller's result (or raises). :class:`~.client.Clie
 calls on a blocking socket and :class:`~.client.AsyncClient` on a conduit with many in
 flight; neither builds a request or parses a reply itself. A call with nothing to ask
 (no keys) has its ``result`` already and is never sent.
+
+What takes several requests is written once too, as :data:`Steps`: a generator that
+yields each call and is sent its result. A hit of any length comes back whole that way
+(:func:`get_all` asks again for what one reply could not hold, within one deadline), and
+a PUT of any size goes in batches (:func:`put_all`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -24,7 +30,18 @@ T = TypeVar("T")
 Keys = Sequence[bytes]
 """A chain of chunk keys (16 bytes each), in prompt order."""
 
+Steps = Generator["Call[Any]", Any, T]
+"""Calls made one after another: each yielded call is run and its result sent back in;
+the generator's return value is the caller's result."""
+
 _UNSENT: Any = object()
+
+PUT_BATCH_BYTES = 64 << 20
+"""Payload bytes per PUT request when a client stores many records (a node accepts 256 MiB
+per request by default; smaller batches keep its memory per request low)."""
+
+PUT_BATCH_RECORDS = 1024
+"""Records per PUT request (a node accepts 4096 keys per request by default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +94,28 @@ def put(key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] |
     return put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
 
+def put_all(records: Sequence[ChunkRecord], replica: bool = False) -> Steps[None]:
+    """Store ``records`` in as many PUTs as their size needs (a batch is stored whole or not at all)."""
+    batch: list[ChunkRecord] = []
+    nbytes = 0
+    for record in records:
+        if batch and (nbytes + record.nbytes > PUT_BATCH_BYTES or len(batch) >= PUT_BATCH_RECORDS):
+            yield put_records(batch, replica)
+            batch, nbytes = [], 0
+        batch.append(record)
+        nbytes += record.nbytes
+    if batch:
+        yield put_records(batch, replica)
+
+
 @dataclass(slots=True)
 class Verified:
     """Records of a GET reply, each verified; ``bad`` of them failed and became misses."""
 
     records: list[ChunkRecord | None]
     bad: int = 0
+    next: int | None = None
+    """Where the node stopped because its reply was full: keys from here on were not answered."""
 
 
 def get_records(
@@ -92,9 +125,30 @@ def get_records(
         return _answered(Op.GET, Verified([]))
 
     def read(reply: Reply) -> Verified:
-        return Verified(*get_results(reply, keys))
+        records, bad = get_results(reply, keys)
+        stop = reply.fields.get("next")
+        valid = isinstance(stop, int) and not isinstance(stop, bool) and 0 < stop < len(keys)
+        return Verified(records, bad, stop if valid else None)
 
     return Call(Op.GET, _keys_fields(keys, local, cost), read, timeout_s=timeout_s)
+
+
+def get_all(
+    keys: Sequence[bytes], local: bool, timeout_s: float, cost: Cost | None = None
+) -> Steps[Verified]:
+    """Every record of ``keys`` within ``timeout_s`` in all: a node answers as many as one
+    reply holds (``max-request``) and says where it stopped; the rest is asked for again."""
+    deadline = time.monotonic() + timeout_s
+    out = Verified([])
+    start = 0
+    while True:
+        part: Verified = yield get_records(keys[start:], local, max(deadline - time.monotonic(), 1e-3), cost)
+        out.bad += part.bad
+        if part.next is None:
+            out.records += part.records
+            return out
+        out.records += part.records[: part.next]
+        start += part.next
 
 
 def lookup(

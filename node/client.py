@@ -25,7 +25,7 @@ from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.zmq import ZmqChannel, ZmqConduit
 
 from . import calls
-from .calls import Call, Keys
+from .calls import Call, Keys, Steps
 from .protocol import decode_reply, peek_request_id, request_header
 from .records import Buffer, ChunkRecord
 
@@ -115,6 +115,16 @@ class Client(_Core):
                 if peek_request_id(reply[0]) == rid:
                     return call.read(decode_reply(reply))
 
+    def _drive(self, steps: Steps[T]) -> T:
+        """Run calls that take several requests (see :data:`.calls.Steps`)."""
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(self._run(call))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
     # the engine-facing API (AsyncClient has the same methods, as coroutines)
 
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -126,17 +136,21 @@ class Client(_Core):
         self._run(calls.put(key, payload, namespace, meta))
 
     def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
-        self._run(calls.put_records(records, replica))
+        """Store ``records`` (in batches of at most 64 MiB, each stored whole or not at all)."""
+        self._drive(calls.put_all(records, replica))
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        return _payloads(self._records(self._run(calls.get_records(keys))))
+        return _payloads(self.get_records(keys))
 
     def get_records(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
         """Verified records per key, None per miss; ``local``: this node's tiers only;
-        ``cost``: skip remote chunks that would take longer to fetch than to recompute."""
-        return self._records(self._run(calls.get_records(keys, local, timeout_s, cost)))
+        ``cost``: skip remote chunks that would take longer to fetch than to recompute.
+        A hit of any length comes back whole, in as many replies as it needs, all within
+        ``timeout_s``."""
+        steps = calls.get_all(keys, local, self.timeout_s if timeout_s is None else timeout_s, cost)
+        return self._records(self._drive(steps))
 
     def lookup(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
@@ -238,6 +252,16 @@ class AsyncClient(_Core):
                 self._conduit = None
             await conduit.aclose()
 
+    async def _drive(self, steps: Steps[T]) -> T:
+        """Run calls that take several requests (see :data:`.calls.Steps`)."""
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(await self._run(call))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
     async def _run(self, call: Call[T]) -> T:
         if not call.needs_sending:
             return call.result
@@ -282,15 +306,16 @@ class AsyncClient(_Core):
         await self._run(calls.put(key, payload, namespace, meta))
 
     async def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
-        await self._run(calls.put_records(records, replica))
+        await self._drive(calls.put_all(records, replica))
 
     async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        return _payloads(self._records(await self._run(calls.get_records(keys))))
+        return _payloads(await self.get_records(keys))
 
     async def get_records(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
-        return self._records(await self._run(calls.get_records(keys, local, timeout_s, cost)))
+        steps = calls.get_all(keys, local, self.timeout_s if timeout_s is None else timeout_s, cost)
+        return self._records(await self._drive(steps))
 
     async def lookup(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None

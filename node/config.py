@@ -83,13 +83,15 @@ class LimitsSettings:
     """Bounds on what one request, one client and all of them together may ask of the node;
     past them a request gets TOO_LARGE or BUSY instead of taking the node's memory."""
 
-    max_record_bytes: int = setting(64 << 20, key="max-record")
+    max_record_bytes: int = setting(256 << 20, key="max-record")
     """Largest chunk payload accepted, in bytes; larger PUTs get TOO_LARGE. Must hold one chunk
-    of the engines' KV; more lets one request pin more memory."""
+    of the engines' KV (256 tokens of a 70B-class model in bf16: 80 MiB); engine adapters
+    check it when they start. More lets one request pin more memory."""
     max_header_bytes: int = setting(1 << 20, key="max-header")
     """Largest request header accepted (a msgpack frame), in bytes."""
     max_request_bytes: int = setting(256 << 20, key="max-request")
-    """Largest sum of payloads in one request, in bytes (also bounds one WebRTC message)."""
+    """Largest sum of payloads in one request or reply, in bytes (also bounds one WebRTC
+    message); at least max-record. A longer hit comes back in several replies, never as misses."""
     max_keys_per_request: int = setting(4096, key="max-keys")
     """Most keys or records in one request. More: fewer round trips for long prompts, more work
     per request."""
@@ -114,6 +116,11 @@ class LimitsSettings:
             "max_inflight_bytes_per_peer",
         ):
             _check_range(self, f"limits.{f}", 1)
+        if self.max_request_bytes < self.max_record_bytes:
+            raise ValueError(
+                f"limits.max_request_bytes ({self.max_request_bytes}) must be at least limits.max_record_bytes "
+                f"({self.max_record_bytes}): a request must be able to carry one record"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,7 +133,15 @@ class Node:
         self.store.unpin(keys)
 
     def ping(self) -> dict[str, Any]:
-        return {"name": self.name, "version": VERSION}
+        limits = self.config.limits
+        return {
+            "name": self.name,
+            "version": VERSION,
+            "limits": {
+                "max_record_bytes": limits.max_record_bytes,
+                "max_request_bytes": limits.max_request_bytes,
+            },
+        }
 
     def count_error(self, code_name: str) -> None:
         with self._lock:

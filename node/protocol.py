@@ -67,7 +67,7 @@ class Limits:
     """Bounds a node enforces on every request before acting on it."""
 
     max_header_bytes: int = 1 << 20
-    max_record_bytes: int = 64 << 20
+    max_record_bytes: int = 256 << 20
     max_keys: int = 4096
     max_request_bytes: int = 256 << 20
     """All payload frames of one request together."""

@@ -421,11 +421,12 @@ class NodeServer:
             assert job.client_keys is not None
             headers = client_records(found, job.client_keys, tenant)
             found = [r if h is not None else None for r, h in zip(found, headers, strict=True)]
-        found, headers = _within(found, headers, self.limits.max_request_bytes)
+        found, headers, stop = _within(found, headers, self.limits.max_request_bytes)
         if tenant is not None:
             self.node.count_tenant(tenant, gets=len(keys), hits=sum(r is not None for r in found))
         wire = [None if h is None else h.to_wire() for h in headers]
-        return [ok_reply(job.request.id, records=wire), *(r.payload for r in found if r is not None)]
+        more = {} if stop is None else {"next": stop}  # the client asks again from there
+        return [ok_reply(job.request.id, records=wire, **more), *(r.payload for r in found if r is not None)]
 
     async def _lookup(self, job: Job[Lookup], deadline: float) -> Reply:
         body, rid = job.body, job.request.id
@@ -506,19 +507,21 @@ class NodeServer:
 
 def _within(
     found: list[ChunkRecord | None], headers: list[RecordHeader | None], max_bytes: int
-) -> tuple[list[ChunkRecord | None], list[RecordHeader | None]]:
-    """Records up to ``max_bytes`` (payloads and headers) in all; the rest become misses."""
+) -> tuple[list[ChunkRecord | None], list[RecordHeader | None], int | None]:
+    """The records of one reply: as many as ``max_bytes`` (payloads and headers) holds, and
+    where it stopped (None: all of them). Nothing from there on is sent; the client asks
+    again for those keys. A first record too large for any reply is a miss."""
     total = 0
-    records: list[ChunkRecord | None] = []
-    kept: list[RecordHeader | None] = []
-    for r, h in zip(found, headers, strict=True):
-        if r is not None and h is not None:
-            total += r.nbytes + HEADER_ALLOWANCE_BYTES
-            if total > max_bytes:
-                r = h = None
-        records.append(r)
-        kept.append(h)
-    return records, kept
+    for i, r in enumerate(found):
+        if r is None or headers[i] is None:
+            continue
+        total += r.nbytes + HEADER_ALLOWANCE_BYTES
+        if total > max_bytes:
+            if i == 0:
+                return [None, *found[1:]], [None, *headers[1:]], None if len(found) == 1 else 1
+            blank: list[None] = [None] * (len(found) - i)
+            return [*found[:i], *blank], [*headers[:i], *blank], i
+    return found, headers, None
 
 
 def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cachetools import TTLCache
 
-from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_MAX_PUT_BYTES = 64 << 20
-"""records per PUT request, by payload bytes (well under a node's default request limit)"""
 _KNOWN_KEYS = 1 << 16
 _KNOWN_TTL_S = 300.0
 """a chunk stored or seen less than this long ago is not stored again"""
@@ -125,13 +122,7 @@ class KVReuse:
             "shape": [self.layout.n_layer, 2, self.chunk_tokens],
         }
         self.enabled = True
-        if self.chunk_bytes > NodeConfig.default_of("max_record_bytes"):
-            logger.warning(
-                "chunks of %d tokens hold %.0f MB of KV, more than a node accepts by default (--max-record): "
-                "run the node with a larger --max-record, or use a smaller chunk_tokens",
-                self.chunk_tokens,
-                self.chunk_bytes / 1e6,
-            )
+        self.store.check_chunk_bytes(self.chunk_bytes)
         logger.info(
             "mesh KV reuse on %s: namespace %s, %d tokens/chunk (%.2f MB), node %s",
             llm.model_path,
@@ -304,13 +295,7 @@ class KVReuse:
                 ChunkRecord.build(k, p, self.namespace, self._meta)
                 for k, p in zip(keys, payloads, strict=True)
             ]
-            batch: list[ChunkRecord] = []
-            for record in records:
-                if batch and (len(batch) + 1) * self.chunk_bytes > _MAX_PUT_BYTES:
-                    self.store.put(batch)
-                    batch = []
-                batch.append(record)
-            self.store.put(batch)
+            self.store.put(records)  # the client sends them in batches of a bounded size
         except Exception:
             self._forget(keys)
             raise

@@ -49,6 +49,8 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
             # A cache may forget between lookup and load: vLLM should recompute then, not fail.
             self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
             prefill = PrefillRate(self.config.prefill_tokens_per_s) if self.config.cost_aware else None
+            # A node that cannot hold one chunk would turn every save into a refusal: say so now.
+            self.store.check_chunk_bytes(chunk_bytes(self.descriptor, self.config.chunk_tokens))
             self.scheduler = SchedulerSide(
                 self.namespace,
                 self.config.chunk_tokens,

@@ -223,17 +223,20 @@ def test_one_connection_cannot_take_all_slots(tmp_path: Path, ns: bytes, keys: l
     run(main())
 
 
-def test_a_get_reply_is_bounded_by_the_request_size_limit(
+def test_a_get_reply_is_bounded_by_the_request_size_limit_and_says_where_it_stopped(
     tmp_path: Path, ns: bytes, keys: list[bytes]
 ) -> None:
     async def main() -> None:
-        h = Harness(tmp_path, max_request_bytes=12_000)
+        h = Harness(tmp_path, max_request_bytes=12_000, max_record_bytes=8_000)
         await h.put(SHARED, [ChunkRecord.build(k, payload(i), ns) for i, k in enumerate(keys[:2])])
         assert await h.get(SHARED, keys[:3]) == [payload(0), payload(1), None]
         for i in range(2, 5):
             await h.put(SHARED, [ChunkRecord.build(keys[i], payload(i), ns)])
-        got = await h.get(SHARED, keys[:5])
-        assert got[:2] == [payload(0), payload(1)] and got[2:] == [None, None, None]  # 4 KiB each
+        reply = await h.call(SHARED, Op.GET, keys=keys[:5])
+        records, _ = get_results(reply, keys[:5])
+        assert [r is not None for r in records] == [True, True, False, False, False]  # 4 KiB each
+        assert reply.fields["next"] == 2  # the client asks again from the third key
+        assert await h.get(SHARED, keys[2:5]) == [payload(2), payload(3), None]
 
     run(main())
 
