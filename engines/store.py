@@ -95,6 +95,7 @@ class StoreStats:
 def _open_embedded(config: NodeConfig) -> Node:
     """An in-process node; if its disk tier cannot open (another process holds the data
     dir, no permission), the engine still starts, with a memory-only cache."""
+    config = config.with_(shm_dir="")  # nobody else can reach an embedded node to share its memory
     node = Node(config)
     try:
         node.open()

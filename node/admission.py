@@ -20,7 +20,9 @@ from .protocol import Op
 from .requests import Announce, Attach, B, Get, Put, Request
 from .tenants import admit_headers, scope_body
 
-CLIENT_OPS = frozenset({Op.PING, Op.PUT, Op.GET, Op.LOOKUP, Op.DELETE, Op.RANK, Op.ANNOUNCE})
+CLIENT_OPS = frozenset(
+    {Op.PING, Op.PUT, Op.GET, Op.LOOKUP, Op.DELETE, Op.RANK, Op.ANNOUNCE, Op.RESERVE, Op.RELEASE}
+)
 """What an engine's key may do: chunks, in its tenant (ANNOUNCE only of its own engine)."""
 
 ADMIN_OPS = CLIENT_OPS | {Op.STATS, Op.JOIN}

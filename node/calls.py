@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
-from lmcache_mesh.mesh.errors import BadRequest
+from lmcache_mesh.mesh.errors import BadRequest, MeshError
 
-from .protocol import Op, Reply, get_results, put_request
+from .protocol import Op, Reply, put_request, read_records
 from .records import Buffer, ChunkRecord
+from .shm import SharedArena
 
 T = TypeVar("T")
 
@@ -79,33 +80,100 @@ def _keys_fields(keys: Sequence[bytes], local: bool, cost: Cost | None) -> dict[
     return fields
 
 
-def ping(timeout_s: float | None = None) -> Call[dict[str, Any]]:
-    return Call(Op.PING, {}, lambda r: r.fields, timeout_s=timeout_s)
+def ping(timeout_s: float | None = None, shm: bool = False) -> Call[dict[str, Any]]:
+    """The node's name, version and limits; with ``shm``, its arena too (if it has one)."""
+    return Call(Op.PING, {"shm": True} if shm else {}, lambda r: r.fields, timeout_s=timeout_s)
 
 
-def put_records(records: Sequence[ChunkRecord], replica: bool = False) -> Call[None]:
+def put_records(
+    records: Sequence[ChunkRecord],
+    replica: bool = False,
+    lease: int | None = None,
+    slots: Sequence[int] | None = None,
+) -> Call[None]:
+    """One PUT: payloads as frames, or (``slots``) written into the lease's slots already."""
     if not records:
         return _answered(Op.PUT, None)
     fields, frames = put_request(records)
-    return Call(Op.PUT, {**fields, "replica": replica}, _ignore, frames)
+    extra: dict[str, Any] = {} if lease is None else {"lease": lease}
+    if slots is not None:
+        extra["slots"], frames = list(slots), []
+    return Call(Op.PUT, {**fields, "replica": replica, **extra}, _ignore, frames)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A save announced to the node (its keys count as cached until it lands or ``seconds``
+    pass), with slots in the node's arena to write the payloads into when ``slots``."""
+
+    lease: int
+    seconds: float
+    slots: list[int] | None = None
+
+
+def reserve(keys: Sequence[bytes], sizes: Sequence[int], shm: bool) -> Call[Reservation]:
+    def read(reply: Reply) -> Reservation:
+        lease, seconds, slots = (
+            reply.fields.get("lease"),
+            reply.fields.get("seconds", 0),
+            reply.fields.get("slots"),
+        )
+        if not isinstance(lease, int) or (
+            slots is not None and (not isinstance(slots, list) or len(slots) != len(keys))
+        ):
+            raise BadRequest("RESERVE reply needs a 'lease' and, with slots, one per key")
+        return Reservation(lease, float(seconds), slots)
+
+    return Call(Op.RESERVE, {"keys": list(keys), "sizes": list(sizes), "shm": shm}, read)
+
+
+def release(lease_ids: Sequence[int]) -> Call[None]:
+    return Call(Op.RELEASE, {"leases": list(lease_ids)}, _ignore)
+
+
+def commit(
+    records: Sequence[ChunkRecord], reservation: Reservation, arena: SharedArena | None, replica: bool = False
+) -> Steps[None]:
+    """Land a reserved save: payloads written into its slots (one copy, no socket), or sent as
+    frames when it has none (or they are gone: its lease ended first)."""
+    if reservation.slots is not None and arena is not None:
+        try:
+            for record, offset in zip(records, reservation.slots, strict=True):
+                arena.slot(offset, record.nbytes)[:] = memoryview(record.payload).cast("B")
+            yield put_records(records, replica, reservation.lease, reservation.slots)
+            return
+        except MeshError:
+            pass  # e.g. the lease ran out while we wrote: the frames below still land
+    yield put_records(records, replica, reservation.lease)
 
 
 def put(key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> Call[None]:
     return put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
 
-def put_all(records: Sequence[ChunkRecord], replica: bool = False) -> Steps[None]:
-    """Store ``records`` in as many PUTs as their size needs (a batch is stored whole or not at all)."""
-    batch: list[ChunkRecord] = []
+def put_all(
+    records: Sequence[ChunkRecord], replica: bool = False, arena: SharedArena | None = None
+) -> Steps[None]:
+    """Store ``records`` in as many PUTs as their size needs (a batch is stored whole or not at
+    all); with ``arena``, each batch is written into slots reserved for it."""
+    for batch in _batches(records):
+        if arena is None:
+            yield put_records(batch, replica)
+            continue
+        reservation = yield reserve([r.key for r in batch], [r.nbytes for r in batch], shm=True)
+        yield from commit(batch, reservation, arena, replica)
+
+
+def _batches(records: Sequence[ChunkRecord]) -> list[list[ChunkRecord]]:
+    batches: list[list[ChunkRecord]] = []
     nbytes = 0
     for record in records:
-        if batch and (nbytes + record.nbytes > PUT_BATCH_BYTES or len(batch) >= PUT_BATCH_RECORDS):
-            yield put_records(batch, replica)
-            batch, nbytes = [], 0
-        batch.append(record)
+        if not batches or nbytes + record.nbytes > PUT_BATCH_BYTES or len(batches[-1]) >= PUT_BATCH_RECORDS:
+            batches.append([])
+            nbytes = 0
+        batches[-1].append(record)
         nbytes += record.nbytes
-    if batch:
-        yield put_records(batch, replica)
+    return batches
 
 
 @dataclass(slots=True)
@@ -116,25 +184,42 @@ class Verified:
     bad: int = 0
     next: int | None = None
     """Where the node stopped because its reply was full: keys from here on were not answered."""
+    shared: list[int] = field(default_factory=list)
+    """Records that are views into the node's arena, not verified yet (:class:`~.shm.Lease`)."""
+    leases: list[int] = field(default_factory=list)
+    """The read leases those views are under."""
 
 
 def get_records(
-    keys: Sequence[bytes], local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+    keys: Sequence[bytes],
+    local: bool = False,
+    timeout_s: float | None = None,
+    cost: Cost | None = None,
+    arena: SharedArena | None = None,
 ) -> Call[Verified]:
+    """One GET; with ``arena``, payloads held in it come as views under a lease."""
     if not keys:
         return _answered(Op.GET, Verified([]))
 
     def read(reply: Reply) -> Verified:
-        records, bad = get_results(reply, keys)
-        stop = reply.fields.get("next")
+        records, bad, shared = read_records(reply, keys, arena.slot if arena is not None else None)
+        stop, lease = reply.fields.get("next"), reply.fields.get("lease")
         valid = isinstance(stop, int) and not isinstance(stop, bool) and 0 < stop < len(keys)
-        return Verified(records, bad, stop if valid else None)
+        leases = [lease] if shared and isinstance(lease, int) else []
+        return Verified(records, bad, stop if valid else None, shared, leases)
 
-    return Call(Op.GET, _keys_fields(keys, local, cost), read, timeout_s=timeout_s)
+    fields = _keys_fields(keys, local, cost)
+    if arena is not None:
+        fields["shm"] = True
+    return Call(Op.GET, fields, read, timeout_s=timeout_s)
 
 
 def get_all(
-    keys: Sequence[bytes], local: bool, timeout_s: float, cost: Cost | None = None
+    keys: Sequence[bytes],
+    local: bool,
+    timeout_s: float,
+    cost: Cost | None = None,
+    arena: SharedArena | None = None,
 ) -> Steps[Verified]:
     """Every record of ``keys`` within ``timeout_s`` in all: a node answers as many as one
     reply holds (``max-request``) and says where it stopped; the rest is asked for again."""
@@ -142,12 +227,15 @@ def get_all(
     out = Verified([])
     start = 0
     while True:
-        part: Verified = yield get_records(keys[start:], local, max(deadline - time.monotonic(), 1e-3), cost)
+        left = max(deadline - time.monotonic(), 1e-3)
+        part: Verified = yield get_records(keys[start:], local, left, cost, arena)
         out.bad += part.bad
+        out.leases += part.leases
+        taken = len(part.records) if part.next is None else part.next
+        out.records += part.records[:taken]
+        out.shared += [start + i for i in part.shared if i < taken]
         if part.next is None:
-            out.records += part.records
             return out
-        out.records += part.records[: part.next]
         start += part.next
 
 

@@ -19,15 +19,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
-from lmcache_mesh.mesh.errors import DeadlineExceeded, Unavailable
+from lmcache_mesh.mesh.errors import DeadlineExceeded, MeshError, Unavailable
 from lmcache_mesh.transports.base import Conduit
 from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.zmq import ZmqChannel, ZmqConduit
 
 from . import calls
-from .calls import Call, Keys, Steps
+from .calls import Call, Keys, Reservation, Steps
 from .protocol import decode_reply, peek_request_id, request_header
 from .records import Buffer, ChunkRecord
+from .shm import Lease, SharedArena
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -39,14 +40,48 @@ def _payloads(records: list[ChunkRecord | None]) -> list[memoryview | None]:
 
 
 class _Core:
-    """What both clients share: address, deadline, tenant, request ids, checksum counts."""
+    """What both clients share: address, deadline, tenant, request ids, checksum counts, and
+    the node's shared memory when this process can map it."""
 
-    def __init__(self, address: str, timeout_s: float, tenant: str, first_id: int = 1) -> None:
+    def __init__(
+        self, address: str, timeout_s: float, tenant: str, first_id: int = 1, shm: bool = True
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.tenant = tenant
         self.checksum_failures = 0
+        self.arena: SharedArena | None = None
+        """The node's arena as mapped here (None: payloads travel as frames)."""
+        self._shm_untried = shm
         self._ids = itertools.count(first_id)
+
+    @property
+    def transport(self) -> str:
+        """How payloads travel: "shared memory" (the node's arena, mapped here) or "frames"."""
+        return "shared memory" if self.arena is not None else "frames"
+
+    def _map_arena(self, pong: dict[str, Any]) -> None:
+        self._shm_untried = False
+        self.arena = SharedArena.open(pong.get("shm"))
+
+    def _count_bad(self, n: int) -> None:
+        self.checksum_failures += n
+
+    def _drive_steps(self, steps: Steps[T], run: Callable[[Call[Any]], Any]) -> T:
+        """Run calls that take several requests (:data:`.calls.Steps`); a failed call is raised
+        into the steps, which may answer it (fall back to frames)."""
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    result = run(call)
+                except MeshError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as done:
+            value: T = done.value
+            return value
 
     def _header(self, call: Call[Any], rid: int, timeout: float, **extra: Any) -> bytes:
         if self.tenant:
@@ -70,6 +105,7 @@ class Client(_Core):
     ``timeout_s`` bounds each call; on expiry it raises DeadlineExceeded and reconnects,
     so a reply that arrives late is never mistaken for the next one. Runs every request in
     ``tenant`` ("": the default space, or the key's own); ``curve`` for CurveZMQ on tcp://.
+    On the node's host, payloads go through its shared memory (``shm=False``: always frames).
     """
 
     def __init__(
@@ -78,8 +114,9 @@ class Client(_Core):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         curve: CurveClient | None = None,
         tenant: str = "",
+        shm: bool = True,
     ) -> None:
-        super().__init__(address, timeout_s, tenant)
+        super().__init__(address, timeout_s, tenant, shm=shm)
         self.curve = curve
         self._channel = ZmqChannel(address, curve)
         self._lock = threading.Lock()
@@ -96,6 +133,8 @@ class Client(_Core):
     def close(self) -> None:
         with self._lock:
             self._channel.close()
+            if self.arena is not None:
+                self.arena.close()
 
     def _run(self, call: Call[T]) -> T:
         if not call.needs_sending:
@@ -116,14 +155,22 @@ class Client(_Core):
                     return call.read(decode_reply(reply))
 
     def _drive(self, steps: Steps[T]) -> T:
-        """Run calls that take several requests (see :data:`.calls.Steps`)."""
+        return self._drive_steps(steps, self._run)
+
+    def _shared(self) -> SharedArena | None:
+        """The node's arena, mapped on first use if this process can (else frames from then on)."""
+        if self._shm_untried:
+            try:
+                self._map_arena(self._run(calls.ping(shm=True)))
+            except MeshError:
+                pass  # the node is not there now: try again with the next call
+        return self.arena
+
+    def _release(self, lease_ids: list[int]) -> None:
         try:
-            call = next(steps)
-            while True:
-                call = steps.send(self._run(call))
-        except StopIteration as done:
-            result: T = done.value
-            return result
+            self._run(calls.release(lease_ids))
+        except MeshError:
+            pass  # the leases end by themselves when their time is up
 
     # the engine-facing API (AsyncClient has the same methods, as coroutines)
 
@@ -136,8 +183,30 @@ class Client(_Core):
         self._run(calls.put(key, payload, namespace, meta))
 
     def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
-        """Store ``records`` (in batches of at most 64 MiB, each stored whole or not at all)."""
-        self._drive(calls.put_all(records, replica))
+        """Store ``records`` (in batches of at most 64 MiB, each stored whole or not at all);
+        on the node's host, written straight into its shared memory."""
+        self._drive(calls.put_all(records, replica, self._shared()))
+
+    def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Reservation:
+        """Announce a save of ``keys`` (payloads of ``sizes``) before it is ready: lookups on
+        the node count them at once and GETs wait for them. Land it with :meth:`commit`."""
+        return self._run(calls.reserve(keys, sizes, shm=self._shared() is not None))
+
+    def commit(self, records: Sequence[ChunkRecord], reservation: Reservation) -> None:
+        """Store the records of a :meth:`reserve` (into its slots, when it has them)."""
+        self._drive(calls.commit(records, reservation, self.arena))
+
+    def read(
+        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+    ) -> Lease:
+        """Like :meth:`get_records`, without copying: on the node's host the records are views
+        into its shared memory, unchanged until the lease is released (use it as a context
+        manager); verify each as it is used (:meth:`Lease.copy_into`, :meth:`Lease.payload`)."""
+        steps = calls.get_all(
+            keys, local, self.timeout_s if timeout_s is None else timeout_s, cost, self._shared()
+        )
+        got = self._drive(steps)
+        return Lease(self._records(got), got.shared, got.leases, self._release, self._count_bad)
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return _payloads(self.get_records(keys))
@@ -149,8 +218,8 @@ class Client(_Core):
         ``cost``: skip remote chunks that would take longer to fetch than to recompute.
         A hit of any length comes back whole, in as many replies as it needs, all within
         ``timeout_s``."""
-        steps = calls.get_all(keys, local, self.timeout_s if timeout_s is None else timeout_s, cost)
-        return self._records(self._drive(steps))
+        with self.read(keys, local, timeout_s, cost) as lease:
+            return lease.kept()
 
     def lookup(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
@@ -194,6 +263,7 @@ class AsyncClient(_Core):
     """
 
     _scoped = False
+    _shm = True
 
     def __init__(
         self,
@@ -205,8 +275,10 @@ class AsyncClient(_Core):
     ) -> None:
         # Random start: a later client on the same connection (a WebRTC link outlives its
         # clients) must never take a late reply to an earlier client's request for its own.
-        super().__init__(address, timeout_s, tenant, first_id=random.getrandbits(48) + 1)
+        shm = self._shm and conduit is None  # a WebRTC link reaches another host
+        super().__init__(address, timeout_s, tenant, first_id=random.getrandbits(48) + 1, shm=shm)
         self._make_conduit = conduit or (lambda: ZmqConduit(address, curve))
+        self._releasing: set[asyncio.Task[None]] = set()
         self._conduit: Conduit | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[list[Buffer]]] = {}
@@ -231,6 +303,8 @@ class AsyncClient(_Core):
         if self._conduit is not None:
             conduit, self._conduit = self._conduit, None
             await conduit.aclose()
+        if self.arena is not None:
+            self.arena.close()
 
     def _fail_pending(self, exc: Exception) -> None:
         for fut in self._pending.values():
@@ -253,14 +327,38 @@ class AsyncClient(_Core):
             await conduit.aclose()
 
     async def _drive(self, steps: Steps[T]) -> T:
-        """Run calls that take several requests (see :data:`.calls.Steps`)."""
+        """Run calls that take several requests (as :meth:`_Core._drive_steps`, awaiting each)."""
         try:
             call = next(steps)
             while True:
-                call = steps.send(await self._run(call))
+                try:
+                    result = await self._run(call)
+                except MeshError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
         except StopIteration as done:
-            result: T = done.value
-            return result
+            value: T = done.value
+            return value
+
+    async def _shared(self) -> SharedArena | None:
+        if self._shm_untried:
+            try:
+                self._map_arena(await self._run(calls.ping(shm=True)))
+            except MeshError:
+                pass
+        return self.arena
+
+    def _release(self, lease_ids: list[int]) -> None:
+        async def release() -> None:
+            try:
+                await self._run(calls.release(lease_ids))
+            except MeshError:
+                pass  # the leases end by themselves when their time is up
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _run(self, call: Call[T]) -> T:
         if not call.needs_sending:
@@ -306,7 +404,20 @@ class AsyncClient(_Core):
         await self._run(calls.put(key, payload, namespace, meta))
 
     async def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
-        await self._drive(calls.put_all(records, replica))
+        await self._drive(calls.put_all(records, replica, await self._shared()))
+
+    async def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Reservation:
+        return await self._run(calls.reserve(keys, sizes, shm=await self._shared() is not None))
+
+    async def commit(self, records: Sequence[ChunkRecord], reservation: Reservation) -> None:
+        await self._drive(calls.commit(records, reservation, self.arena))
+
+    async def read(
+        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+    ) -> Lease:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        got = await self._drive(calls.get_all(keys, local, timeout, cost, await self._shared()))
+        return Lease(self._records(got), got.shared, got.leases, self._release, self._count_bad)
 
     async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return _payloads(await self.get_records(keys))
@@ -314,8 +425,8 @@ class AsyncClient(_Core):
     async def get_records(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
     ) -> list[ChunkRecord | None]:
-        steps = calls.get_all(keys, local, self.timeout_s if timeout_s is None else timeout_s, cost)
-        return self._records(await self._drive(steps))
+        with await self.read(keys, local, timeout_s, cost) as lease:
+            return lease.kept()
 
     async def lookup(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
@@ -351,6 +462,7 @@ class PeerClient(AsyncClient):
     """
 
     _scoped = True
+    _shm = False  # members keep their own memory; what they send each other goes as frames
 
     async def announce(self, holder: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
         """Tell a key's owner that ``holder`` now holds ``add`` and dropped ``remove``."""

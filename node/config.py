@@ -68,6 +68,11 @@ class StorageSettings:
     persist_on_shutdown: bool = True
     """On a clean stop, write the memory tier back to disk; off: a faster stop that loses what
     only memory held."""
+    shm_dir: str = setting("/dev/shm", metavar="DIR")
+    """tmpfs directory of the shared-memory arena holding the memory tier: engines on this host
+    (any that can open the file, which only this node's user can) read hits from it and write
+    chunks into it instead of sending them through a socket. "" (or a directory without room
+    for the memory budget) turns it off: chunks then travel as socket frames."""
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "disk_bytes", "writeback_queue_bytes"):
@@ -103,7 +108,11 @@ class LimitsSettings:
     disk or peers; more get BUSY, so nobody takes every slot."""
     max_inflight_bytes_per_peer: int = 1 << 30
     """Reply bytes queued for one party and not sent yet; past it its GETs get BUSY. Bounds the
-    memory a slow reader holds."""
+    memory a slow reader holds. Shared-memory leases count too (past it: socket frames)."""
+    lease_seconds: int = setting(30, key="lease-timeout")
+    """Seconds a shared-memory read (or a slot reserved for a write, or a save announced
+    before it lands) stays valid unless released (or committed) sooner: what an engine that
+    was killed can hold. Chunks being saved are visible to lookups meanwhile."""
 
     def __post_init__(self) -> None:
         for f in (
@@ -114,6 +123,7 @@ class LimitsSettings:
             "max_inflight_requests",
             "max_inflight_per_peer",
             "max_inflight_bytes_per_peer",
+            "lease_seconds",
         ):
             _check_range(self, f"limits.{f}", 1)
         if self.max_request_bytes < self.max_record_bytes:

@@ -13,12 +13,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lmcache_mesh.mesh.errors import Unavailable
+from lmcache_mesh.transports.shm import Arena, shared_memory_room
 
 from .config import NodeConfig
 from .records import Buffer, ChunkRecord
+from .sizes import format_size
 from .tiers import DiskTier, MemoryTier, RecoveryReport, TieredStore
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ class Node:
         """Where this node is served (set when its server binds); empty when embedded."""
         self.started_at = time.time()
         self.checksum_failures = 0
+        self.shm_off_reason = "" if self.config.storage.shm_dir else "turned off (shm-dir is empty)"
+        """Why the memory tier is not in shared memory ("" when it is, or before :meth:`open`)."""
         self.errors: dict[str, int] = {}
         self.tenant_requests: dict[str, Counter[str]] = {}
         """Per tenant: keys asked for (gets), found (hits), records put (puts)."""
@@ -69,6 +74,7 @@ class Node:
                 raise Unavailable(f"node {self.name} is closed")
             if self._state == "new":
                 report = self.store.disk.open() if self.store.disk is not None else RecoveryReport()
+                self.store.arena = self._open_arena()
                 self._state = "open"
                 if report.discarded or report.temp_removed:
                     logger.warning(
@@ -87,6 +93,34 @@ class Node:
                 return 0
             self._state = "closed"
         return self.store.close(persist=self.config.storage.persist_on_shutdown)
+
+    def _open_arena(self) -> Arena | None:
+        """The shared-memory arena for the memory tier, if shm-dir has room for it."""
+        storage = self.config.storage
+        if not storage.shm_dir or storage.memory_bytes == 0:
+            return None
+        directory = Path(storage.shm_dir)
+        # Room for the memory budget, evictions queued for the disk (they keep their slots until
+        # written) and leases (slots read or written by engines while memory moves on).
+        size = storage.memory_bytes + storage.memory_bytes // 8
+        if self.store.disk is not None:
+            size += storage.writeback_queue_bytes
+        room = shared_memory_room(directory)
+        if room < size:
+            self.shm_off_reason = (
+                f"{directory} has {format_size(room)} free, the arena needs {format_size(size)}: "
+                "enlarge it (docker run --shm-size, a Memory emptyDir) or set --shm-dir"
+            )
+            logger.warning("- shared memory off: %s; chunks travel as socket frames", self.shm_off_reason)
+            return None
+        try:
+            arena = Arena(directory, size)
+        except OSError as exc:
+            self.shm_off_reason = f"cannot create an arena in {directory}: {exc.strerror or exc}"
+            logger.warning("- shared memory off: %s; chunks travel as socket frames", self.shm_off_reason)
+            return None
+        logger.info("- memory tier in shared memory: %s (%s)", arena.path, format_size(arena.capacity))
+        return arena
 
     def _ready(self) -> None:
         if self._state != "open":

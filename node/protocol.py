@@ -5,13 +5,15 @@ with per-op fields; PUT is followed by one payload frame per record. Reply heade
 ``{"v", "id", "ok": true, ...}`` (GET followed by one frame per found record) or
 ``{"v", "id", "ok": false, "code": ErrorCode, "error": message}``.
 
-Payloads never go inside msgpack: they travel as their own frames, zero-copy. Each op's
+Payloads never go inside msgpack: they travel as their own frames, zero-copy — or, between
+a node and an engine on the same host, not at all: a ``slots`` field gives, per record,
+where in the node's shared-memory arena its payload is (None: in the next frame). Each op's
 request, as a type with its one validating decoder, is in :mod:`.requests`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -29,7 +31,8 @@ PROTOCOL_VERSION_MIN = 1
 PROTOCOL_VERSION_MAX = 1
 PROTOCOL_VERSION = 1
 """Version 1: PING, PUT, GET, LOOKUP, DELETE, STATS, MESH, JOIN, ANNOUNCE, WHO_HAS, RANK,
-ATTACH, RELAY, SIGNAL (ops added within a version are answered UNKNOWN_OP by older nodes)."""
+ATTACH, RELAY, SIGNAL, RESERVE, RELEASE (ops added within a version are answered UNKNOWN_OP
+by older nodes; fields added to an op are ignored by them)."""
 
 MAX_SDP_BYTES = 64 << 10
 
@@ -60,6 +63,11 @@ class Op(IntEnum):
     """Forward the payload frames (a whole one-way request) to the attached node ``to``."""
     SIGNAL = 14
     """One-way WebRTC signaling: an offer, its answer, or a refusal, for one session."""
+    RESERVE = 15
+    """Announce chunks about to be PUT (lookups see them at once; GETs wait for them) and, with
+    ``shm``, reserve slots in the node's shared memory to write them into."""
+    RELEASE = 16
+    """End leases: shared-memory reads done, or reservations given up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,26 +150,54 @@ def put_request(records: Sequence[ChunkRecord]) -> tuple[dict[str, Any], list[Bu
 
 def get_results(reply: Reply, keys: Sequence[bytes]) -> tuple[list[ChunkRecord | None], int]:
     """Verified records per key (None per miss or bad record) and how many failed verification."""
+    records, bad, _ = read_records(reply, keys)
+    return records, bad
+
+
+SlotReader = Callable[[int, int], Buffer]
+"""(offset, length) -> the bytes of a slot in the node's arena, as this client mapped it."""
+
+
+def read_records(
+    reply: Reply, keys: Sequence[bytes], slot: SlotReader | None = None
+) -> tuple[list[ChunkRecord | None], int, list[int]]:
+    """Records per key (None per miss or bad record), how many failed verification, and which
+    records are views into the arena (``slots``, read with ``slot``): those are *not* verified
+    yet — the reader checks them as it copies them out, under the reply's lease."""
     raw = reply.fields.get("records")
     if not isinstance(raw, list) or len(raw) != len(keys):
         raise BadRequest("GET reply has no per-key 'records' list of the right length")
+    slots = reply.fields.get("slots") if slot is not None else None
+    if slots is not None and (not isinstance(slots, list) or len(slots) != len(keys)):
+        raise BadRequest("GET reply has no per-key 'slots' list of the right length")
     out: list[ChunkRecord | None] = []
+    shared: list[int] = []
     bad = 0
     frames = iter(reply.payloads)
-    for key, h in zip(keys, raw, strict=True):
+    for i, (key, h) in enumerate(zip(keys, raw, strict=True)):
         if h is None:
             out.append(None)
             continue
-        payload = next(frames, None)
+        offset = slots[i] if slots is not None else None
+        payload = next(frames, None) if offset is None else None
         try:
             header = RecordHeader.from_wire(h)
-            if payload is None or header.key != key:
-                raise BadRequest("GET reply record does not match its key or lacks a payload")
+            if header.key != key:
+                raise BadRequest("GET reply record does not match its key")
+            if offset is not None:
+                assert slot is not None
+                if not isinstance(offset, int) or offset < 0:
+                    raise BadRequest(f"GET reply slot {offset!r:.40} is not an arena offset")
+                out.append(ChunkRecord(header, slot(offset, header.length)))
+                shared.append(i)
+                continue
+            if payload is None:
+                raise BadRequest("GET reply record lacks a payload")
             out.append(ChunkRecord.verified(header, payload))
         except MeshError:
             bad += 1
             out.append(None)
-    return out, bad
+    return out, bad, shared
 
 
 # one-way messages between members, as the transports send them

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
 from lmcache_mesh.mesh.errors import BadRequest, TooLarge, UnknownOp, UnsupportedVersion
+from lmcache_mesh.transports.leases import LEASE_BITS
 from lmcache_mesh.transports.webrtc.signaling import SIGNAL_KINDS, Signal
 from lmcache_mesh.transports.wire import Fields, is_int
 
@@ -78,9 +79,29 @@ def _cost(f: Fields) -> Cost | None:
     return Cost(float(seconds), nbytes)
 
 
+def _slots(f: Fields, count: int) -> list[int | None] | None:
+    """Per record, where its payload is in the arena (None: in a frame); None without the field."""
+    raw = f.raw("slots")
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != count
+        or not all(s is None or (is_int(s) and 0 <= s < 1 << 48) for s in raw)
+    ):
+        raise f.fail("slots", f"a list of {count} arena offsets (or nil)")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class Ping(Body):
     op = Op.PING
+    shm: bool = False
+    """The sender could use shared memory: describe this node's arena in the reply."""
+
+    @classmethod
+    def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Ping:
+        return cls(f.flag("shm"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +116,11 @@ class Put(Body):
     headers: list[RecordHeader]
     replica: bool = False
     """The records are replicas sent by a member: store them, do not replicate them again."""
+    lease: int | None = None
+    """The RESERVE these records complete (its slots and its announcement)."""
+    slots: list[int | None] | None = None
+    """Per record, the offset of its payload in the arena (written into the lease's slots);
+    None: its payload is the next frame."""
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Put:
@@ -103,15 +129,20 @@ class Put(Body):
             raise BadRequest("PUT needs a non-empty list 'records' of record headers")
         if len(raw) > limits.max_keys:
             raise TooLarge(f"{len(raw)} records in one PUT exceed the limit of {limits.max_keys}")
-        if len(raw) != len(payloads):
-            raise BadRequest(f"PUT has {len(raw)} record headers but {len(payloads)} payload frames")
+        slots = _slots(f, len(raw))
+        framed = len(raw) if slots is None else sum(s is None for s in slots)
+        if framed != len(payloads):
+            raise BadRequest(f"PUT has {framed} records to come in frames but {len(payloads)} payload frames")
+        lease = None if f.raw("lease") is None else f.integer("lease", lo=0, hi=(1 << LEASE_BITS) - 1)
+        if slots is not None and any(s is not None for s in slots) and lease is None:
+            raise BadRequest("PUT with payloads in shared memory needs the 'lease' of their slots")
         headers = [RecordHeader.from_wire(h) for h in raw]
         for h in headers:
             if len(h.encode()) > MAX_RECORD_HEADER_BYTES:
                 raise TooLarge(f"a record header exceeds {MAX_RECORD_HEADER_BYTES} bytes")
             if h.length > limits.max_record_bytes:
                 raise TooLarge(f"record of {h.length} bytes exceeds the limit of {limits.max_record_bytes}")
-        return cls(headers, f.flag("replica"))
+        return cls(headers, f.flag("replica"), lease, slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +165,13 @@ class Get(Body):
     """This node's tiers only (no peers)."""
     cost: Cost | None = None
     """Fetch remote chunks only while that beats recomputing them."""
+    shm: bool = False
+    """The sender mapped this node's arena: answer with slots under a lease, not frames."""
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Get:
         keys, local, _ = _keyed(f, limits)
-        return cls(keys, local, _cost(f))
+        return cls(keys, local, _cost(f), f.flag("shm"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +227,46 @@ class Announce(Body):
         if route and "/" in holder:
             raise BadRequest("an engine name must not contain '/'")
         return cls(holder, add, remove, route)
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Body):
+    op = Op.RESERVE
+    keys: list[bytes]
+    sizes: list[int] = field(default_factory=list)
+    """Payload bytes per key: with ``shm``, a slot of that size is reserved for each."""
+    shm: bool = False
+
+    @classmethod
+    def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Reserve:
+        keys = _keys(f, limits)
+        if not keys:
+            raise BadRequest("RESERVE needs a non-empty list 'keys'")
+        shm = f.flag("shm")
+        sizes = f.raw("sizes", [])
+        if not isinstance(sizes, list) or (shm and len(sizes) != len(keys)):
+            raise f.fail("sizes", "a list of payload sizes, one per key")
+        for size in sizes:
+            if not is_int(size) or not 0 <= size <= limits.max_record_bytes:
+                raise TooLarge(f"a RESERVE size {size!r:.40} is not within [0, {limits.max_record_bytes}]")
+        return cls(keys, sizes, shm)
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Body):
+    op = Op.RELEASE
+    leases: list[int]
+
+    @classmethod
+    def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Release:
+        leases = f.raw("leases")
+        if (
+            not isinstance(leases, list)
+            or len(leases) > limits.max_keys
+            or not all(is_int(x) and 0 <= x < 1 << LEASE_BITS for x in leases)
+        ):
+            raise f.fail("leases", f"a list of at most {limits.max_keys} lease ids")
+        return cls(leases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +355,8 @@ class SignalBody(Body):
 BODIES: dict[Op, type[Body]] = {
     cls.op: cls
     for cls in (
+        Reserve,
+        Release,
         Ping,
         Put,
         Get,

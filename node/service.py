@@ -56,12 +56,15 @@ from .requests import (
     Put,
     Rank,
     Relay,
+    Release,
     Request,
+    Reserve,
     SignalBody,
     Stats,
     WhoHas,
     decode_request,
 )
+from .sharing import Sharing
 from .tenants import client_records
 
 logger = logging.getLogger(__name__)
@@ -136,6 +139,8 @@ class NodeServer:
         self._loop_tasks: list[asyncio.Task[None]] = []
         self.relay = RelayTable()
         """Nodes behind NAT that reach the mesh through us."""
+        self.sharing = Sharing(cfg.limits, node.lookup)
+        """Shared-memory reads engines hold, saves announced but not landed, reply sizes."""
         self._handlers: dict[type[Body], Callable[[Any, float], Awaitable[Reply]]] = {
             Ping: self._ping,
             Put: self._put,
@@ -148,6 +153,8 @@ class NodeServer:
             Stats: self._stats,
             Attach: self._attach_elsewhere,
             Join: self._join,
+            Reserve: self._reserve,
+            Release: self._release,
         }
         """How each request type is answered (one-way ones go to :meth:`_one_way`)."""
 
@@ -187,6 +194,11 @@ class NodeServer:
             if not self.node.config.mesh.nat:  # nodes behind NAT may attach to us
                 doc["mesh"]["relaying"] = {"attached": self.relay.names(), "forwarded": self.relay.forwarded}
         doc["security"] = self.security_stats()
+        memory = doc["tiers"]["memory"]
+        if "shared" in memory:
+            memory["shared"]["leases"] = self.sharing.leases.stats()
+        else:
+            memory["shared"] = {"off": self.node.shm_off_reason or "the node is not open"}
         return doc
 
     async def start(self) -> list[str]:
@@ -261,6 +273,7 @@ class NodeServer:
 
     async def _take(self, buffers: list[Buffer], reply_to: ReplyTo, sender: Sender) -> None:
         received = time.monotonic()
+        self.sharing.tick(received)
         job: Job[Any] | MeshError
         try:
             job = admit(decode_request(buffers, self.limits), sender)
@@ -329,13 +342,13 @@ class NodeServer:
         if isinstance(body, (Delete, Rank)):
             return True, None
         if isinstance(body, Get):
-            return not self.node.store.in_memory(body.keys), None
+            return self.sharing.pending(body.keys) or not self.node.store.in_memory(body.keys), None
         if isinstance(body, Lookup):
             mesh_wide = self._mesh_wide(body.local)
             if not mesh_wide or body.holders:
                 return mesh_wide, None
             # A chain cached here entirely needs no peer: answer inline.
-            hits = self.node.lookup(body.keys)
+            hits = self.sharing.hits_here(body.keys)
             return hits < len(body.keys), hits
         return False, None
 
@@ -387,15 +400,14 @@ class NodeServer:
     # the handlers: one per request type (one-way ones are in _one_way)
 
     async def _ping(self, job: Job[Ping], deadline: float) -> Reply:
-        return [ok_reply(job.request.id, **self.node.ping())]
+        arena = self.node.store.arena
+        shm = {"shm": arena.describe()} if job.body.shm and arena is not None else {}
+        return [ok_reply(job.request.id, **self.node.ping(), **shm)]
 
     async def _put(self, job: Job[Put], deadline: float) -> Reply:
         # Verify every record before storing any: a bad one means nothing changes.
         try:
-            records = [
-                ChunkRecord.verified(h, _own(p))
-                for h, p in zip(job.body.headers, job.request.payloads, strict=True)
-            ]
+            records = self.sharing.put_records(job.body, job.request.payloads)
         except ChecksumMismatch:
             self.node.checksum_failures += 1
             raise
@@ -408,6 +420,7 @@ class NodeServer:
 
     async def _get(self, job: Job[Get], deadline: float) -> Reply:
         keys = job.body.keys
+        await self.sharing.until_landed(keys, deadline)
         if self.node.store.in_memory(keys):
             found = self.node.get_records(keys)
         else:
@@ -421,12 +434,9 @@ class NodeServer:
             assert job.client_keys is not None
             headers = client_records(found, job.client_keys, tenant)
             found = [r if h is not None else None for r, h in zip(found, headers, strict=True)]
-        found, headers, stop = _within(found, headers, self.limits.max_request_bytes)
         if tenant is not None:
             self.node.count_tenant(tenant, gets=len(keys), hits=sum(r is not None for r in found))
-        wire = [None if h is None else h.to_wire() for h in headers]
-        more = {} if stop is None else {"next": stop}  # the client asks again from there
-        return [ok_reply(job.request.id, records=wire, **more), *(r.payload for r in found if r is not None)]
+        return self.sharing.get_reply(job.request.id, found, headers, job.party, job.body.shm)
 
     async def _lookup(self, job: Job[Lookup], deadline: float) -> Reply:
         body, rid = job.body, job.request.id
@@ -435,7 +445,7 @@ class NodeServer:
             assert self.coordinator is not None
             hits, holders = await self.coordinator.reads.lookup(body.keys, deadline, body.cost)
             return [ok_reply(rid, hits=hits, holders=holders)]
-        hits = self.node.lookup(body.keys) if job.local_hits is None else job.local_hits
+        hits = self.sharing.hits_here(body.keys) if job.local_hits is None else job.local_hits
         if hits < len(body.keys) and mesh_wide:
             assert self.coordinator is not None
             # Only the part of the chain not cached here needs the owners.
@@ -480,6 +490,17 @@ class NodeServer:
     async def _stats(self, job: Job[Stats], deadline: float) -> Reply:
         return [ok_reply(job.request.id, stats=self.status())]
 
+    async def _reserve(self, job: Job[Reserve], deadline: float) -> Reply:
+        body = job.body
+        slots: list[memoryview] | None = None
+        if body.shm and self.sharing.leases.room(job.party, sum(body.sizes)):
+            reserve = self.node.store.reserve_slots
+            slots = await self._in_thread(reserve, body.sizes, deadline=deadline, party=job.party)
+        return [self.sharing.reservation_reply(job.request.id, job.party, body.keys, slots)]
+
+    async def _release(self, job: Job[Release], deadline: float) -> Reply:
+        return [ok_reply(job.request.id, released=self.sharing.leases.release(job.body.leases))]
+
     async def _attach_elsewhere(self, job: Job[Attach], deadline: float) -> Reply:
         raise BadRequest("ATTACH is only accepted over a ZeroMQ connection")
 
@@ -505,41 +526,9 @@ class NodeServer:
             raise DeadlineExceeded("deadline passed while reading from disk") from None
 
 
-def _within(
-    found: list[ChunkRecord | None], headers: list[RecordHeader | None], max_bytes: int
-) -> tuple[list[ChunkRecord | None], list[RecordHeader | None], int | None]:
-    """The records of one reply: as many as ``max_bytes`` (payloads and headers) holds, and
-    where it stopped (None: all of them). Nothing from there on is sent; the client asks
-    again for those keys. A first record too large for any reply is a miss."""
-    total = 0
-    for i, r in enumerate(found):
-        if r is None or headers[i] is None:
-            continue
-        total += r.nbytes + HEADER_ALLOWANCE_BYTES
-        if total > max_bytes:
-            if i == 0:
-                return [None, *found[1:]], [None, *headers[1:]], None if len(found) == 1 else 1
-            blank: list[None] = [None] * (len(found) - i)
-            return [*found[:i], *blank], [*headers[:i], *blank], i
-    return found, headers, None
-
-
 def _peek_op(buffers: Sequence[Buffer], limits: Limits) -> Op | None:
     """The op of a message that decodes in full (None if it does not)."""
     try:
         return decode_request(buffers, limits).op
     except MeshError:
         return None
-
-
-HEADER_ALLOWANCE_BYTES = 1024
-"""What a record header adds to a reply, roughly (they are at most MAX_RECORD_HEADER_BYTES)."""
-
-SMALL_FRAME_BYTES = 64 << 10
-"""Below this, libzmq may place a received frame inside a shared receive buffer."""
-
-
-def _own(buffer: Any) -> Any:
-    # Keeping a small frame would pin the whole shared buffer it sits in, so small payloads
-    # are copied (cheap); large ones have a buffer of their own and are kept zero-copy.
-    return bytes(buffer) if len(buffer) < SMALL_FRAME_BYTES else buffer

@@ -70,6 +70,11 @@ class MemoryTier:
     def keys(self) -> list[bytes]:
         return list(self._entries)
 
+    def peek(self, key: bytes) -> ChunkRecord | None:
+        """The record of ``key`` without counting a hit."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.record
+
     def get(self, key: bytes) -> ChunkRecord | None:
         entry = self._entries.get(key)
         if entry is None:
@@ -137,6 +142,12 @@ class MemoryTier:
         if entry.pins == 0:
             self._pinned_bytes -= entry.record.nbytes
 
+    def evict_bytes(self, nbytes: int) -> list[ChunkRecord]:
+        """Evict (by policy, never pinned entries) until ``nbytes`` more are free or nothing
+        more can go; returns what was evicted."""
+        target = min(self.capacity_bytes - self.used_bytes + nbytes, self.capacity_bytes)
+        return self._make_room(max(target, 0), strict=False)
+
     def pinned_bytes(self) -> int:
         return self._pinned_bytes
 
@@ -159,7 +170,7 @@ class MemoryTier:
         if entry.pins:
             self._pinned_bytes -= size
 
-    def _make_room(self, size: int) -> list[ChunkRecord]:
+    def _make_room(self, size: int, strict: bool = True) -> list[ChunkRecord]:
         evicted: list[ChunkRecord] = []
         # Each pass over an entry either evicts it, lowers its counter or moves it small->main,
         # so the loop ends; the bound only guards against a bookkeeping bug.
@@ -175,7 +186,7 @@ class MemoryTier:
                 main_spins = 0 if victim is not None else main_spins + 1
             if victim is not None:
                 evicted.append(victim)
-        if self.used_bytes + size > self.capacity_bytes:
+        if strict and self.used_bytes + size > self.capacity_bytes:
             raise NoSpace(f"memory tier could not free {size} bytes")  # pragma: no cover - bookkeeping bug
         return evicted
 

@@ -8,6 +8,12 @@ clean shutdown loses nothing that fits the disk budget.
 Consistency: a re-PUT or DELETE invalidates the disk copy at once (the file follows in
 order), and a disk read is only promoted if the disk still holds that version and memory
 got nothing newer meanwhile. So no read ever returns a version older than the last write.
+
+With an :class:`~.arena.Arena`, memory's payloads live in shared memory: a record that
+arrives elsewhere (a socket frame, a disk read) is copied into a slot once; one written
+into a slot by a local engine is kept where it is. When the arena has no room (other slots
+still being read or written back), memory evicts more; failing that, the record stays in
+ordinary memory — slower to share, never lost.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lmcache_mesh.mesh.errors import NoSpace
+from lmcache_mesh.transports.shm import Arena, slot_offset
 
 from ..records import ChunkRecord
 from .disk import DiskTier
@@ -46,9 +53,10 @@ class TieredStore:
     thread; callers on an event loop run those in a worker thread.
     """
 
-    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None) -> None:
+    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None, arena: Arena | None = None) -> None:
         self.memory = memory
         self.disk = disk
+        self.arena = arena
         self.counters = TierCounters()
         self._lock = threading.Lock()
         self._on_forgotten: Callable[[list[bytes]], None] | None = None
@@ -94,14 +102,53 @@ class TieredStore:
                 self.counters.bytes_in += record.nbytes
                 if self.disk is not None:
                     self.disk.invalidate(record)  # an older version on disk must never be served
+                held = self.memory.peek(record.key)
+                if held is not None and held.header == record.header:
+                    continue  # the same version: nothing to change (and nothing to copy)
                 try:
-                    evicted += self.memory.put(record)
+                    evicted += self.memory.put(self._shared(record, evicted))
                 except NoSpace:
+                    self.memory.remove(record.key)  # an older version must not outlive this one
                     direct.append(record)  # too big for what memory has unpinned: straight to disk
         for record in direct:
             assert self.disk is not None  # _admissible said so
             self.disk.submit(record, block=True)
         self._write_back(evicted)
+
+    def reserve_slots(self, sizes: Sequence[int]) -> list[memoryview] | None:
+        """Fresh arena slots to write payloads of ``sizes`` into (evicting to make room), or None
+        (no arena, or no room: the writer sends frames instead)."""
+        if self.arena is None:
+            return None
+        evicted: list[ChunkRecord] = []
+        slots: list[memoryview] = []
+        with self._lock:
+            for size in sizes:
+                slot = self.arena.alloc(size)
+                if slot is None:
+                    evicted += self.memory.evict_bytes(size)
+                    slot = self.arena.alloc(size)
+                if slot is None:
+                    break
+                slots.append(slot)
+        self._write_back(evicted)
+        return slots if len(slots) == len(sizes) else None  # the ones taken free themselves
+
+    def _shared(self, record: ChunkRecord, evicted: list[ChunkRecord]) -> ChunkRecord:
+        """``record`` with its payload in the arena (copied once, unless it is there already);
+        as it is when there is no arena or no room in it. Under the lock."""
+        if self.arena is None or slot_offset(record.payload) is not None:
+            return record
+        slot = self.arena.alloc(record.nbytes)
+        if slot is None:
+            # Slots still viewed (being read, sent or written back) are not free yet: evict
+            # what memory can spare, and take what is free at once.
+            evicted += self.memory.evict_bytes(record.nbytes)
+            slot = self.arena.alloc(record.nbytes)
+            if slot is None:
+                return record
+        slot[:] = memoryview(record.payload).cast("B")
+        return ChunkRecord(record.header, slot.toreadonly())
 
     def _write_back(self, evicted: list[ChunkRecord]) -> None:
         lost = [r.key for r in evicted if self.disk is None or not self.disk.submit(r)]
@@ -173,10 +220,11 @@ class TieredStore:
         return out
 
     def _promote(self, record: ChunkRecord) -> list[ChunkRecord]:
+        evicted: list[ChunkRecord] = []
         try:
-            evicted = self.memory.put(record)
+            evicted += self.memory.put(self._shared(record, evicted))
         except NoSpace:
-            return []
+            return evicted
         self.counters.promotions += 1
         return evicted
 
@@ -218,6 +266,8 @@ class TieredStore:
                     if not self.disk.holds(record):
                         written += self.disk.submit(record, block=True)
             self.disk.close()
+        if self.arena is not None:
+            self.arena.close()
         return written
 
     def stats(self) -> dict[str, Any]:
@@ -231,6 +281,15 @@ class TieredStore:
                 "tenants": _named(self.memory.tenants),
             }
             counters = asdict(self.counters)
+            if self.arena is not None:
+                self.arena.reclaim()
+                memory["shared"] = {
+                    "path": str(self.arena.path),
+                    "capacity_bytes": self.arena.capacity,
+                    "used_bytes": self.arena.used,
+                    "largest_free_bytes": self.arena.largest_free(),
+                    "failed_allocations": self.arena.failed_allocations,
+                }
         tiers: dict[str, Any] = {"memory": memory}
         if self.disk is not None:
             tiers["disk"] = {

@@ -3,10 +3,17 @@ whole, records of real models fit at the default settings."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
 import numpy as np
 import pytest
 
 from lmcache_mesh.engines.store import MeshStore, StoreConfig
+from lmcache_mesh.node.client import Client
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
 from lmcache_mesh.node.records import ChunkRecord
 
@@ -66,3 +73,142 @@ def test_an_adapter_refuses_at_start_a_node_that_cannot_hold_one_chunk(daemon_fa
             store.check_chunk_bytes(LLAMA3_8B_CHUNK)
     finally:
         store.close()
+
+
+# shared memory between a node and the engines on its host
+
+
+def _records(ns: bytes, n: int, nbytes: int, salt: int = 0) -> list[ChunkRecord]:
+    keys = chunk_keys(ns, list(range(16 * n)), 16)
+    return [ChunkRecord.build(k, _chunk(i + salt, nbytes), ns) for i, k in enumerate(keys)]
+
+
+def _shared(client: Client) -> dict[str, Any]:
+    shared: dict[str, Any] = client.stats()["tiers"]["memory"]["shared"]
+    return shared
+
+
+def test_a_local_client_reads_and_writes_through_shared_memory(daemon_factory: DaemonFactory) -> None:
+    d = daemon_factory("--memory", "64MiB", "--disk", "0")
+    ns = _namespace(b"shm")
+    records = _records(ns, 8, 1 << 20)
+    keys = [r.key for r in records]
+    with d.client(timeout_s=10) as writer, Client(d.address, timeout_s=10) as reader:
+        writer.put_records(records)
+        assert writer.transport == "shared memory"
+        with reader.read(keys) as lease:
+            assert reader.transport == "shared memory" and lease.shared and lease.hits == 8
+            out = np.empty(1 << 20, dtype=np.uint8)
+            for i, record in enumerate(records):
+                assert lease.copy_into(i, out) and out.tobytes() == bytes(memoryview(record.payload))
+            assert _shared(reader)["leases"]["held"] == 1
+        got = reader.get_records(keys)  # copies that outlive the lease
+        assert [bytes(memoryview(g.payload)) if g else None for g in got] == [
+            bytes(r.payload) for r in records
+        ]
+        leases = _shared(reader)["leases"]
+        assert leases["held"] == 0 and leases["committed"] >= 1 and leases["granted_reads"] == 2
+        assert reader.checksum_failures == 0
+
+
+def test_bytes_under_a_lease_never_change_while_the_keys_are_re_put_and_evicted(
+    daemon_factory: DaemonFactory,
+) -> None:
+    d = daemon_factory("--memory", "16MiB", "--disk", "0")
+    ns = _namespace(b"race")
+    first = _records(ns, 4, 1 << 20)
+    keys = [r.key for r in first]
+    with d.client(timeout_s=10) as reader, Client(d.address, timeout_s=10) as writer:
+        writer.put_records(first)
+        with reader.read(keys) as lease:
+            assert lease.shared
+            views = [lease.records[i].payload for i in range(4)]  # type: ignore[union-attr]
+            writer.put_records(_records(ns, 4, 1 << 20, salt=100))  # new versions of the same keys
+            for round_ in range(3):  # and 3x the memory tier of other chunks: everything is evicted
+                writer.put_records(_records(_namespace(b"filler%d" % round_), 16, 1 << 20))
+            for view, record in zip(views, first, strict=True):
+                assert bytes(view) == bytes(memoryview(record.payload))  # the leased bytes, unchanged
+            assert all(lease.payload(i) is not None for i in range(4))  # and they still verify
+        again = reader.get_records(keys)
+        assert all(
+            r is None or bytes(memoryview(r.payload))[:8] != bytes(memoryview(first[i].payload))[:8]
+            for i, r in enumerate(again)
+        )  # never the old version once it was replaced
+
+
+_HOLD_A_LEASE = """
+import sys, time
+from lmcache_mesh.node.client import Client
+client = Client(sys.argv[1], timeout_s=10)
+lease = client.read([bytes.fromhex(k) for k in sys.argv[2:]])
+print("holding", len(lease.records), lease.shared, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_engine_holds_its_lease_only_until_it_times_out(daemon_factory: DaemonFactory) -> None:
+    d = daemon_factory("--memory", "64MiB", "--disk", "0", "--lease-timeout", "1")
+    ns = _namespace(b"killed")
+    records = _records(ns, 4, 1 << 20)
+    with d.client(timeout_s=10) as client:
+        client.put_records(records)
+        used = _shared(client)["used_bytes"]
+        child = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_A_LEASE, d.address, *(r.key.hex() for r in records)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline().split() == ["holding", "4", "True"]
+            assert _shared(client)["leases"]["held"] == 1
+            client.delete([r.key for r in records])  # the leased slots stay in use while held
+            assert _shared(client)["used_bytes"] == used
+        finally:
+            child.kill()
+            child.wait(10)
+        deadline = time.monotonic() + 10
+        while _shared(client)["leases"]["held"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shared = _shared(client)
+        assert shared["leases"]["held"] == 0 and shared["leases"]["expired"] == 1
+        assert shared["used_bytes"] == 0  # every slot came back
+        client.put_records(records)  # and the node serves on
+        assert all(r is not None for r in client.get_records([r.key for r in records]))
+
+
+def test_without_shared_memory_chunks_travel_as_frames_and_status_says_why(
+    daemon_factory: DaemonFactory,
+) -> None:
+    d = daemon_factory("--memory", "64MiB", "--disk", "0", "--shm-dir", "")
+    ns = _namespace(b"frames")
+    records = _records(ns, 4, 1 << 20)
+    with d.client(timeout_s=10) as client:
+        client.put_records(records)
+        got = client.get_records([r.key for r in records])
+        assert client.transport == "frames" and all(g is not None for g in got)
+        assert "shm-dir is empty" in _shared(client)["off"]
+
+
+def test_a_save_announced_before_it_lands_is_a_hit_at_once(daemon_factory: DaemonFactory) -> None:
+    """The next request with the same prefix (here: another engine's client) counts an
+    announced save as cached, and its GET waits for the bytes instead of missing."""
+    d = daemon_factory("--memory", "64MiB", "--disk", "0", "--lease-timeout", "2")
+    ns = _namespace(b"pending")
+    records = _records(ns, 4, 1 << 20)
+    keys = [r.key for r in records]
+    with d.client(timeout_s=10) as saver, Client(d.address, timeout_s=10) as other:
+        reservation = saver.reserve(keys, [r.nbytes for r in records])
+        assert other.lookup(keys) == 4
+        landing = threading.Timer(0.3, saver.commit, args=(records, reservation))
+        landing.start()
+        started = time.monotonic()
+        got = other.get_records(keys, timeout_s=5)
+        assert all(g is not None for g in got) and 0.25 < time.monotonic() - started < 3
+        landing.join()
+        # a save that never lands stops counting when its lease ends: misses, never errors
+        late = _records(_namespace(b"never"), 2, 1 << 20)
+        saver.reserve([r.key for r in late], [r.nbytes for r in late])
+        assert other.lookup([r.key for r in late]) == 2
+        assert other.get_records([r.key for r in late], timeout_s=0.5) == [None, None]
+        time.sleep(2.6)
+        assert other.lookup([r.key for r in late]) == 0

@@ -111,13 +111,18 @@ REQUEST_FIELDS: dict[str, Callable[[Fuzz], Any]] = {
     "channels": choose(0, 1, 4, 64, 65, -1, True),
     "tenant": choose("t1", "t2", "", "a/b", "x" * 65),
     "scoped": choose(True, False),
+    "shm": choose(True, False, 1, None),
+    "lease": choose(None, 0, 7, 2**62 - 1, 2**62, -1, "7", True),
+    "slots": choose(None, [None], [0], [4096], [None, 4096], [-1], ["0"], 5, [2**48]),
+    "sizes": choose([], [4096], [0, 1], [-1], [2**40], ["1"], None),
+    "leases": choose([], [7], [2**62], [-1], ["x"], None, [7] * (MAX_KEYS + 1)),
     "pad": choose(b"", b"\0" * 1000, b"\0" * 2030, b"\0" * 2100),  # headers near and over the limit
 }
 FIELD_NAMES = sorted(REQUEST_FIELDS)
 OP_FIELDS: dict[Op, tuple[str, ...]] = {
-    Op.PING: (),
-    Op.PUT: ("replica",),
-    Op.GET: ("keys", "local", "holders", "cost"),
+    Op.PING: ("shm",),
+    Op.PUT: ("replica", "lease", "slots"),
+    Op.GET: ("keys", "local", "holders", "cost", "shm"),
     Op.LOOKUP: ("keys", "local", "holders", "cost"),
     Op.DELETE: ("keys", "local", "holders"),
     Op.STATS: (),
@@ -129,12 +134,14 @@ OP_FIELDS: dict[Op, tuple[str, ...]] = {
     Op.ATTACH: ("name", "token"),
     Op.RELAY: ("to",),
     Op.SIGNAL: ("from", "name", "session", "kind", "sdp", "reason", "channels"),
+    Op.RESERVE: ("keys", "sizes", "shm"),
+    Op.RELEASE: ("leases",),
 }
 """The fields each op reads: a near-valid request mostly has these, mostly valid."""
 OP_CODES = [int(op) for op in Op]
 HEAD: dict[str, tuple[list[Any], list[Any]]] = {  # good values, bad values
     "v": ([PROTOCOL_VERSION], [0, 2, -1, "1", 1.0, None, [1], True]),
-    "op": (OP_CODES, [0, -1, 15, 40, 2**64 - 1, "1", 1.5, None, True]),
+    "op": (OP_CODES, [0, -1, 17, 40, 2**64 - 1, "1", 1.5, None, True]),
     "id": ([7, 0, 2**32, 2**64 - 1], [-1, True, "7", 1.5, None]),
     "timeout_ms": ([1000, 1, 5000], [0, -1, True, "5", 1.5, None]),
 }
@@ -235,7 +242,11 @@ def check_request(req: Request[Any], frames: Sequence[bytes], limits: Limits) ->
     f = fields_of(req)
     assert f["tenant"] == m.get("tenant") and (f["tenant"] is None or TENANT_RE.match(f["tenant"]))
     if req.op is Op.PUT:
-        assert 0 < len(f["headers"]) == len(req.payloads) <= limits.max_keys
+        slots = f["slots"]
+        framed = len(f["headers"]) if slots is None else sum(o is None for o in slots)
+        assert 0 < len(f["headers"]) <= limits.max_keys and framed == len(req.payloads)
+        assert slots is None or all(o is None or (is_int(o) and o >= 0) for o in slots)
+        assert f["lease"] is not None or slots is None or all(o is None for o in slots)
         assert [h.encode() for h in f["headers"]] == [
             RecordHeader.from_wire(h).encode() for h in m["records"]
         ]
@@ -269,6 +280,11 @@ def check_request(req: Request[Any], frames: Sequence[bytes], limits: Limits) ->
         assert (f["sdp"] == "") == (f["kind"] == "refuse")
     if req.op is Op.JOIN:
         assert f["seeds"] and all(isinstance(s, str) for s in f["seeds"])
+    if req.op is Op.RESERVE:
+        assert f["keys"] and all(is_int(n) and 0 <= n <= limits.max_record_bytes for n in f["sizes"])
+        assert not f["shm"] or len(f["sizes"]) == len(f["keys"])
+    if req.op is Op.RELEASE:
+        assert len(f["leases"]) <= limits.max_keys and all(is_int(x) and 0 <= x < 2**62 for x in f["leases"])
 
 
 def check_error(exc: MeshError, frames: Sequence[bytes], limits: Limits) -> None:
@@ -386,7 +402,7 @@ def test_any_reply_decodes_or_raises_the_typed_error_it_names(frames: list[bytes
 
 ENGINE = Principal("engine", Role.CLIENT, tenant="t1")
 """An engine's key in tenant t1: it sees none of the default space's records."""
-ENGINE_OPS = {Op.PING, Op.PUT, Op.GET, Op.LOOKUP, Op.DELETE, Op.RANK, Op.ANNOUNCE}
+ENGINE_OPS = {Op.PING, Op.PUT, Op.GET, Op.LOOKUP, Op.DELETE, Op.RANK, Op.ANNOUNCE, Op.RESERVE, Op.RELEASE}
 ONE_WAY = {
     Op.MESH: "MESH_WITHOUT_CLUSTER",
     Op.RELAY: "RELAY_UNKNOWN_TARGET",
@@ -487,6 +503,7 @@ def test_a_server_answers_garbage_with_typed_errors_and_keeps_its_records(
 ) -> None:
     principal, frames = case
     node, server = served.node, served.server
+    server.sharing.leases.clear()  # a RESERVE of an earlier example announced keys: they would count
     try:
         req: Request | MeshError = decode_request(frames, server.limits)
     except MeshError as exc:

@@ -16,6 +16,8 @@ KEYS_OF_EARLIER_RELEASES = """
     max-inflight max-inflight-per-peer max-inflight-bytes-per-peer writeback-queue
     persist-on-shutdown
 """.split()
+
+KEYS_ADDED_SINCE = ["shm-dir", "lease-timeout"]
 """Every flag (--KEY), environment variable (LMCACHE_MESH_KEY) and TOML key that worked before
 the settings had sections: each must keep working, with the same meaning."""
 
@@ -50,7 +52,7 @@ def test_file_without_a_node_table_and_lists(tmp_path: Path) -> None:
 
 
 def test_every_key_of_earlier_releases_still_works_and_lands_in_its_section() -> None:
-    assert {s.key for s in SETTINGS.settings} == set(KEYS_OF_EARLIER_RELEASES)
+    assert {s.key for s in SETTINGS.settings} == {*KEYS_OF_EARLIER_RELEASES, *KEYS_ADDED_SINCE}
     env = {"LMCACHE_MESH_MAX_INFLIGHT_BYTES_PER_PEER": "2GiB", "LMCACHE_MESH_WEBRTC_CHANNELS": "8"}
     c = NodeConfig.load(env=env, overrides={"key": "/k", "mesh-profile": "wan", "metrics-host": "0.0.0.0"})
     assert c.limits.max_inflight_bytes_per_peer == 2 << 30 and c.webrtc.channels == 8

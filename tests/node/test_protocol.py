@@ -53,7 +53,11 @@ def test_valid_requests_decode() -> None:
         ([hdr(op=3, keys=[b"k" * 16] * 9)], TooLarge, "9 keys in one request exceed the limit of 8"),
         ([hdr(op=3, keys=[b"k" * 16]), b"extra"], BadRequest, "GET takes no payload frames"),
         ([hdr(op=2, records=[])], BadRequest, "non-empty list 'records'"),
-        ([hdr(op=2, records=[REC.header.to_wire()])], BadRequest, "1 record headers but 0 payload frames"),
+        (
+            [hdr(op=2, records=[REC.header.to_wire()])],
+            BadRequest,
+            "1 records to come in frames but 0 payload frames",
+        ),
         (
             [hdr(op=2, records=[{**REC.header.to_wire(), "len": 5000}]), b"x"],
             TooLarge,
