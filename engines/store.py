@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lmcache_mesh.node.calls import Reservation
 from lmcache_mesh.node.client import Client
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.errors import DeadlineExceeded, MeshError, Unavailable
@@ -21,6 +22,7 @@ from lmcache_mesh.node.keyring import read_key_pair, read_public_key
 from lmcache_mesh.node.node import Node
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import TENANT_RE, ChunkRecord
+from lmcache_mesh.node.shm import Lease
 from lmcache_mesh.node.sizes import format_size
 from lmcache_mesh.transports.curve import CurveClient
 
@@ -107,6 +109,14 @@ def _open_embedded(config: NodeConfig) -> Node:
         return node
 
 
+def _nothing(_: object) -> None:
+    return None
+
+
+def _no_lease(n: int) -> Lease:
+    return Lease([None] * n, (), (), _nothing, _nothing)
+
+
 class MeshStore:
     """Best-effort LOOKUP / GET / PUT for an engine; thread-safe.
 
@@ -145,7 +155,7 @@ class MeshStore:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {**asdict(self.stats), "errors": dict(self.stats.errors)}
+            return {**asdict(self.stats), "errors": dict(self.stats.errors), "transport": self.transport}
 
     def _available(self) -> bool:
         if time.monotonic() < self._down_until:
@@ -220,23 +230,54 @@ class MeshStore:
             self._failed("lookup", exc)
             return 0
 
-    def fetch(self, keys: Sequence[bytes], cost: Cost | None = None) -> list[ChunkRecord | None]:
-        """Verified records per key (None per miss, or per chunk cheaper to recompute than to
-        fetch, given ``cost``); all None on any failure."""
+    def read(self, keys: Sequence[bytes], cost: Cost | None = None) -> Lease:
+        """Records per key (None per miss, or per chunk cheaper to recompute than to fetch,
+        given ``cost``), all None on any failure: on the node's host, views into its shared
+        memory, unchanged until the lease is released. Verify each as it is used
+        (:meth:`Lease.payload`, :meth:`Lease.copy_into`); use the lease as a context manager."""
         if not keys or not self._available():
-            return [None] * len(keys)
+            return _no_lease(len(keys))
         with self._lock:
             self.stats.fetches += 1
         try:
             if self._node is not None:
-                records: list[ChunkRecord | None] = self._node.get_records(keys)
-            else:
-                assert self._front is not None
-                records = self._front.get_records(keys, timeout_s=self.config.fetch_timeout_s, cost=cost)
-            return records
+                return Lease(self._node.get_records(keys), (), (), _nothing, _nothing)
+            assert self._front is not None
+            return self._front.read(keys, timeout_s=self.config.fetch_timeout_s, cost=cost)
         except Exception as exc:  # a failed fetch is a miss
             self._failed("fetch", exc)
-            return [None] * len(keys)
+            return _no_lease(len(keys))
+
+    def fetch(self, keys: Sequence[bytes], cost: Cost | None = None) -> list[ChunkRecord | None]:
+        """As :meth:`read`, as verified copies that need no lease."""
+        with self.read(keys, cost) as lease:
+            records: list[ChunkRecord | None] = lease.kept()
+            return records
+
+    def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Reservation | None:
+        """Announce a save (lookups on the node count ``keys`` at once, GETs wait for them) and,
+        on the node's host, get slots to write it into; None when there is no node to tell."""
+        if self._back is None or not keys or not self._available():
+            return None
+        try:
+            return self._back.reserve(keys, sizes)
+        except Exception as exc:
+            self._failed("put", exc)
+            return None
+
+    def cancel(self, reservation: Reservation | None) -> None:
+        """Withdraw an announced save that will not land (its keys stop counting at once)."""
+        if reservation is None or self._back is None:
+            return
+        try:
+            self._back.release([reservation.lease])
+        except Exception as exc:  # it ends by itself at its lease timeout
+            self._failed("put", exc)
+
+    @property
+    def transport(self) -> str:
+        """How chunks travel to and from the node: "shared memory", "frames" or "in process"."""
+        return "in process" if self._front is None else self._front.transport
 
     def announce_engine(self, engine: str, add: Sequence[bytes], remove: Sequence[bytes]) -> None:
         """Tell the mesh's index what an engine's own KV cache holds; raises on failure."""
@@ -246,18 +287,44 @@ class MeshStore:
 
     def put(self, records: Sequence[ChunkRecord]) -> None:
         """Store ``records``; raises on failure (callers run it in the background and count it)."""
-        if not records:
+        if records:
+            self._storing(lambda: self._put_records(records))
+
+    def put_payloads(
+        self,
+        keys: Sequence[bytes],
+        payloads: Sequence[Any],
+        namespace: bytes,
+        meta: Mapping[str, Any],
+        reservation: Reservation | None = None,
+    ) -> None:
+        """Store ``payloads`` as chunks ``keys`` (the ones :meth:`reserve` announced, with
+        ``reservation``): on the node's host, written into its shared memory and checksummed in
+        one pass. Raises on failure (callers run it in the background and count it)."""
+        if not keys:
             return
+        if self._node is not None:
+            records = [ChunkRecord.build(k, p, namespace, meta) for k, p in zip(keys, payloads, strict=True)]
+            self._storing(lambda: self._put_records(records))
+            return
+        assert self._back is not None
+        back = self._back
+        self._storing(lambda: back.put_payloads(keys, payloads, namespace, meta, reservation))
+
+    def _put_records(self, records: Sequence[ChunkRecord]) -> None:
+        if self._node is not None:
+            self._node.put_records(records)
+        else:
+            assert self._back is not None
+            self._back.put_records(records)
+
+    def _storing(self, store: Callable[[], None]) -> None:
         if not self._available():
             raise Unavailable(f"node {self.config.node} did not answer lately; chunks not stored")
         with self._lock:
             self.stats.puts += 1
         try:
-            if self._node is not None:
-                self._node.put_records(records)
-            else:
-                assert self._back is not None
-                self._back.put_records(records)
+            store()
         except Exception as exc:
             self._failed("put", exc)
             raise

@@ -21,9 +21,10 @@ from typing import Any, Generic, TypeVar
 
 from lmcache_mesh.mesh.costs import Cost
 from lmcache_mesh.mesh.errors import BadRequest, MeshError
+from lmcache_mesh.transports.shm import copy_hashed
 
 from .protocol import Op, Reply, put_request, read_records
-from .records import Buffer, ChunkRecord
+from .records import Buffer, ChunkRecord, describe
 from .shm import SharedArena
 
 T = TypeVar("T")
@@ -149,6 +150,42 @@ def commit(
 
 def put(key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None) -> Call[None]:
     return put_records([ChunkRecord.build(key, payload, namespace, meta)])
+
+
+Payloads = Sequence[Buffer]
+
+
+def put_payloads(
+    keys: Sequence[bytes],
+    payloads: Payloads,
+    namespace: bytes,
+    meta: Mapping[str, Any] | None,
+    arena: SharedArena | None,
+    reservation: Reservation | None = None,
+) -> Steps[None]:
+    """Store ``payloads`` as the chunks ``keys`` (those of ``reservation``, if one announced
+    them). On the node's host each payload is copied into its slot and checksummed in the
+    same pass: one pass over the bytes, no socket. Else: records built here, sent as frames."""
+    if arena is not None and reservation is None:
+        reservation = yield reserve(keys, [memoryview(p).nbytes for p in payloads], shm=True)
+    if arena is None or reservation is None or reservation.slots is None:
+        records = [ChunkRecord.build(k, p, namespace, meta) for k, p in zip(keys, payloads, strict=True)]
+        if reservation is None:
+            yield from put_all(records)
+        else:
+            yield from commit(records, reservation, None)
+        return
+    records = []
+    for key, payload, offset in zip(keys, payloads, reservation.slots, strict=True):
+        slot = arena.slot(offset, memoryview(payload).nbytes)
+        digest = copy_hashed(payload, slot)
+        records.append(ChunkRecord(describe(key, slot.nbytes, digest, namespace, meta), slot))
+    try:
+        yield put_records(records, False, reservation.lease, reservation.slots)
+    except MeshError:  # the lease ran out first: send the bytes instead (they verify as written)
+        yield from put_all(
+            [ChunkRecord.build(k, p, namespace, meta) for k, p in zip(keys, payloads, strict=True)]
+        )
 
 
 def put_all(

@@ -187,6 +187,18 @@ class Client(_Core):
         on the node's host, written straight into its shared memory."""
         self._drive(calls.put_all(records, replica, self._shared()))
 
+    def put_payloads(
+        self,
+        keys: Sequence[bytes],
+        payloads: Sequence[Buffer],
+        namespace: bytes,
+        meta: Mapping[str, Any] | None = None,
+        reservation: Reservation | None = None,
+    ) -> None:
+        """Store ``payloads`` as chunks ``keys`` (of ``reservation``, if :meth:`reserve` announced
+        them): on the node's host, copied into its shared memory and checksummed in one pass."""
+        self._drive(calls.put_payloads(keys, payloads, namespace, meta, self._shared(), reservation))
+
     def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Reservation:
         """Announce a save of ``keys`` (payloads of ``sizes``) before it is ready: lookups on
         the node count them at once and GETs wait for them. Land it with :meth:`commit`."""
@@ -195,6 +207,10 @@ class Client(_Core):
     def commit(self, records: Sequence[ChunkRecord], reservation: Reservation) -> None:
         """Store the records of a :meth:`reserve` (into its slots, when it has them)."""
         self._drive(calls.commit(records, reservation, self.arena))
+
+    def release(self, lease_ids: Sequence[int]) -> None:
+        """End leases now: reads done, or reservations given up (unknown ids are ignored)."""
+        self._run(calls.release(lease_ids))
 
     def read(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
@@ -406,11 +422,25 @@ class AsyncClient(_Core):
     async def put_records(self, records: Sequence[ChunkRecord], replica: bool = False) -> None:
         await self._drive(calls.put_all(records, replica, await self._shared()))
 
+    async def put_payloads(
+        self,
+        keys: Sequence[bytes],
+        payloads: Sequence[Buffer],
+        namespace: bytes,
+        meta: Mapping[str, Any] | None = None,
+        reservation: Reservation | None = None,
+    ) -> None:
+        steps = calls.put_payloads(keys, payloads, namespace, meta, await self._shared(), reservation)
+        await self._drive(steps)
+
     async def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Reservation:
         return await self._run(calls.reserve(keys, sizes, shm=await self._shared() is not None))
 
     async def commit(self, records: Sequence[ChunkRecord], reservation: Reservation) -> None:
         await self._drive(calls.commit(records, reservation, self.arena))
+
+    async def release(self, lease_ids: Sequence[int]) -> None:
+        await self._run(calls.release(lease_ids))
 
     async def read(
         self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None

@@ -124,6 +124,33 @@ class RecordHeader:
         return cls.from_wire(unpack_map(data, MAX_RECORD_HEADER_BYTES, "record header"))
 
 
+def describe(
+    key: bytes, length: int, digest: int, namespace: bytes, meta: Mapping[str, Any] | None = None
+) -> RecordHeader:
+    """The header of a payload of ``length`` bytes whose xxh3-64 is ``digest``; ``meta`` holds
+    optional META_FIELDS (ValueError on others)."""
+    if len(key) != KEY_BYTES or len(namespace) != KEY_BYTES:
+        raise ValueError(f"key and namespace must be {KEY_BYTES} bytes each")
+    meta = dict(meta or {})
+    unknown = set(meta) - set(META_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown meta keys {sorted(unknown)}; allowed: {', '.join(META_FIELDS)}")
+    return RecordHeader.from_wire(
+        {
+            "v": RECORD_VERSION,
+            "key": bytes(key),
+            "ns": bytes(namespace),
+            "len": length,
+            "xxh3": digest,
+            "tokens": meta.get("tokens", 0),
+            "layout": meta.get("layout", {}),
+            "dtype": meta.get("dtype", "uint8"),
+            "shape": list(meta.get("shape", ())),
+            "codec": meta.get("codec", "raw"),
+        }
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkRecord:
     """One chunk: its header and its payload (kept as given, never copied)."""
@@ -144,28 +171,8 @@ class ChunkRecord:
         cls, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None
     ) -> ChunkRecord:
         """A record for ``payload``, checksummed now; ``meta`` holds optional META_FIELDS."""
-        if len(key) != KEY_BYTES or len(namespace) != KEY_BYTES:
-            raise ValueError(f"key and namespace must be {KEY_BYTES} bytes each")
-        meta = dict(meta or {})
-        unknown = set(meta) - set(META_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown meta keys {sorted(unknown)}; allowed: {', '.join(META_FIELDS)}")
         view = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
-        header = RecordHeader.from_wire(
-            {
-                "v": RECORD_VERSION,
-                "key": bytes(key),
-                "ns": bytes(namespace),
-                "len": len(view),
-                "xxh3": checksum(view),
-                "tokens": meta.get("tokens", 0),
-                "layout": meta.get("layout", {}),
-                "dtype": meta.get("dtype", "uint8"),
-                "shape": list(meta.get("shape", ())),
-                "codec": meta.get("codec", "raw"),
-            }
-        )
-        return cls(header, view)
+        return cls(describe(key, len(view), checksum(view), namespace, meta), view)
 
     @classmethod
     def verified(cls, header: RecordHeader, payload: Buffer) -> ChunkRecord:

@@ -114,9 +114,12 @@ class Arena:
         self._map[: len(MAGIC)] = MAGIC
         self._map[len(MAGIC) : len(MAGIC) + TOKEN_BYTES] = self.token
         self._map[len(MAGIC) + TOKEN_BYTES : len(MAGIC) + TOKEN_BYTES + 8] = self.size.to_bytes(8, "little")
+        _huge_pages(self._map)
         self._view = memoryview(self._map)
         self._freed: collections.deque[tuple[int, int]] = collections.deque()
         self._free: list[tuple[int, int]] = [(HEADER_BYTES, self.capacity)]
+        self._allocated_to = HEADER_BYTES
+        """Pages below this offset are allocated in the file (first fit keeps slots low)."""
         """Free extents (offset, length), sorted by offset, never adjacent (coalesced)."""
         self.used = 0
         """Bytes of extents allocated (slots viewed by the tier, by readers, writers or the disk queue)."""
@@ -140,7 +143,10 @@ class Arena:
             return None
         offset, length = self._free[i]
         try:
-            os.posix_fallocate(self._fd, offset, need)
+            if offset + need > self._allocated_to:  # pages below were allocated before: tmpfs keeps them
+                start = max(offset, self._allocated_to)
+                os.posix_fallocate(self._fd, start, offset + need - start)
+                self._allocated_to = offset + need
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                 raise
@@ -193,6 +199,15 @@ class Arena:
         os.close(self._fd)  # the flock goes with it: nobody else can open the file now anyway
 
 
+def _huge_pages(mapping: mmap.mmap) -> None:
+    """Ask for transparent huge pages (fewer TLB misses on large copies); tmpfs grants them
+    only where the system allows (``shmem_enabled``: advise or always)."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            mapping.madvise(advice)
+
+
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -242,6 +257,7 @@ def open_client_view(path: str, size: int, token: bytes) -> mmap.mmap | None:
         return None
     finally:
         os.close(fd)
+    _huge_pages(mapping)
     start = len(MAGIC)
     if mapping[:start] != MAGIC or mapping[start : start + TOKEN_BYTES] != token:
         mapping.close()
@@ -289,9 +305,9 @@ class SharedArena:
             pass
 
 
-def copy_verified(src: Buffer, dst: Buffer, checksum: int) -> bool:
-    """Copy ``src`` into ``dst`` (same length) and check the copy against ``checksum`` in the
-    same pass; False (and ``dst`` holds unverified bytes) when it does not match."""
+def copy_hashed(src: Buffer, dst: Buffer) -> int:
+    """Copy ``src`` into ``dst`` (same length); returns the xxh3-64 of what was written, computed
+    in the same pass (a writer's checksum at the cost of the copy)."""
     s, d = memoryview(src).cast("B"), memoryview(dst).cast("B")
     if len(s) != len(d):
         raise ValueError(f"copying {len(s)} bytes into a buffer of {len(d)}")
@@ -300,4 +316,10 @@ def copy_verified(src: Buffer, dst: Buffer, checksum: int) -> bool:
         end = start + COPY_BLOCK_BYTES
         d[start:end] = s[start:end]
         h.update(d[start:end])
-    return bool(h.intdigest() == checksum)
+    return int(h.intdigest())
+
+
+def copy_verified(src: Buffer, dst: Buffer, checksum: int) -> bool:
+    """Copy ``src`` into ``dst`` (same length) and check the copy against ``checksum`` in the
+    same pass; False (and ``dst`` holds unverified bytes) when it does not match."""
+    return copy_hashed(src, dst) == checksum

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cachetools import TTLCache
 
+from lmcache_mesh.node.calls import Reservation
 from lmcache_mesh.node.keys import chunk_keys, namespace_id
-from lmcache_mesh.node.protocol import Cost
-from lmcache_mesh.node.records import ChunkRecord
+from lmcache_mesh.node.shm import Lease
 
 from ..fingerprint import model_fingerprint
 from ..prefill import PrefillRate
@@ -215,13 +215,14 @@ class KVReuse:
         self.stats.lookup_seconds += looked_up - started
         if hits * c <= have:
             return 0
-        payloads = self._fetch(keys[:hits], cost)
-        fetched = time.perf_counter()
-        self.stats.fetch_seconds += fetched - looked_up
-        n = len(payloads)
-        if n * c <= have:
-            return 0
-        blob = seqstate.join(self.layout, payloads, c)
+        with self.store.read(keys[:hits], cost) as lease:
+            payloads = self._payloads(lease)
+            fetched = time.perf_counter()
+            self.stats.fetch_seconds += fetched - looked_up
+            n = len(payloads)
+            if n * c <= have:
+                return 0
+            blob = seqstate.join(self.layout, payloads, c)  # the one copy out of the lease
         restored = restore_sequence(llm, blob, tokens[: n * c])
         self.stats.restore_seconds += time.perf_counter() - fetched
         if not restored:
@@ -233,10 +234,11 @@ class KVReuse:
         self.stats.hit_tokens += n * c
         return n * c
 
-    def _fetch(self, keys: Sequence[bytes], cost: Cost | None) -> list[memoryview]:
-        """Payloads of the leading run of ``keys`` that arrived and belong here."""
+    def _payloads(self, lease: Lease) -> list[memoryview]:
+        """Payloads of the leading run of a lease's records that belong here, each verified
+        (in place when they are views into the node's shared memory)."""
         payloads = []
-        for record in self.store.fetch(keys, cost):
+        for i, record in enumerate(lease.records):
             if record is None:
                 break
             h = record.header
@@ -244,7 +246,10 @@ class KVReuse:
                 self.stats.bad_chunks += 1
                 logger.warning("dropping chunk %s: not of this model and layout", h.key.hex())
                 break
-            payloads.append(memoryview(record.payload))
+            payload = lease.payload(i)
+            if payload is None:
+                break  # failed its checksum (counted): recompute from here
+            payloads.append(payload)
         return payloads
 
     # after generation
@@ -286,18 +291,24 @@ class KVReuse:
         finally:
             self.stats.save_seconds += time.perf_counter() - started
         self._remember(new_keys)
-        if not self._saver.submit(lambda: self._save(new_keys, payloads), nbytes):
+        # Announced now, stored in the background: a request with this prefix on another
+        # engine of the node hits at once (its fetch waits for the bytes) instead of recomputing.
+        reservation = self.store.reserve(new_keys, [self.chunk_bytes] * len(new_keys))
+        if not self._saver.submit(lambda: self._save(new_keys, payloads, reservation), nbytes):
             self._forget(new_keys)
+            self.store.cancel(reservation)
 
-    def _save(self, keys: list[bytes], payloads: list[np.ndarray[Any, np.dtype[np.uint8]]]) -> None:
+    def _save(
+        self,
+        keys: list[bytes],
+        payloads: list[np.ndarray[Any, np.dtype[np.uint8]]],
+        reservation: Reservation | None,
+    ) -> None:
         try:
-            records = [
-                ChunkRecord.build(k, p, self.namespace, self._meta)
-                for k, p in zip(keys, payloads, strict=True)
-            ]
-            self.store.put(records)  # the client sends them in batches of a bounded size
+            self.store.put_payloads(keys, payloads, self.namespace, self._meta, reservation)
         except Exception:
             self._forget(keys)
+            self.store.cancel(reservation)
             raise
         self.stats.saves += 1
         self.stats.saved_chunks += len(keys)

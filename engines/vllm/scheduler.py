@@ -86,6 +86,14 @@ class SchedulerSide:
         if not reusable(request):
             return 0, False
         tracked = self._tracked.get(request.request_id)
+        most = (request.num_tokens - 1) // self.block_size * self.block_size
+        if tracked is None and num_computed_tokens >= most:
+            # vLLM's own prefix cache covers all that a hit could: no lookup (its chunks were
+            # saved when this engine computed them).
+            prompt = list(request.prompt_token_ids)
+            tracked = self._tracked[request.request_id] = _Tracked(
+                prompt, 0, stored=num_computed_tokens // self.chunk_tokens
+            )
         if tracked is None:
             prompt = list(request.prompt_token_ids)
             c = self.chunk_tokens
@@ -100,7 +108,7 @@ class SchedulerSide:
         if matched >= request.num_tokens:
             # vLLM must compute at least one token; keep the hit block-aligned, so no block is
             # left half loaded (vLLM recomputes the prompt's last block instead).
-            matched = (request.num_tokens - 1) // self.block_size * self.block_size
+            matched = most
         return max(0, matched - num_computed_tokens), False
 
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:

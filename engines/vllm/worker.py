@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmcache_mesh.node.calls import Reservation
 from lmcache_mesh.node.keys import chunk_keys
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
@@ -119,22 +120,28 @@ class WorkerSide:
         keys = chunk_keys(self.namespace, spec.tokens[: last * c], c)[first:last]
         written = spec.start
         cost = Cost(spec.recompute_s, self.chunk_bytes) if spec.recompute_s > 0 and self.chunk_bytes else None
-        for i, record in enumerate(self.store.fetch(keys, cost)):
-            chunk = first + i
-            if record is None:
-                break
-            if not self._belongs(record):
-                self.stats["bad_chunks"] += 1
-                logger.warning("dropping chunk %s: not of this model and layout", record.key.hex())
-                break
-            lo, hi = max(spec.start, chunk * c), min(spec.end, (chunk + 1) * c)
-            kv = self._as_tensor(record)  # [layers, 2, C, heads, head_size]
-            slots = slots_of(spec.block_ids, self.block_size, lo, hi)
-            rows = slice(lo - chunk * c, hi - chunk * c)
-            for layer, paged in enumerate(self.layers):
-                k, v = kv[layer, 0, rows].to(paged.device), kv[layer, 1, rows].to(paged.device)
-                self.layout.write_slots(paged, slots.to(paged.device), k, v)
-            written = hi
+        # On the node's host the records are views into its shared memory, unchanged while the
+        # lease lasts: each is verified in place and copied once, into the paged blocks.
+        with self.store.read(keys, cost) as lease:
+            for i, record in enumerate(lease.records):
+                chunk = first + i
+                if record is None:
+                    break
+                if not self._belongs(record):
+                    self.stats["bad_chunks"] += 1
+                    logger.warning("dropping chunk %s: not of this model and layout", record.key.hex())
+                    break
+                payload = lease.payload(i)
+                if payload is None:
+                    break  # failed its checksum (counted): recompute from here
+                lo, hi = max(spec.start, chunk * c), min(spec.end, (chunk + 1) * c)
+                kv = self._as_tensor(payload)  # [layers, 2, C, heads, head_size]
+                slots = slots_of(spec.block_ids, self.block_size, lo, hi)
+                rows = slice(lo - chunk * c, hi - chunk * c)
+                for layer, paged in enumerate(self.layers):
+                    k, v = kv[layer, 0, rows].to(paged.device), kv[layer, 1, rows].to(paged.device)
+                    self.layout.write_slots(paged, slots.to(paged.device), k, v)
+                written = hi
         self.stats["loaded_tokens"] += written - spec.start
         return written
 
@@ -143,11 +150,11 @@ class WorkerSide:
         expected = (self.namespace, self.chunk_tokens, self.chunk_bytes)
         return bool((h.namespace, h.tokens, h.length) == expected)
 
-    def _as_tensor(self, record: ChunkRecord) -> torch.Tensor:
+    def _as_tensor(self, payload: memoryview) -> torch.Tensor:
         assert self.layout is not None
         with warnings.catch_warnings():  # a read-only buffer: we only read from it
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(record.payload, dtype=torch.uint8)
+            flat = torch.frombuffer(payload, dtype=torch.uint8)
         lay = self.layout
         shape = (len(self.layers), 2, self.chunk_tokens, lay.kv_heads, lay.head_size)
         return flat.view(self.layers[0].dtype).view(shape)
@@ -180,8 +187,12 @@ class WorkerSide:
             keys = chunk_keys(self.namespace, spec.tokens, self.chunk_tokens)[
                 spec.first : spec.first + spec.count
             ]
-            if not self.saver.submit(functools.partial(self._put, keys, payloads), nbytes):
+            # Announced now, landed by the saver: the next request's lookup (in the scheduler,
+            # or another engine's) counts these chunks already, and its load waits for them.
+            reservation = self.store.reserve(keys, [self.chunk_bytes] * len(keys))
+            if not self.saver.submit(functools.partial(self._put, keys, payloads, reservation), nbytes):
                 self.stats["dropped_saves"] += 1
+                self.store.cancel(reservation)
 
     def _gather(self, spec: SaveSpec) -> list[torch.Tensor]:
         """Chunks ``first ..`` of a request as canonical tensors, copied out of the paged blocks."""
@@ -196,19 +207,20 @@ class WorkerSide:
             out.append(torch.stack(pairs).to("cpu").contiguous())  # [layers, 2, C, heads, head_size]
         return out
 
-    def _put(self, keys: list[bytes], chunks: list[torch.Tensor]) -> None:
+    def _put(self, keys: list[bytes], chunks: list[torch.Tensor], reservation: Reservation | None) -> None:
         meta = {
             "tokens": self.chunk_tokens,
             "layout": self.descriptor,
             "dtype": self.descriptor["dtype"],
             "shape": list(chunks[0].shape),
         }
-        records = [
-            ChunkRecord.build(key, chunk.view(torch.uint8).reshape(-1).numpy(), self.namespace, meta)
-            for key, chunk in zip(keys, chunks, strict=True)
-        ]
-        self.store.put(records)
-        self.stats["saved_chunks"] += len(records)
+        payloads = [chunk.view(torch.uint8).reshape(-1).numpy() for chunk in chunks]
+        try:
+            self.store.put_payloads(keys, payloads, self.namespace, meta, reservation)
+        except Exception:
+            self.store.cancel(reservation)  # lookups must stop counting what will not land
+            raise
+        self.stats["saved_chunks"] += len(keys)
 
     def close(self) -> None:
         self.saver.close()
