@@ -111,15 +111,15 @@ class Node:
                 f"{directory} has {format_size(room)} free, the arena needs {format_size(size)}: "
                 "enlarge it (docker run --shm-size, a Memory emptyDir) or set --shm-dir"
             )
-            logger.warning("- shared memory off: %s; chunks travel as socket frames", self.shm_off_reason)
+            logger.debug("- shared memory off: %s", self.shm_off_reason)
             return None
         try:
             arena = Arena(directory, size)
         except OSError as exc:
             self.shm_off_reason = f"cannot create an arena in {directory}: {exc.strerror or exc}"
-            logger.warning("- shared memory off: %s; chunks travel as socket frames", self.shm_off_reason)
+            logger.debug("- shared memory off: %s", self.shm_off_reason)
             return None
-        logger.info("- memory tier in shared memory: %s (%s)", arena.path, format_size(arena.capacity))
+        logger.debug("- memory tier in shared memory: %s (%s)", arena.path, format_size(arena.capacity))
         return arena
 
     def _ready(self) -> None:

@@ -151,7 +151,8 @@ class Arena:
             if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                 raise
             self.failed_allocations += 1
-            logger.warning("x shared memory is full (%s): this record stays in ordinary memory", exc)
+            if self.failed_allocations == 1:  # once: status counts the rest
+                logger.warning("x shared memory is full (%s): records stay in ordinary memory", exc)
             return None
         if length == need:
             del self._free[i]
@@ -230,7 +231,7 @@ def remove_orphans(directory: Path) -> int:
         _unlink(path)
         removed += 1
     if removed:
-        logger.info("- removed %d shared-memory arenas of nodes that are gone", removed)
+        logger.debug("- removed %d shared-memory arenas of nodes that are gone", removed)
     return removed
 
 

@@ -335,6 +335,14 @@ async def _until_signalled(
         f"discarded {report.discarded})",
         flush=True,
     )
+    arena = node.store.arena
+    if arena is not None:
+        print(
+            f"shared memory: {arena.path} ({format_size(arena.capacity)}); engines on this host map it",
+            flush=True,
+        )
+    elif storage.shm_dir:
+        print(f"shared memory off: {node.shm_off_reason}; chunks travel as frames", flush=True)
     if mesh is not None:
         joining = f"; joining {' '.join(cfg.mesh.join)}" if cfg.mesh.join else ""
         if cfg.mesh.nat:

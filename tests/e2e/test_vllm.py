@@ -105,6 +105,19 @@ def test_a_second_engine_reuses_what_the_first_stored_and_only_that(models, daem
     assert twin[0]["cached"] == 0
 
 
+def test_the_same_prompt_asked_again_at_once_hits(models, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    """The first request's saves are announced before they land: the second request, right
+    behind it in the same engine (vLLM's own prefix cache is off here), loads them instead of
+    recomputing, and its greedy output is the same."""
+    again = prompt(3 * CHUNK + 9, seed=11)
+    results = run_engine(models["tiny"], [again, again], daemon.tcp)
+    assert [r["cached"] for r in results] == [0, 3 * CHUNK]
+    assert results[1]["tokens"] == results[0]["tokens"]
+    with Client(daemon.tcp) as c:
+        leases = c.stats()["tiers"]["memory"]["shared"]["leases"]
+    assert leases["reservations"] >= 1 and leases["committed"] >= 1  # announced, then landed in the arena
+
+
 def test_kv_events_tell_the_index_what_the_engine_holds(models, daemon: Daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     events = f"ipc://{short_tmpdir()}/kv-events.sock"
     tokens = prompt(3 * CHUNK + 9, seed=7)  # 6 full blocks of 32 = 3 chunks of 64 once cached
