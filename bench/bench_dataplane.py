@@ -10,9 +10,10 @@ geometries of real models in bf16 (256-token chunks) and prompts of 4k, 8k and 3
 * **hit, frames** (the old path, and what a client without the arena gets): the same with a
   client that does not map the arena: payloads come as ZeroMQ frames and are verified;
 * **memcpy**: ``np.copyto`` of the same chunk sizes into the same engine buffers;
-* **PUT**: ``ChunkRecord.build`` (the client's checksum) and ``Client.put_records`` of the whole
-  prompt, shared memory (into slots the node reserves, which it verifies) and frames, each
-  after the arena's pages were touched once (a node that has run a while);
+* **PUT**: ``Client.put_payloads`` of the whole prompt, what the adapters call: shared memory
+  (copied into slots the node reserves and checksummed in the same pass; the node verifies
+  each before acknowledging) and frames (records built, sent as frames), after the arena's
+  pages were touched once (a node that has run a while);
 * **peer**: a GET over tcp://127.0.0.1 (what one node asks of another) of Llama-3-8B chunks,
   against a raw TCP socket pair between two processes moving the same bytes.
 
@@ -48,6 +49,7 @@ from lmcache_mesh.node.keys import chunk_keys, namespace_id
 from lmcache_mesh.node.records import ChunkRecord
 
 CHUNK_TOKENS = 256
+META = {"tokens": CHUNK_TOKENS, "dtype": "bfloat16"}
 MAX_CELL_BYTES = 4 << 30
 NODE_MEMORY = "5GiB"
 ENGINE_BUFFER_BYTES = 1 << 30
@@ -76,6 +78,15 @@ GEOMETRIES = [
     Geometry("SmolLM2-135M", 30, 3, 64),
 ]
 LENGTHS = [4096, 8192, 32768]
+
+SHORT = {
+    "Llama-3-8B": "L8B",
+    "Llama-3-70B": "L70B",
+    "Qwen2.5-7B": "Q7B",
+    "Mistral-7B": "M7B",
+    "SmolLM2-135M": "S135M",
+}
+"""Chart labels."""
 
 TARGETS = {"hit_shm_vs_memcpy": 0.8, "put_shm_vs_memcpy": 0.5, "peer_vs_raw_tcp": 0.5}
 
@@ -138,13 +149,12 @@ def measure_cell(geometry: Geometry, tokens: int, reps: int, shm: Client, frames
     dst = engine_buffers(chunk)
     keys = chunk_keys(ns, [salt] + list(range(n * CHUNK_TOKENS - 1)), CHUNK_TOKENS)
 
-    def build() -> list[ChunkRecord]:
-        return [ChunkRecord.build(k, sources[i % 8], ns) for i, k in enumerate(keys)]
+    payloads = [sources[i % 8] for i in range(n)]
 
     def put(client: Client) -> Callable[[], None]:
         def run() -> None:
-            client.delete(keys)  # untimed in spirit: cheap, and every rep stores afresh
-            client.put_records(build())
+            client.delete(keys)  # cheap, and every rep stores afresh
+            client.put_payloads(keys, payloads, ns, META)
 
         return run
 
@@ -257,7 +267,7 @@ def draw(cells: list[Cell], path: Path) -> None:
     shm, frames = (40, 110, 200), (200, 120, 60)
     values, colours, labels = [], [], []
     for c in cells:
-        label = f"{c.model.split('-')[0][:6]}-{c.model.split('-')[-1]} {c.tokens // 1024}k"
+        label = f"{SHORT[c.model]} {c.tokens // 1024}k"
         values += [c.ratios["hit_shm"], c.ratios["hit_frames"]]
         colours += [shm, frames]
         labels += [label, ""]

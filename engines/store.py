@@ -265,6 +265,28 @@ class MeshStore:
             self._failed("put", exc)
             return None
 
+    def reserved_slots(self, reservation: Reservation | None, size: int) -> list[memoryview] | None:
+        """The node's slots of ``reservation`` as this process maps them (``size`` bytes each),
+        to write the chunks into; None when it has none (then: :meth:`put_payloads`)."""
+        arena = self._back.arena if self._back is not None else None
+        if reservation is None or reservation.slots is None or arena is None:
+            return None
+        return [arena.slot(offset, size) for offset in reservation.slots]
+
+    def commit_written(
+        self,
+        keys: Sequence[bytes],
+        payloads: Sequence[Any],
+        namespace: bytes,
+        meta: Mapping[str, Any],
+        reservation: Reservation,
+    ) -> None:
+        """Commit chunks written into :meth:`reserved_slots` (checksummed where they are)."""
+        records = [ChunkRecord.build(k, p, namespace, meta) for k, p in zip(keys, payloads, strict=True)]
+        assert self._back is not None
+        back = self._back
+        self._storing(lambda: back.commit(records, reservation, written=True))
+
     def cancel(self, reservation: Reservation | None) -> None:
         """Withdraw an announced save that will not land (its keys stop counting at once)."""
         if reservation is None or self._back is None:

@@ -133,14 +133,20 @@ def release(lease_ids: Sequence[int]) -> Call[None]:
 
 
 def commit(
-    records: Sequence[ChunkRecord], reservation: Reservation, arena: SharedArena | None, replica: bool = False
+    records: Sequence[ChunkRecord],
+    reservation: Reservation,
+    arena: SharedArena | None,
+    replica: bool = False,
+    written: bool = False,
 ) -> Steps[None]:
-    """Land a reserved save: payloads written into its slots (one copy, no socket), or sent as
-    frames when it has none (or they are gone: its lease ended first)."""
+    """Land a reserved save: payloads written into its slots (one copy, no socket; none with
+    ``written``: the caller wrote them there), or sent as frames when it has none (or they are
+    gone: its lease ended first)."""
     if reservation.slots is not None and arena is not None:
         try:
             for record, offset in zip(records, reservation.slots, strict=True):
-                arena.slot(offset, record.nbytes)[:] = memoryview(record.payload).cast("B")
+                if not written:
+                    arena.slot(offset, record.nbytes)[:] = memoryview(record.payload).cast("B")
             yield put_records(records, replica, reservation.lease, reservation.slots)
             return
         except MeshError:

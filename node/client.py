@@ -204,9 +204,10 @@ class Client(_Core):
         the node count them at once and GETs wait for them. Land it with :meth:`commit`."""
         return self._run(calls.reserve(keys, sizes, shm=self._shared() is not None))
 
-    def commit(self, records: Sequence[ChunkRecord], reservation: Reservation) -> None:
-        """Store the records of a :meth:`reserve` (into its slots, when it has them)."""
-        self._drive(calls.commit(records, reservation, self.arena))
+    def commit(self, records: Sequence[ChunkRecord], reservation: Reservation, written: bool = False) -> None:
+        """Store the records of a :meth:`reserve` (into its slots, when it has them; ``written``:
+        their payloads are in those slots already)."""
+        self._drive(calls.commit(records, reservation, self.arena, written=written))
 
     def release(self, lease_ids: Sequence[int]) -> None:
         """End leases now: reads done, or reservations given up (unknown ids are ignored)."""
@@ -436,8 +437,10 @@ class AsyncClient(_Core):
     async def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Reservation:
         return await self._run(calls.reserve(keys, sizes, shm=await self._shared() is not None))
 
-    async def commit(self, records: Sequence[ChunkRecord], reservation: Reservation) -> None:
-        await self._drive(calls.commit(records, reservation, self.arena))
+    async def commit(
+        self, records: Sequence[ChunkRecord], reservation: Reservation, written: bool = False
+    ) -> None:
+        await self._drive(calls.commit(records, reservation, self.arena, written=written))
 
     async def release(self, lease_ids: Sequence[int]) -> None:
         await self._run(calls.release(lease_ids))

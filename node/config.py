@@ -108,7 +108,7 @@ class LimitsSettings:
     disk or peers; more get BUSY, so nobody takes every slot."""
     max_inflight_bytes_per_peer: int = 1 << 30
     """Reply bytes queued for one party and not sent yet; past it its GETs get BUSY. Bounds the
-    memory a slow reader holds. Shared-memory leases count too (past it: socket frames)."""
+    memory a slow reader holds."""
     lease_seconds: int = setting(30, key="lease-timeout")
     """Seconds a shared-memory read (or a slot reserved for a write, or a save announced
     before it lands) stays valid unless released (or committed) sooner: what an engine that

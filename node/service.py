@@ -139,7 +139,7 @@ class NodeServer:
         self._loop_tasks: list[asyncio.Task[None]] = []
         self.relay = RelayTable()
         """Nodes behind NAT that reach the mesh through us."""
-        self.sharing = Sharing(cfg.limits, node.lookup)
+        self.sharing = Sharing(cfg, node.lookup)
         """Shared-memory reads engines hold, saves announced but not landed, reply sizes."""
         self._handlers: dict[type[Body], Callable[[Any, float], Awaitable[Reply]]] = {
             Ping: self._ping,

@@ -19,7 +19,7 @@ from lmcache_mesh.mesh.errors import BadRequest, Unavailable
 from lmcache_mesh.transports.leases import Leases
 from lmcache_mesh.transports.shm import slot_offset
 
-from .config import LimitsSettings
+from .config import NodeConfig
 from .protocol import ok_reply
 from .records import Buffer, ChunkRecord, RecordHeader
 from .requests import Put
@@ -40,8 +40,13 @@ SMALL_FRAME_BYTES = 64 << 10
 class Sharing:
     """Leases and pending saves of one server; ``lookup`` counts the leading keys held here."""
 
-    def __init__(self, limits: LimitsSettings, lookup: Callable[[Sequence[bytes]], int]) -> None:
-        self.leases = Leases(limits.lease_seconds, limits.max_inflight_bytes_per_peer, self._wake)
+    def __init__(self, config: NodeConfig, lookup: Callable[[Sequence[bytes]], int]) -> None:
+        limits = config.limits
+        # A lease allocates nothing (its slots exist); what it costs is slots kept from reuse
+        # while memory moves on. So one party may hold as much as the memory tier: a whole
+        # 32k-token hit of a 70B model in one read.
+        most = max(limits.max_inflight_bytes_per_peer, config.storage.memory_bytes)
+        self.leases = Leases(limits.lease_seconds, most, self._wake)
         self.max_reply_bytes = limits.max_request_bytes
         self._lookup = lookup
         self._settled: list[asyncio.Future[None]] = []

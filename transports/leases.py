@@ -12,7 +12,7 @@ holds the slots the engine writes the payloads into; the PUT that follows commit
 
 Each lease ends when released (RELEASE), committed (PUT with its id), or after
 ``seconds`` (the node's ``lease-timeout``), so an engine that was killed holds nothing for long. What one
-party holds is bounded in bytes (the node's ``max-inflight-bytes-per-peer``). Runs on the event loop.
+party holds is bounded in bytes (a node allows as much as its memory tier). Runs on the event loop.
 """
 
 from __future__ import annotations

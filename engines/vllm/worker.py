@@ -179,35 +179,47 @@ class WorkerSide:
                 self.saver.count_dropped()
                 self.stats["dropped_saves"] += 1
                 continue
-            try:
-                payloads = self._gather(spec)
-            except Exception as exc:  # never fail the step over a save
-                logger.warning("could not copy the KV of %s to save it: %s", spec.req_id, exc)
-                continue
             keys = chunk_keys(self.namespace, spec.tokens, self.chunk_tokens)[
                 spec.first : spec.first + spec.count
             ]
             # Announced now, landed by the saver: the next request's lookup (in the scheduler,
-            # or another engine's) counts these chunks already, and its load waits for them.
+            # or another engine's) counts these chunks already, and its load waits for them. On
+            # the node's host the chunks are gathered straight into the slots it reserved.
             reservation = self.store.reserve(keys, [self.chunk_bytes] * len(keys))
-            if not self.saver.submit(functools.partial(self._put, keys, payloads, reservation), nbytes):
+            slots = self.store.reserved_slots(reservation, self.chunk_bytes)
+            try:
+                payloads = self._gather(spec, slots)
+            except Exception as exc:  # never fail the step over a save
+                logger.warning("could not copy the KV of %s to save it: %s", spec.req_id, exc)
+                self.store.cancel(reservation)
+                continue
+            job = functools.partial(self._put, keys, payloads, reservation, slots is not None)
+            if not self.saver.submit(job, nbytes):
                 self.stats["dropped_saves"] += 1
                 self.store.cancel(reservation)
 
-    def _gather(self, spec: SaveSpec) -> list[torch.Tensor]:
-        """Chunks ``first ..`` of a request as canonical tensors, copied out of the paged blocks."""
+    def _gather(self, spec: SaveSpec, into: list[memoryview] | None) -> list[torch.Tensor]:
+        """Chunks ``first ..`` of a request as canonical tensors ``[layers, 2, C, heads, head_size]``,
+        copied out of the paged blocks: into ``into`` (the node's reserved slots) when given."""
         assert self.layout is not None
         per_chunk = self.chunk_tokens // self.block_size
         out = []
-        for chunk in range(spec.first, spec.first + spec.count):
+        for i, chunk in enumerate(range(spec.first, spec.first + spec.count)):
             blocks = torch.as_tensor(
                 spec.block_ids[chunk * per_chunk : (chunk + 1) * per_chunk], dtype=torch.int64
             )
             pairs = [torch.stack(self.layout.read_blocks(paged, blocks)) for paged in self.layers]
-            out.append(torch.stack(pairs).to("cpu").contiguous())  # [layers, 2, C, heads, head_size]
+            if into is None:
+                out.append(torch.stack(pairs).to("cpu").contiguous())
+                continue
+            dst = self._as_tensor(into[i])
+            torch.stack([p.to("cpu") for p in pairs], out=dst)
+            out.append(dst)
         return out
 
-    def _put(self, keys: list[bytes], chunks: list[torch.Tensor], reservation: Reservation | None) -> None:
+    def _put(
+        self, keys: list[bytes], chunks: list[torch.Tensor], reservation: Reservation | None, written: bool
+    ) -> None:
         meta = {
             "tokens": self.chunk_tokens,
             "layout": self.descriptor,
@@ -216,7 +228,10 @@ class WorkerSide:
         }
         payloads = [chunk.view(torch.uint8).reshape(-1).numpy() for chunk in chunks]
         try:
-            self.store.put_payloads(keys, payloads, self.namespace, meta, reservation)
+            if written:  # already in the reserved slots: checksum them where they are, commit
+                self.store.commit_written(keys, payloads, self.namespace, meta, reservation)
+            else:
+                self.store.put_payloads(keys, payloads, self.namespace, meta, reservation)
         except Exception:
             self.store.cancel(reservation)  # lookups must stop counting what will not land
             raise
