@@ -214,18 +214,18 @@ class MeshStore:
                 f"with --max-record {-(-chunk_bytes // (1 << 20))}MiB or more, or use a smaller chunk_tokens"
             )
 
-    def lookup(self, keys: Sequence[bytes], cost: Cost | None = None) -> int:
-        """Leading ``keys`` cached anywhere in the mesh (with ``cost``: only as far as fetching
-        beats recomputing); 0 on any failure."""
+    def lookup(self, keys: Sequence[bytes], cost: Cost | None = None, local: bool = False) -> int:
+        """Leading ``keys`` cached anywhere in the mesh, or on the node itself with ``local``
+        (with ``cost``: only as far as fetching beats recomputing); 0 on any failure."""
         if not keys or not self._available():
             return 0
         with self._lock:
             self.stats.lookups += 1
         try:
             if self._node is not None:
-                return int(self._node.lookup(keys))
+                return int(self._node.lookup(keys, local))
             assert self._front is not None
-            return int(self._front.lookup(keys, timeout_s=self.config.lookup_timeout_s, cost=cost))
+            return int(self._front.lookup(keys, local, timeout_s=self.config.lookup_timeout_s, cost=cost))
         except Exception as exc:  # any failure is a miss: the engine recomputes
             self._failed("lookup", exc)
             return 0

@@ -21,9 +21,9 @@ from typing import Any
 from .settings import Schema, setting
 
 ENV_PREFIX = "LMCACHE_MESH_"
-NOT_SETTINGS = frozenset({"CONFIG", "SKIP_ENGINES", "SKIP_NETNS"})
-"""``LMCACHE_MESH_*`` variables that are not node settings: the config file's path and the
-test suite's switches"""
+NOT_SETTINGS = frozenset({"CONFIG", "LOG", "SKIP_ENGINES", "SKIP_NETNS"})
+"""``LMCACHE_MESH_*`` variables that are not node settings: the config file's path, the log
+level of the adapters in an engine's processes, and the test suite's switches"""
 DEFAULT_PORT = 7700
 MESH_PROFILES = ("lan", "wan", "local")
 CURVE_MODES = ("auto", "on", "off")

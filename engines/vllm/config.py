@@ -7,6 +7,8 @@ from typing import Any
 
 from ..adapter_config import AdapterConfig
 
+ASYNC_LOADS = ("remote", "always", "never")
+
 
 @dataclass(frozen=True, kw_only=True)
 class VllmMeshConfig(AdapterConfig):
@@ -24,6 +26,14 @@ class VllmMeshConfig(AdapterConfig):
     """This engine's name in the mesh index (``<node>/<engine_name>``); default ``vllm-<engine id>``."""
     ingest_events: bool = True
     """When the engine publishes KV events (``kv_events_config``), feed them to the mesh index."""
+    layerwise: bool = True
+    """Write a hit into the paged blocks layer by layer while the forward runs the layers before
+    it (once vLLM is seen waiting on every layer), and copy saves out as each layer completes;
+    False: all layers before the forward, saves after it."""
+    async_loads: str = "remote"
+    """Which hits load between steps instead of inside one, so a slow fetch never stalls the
+    batch (the request waits outside it): "remote" (some of its chunks are on peers),
+    "always", or "never"."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -31,6 +41,8 @@ class VllmMeshConfig(AdapterConfig):
             raise ValueError(
                 f"load_failure_policy must be 'recompute' or 'fail', got {self.load_failure_policy!r}"
             )
+        if self.async_loads not in ASYNC_LOADS:
+            raise ValueError(f"async_loads must be one of {', '.join(ASYNC_LOADS)}, got {self.async_loads!r}")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> VllmMeshConfig:

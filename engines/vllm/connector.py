@@ -3,13 +3,15 @@
 vLLM makes one instance per role and process: the SCHEDULER instance (engine core) asks the
 mesh how much of each prompt it holds and plans loads and saves; the WORKER instance (each
 worker) moves the bytes. They share nothing but the metadata vLLM carries between them.
-Loads are synchronous and saves are handed to a background thread, so no request waits on
-the mesh beyond a lookup's deadline; a load that fails is recomputed by vLLM.
+Loads and saves move layer by layer beside the forward pass, hits held on peers load between
+steps, and commits run on a background thread, so no request waits on the mesh beyond a
+lookup's deadline; a load that fails is recomputed by vLLM.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -30,9 +32,32 @@ from .worker import WorkerSide
 logger = logging.getLogger(__name__)
 
 
+LOG_LEVEL_VARIABLE = "LMCACHE_MESH_LOG"
+
+
+def show_our_logs() -> None:
+    """vLLM sets up its own loggers only: in its processes ours would go unseen below WARNING.
+    Unless the application set up logging itself, log to stderr at ``LMCACHE_MESH_LOG``
+    (default INFO)."""
+    ours = logging.getLogger("lmcache_mesh")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    name = os.environ.get(LOG_LEVEL_VARIABLE, "INFO").upper()
+    level = logging.getLevelName(name)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [lmcache_mesh] %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(level if isinstance(level, int) else logging.INFO)
+    if not isinstance(level, int):
+        logger.warning(
+            "%s=%s is not a log level (DEBUG, INFO, WARNING, ERROR): using INFO", LOG_LEVEL_VARIABLE, name
+        )
+
+
 class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not type-checked
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        show_our_logs()
         self.config = VllmMeshConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         self.namespace, self.descriptor = engine_namespace(vllm_config, self.config)
         block_size = vllm_config.cache_config.block_size
@@ -58,6 +83,7 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
                 self.store,
                 prefill,
                 chunk_bytes(self.descriptor, self.config.chunk_tokens),
+                self.config.async_loads,
             )
             self.ingest = _start_ingest(vllm_config, self.config, self.namespace, self.store)
         else:
@@ -69,6 +95,7 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
                 self.store,
                 self.config.max_pending_save_bytes,
                 _split_kind(),
+                self.config.layerwise,
             )
         logger.info(
             "MeshConnector (%s): namespace %s, %d tokens/chunk, node %s",
@@ -81,6 +108,11 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is only a future miss
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Per-layer waits and copies are Python between layers: a full CUDA graph would skip them.
+        return bool(VllmMeshConfig.from_extra(extra_config).layerwise)
 
     # scheduler side
 
@@ -113,15 +145,21 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
             self.worker.load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish in start_load_kv
+        if self.worker is not None:
+            self.worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # whole chunks are copied out in wait_for_save, once per step
+        meta = self._get_connector_metadata()
+        if self.worker is not None and isinstance(meta, MeshConnectorMetadata) and meta.saves:
+            self.worker.save_layer(meta, layer_name)
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
-        if self.worker is not None and isinstance(meta, MeshConnectorMetadata) and meta.saves:
-            self.worker.save(meta)
+        if self.worker is not None and isinstance(meta, MeshConnectorMetadata):
+            self.worker.end_step(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self.worker.finished_loads() if self.worker is not None else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_failed_blocks() if self.worker is not None else set()

@@ -19,6 +19,8 @@ class LoadSpec:
     end: int
     recompute_s: float = 0.0
     """what recomputing one chunk costs the engine (0: unknown): the fetch gives up past it"""
+    asynchronous: bool = False
+    """loaded between steps (the request waits outside the batch until ``get_finished`` says)"""
 
 
 @dataclass

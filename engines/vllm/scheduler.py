@@ -33,6 +33,8 @@ class _Tracked:
     stored: int = 0
     """leading chunks known stored (mesh hits, then our saves)"""
     recompute_s: float = 0.0
+    asynchronous: bool = False
+    """the hit loads between steps"""
 
 
 def reusable(request: Any) -> bool:
@@ -65,6 +67,7 @@ class SchedulerSide:
         store: MeshStore,
         prefill: PrefillRate | None = None,
         chunk_bytes: int = 0,
+        async_loads: str = "remote",
     ) -> None:
         if chunk_tokens % block_size:
             raise ValueError(
@@ -78,11 +81,13 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self.prefill = prefill
         self.chunk_bytes = chunk_bytes
+        self.async_loads = async_loads
         self._last_step: tuple[float, int] | None = None
         self.stats = {"lookups": 0, "hit_tokens": 0, "loads": 0, "saved_chunks": 0}
 
     def matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens the mesh can supply beyond the ``num_computed_tokens`` vLLM has; loads are synchronous."""
+        """Tokens the mesh can supply beyond the ``num_computed_tokens`` vLLM has, and whether
+        they load between steps (``async_loads``)."""
         if not reusable(request):
             return 0, False
         tracked = self._tracked.get(request.request_id)
@@ -103,13 +108,22 @@ class SchedulerSide:
             self.stats["lookups"] += 1
             tracked = self._tracked[request.request_id] = _Tracked(prompt, hits, stored=hits)
             tracked.recompute_s = cost.recompute_s if cost is not None else 0.0
+            tracked.asynchronous = hits > 0 and self._between_steps(keys[:hits])
         tracked.local_computed = num_computed_tokens
         matched = tracked.hits * self.chunk_tokens
         if matched >= request.num_tokens:
             # vLLM must compute at least one token; keep the hit block-aligned, so no block is
             # left half loaded (vLLM recomputes the prompt's last block instead).
             matched = most
-        return max(0, matched - num_computed_tokens), False
+        new = max(0, matched - num_computed_tokens)
+        return new, new > 0 and tracked.asynchronous
+
+    def _between_steps(self, hit: list[bytes]) -> bool:
+        """Whether a hit loads between steps: with "remote", when some of it is on peers only
+        (one more LOOKUP, of this node alone)."""
+        if self.async_loads != "remote":
+            return self.async_loads == "always"
+        return self.store.lookup(hit, local=True) < len(hit)
 
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         tracked = self._tracked.get(request.request_id)
@@ -129,6 +143,7 @@ class SchedulerSide:
                     start,
                     end,
                     tracked.recompute_s,
+                    tracked.asynchronous,
                 )
             )
             self.stats["loads"] += 1

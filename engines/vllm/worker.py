@@ -1,10 +1,24 @@
 """The worker side of ``MeshConnector``: move chunk KV between the mesh and the paged blocks.
 
-Loads run in ``start_load_kv`` before the forward pass (all layers at once; on CPU there is
-no copy engine to overlap with). Saves run in ``wait_for_save`` after it: the chunks are
-copied out of the paged blocks right away (the blocks may be reused after this step) and
-stored by a background thread. A chunk that does not arrive, or does not match this
-namespace and size, is never written: its blocks are reported so vLLM recomputes them.
+A step's transfers run layer by layer, beside the forward pass:
+
+* **Loads** (``start_load_kv``, before the forward): each hit is read under a lease and
+  verified whole first, so what fails is known before a block is written (and reported for
+  recompute); then a copy thread writes the layers in order into the paged blocks while the
+  forward runs, and ``wait_for_layer_load`` waits for its own layer only. Until vLLM has been
+  seen waiting on every layer in a forward (it skips the waits, e.g., when a CUDA graph
+  replays) the layers are all written before the forward instead.
+* **Asynchronous loads** (hits held on peers, by default): read and written by a loader
+  thread between steps, so a slow fetch never stalls the batch; ``get_finished`` tells vLLM
+  when a request's KV is in.
+* **Saves**: announced to the node (RESERVE) at the step's first ``save_kv_layer``, so the
+  next lookup counts them; each layer's completed chunks are copied out (on the node's host,
+  into the slots it reserved in its shared memory) as soon as the layer has run.
+  ``wait_for_save`` waits for the copies (vLLM may reuse the blocks after this step) and
+  hands the commit to a background thread.
+
+A chunk that does not arrive, or does not match this namespace and size, is never written:
+its blocks are reported so vLLM recomputes them.
 """
 
 from __future__ import annotations
@@ -13,7 +27,11 @@ import atexit
 import functools
 import logging
 import re
+import threading
 import warnings
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +40,7 @@ from lmcache_mesh.node.calls import Reservation
 from lmcache_mesh.node.keys import chunk_keys
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
+from lmcache_mesh.node.shm import Lease
 
 from ..saver import Saver
 from ..store import MeshStore
@@ -43,6 +62,49 @@ def layer_order(names: list[str]) -> list[str]:
     return sorted(names, key=index)
 
 
+def _submit(pool: futures.ThreadPoolExecutor, job: Callable[..., None], *args: Any) -> futures.Future[None]:
+    """Run ``job`` on ``pool`` in inference mode, as vLLM runs the forward: the tensors made
+    there (views of the node's slots included) may only be written in it."""
+
+    def run() -> None:
+        with torch.inference_mode():
+            job(*args)
+
+    return pool.submit(run)
+
+
+@dataclass
+class _Piece:
+    """The rows of one verified chunk that go into a request's slots."""
+
+    kv: torch.Tensor
+    """the chunk, ``[layers, 2, C, heads, head_size]`` (a view into the lease's bytes)"""
+    slots: torch.Tensor
+    rows: slice
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    lease: Lease
+    pieces: list[_Piece]
+    end: int
+    """the end of what the pieces write (``spec.end`` unless a chunk was missing or bad)"""
+
+
+@dataclass
+class _Save:
+    spec: SaveSpec
+    keys: list[bytes]
+    reservation: Reservation | None
+    chunks: list[torch.Tensor]
+    """destinations, ``[layers, 2, C, heads, head_size]``: the node's slots, or host tensors"""
+    blocks: list[torch.Tensor]
+    """per chunk, its block ids"""
+    in_slots: bool
+    nbytes: int
+
+
 class WorkerSide:
     def __init__(
         self,
@@ -53,6 +115,7 @@ class WorkerSide:
         store: MeshStore,
         max_pending_save_bytes: int,
         split_kind: Kind = "NHD",
+        layerwise: bool = True,
     ) -> None:
         self.namespace = namespace
         self.descriptor = descriptor
@@ -60,24 +123,41 @@ class WorkerSide:
         self.block_size = block_size
         self.store = store
         self.split_kind = split_kind
+        self.layerwise = layerwise
         self.saver = Saver("lmcache-vllm-save", max_pending_save_bytes)
         atexit.register(self.saver.close)  # a worker that exits normally finishes its saves first
+        # One copy thread keeps a step's layer copies in layer order; async loads have their
+        # own thread, so a slow fetch never holds up a step's copies.
+        self._copier = futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-vllm-copy")
+        self._loader = futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-vllm-load")
         self.layers: list[torch.Tensor] = []
+        self._index: dict[str, int] = {}
         self.layout: PagedLayout | None = None
         self.chunk_bytes = 0
+        self._lock = threading.Lock()
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()  # loads that failed this step: their KV is not to be saved
+        self._seen_waiting = False  # vLLM waited on every layer in a forward: loads may pipeline
+        self._waited: set[int] = set()  # layers waited on in this step's forward
+        self._step_loads: list[_Load] = []
+        self._layer_loaded: list[futures.Future[None]] = []
+        self._saves: list[_Save] | None = None
+        self._layer_saved: dict[int, futures.Future[None]] = {}
+        self._async_done: list[tuple[LoadSpec, int]] = []
         self.stats = {
             "loaded_tokens": 0,
             "failed_tokens": 0,
             "bad_chunks": 0,
             "saved_chunks": 0,
             "dropped_saves": 0,
+            "pipelined_loads": 0,
+            "async_loads": 0,
         }
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = layer_order(list(kv_caches))
         self.layers = [kv_caches[n] for n in names]
+        self._index = {n: i for i, n in enumerate(names)}
         self.layout = PagedLayout.detect(self.layers[0], self.block_size, self.split_kind)
         lay = self.layout
         if (len(self.layers), lay.kv_heads, lay.head_size) != (
@@ -97,125 +177,296 @@ class WorkerSide:
             self.chunk_bytes / 1e6,
         )
 
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[name] += n
+
     # loads
 
     def load(self, meta: MeshConnectorMetadata) -> None:
+        """Start this step's loads: asynchronous ones on the loader thread, the others verified
+        now and written layer by layer beside the forward (or all at once, before it)."""
+        loads = []
         for spec in meta.loads:
+            if spec.asynchronous:
+                self._count("async_loads")
+                _submit(self._loader, self._load_between_steps, spec)
+                continue
             try:
-                loaded = self._load_one(spec)
+                load = self._prepare(spec)
             except Exception as exc:  # a broken load must never break the step: recompute instead
                 logger.warning("load of %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
-                loaded = spec.start
-            if loaded < spec.end:
-                self._failed_reqs.add(spec.req_id)
-                self.stats["failed_tokens"] += spec.end - loaded
-                first_block, last_block = loaded // self.block_size, -(-spec.end // self.block_size)
-                self._failed_blocks.update(spec.block_ids[first_block:last_block])
+                self._report(spec, spec.start, this_step=True)
+                continue
+            self._report(spec, load.end, this_step=True)
+            loads.append(load)
+        if not loads:
+            return
+        if self.layerwise and self._seen_waiting:
+            logger.debug("writing %d loads layer by layer beside the forward", len(loads))
+            self._count("pipelined_loads", len(loads))
+            self._step_loads = loads
+            self._layer_loaded = [
+                self._copier.submit(self._write_layer, loads, i) for i in range(len(self.layers))
+            ]
+            return
+        try:
+            for layer in range(len(self.layers)):
+                self._write_layer(loads, layer)
+        except Exception as exc:
+            self._broken(loads, exc)
+        finally:
+            for load in loads:
+                load.lease.release()
 
-    def _load_one(self, spec: LoadSpec) -> int:
-        """Write tokens ``start .. end - 1``; returns the end of what was written."""
-        assert self.layout is not None
+    def _prepare(self, spec: LoadSpec) -> _Load:
+        """Read a load's chunks under a lease and verify them; the pieces to write, in order,
+        up to the first chunk missing, of another model, or failing its checksum."""
         c = self.chunk_tokens
         first, last = spec.start // c, -(-spec.end // c)
         keys = chunk_keys(self.namespace, spec.tokens[: last * c], c)[first:last]
-        written = spec.start
         cost = Cost(spec.recompute_s, self.chunk_bytes) if spec.recompute_s > 0 and self.chunk_bytes else None
         # On the node's host the records are views into its shared memory, unchanged while the
         # lease lasts: each is verified in place and copied once, into the paged blocks.
-        with self.store.read(keys, cost) as lease:
+        lease = self.store.read(keys, cost)
+        load = _Load(spec, lease, [], spec.start)
+        device = self.layers[0].device
+        try:
             for i, record in enumerate(lease.records):
                 chunk = first + i
                 if record is None:
                     break
                 if not self._belongs(record):
-                    self.stats["bad_chunks"] += 1
+                    self._count("bad_chunks")
                     logger.warning("dropping chunk %s: not of this model and layout", record.key.hex())
                     break
                 payload = lease.payload(i)
                 if payload is None:
                     break  # failed its checksum (counted): recompute from here
                 lo, hi = max(spec.start, chunk * c), min(spec.end, (chunk + 1) * c)
-                kv = self._as_tensor(payload)  # [layers, 2, C, heads, head_size]
-                slots = slots_of(spec.block_ids, self.block_size, lo, hi)
-                rows = slice(lo - chunk * c, hi - chunk * c)
-                for layer, paged in enumerate(self.layers):
-                    k, v = kv[layer, 0, rows].to(paged.device), kv[layer, 1, rows].to(paged.device)
-                    self.layout.write_slots(paged, slots.to(paged.device), k, v)
-                written = hi
-        self.stats["loaded_tokens"] += written - spec.start
-        return written
+                slots = slots_of(spec.block_ids, self.block_size, lo, hi).to(device)
+                load.pieces.append(
+                    _Piece(self._as_tensor(payload), slots, slice(lo - chunk * c, hi - chunk * c))
+                )
+                load.end = hi
+        except BaseException:
+            lease.release()
+            raise
+        return load
+
+    def _write_layer(self, loads: list[_Load], layer: int) -> None:
+        assert self.layout is not None
+        paged = self.layers[layer]
+        for load in loads:
+            for piece in load.pieces:
+                kv = piece.kv[layer]
+                k, v = kv[0, piece.rows].to(paged.device), kv[1, piece.rows].to(paged.device)
+                self.layout.write_slots(paged, piece.slots, k, v)
+
+    def wait_layer(self, layer_name: str) -> None:
+        """Before the forward runs a layer: wait until this step's loads wrote it."""
+        layer = self._index.get(layer_name)
+        if layer is None:
+            return
+        self._waited.add(layer)
+        if self._layer_loaded:
+            futures.wait([self._layer_loaded[layer]])
+
+    def _finish_loads(self) -> None:
+        """The step's pipelined loads are written (or reported failed) and their leases released."""
+        if not self._layer_loaded:
+            return
+        futures.wait(self._layer_loaded)
+        loads, done = self._step_loads, self._layer_loaded
+        self._step_loads, self._layer_loaded = [], []
+        try:
+            unwaited = sorted(set(range(len(self.layers))) - self._waited)
+            error = next((f.exception() for f in done if f.exception() is not None), None)
+            if unwaited:
+                # The forward may have read these layers before they were written: what it
+                # computed from them is not to be trusted. vLLM recomputes; from now on the
+                # layers are written before the forward.
+                logger.warning(
+                    "vLLM ran %d layers without waiting for their loads: loading all layers before "
+                    "the forward from now on",
+                    len(unwaited),
+                )
+                self.layerwise = False
+                self._broken(loads, RuntimeError("layers not waited on"))
+            elif error is not None:
+                self._broken(loads, error)
+        finally:
+            for load in loads:
+                load.lease.release()
+
+    def _load_between_steps(self, spec: LoadSpec) -> None:
+        """An asynchronous load, on the loader thread: the request waits outside the batch."""
+        loaded = spec.start
+        try:
+            load = self._prepare(spec)
+            try:
+                for layer in range(len(self.layers)):
+                    self._write_layer([load], layer)
+                loaded = load.end
+            finally:
+                load.lease.release()
+        except Exception as exc:
+            logger.warning("load of %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
+        with self._lock:
+            self._async_done.append((spec, loaded))
+
+    def finished_loads(self) -> set[str] | None:
+        """Requests whose asynchronous loads ended since the last call (their failed blocks
+        are reported in the same step)."""
+        with self._lock:
+            done, self._async_done = self._async_done, []
+        for spec, loaded in done:
+            logger.debug(
+                "loaded %d of %d tokens of %s between steps",
+                loaded - spec.start,
+                spec.end - spec.start,
+                spec.req_id,
+            )
+            self._report(spec, loaded, this_step=False)
+        return {spec.req_id for spec, _ in done} or None
+
+    def _report(self, spec: LoadSpec, loaded: int, this_step: bool) -> None:
+        """Count a load that wrote tokens ``start .. loaded - 1``; the rest is vLLM's to recompute."""
+        self._count("loaded_tokens", loaded - spec.start)
+        if loaded >= spec.end:
+            return
+        self._count("failed_tokens", spec.end - loaded)
+        if this_step:
+            self._failed_reqs.add(spec.req_id)
+        first_block, last_block = loaded // self.block_size, -(-spec.end // self.block_size)
+        self._failed_blocks.update(spec.block_ids[first_block:last_block])
+
+    def _broken(self, loads: list[_Load], exc: BaseException) -> None:
+        """Writing these loads failed part way: none of their blocks is to be used."""
+        logger.warning("loading KV into the paged blocks failed: %s: %s", type(exc).__name__, exc)
+        for load in loads:  # undo what was counted for them, then count them failed
+            self._count("loaded_tokens", -(load.end - load.spec.start))
+            self._count("failed_tokens", -(load.spec.end - load.end))
+            self._report(load.spec, load.spec.start, this_step=True)
 
     def _belongs(self, record: ChunkRecord) -> bool:
         h = record.header
         expected = (self.namespace, self.chunk_tokens, self.chunk_bytes)
         return bool((h.namespace, h.tokens, h.length) == expected)
 
-    def _as_tensor(self, payload: memoryview) -> torch.Tensor:
+    @property
+    def _chunk_shape(self) -> tuple[int, ...]:
         assert self.layout is not None
+        return (len(self.layers), 2, self.chunk_tokens, self.layout.kv_heads, self.layout.head_size)
+
+    def _as_tensor(self, payload: memoryview) -> torch.Tensor:
         with warnings.catch_warnings():  # a read-only buffer: we only read from it
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(payload, dtype=torch.uint8)
-        lay = self.layout
-        shape = (len(self.layers), 2, self.chunk_tokens, lay.kv_heads, lay.head_size)
-        return flat.view(self.layers[0].dtype).view(shape)
+        return flat.view(self.layers[0].dtype).view(self._chunk_shape)
 
     def take_failed_blocks(self) -> set[int]:
         """Blocks this step failed to load (called once per step, after the saves)."""
+        self._finish_loads()
         failed, self._failed_blocks = self._failed_blocks, set()
         self._failed_reqs.clear()
         return failed
 
     # saves
 
-    def save(self, meta: MeshConnectorMetadata) -> None:
+    def save_layer(self, meta: MeshConnectorMetadata, layer_name: str) -> None:
+        """After the forward ran a layer: copy its part of this step's saves out."""
+        layer = self._index.get(layer_name)
+        if layer is None or not meta.saves or layer in self._layer_saved:
+            return
+        if self._saves is None:
+            self._saves = self._begin_saves(meta)
+        if self._saves:
+            self._layer_saved[layer] = _submit(self._copier, self._copy_out, self._saves, layer)
+
+    def end_step(self, meta: MeshConnectorMetadata) -> None:
+        """After the forward: the loads are done, the saves copied out and handed over."""
+        self._finish_loads()
+        if len(self._waited) == len(self.layers) and not self._seen_waiting:
+            self._seen_waiting = True
+            if self.layerwise:
+                logger.info(
+                    "MeshConnector worker: vLLM waits on each layer: loads are written layer by layer"
+                )
+        self._waited.clear()
+        try:
+            if meta.saves:
+                self._finish_saves(meta)
+        finally:
+            self._saves, self._layer_saved = None, {}
+
+    def _begin_saves(self, meta: MeshConnectorMetadata) -> list[_Save]:
+        """Announce this step's saves (lookups count them from now on) and give each chunk a
+        destination: the slot the node reserved for it, or a host tensor."""
+        per_chunk = self.chunk_tokens // self.block_size
+        device = self.layers[0].device
+        saves = []
         for spec in meta.saves:
             if spec.req_id in self._failed_reqs:
-                # This step's forward ran over blocks the failed load left unwritten: what it
-                # computed after them is wrong, and vLLM will recompute it. Never store it.
-                self.stats["dropped_saves"] += 1
+                # This step's forward runs over blocks the failed load left unwritten: what it
+                # computes after them is wrong, and vLLM will recompute it. Never store it.
+                self._count("dropped_saves")
                 continue
             nbytes = spec.count * self.chunk_bytes
             if not self.saver.has_room(nbytes):
                 self.saver.count_dropped()
-                self.stats["dropped_saves"] += 1
+                self._count("dropped_saves")
                 continue
             keys = chunk_keys(self.namespace, spec.tokens, self.chunk_tokens)[
                 spec.first : spec.first + spec.count
             ]
-            # Announced now, landed by the saver: the next request's lookup (in the scheduler,
-            # or another engine's) counts these chunks already, and its load waits for them. On
-            # the node's host the chunks are gathered straight into the slots it reserved.
             reservation = self.store.reserve(keys, [self.chunk_bytes] * len(keys))
             slots = self.store.reserved_slots(reservation, self.chunk_bytes)
-            try:
-                payloads = self._gather(spec, slots)
-            except Exception as exc:  # never fail the step over a save
-                logger.warning("could not copy the KV of %s to save it: %s", spec.req_id, exc)
-                self.store.cancel(reservation)
-                continue
-            job = functools.partial(self._put, keys, payloads, reservation, slots is not None)
-            if not self.saver.submit(job, nbytes):
-                self.stats["dropped_saves"] += 1
-                self.store.cancel(reservation)
+            if slots is not None:
+                chunks = [self._as_tensor(slot) for slot in slots]
+            else:
+                chunks = [torch.empty(self._chunk_shape, dtype=self.layers[0].dtype) for _ in keys]
+            blocks = [
+                torch.as_tensor(
+                    spec.block_ids[c * per_chunk : (c + 1) * per_chunk], dtype=torch.int64, device=device
+                )
+                for c in range(spec.first, spec.first + spec.count)
+            ]
+            saves.append(_Save(spec, keys, reservation, chunks, blocks, slots is not None, nbytes))
+        return saves
 
-    def _gather(self, spec: SaveSpec, into: list[memoryview] | None) -> list[torch.Tensor]:
-        """Chunks ``first ..`` of a request as canonical tensors ``[layers, 2, C, heads, head_size]``,
-        copied out of the paged blocks: into ``into`` (the node's reserved slots) when given."""
+    def _copy_out(self, saves: list[_Save], layer: int) -> None:
         assert self.layout is not None
-        per_chunk = self.chunk_tokens // self.block_size
-        out = []
-        for i, chunk in enumerate(range(spec.first, spec.first + spec.count)):
-            blocks = torch.as_tensor(
-                spec.block_ids[chunk * per_chunk : (chunk + 1) * per_chunk], dtype=torch.int64
-            )
-            pairs = [torch.stack(self.layout.read_blocks(paged, blocks)) for paged in self.layers]
-            if into is None:
-                out.append(torch.stack(pairs).to("cpu").contiguous())
+        paged = self.layers[layer]
+        for save in saves:
+            for dst, blocks in zip(save.chunks, save.blocks, strict=True):
+                k, v = self.layout.read_blocks(paged, blocks)
+                dst[layer, 0].copy_(k)
+                dst[layer, 1].copy_(v)
+
+    def _finish_saves(self, meta: MeshConnectorMetadata) -> None:
+        saves = self._saves if self._saves is not None else self._begin_saves(meta)
+        futures.wait(self._layer_saved.values())
+        try:
+            for f in self._layer_saved.values():
+                f.result()
+            for layer in range(len(self.layers)):  # layers vLLM ran without telling us
+                if layer not in self._layer_saved:
+                    self._copy_out(saves, layer)
+        except Exception as exc:  # never fail the step over a save
+            logger.warning("could not copy KV out of the paged blocks to save it: %s", exc)
+            for save in saves:
+                self.store.cancel(save.reservation)
+            return
+        for save in saves:
+            if save.spec.req_id in self._failed_reqs:  # a pipelined load of it broke
+                self._count("dropped_saves")
+                self.store.cancel(save.reservation)
                 continue
-            dst = self._as_tensor(into[i])
-            torch.stack([p.to("cpu") for p in pairs], out=dst)
-            out.append(dst)
-        return out
+            job = functools.partial(self._put, save.keys, save.chunks, save.reservation, save.in_slots)
+            if not self.saver.submit(job, save.nbytes):
+                self._count("dropped_saves")
+                self.store.cancel(save.reservation)
 
     def _put(
         self, keys: list[bytes], chunks: list[torch.Tensor], reservation: Reservation | None, written: bool
@@ -235,7 +486,9 @@ class WorkerSide:
         except Exception:
             self.store.cancel(reservation)  # lookups must stop counting what will not land
             raise
-        self.stats["saved_chunks"] += len(keys)
+        self._count("saved_chunks", len(keys))
 
     def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._copier.shutdown(wait=True)
         self.saver.close()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,10 @@ import pytest
 
 from lmcache_mesh.node import Client, chunk_keys
 
-from ..helpers import Daemon, short_tmpdir
+from ..conftest import DaemonFactory
+from ..helpers import Daemon, free_port, short_tmpdir
 from .llama import require
+from .test_mesh import members, start_node, wait_until
 
 require("vllm")
 
@@ -40,16 +41,29 @@ def prompt(n: int, seed: int) -> list[int]:
     return [1, *np.random.default_rng(seed).integers(3, 500, n - 1).tolist()]
 
 
-def run_engine(model: Path, prompts: list[list[int]], node: str | None) -> list[dict[str, Any]]:
+def run_engine(
+    model: Path,
+    prompts: list[list[int]],
+    node: str | None,
+    extra: dict[str, Any] | None = None,
+    logs: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy results per prompt; ``extra``: more connector settings; ``logs`` gets the
+    connector's log lines (at DEBUG)."""
     cmd = [sys.executable, str(WORKER), str(model), json.dumps(prompts), "--chunk", str(CHUNK)]
     if node:
-        cmd += ["--node", node]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+        cmd += ["--node", node, "--extra", json.dumps(extra or {})]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "LMCACHE_MESH_LOG": "DEBUG"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-5000:]
+    if logs is not None:
+        logs.extend(line for line in done.stderr.splitlines() if "[lmcache_mesh]" in line)
+    namespace = [
+        line.removeprefix("NAMESPACE ") for line in done.stdout.splitlines() if line.startswith("NAMESPACE ")
+    ]
     result: list[dict[str, Any]] = json.loads(lines[-1].removeprefix("RESULT "))
-    return result
+    return [{**r, "namespace": namespace[-1] if namespace else None} for r in result]
 
 
 def wait_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> str:
@@ -66,15 +80,6 @@ def wait_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> str
 
     threading.Thread(target=read, daemon=True).start()
     return found.get(timeout=timeout_s)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def stored_chunks(daemon: Daemon) -> int:
@@ -110,12 +115,56 @@ def test_the_same_prompt_asked_again_at_once_hits(models, daemon: Daemon) -> Non
     behind it in the same engine (vLLM's own prefix cache is off here), loads them instead of
     recomputing, and its greedy output is the same."""
     again = prompt(3 * CHUNK + 9, seed=11)
-    results = run_engine(models["tiny"], [again, again], daemon.tcp)
+    logs: list[str] = []
+    results = run_engine(models["tiny"], [again, again], daemon.tcp, logs=logs)
     assert [r["cached"] for r in results] == [0, 3 * CHUNK]
     assert results[1]["tokens"] == results[0]["tokens"]
+    # the hit was local, so it loaded inside the step, layer by layer beside the forward
+    assert any("writing 1 loads layer by layer" in line for line in logs), "\n".join(logs)
+    assert not any("between steps" in line for line in logs), "\n".join(logs)
     with Client(daemon.tcp) as c:
         leases = c.stats()["tiers"]["memory"]["shared"]["leases"]
     assert leases["reservations"] >= 1 and leases["committed"] >= 1  # announced, then landed in the arena
+
+
+def test_a_hit_loaded_between_steps_gives_the_same_greedy_output(models, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    """With ``async_loads: always`` the second request waits outside the batch while a loader
+    thread writes its KV, and vLLM schedules it once the load is reported finished."""
+    tokens = prompt(3 * CHUNK + 9, seed=12)
+    logs: list[str] = []
+    results = run_engine(models["tiny"], [tokens, tokens], daemon.tcp, {"async_loads": "always"}, logs)
+    baseline = run_engine(models["tiny"], [tokens], None)
+    assert [r["cached"] for r in results] == [0, 3 * CHUNK]
+    assert results[0]["tokens"] == results[1]["tokens"] == baseline[0]["tokens"]
+    assert any(
+        f"loaded {3 * CHUNK} of {3 * CHUNK} tokens" in line and "between steps" in line for line in logs
+    ), "\n".join(logs)
+
+
+def test_a_hit_held_on_a_peer_loads_between_steps(models, daemon_factory: DaemonFactory) -> None:  # type: ignore[no-untyped-def]
+    """By default (``async_loads: remote``) a hit that must come from another node does not
+    hold up the batch: engine B on node 2 loads what engine A stored on node 1 between steps."""
+    ports = {i: free_port(f"127.0.0.{i}") for i in (43, 44)}
+    one = start_node(daemon_factory, 43, ports[43])
+    two = start_node(daemon_factory, 44, ports[44], "--join", one.tcp)
+    assert wait_until(lambda: len(members(one)) == len(members(two)) == 2, 20) is not None
+    tokens = prompt(3 * CHUNK + 9, seed=13)
+    first = run_engine(models["tiny"], [tokens], one.tcp)
+    with Client(one.tcp) as c:
+        assert wait_until(lambda: c.lookup(keys_of(first, tokens), local=True) == 3, 30) is not None
+    with Client(two.tcp) as c:
+        c.delete(keys_of(first, tokens))  # a replica placed on node 2 would make the hit local
+        assert wait_until(lambda: c.lookup(keys_of(first, tokens)) == 3, 20) is not None
+        assert c.lookup(keys_of(first, tokens), local=True) == 0
+    logs: list[str] = []
+    second = run_engine(models["tiny"], [tokens], two.tcp, logs=logs)
+    assert second[0]["cached"] == 3 * CHUNK
+    assert second[0]["tokens"] == first[0]["tokens"]
+    assert any("between steps" in line for line in logs), "\n".join(logs)
+
+
+def keys_of(result: list[dict[str, Any]], tokens: list[int]) -> list[bytes]:
+    return chunk_keys(bytes.fromhex(result[0]["namespace"]), tokens, CHUNK)
 
 
 def test_kv_events_tell_the_index_what_the_engine_holds(models, daemon: Daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +186,7 @@ def test_kv_events_tell_the_index_what_the_engine_holds(models, daemon: Daemon, 
             def engines() -> dict[str, int]:
                 return dict(c.stats()["mesh"]["engines"])
 
-            assert wait_until(lambda: engines() == {f"{name}/vllm-a": 3}, 30), engines()
+            assert wait_until(lambda: engines() == {f"{name}/vllm-a": 3}, 30) is not None, engines()
             keys = chunk_keys(namespace, tokens, CHUNK)
             # the node holds the chunks the connector stored, the engine its own cached blocks
             assert dict(c.rank(keys, [name, f"{name}/vllm-a", "elsewhere"])) == {
@@ -148,7 +197,7 @@ def test_kv_events_tell_the_index_what_the_engine_holds(models, daemon: Daemon, 
             proc.stdin.write("reset\n")
             proc.stdin.flush()
             assert wait_line(proc, "RESET", 60) is not None
-            assert wait_until(lambda: engines() == {}, 30), engines()
+            assert wait_until(lambda: engines() == {}, 30) is not None, engines()
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)

@@ -1,6 +1,6 @@
 """A vLLM engine process for the tests: greedy completions of token prompts, as JSON.
 
-    python vllm_worker.py MODEL_DIR PROMPTS_JSON [--node ADDR] [--chunk N] [--events ENDPOINT]
+    python vllm_worker.py MODEL_DIR PROMPTS_JSON [--node ADDR] [--chunk N] [--events ENDPOINT] [--extra JSON]
 
 Without --node the engine runs without any connector (the baseline). Prints one JSON line:
 per prompt the generated token ids and vLLM's count of cached (externally loaded) tokens.
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--events", help="publish KV events on this ZMQ endpoint (turns prefix caching on)")
     parser.add_argument("--engine-name", help="the engine's name in the mesh index")
+    parser.add_argument("--extra", type=json.loads, default={}, help="more kv_connector_extra_config keys")
     parser.add_argument(
         "--interactive", action="store_true", help="then obey stdin: 'reset' (prefix cache), 'quit'"
     )
@@ -43,6 +44,7 @@ def main() -> None:
                 "node": args.node,
                 "chunk_tokens": args.chunk,
                 **({"engine_name": args.engine_name} if args.engine_name else {}),
+                **args.extra,
             },
         )
     if args.events:

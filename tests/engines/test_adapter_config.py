@@ -19,6 +19,8 @@ def test_both_adapters_extend_the_one_base_with_only_their_own_fields() -> None:
         "load_failure_policy",
         "engine_name",
         "ingest_events",
+        "layerwise",
+        "async_loads",
     }
     assert VllmMeshConfig().max_pending_save_bytes == 2 * LlamaMeshConfig().max_pending_save_bytes
 
@@ -45,3 +47,5 @@ def test_vllm_reads_its_extra_config_and_names_unknown_keys() -> None:
     assert cfg.store_config().node == "tcp://127.0.0.1:7700" and cfg.chunk_tokens == 64
     with pytest.raises(ValueError, match="unknown MeshConnector setting"):
         VllmMeshConfig.from_extra({"chunk_size": 64})
+    with pytest.raises(ValueError, match="async_loads must be one of remote, always, never, got 'sometimes'"):
+        VllmMeshConfig.from_extra({"async_loads": "sometimes"})

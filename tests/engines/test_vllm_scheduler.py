@@ -68,6 +68,26 @@ def test_hits_beyond_the_local_prefix_are_loaded_block_aligned(side: SchedulerSi
     assert side.build_meta(step()).loads == []  # loads go out once
 
 
+@pytest.mark.parametrize(
+    "async_loads, between_steps", [("remote", False), ("always", True), ("never", False)]
+)
+def test_hits_load_between_steps_as_configured(
+    side: SchedulerSide, async_loads: str, between_steps: bool
+) -> None:
+    """A hit this node holds itself loads inside the step unless "always"; the answer holds
+    while the request waits, and goes into its load."""
+    side = SchedulerSide(NS, C, BS, side.store, async_loads=async_loads)
+    tokens = list(range(1, 201))
+    cache(side, tokens, 3)
+    req = request("r1", tokens)
+    assert side.matched_tokens(req, 0) == (192, between_steps)
+    assert side.matched_tokens(req, 64) == (128, between_steps)
+    side.after_alloc(req, list(range(10, 17)), 192)
+    (load,) = side.build_meta(step()).loads
+    assert load.asynchronous is between_steps
+    assert side.matched_tokens(request("miss", list(range(500, 700))), 0) == (0, False)  # nothing to load
+
+
 def test_a_fully_cached_prompt_leaves_its_last_block_to_compute(side: SchedulerSide) -> None:
     tokens = list(range(1, 193))  # exactly 3 chunks
     cache(side, tokens, 3)
