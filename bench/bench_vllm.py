@@ -15,9 +15,13 @@ the same machine noise. TTFT = wall time of a 1-token generation.
   synthetic answer (A tokens) joins its history. Hit rate = tokens vLLM did not compute /
   prompt tokens; mean TTFT per engine;
 * no reuse: unique prompts, mean TTFT MESH / BASE (the lookup and the save copy-out are
-  on MESH's path).
+  on MESH's path);
+* with vLLM's own prefix cache on (a second pair of engines, as ``vllm serve`` runs by
+  default): each unique prompt asked twice, TTFT MESH / BASE of the first asks (no reuse) and
+  of the second (warm: vLLM's cache covers all a hit could, so the connector skips its lookup).
 
-Prints a table and writes JSON to ``bench/results/bench_vllm.json`` (``--out``).
+Prints a table, writes JSON to ``bench/results/bench_vllm.json`` (``--out``) and a PNG
+chart of the MESH/BASE ratios beside it.
 
 Run:  python bench/bench_vllm.py            (about 10 min on 2 cores)
       python bench/bench_vllm.py --quick    (shorter prompts, fewer rounds)
@@ -41,12 +45,13 @@ from typing import Any
 import numpy as np
 from benchlib import machine_info, start_mesh_daemon, write_results
 
+from lmcache_mesh.engines.cli import chart
 from lmcache_mesh.engines.cli.launch import Daemon, child_env
 from lmcache_mesh.engines.cli.tables import Column, render, table
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_vllm.json"
 ENGINE = Path(__file__).resolve().parent / "vllm_engine.py"
-TARGETS = {"hit_over_cold": 0.2, "no_reuse_overhead": 1.02}
+TARGETS = {"hit_over_cold": 0.2, "no_reuse_overhead": 1.02, "warm_overhead": 1.03}
 
 
 def log(msg: str) -> None:
@@ -56,11 +61,15 @@ def log(msg: str) -> None:
 class Engine:
     """A vllm_engine.py process; ``ttft(prompt)`` -> (seconds, cached tokens)."""
 
-    def __init__(self, name: str, model: Path, node: str | None, max_len: int, core: int) -> None:
+    def __init__(
+        self, name: str, model: Path, node: str | None, max_len: int, core: int, prefix_cache: bool = False
+    ) -> None:
         self.name = name
         cmd = [sys.executable, str(ENGINE), str(model), "--max-len", str(max_len)]
         if node:
             cmd += ["--node", node]
+        if prefix_cache:
+            cmd += ["--prefix-cache"]
         # Each engine on its own core: with both on all cores, whichever started first ran ~2x slower.
         env = child_env({"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core)}, isolate=True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -176,6 +185,24 @@ def no_reuse(base: Engine, mesh: Engine, length: int, count: int) -> dict[str, A
             "ratio": out["mesh"] / out["base"]}  # fmt: skip
 
 
+def with_prefix_cache(base: Engine, mesh: Engine, length: int, count: int) -> dict[str, Any]:
+    """Both engines with vLLM's prefix cache on: each unique prompt asked twice, alternating."""
+    first: dict[str, list[float]] = {"base": [], "mesh": []}
+    warm: dict[str, list[float]] = {"base": [], "mesh": []}
+    for i in range(count):
+        prompt = [1, *tokens(length - 1, seed=70_000 + i)]
+        for engine in (base, mesh) if i % 2 == 0 else (mesh, base):
+            first[engine.name].append(engine.ttft(prompt)[0])
+            warm[engine.name].append(engine.ttft(prompt)[0])
+    med = {
+        k: {name: statistics.median(v) * 1e3 for name, v in d.items()}
+        for k, d in (("first", first), ("warm", warm))
+    }
+    return {"tokens": length, "count": count, "first_ms": med["first"], "warm_ms": med["warm"],
+            "first_ratio": med["first"]["mesh"] / med["first"]["base"],
+            "warm_ratio": med["warm"]["mesh"] / med["warm"]["base"]}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lmcache_mesh.engines.vllm.tinymodel import write_model
 
@@ -201,6 +228,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         qa = qa_workload(base, mesh, users=3 if args.quick else 4, rounds=3 if args.quick else 4,
                          system=512, question=64, answer=64)  # fmt: skip
         log(json.dumps(qa))
+        for e in engines:
+            e.close()
+        engines.clear()
+        log("with vLLM's prefix cache on: starting two more engines ...")
+        base = Engine("base", model, None, 4096, core=0, prefix_cache=True)
+        engines.append(base)
+        mesh = Engine("mesh", model, node.tcp, 4096, core=1 % (os.cpu_count() or 1), prefix_cache=True)
+        engines.append(mesh)
+        cached = with_prefix_cache(base, mesh, 1024, 4 if args.quick else 8)
+        log(json.dumps(cached))
     finally:
         for e in engines:
             e.close()
@@ -209,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = {
         "hit_over_cold": hits["hit_over_cold"] <= TARGETS["hit_over_cold"],
         "no_reuse_overhead": plain["ratio"] <= TARGETS["no_reuse_overhead"],
+        "warm_overhead": cached["warm_ratio"] <= TARGETS["warm_overhead"],
     }
     return {
         "machine": machine_info(
@@ -217,6 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold_vs_hit": hits,
         "qa": qa,
         "no_reuse": plain,
+        "prefix_cache_on": cached,
         "targets": TARGETS,
         "pass": checks,
     }
@@ -237,9 +276,34 @@ def print_table(r: dict[str, Any]) -> None:
     n = r["no_reuse"]
     print(f"no reuse, {n['count']} prompts of {n['tokens']}: base {n['base_mean_ms']:.0f} ms  mesh {n['mesh_mean_ms']:.0f} ms  "
           f"ratio {n['ratio']:.3f}")  # fmt: skip
+    p = r["prefix_cache_on"]
+    print(f"vLLM's prefix cache on, {p['count']} prompts of {p['tokens']} asked twice (medians): "
+          f"first ask base {p['first_ms']['base']:.0f} ms mesh {p['first_ms']['mesh']:.0f} ms ratio {p['first_ratio']:.3f}; "
+          f"warm base {p['warm_ms']['base']:.1f} ms mesh {p['warm_ms']['mesh']:.1f} ms ratio {p['warm_ratio']:.3f}")  # fmt: skip
     t = r["targets"]
-    print(f"targets: hit/cold <= {t['hit_over_cold']}; no-reuse mesh/base <= {t['no_reuse_overhead']}")
+    print(
+        f"targets: hit/cold <= {t['hit_over_cold']}; no-reuse mesh/base <= {t['no_reuse_overhead']}; "
+        f"warm mesh/base <= {t['warm_overhead']}"
+    )
     print("pass:", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in r["pass"].items()))
+
+
+def draw(r: dict[str, Any], path: Path) -> None:
+    if not chart.available():
+        print(chart.MISSING)
+        return
+    gain, cost = (40, 110, 200), (200, 120, 60)
+    bars = [
+        (f"hit, {r['cold_vs_hit']['tokens']} tokens", r["cold_vs_hit"]["hit_over_cold"], gain),
+        ("multi-round QA", r["qa"]["mean_ttft_ratio"], gain),
+        ("no reuse", r["no_reuse"]["ratio"], cost),
+        ("no reuse, prefix cache on", r["prefix_cache_on"]["first_ratio"], cost),
+        ("warm, prefix cache on", r["prefix_cache_on"]["warm_ratio"], cost),
+    ]
+    chart.write_bar_chart(path, [b[1] for b in bars], [b[2] for b in bars], labels=[b[0] for b in bars],
+                          title="vLLM on CPU: TTFT with MeshConnector / without (same run)", y_title="MESH / BASE",
+                          legend=[("reuse (lower is better)", gain), ("overhead (1.0 = none)", cost)], width=1000)  # fmt: skip
+    print(f"chart written to {path}")
 
 
 def main() -> None:
@@ -251,6 +315,7 @@ def main() -> None:
     result = run(args)
     print_table(result)
     write_results(result, args.out)
+    draw(result, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """One vLLM engine for bench_vllm.py, driven over stdin/stdout with JSON lines.
 
-    python vllm_engine.py MODEL_DIR [--node ADDR] [--chunk N] [--max-len N]
+    python vllm_engine.py MODEL_DIR [--node ADDR] [--chunk N] [--max-len N] [--prefix-cache]
 
 Commands (one JSON object per line): {"prompt": [token ids]} -> {"s": seconds for a
 1-token generation (TTFT), "cached": tokens vLLM did not compute}; {"quit": true}.
-Prefix caching is off, so any reuse comes from the connector.
+Prefix caching is off unless --prefix-cache, so any reuse comes from the connector.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--node")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=4096)
+    parser.add_argument("--prefix-cache", action="store_true", help="vLLM's own prefix cache on")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -38,7 +39,7 @@ def main() -> None:
             kv_connector_extra_config={"node": args.node, "chunk_tokens": args.chunk},
         )
     llm = LLM(model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-              max_model_len=args.max_len, max_num_seqs=2, block_size=32, enable_prefix_caching=False, **kw)  # fmt: skip
+              max_model_len=args.max_len, max_num_seqs=2, block_size=32, enable_prefix_caching=args.prefix_cache, **kw)  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
     llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 6, 7])], params, use_tqdm=False)  # warm-up
     print("READY", flush=True)
