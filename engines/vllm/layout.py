@@ -57,6 +57,29 @@ class PagedLayout:
         pair = pair.reshape(2, n, self.kv_heads, self.head_size)
         return pair[0], pair[1]
 
+    def read_blocks_into(
+        self, kv: torch.Tensor, block_ids: list[int], k_out: torch.Tensor, v_out: torch.Tensor
+    ) -> None:
+        """As :meth:`read_blocks`, into ``k_out``/``v_out`` (on any device): on the CPU one copy
+        per block, straight from the paged tensor; on a device a gather there, then one copy."""
+        if kv.device.type != "cpu":
+            k, v = self.read_blocks(kv, torch.as_tensor(block_ids, device=kv.device))
+            k_out.copy_(k)
+            v_out.copy_(v)
+            return
+        n, hs = self.block_size, self.head_size
+        for j, block in enumerate(block_ids):
+            rows = slice(j * n, (j + 1) * n)
+            if self.kind == "packed":
+                both = kv[block].transpose(0, 1)  # [block_size, kv_heads, 2 * head_size]
+                k, v = both[..., :hs], both[..., hs:]
+            elif self.kind == "NHD":
+                k, v = kv[0, block], kv[1, block]
+            else:
+                k, v = kv[0, block].transpose(0, 1), kv[1, block].transpose(0, 1)
+            k_out[rows].copy_(k)
+            v_out[rows].copy_(v)
+
     def write_slots(self, kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` (``[len(slots), kv_heads, head_size]``) into ``slots``, in place."""
         blk, off = slots // self.block_size, slots % self.block_size

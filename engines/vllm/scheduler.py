@@ -94,11 +94,15 @@ class SchedulerSide:
         most = (request.num_tokens - 1) // self.block_size * self.block_size
         if tracked is None and num_computed_tokens >= most:
             # vLLM's own prefix cache covers all that a hit could: no lookup (its chunks were
-            # saved when this engine computed them).
+            # saved when this engine computed them). Only a chunk that the cache covers in part
+            # may be new; it is saved unless this node holds it already (a LOOKUP of it here).
             prompt = list(request.prompt_token_ids)
-            tracked = self._tracked[request.request_id] = _Tracked(
-                prompt, 0, stored=num_computed_tokens // self.chunk_tokens
-            )
+            c = self.chunk_tokens
+            stored = num_computed_tokens // c
+            if len(prompt) // c > stored:
+                keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)[stored:]
+                stored += self.store.lookup(keys, local=True)
+            tracked = self._tracked[request.request_id] = _Tracked(prompt, 0, stored=stored)
         if tracked is None:
             prompt = list(request.prompt_token_ids)
             c = self.chunk_tokens

@@ -99,7 +99,7 @@ class _Save:
     reservation: Reservation | None
     chunks: list[torch.Tensor]
     """destinations, ``[layers, 2, C, heads, head_size]``: the node's slots, or host tensors"""
-    blocks: list[torch.Tensor]
+    blocks: list[list[int]]
     """per chunk, its block ids"""
     in_slots: bool
     nbytes: int
@@ -404,7 +404,6 @@ class WorkerSide:
         """Announce this step's saves (lookups count them from now on) and give each chunk a
         destination: the slot the node reserved for it, or a host tensor."""
         per_chunk = self.chunk_tokens // self.block_size
-        device = self.layers[0].device
         saves = []
         for spec in meta.saves:
             if spec.req_id in self._failed_reqs:
@@ -427,9 +426,7 @@ class WorkerSide:
             else:
                 chunks = [torch.empty(self._chunk_shape, dtype=self.layers[0].dtype) for _ in keys]
             blocks = [
-                torch.as_tensor(
-                    spec.block_ids[c * per_chunk : (c + 1) * per_chunk], dtype=torch.int64, device=device
-                )
+                spec.block_ids[c * per_chunk : (c + 1) * per_chunk]
                 for c in range(spec.first, spec.first + spec.count)
             ]
             saves.append(_Save(spec, keys, reservation, chunks, blocks, slots is not None, nbytes))
@@ -440,9 +437,7 @@ class WorkerSide:
         paged = self.layers[layer]
         for save in saves:
             for dst, blocks in zip(save.chunks, save.blocks, strict=True):
-                k, v = self.layout.read_blocks(paged, blocks)
-                dst[layer, 0].copy_(k)
-                dst[layer, 1].copy_(v)
+                self.layout.read_blocks_into(paged, blocks, dst[layer, 0], dst[layer, 1])
 
     def _finish_saves(self, meta: MeshConnectorMetadata) -> None:
         saves = self._saves if self._saves is not None else self._begin_saves(meta)

@@ -48,6 +48,9 @@ def test_reading_blocks_gives_each_tokens_k_and_v(kind: str) -> None:
     got_k, got_v = layout.read_blocks(kv, block_ids)
     slots = slots_of(block_ids, BS, 0, 3 * BS)
     assert torch.equal(got_k, k[slots]) and torch.equal(got_v, v[slots])
+    into_k, into_v = torch.zeros_like(got_k), torch.zeros_like(got_v)
+    layout.read_blocks_into(kv, block_ids.tolist(), into_k, into_v)
+    assert torch.equal(into_k, got_k) and torch.equal(into_v, got_v)
 
 
 @pytest.mark.parametrize("kind", ["packed", "NHD", "HND"])

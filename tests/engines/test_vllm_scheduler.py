@@ -88,6 +88,22 @@ def test_hits_load_between_steps_as_configured(
     assert side.matched_tokens(request("miss", list(range(500, 700))), 0) == (0, False)  # nothing to load
 
 
+@pytest.mark.parametrize("held", [True, False])
+def test_a_prompt_vllm_covers_is_not_looked_up_and_its_last_chunk_saved_once(
+    side: SchedulerSide, held: bool
+) -> None:
+    tokens = list(range(1, 257))  # 4 chunks; vLLM's prefix cache has all but its last block
+    if held:
+        cache(side, tokens, 4)
+    req = request("warm", tokens)
+    assert side.matched_tokens(req, 224) == (0, False)
+    assert side.stats["lookups"] == 0
+    blocks = list(range(30, 38))
+    side.after_alloc(req, blocks, 0)
+    meta = side.build_meta(step([("warm", blocks, 224)], scheduled={"warm": 32}))
+    assert [(s.first, s.count) for s in meta.saves] == ([] if held else [(3, 1)])
+
+
 def test_a_fully_cached_prompt_leaves_its_last_block_to_compute(side: SchedulerSide) -> None:
     tokens = list(range(1, 193))  # exactly 3 chunks
     cache(side, tokens, 3)
