@@ -46,9 +46,10 @@ def write_bar_chart(
     legend: Sequence[tuple[str, Colour]] = (),
     width: int = 800,
     height: int = 420,
+    value_labels: Sequence[str] = (),
 ) -> None:
-    """Write ``values`` as bars (each in its colour, labelled below by ``labels``) to ``path``,
-    a ``width`` x ``height`` PNG."""
+    """Write ``values`` as bars (each in its colour, labelled below by ``labels``, above by
+    ``value_labels`` or the rounded value) to ``path``, a ``width`` x ``height`` PNG."""
     if len(values) != len(colours) or (labels and len(labels) != len(values)):
         raise ValueError("one colour (and one label, if any) per value")
     import matplotlib
@@ -63,7 +64,9 @@ def write_bar_chart(
     xs = range(len(values))
     bars = ax.bar(xs, values, width=0.7, color=[_rgb(c) for c in colours], zorder=2)
     slot = 0.9 * width / max(len(values), 1)  # pixels per bar, about
-    shown = [_number(v) for v in values]
+    if value_labels and len(value_labels) != len(values):
+        raise ValueError("one value label per value")
+    shown = list(value_labels) or [_number(v) for v in values]
     if max(map(len, shown), default=0) * CHAR_PX <= slot:  # else values would run into each other
         ax.bar_label(bars, labels=shown, padding=2, fontsize=9)
     if labels:  # every label if they fit, else every k-th
