@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ def reusable(request: Any) -> bool:
     )
 
 
+REMEMBERED_KEYS = 1 << 16
+"""Chunk keys the scheduler side remembers as stored (about 5 MB): a prompt vLLM's own cache
+covers neither re-saves them nor asks the node about them. One the node has since evicted is
+only a later miss."""
+
 STEP_OUTLIER = 4.0
 """A step slower than this many times the current estimate is not a prefill measurement
 (the engine sat idle between steps)."""
@@ -82,6 +88,9 @@ class SchedulerSide:
         self.prefill = prefill
         self.chunk_bytes = chunk_bytes
         self.async_loads = async_loads
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        """chunk keys known stored lately (saved by this engine, or found on the node): the
+        last ``REMEMBERED_KEYS``"""
         self._last_step: tuple[float, int] | None = None
         self.stats = {"lookups": 0, "hit_tokens": 0, "loads": 0, "saved_chunks": 0}
 
@@ -101,7 +110,12 @@ class SchedulerSide:
             stored = num_computed_tokens // c
             if len(prompt) // c > stored:
                 keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)[stored:]
-                stored += self.store.lookup(keys, local=True)
+                if all(k in self._known for k in keys):
+                    stored += len(keys)  # saved by this engine or found on the node lately: no need to ask
+                else:
+                    held = self.store.lookup(keys, local=True)
+                    self._remember(keys[:held])
+                    stored += held
             tracked = self._tracked[request.request_id] = _Tracked(prompt, 0, stored=stored)
         if tracked is None:
             prompt = list(request.prompt_token_ids)
@@ -208,7 +222,15 @@ class SchedulerSide:
             )
         )
         self.stats["saved_chunks"] += full - tracked.stored
+        self._remember(chunk_keys(self.namespace, tracked.prompt[: full * c], c)[tracked.stored :])
         tracked.stored = full
+
+    def _remember(self, keys: list[bytes]) -> None:
+        for key in keys:
+            self._known[key] = None
+            self._known.move_to_end(key)
+        while len(self._known) > REMEMBERED_KEYS:
+            self._known.popitem(last=False)
 
     def finished(self, request: Any) -> None:
         self._tracked.pop(request.request_id, None)

@@ -102,6 +102,12 @@ def test_a_prompt_vllm_covers_is_not_looked_up_and_its_last_chunk_saved_once(
     side.after_alloc(req, blocks, 0)
     meta = side.build_meta(step([("warm", blocks, 224)], scheduled={"warm": 32}))
     assert [(s.first, s.count) for s in meta.saves] == ([] if held else [(3, 1)])
+    # asked again: this engine just saved that chunk, so neither a save nor a question to the node
+    side.store.close()
+    again = request("again", tokens)
+    assert side.matched_tokens(again, 224) == (0, False)
+    side.after_alloc(again, blocks, 0)
+    assert side.build_meta(step([("again", blocks, 224)], scheduled={"again": 32})).saves == []
 
 
 def test_a_fully_cached_prompt_leaves_its_last_block_to_compute(side: SchedulerSide) -> None:
