@@ -36,6 +36,8 @@ class _Tracked:
     recompute_s: float = 0.0
     asynchronous: bool = False
     """the hit loads between steps"""
+    keys: list[bytes] = field(default_factory=list)
+    """the prompt's chunk keys (full chunks)"""
 
 
 def reusable(request: Any) -> bool:
@@ -101,32 +103,20 @@ class SchedulerSide:
             return 0, False
         tracked = self._tracked.get(request.request_id)
         most = (request.num_tokens - 1) // self.block_size * self.block_size
-        if tracked is None and num_computed_tokens >= most:
-            # vLLM's own prefix cache covers all that a hit could: no lookup (its chunks were
-            # saved when this engine computed them). Only a chunk that the cache covers in part
-            # may be new; it is saved unless this node holds it already (a LOOKUP of it here).
-            prompt = list(request.prompt_token_ids)
-            c = self.chunk_tokens
-            stored = num_computed_tokens // c
-            if len(prompt) // c > stored:
-                keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)[stored:]
-                if all(k in self._known for k in keys):
-                    stored += len(keys)  # saved by this engine or found on the node lately: no need to ask
-                else:
-                    held = self.store.lookup(keys, local=True)
-                    self._remember(keys[:held])
-                    stored += held
-            tracked = self._tracked[request.request_id] = _Tracked(prompt, 0, stored=stored)
         if tracked is None:
             prompt = list(request.prompt_token_ids)
             c = self.chunk_tokens
             keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)
-            cost = self.prefill.cost(c, self.chunk_bytes) if self.prefill is not None else None
-            hits = self.store.lookup(keys, cost) if keys else 0
-            self.stats["lookups"] += 1
-            tracked = self._tracked[request.request_id] = _Tracked(prompt, hits, stored=hits)
-            tracked.recompute_s = cost.recompute_s if cost is not None else 0.0
-            tracked.asynchronous = hits > 0 and self._between_steps(keys[:hits])
+            if num_computed_tokens >= most:
+                tracked = self._covered(prompt, keys, num_computed_tokens)
+            else:
+                cost = self.prefill.cost(c, self.chunk_bytes) if self.prefill is not None else None
+                hits = self.store.lookup(keys, cost) if keys else 0
+                self.stats["lookups"] += 1
+                tracked = _Tracked(prompt, hits, stored=hits, keys=keys)
+                tracked.recompute_s = cost.recompute_s if cost is not None else 0.0
+                tracked.asynchronous = hits > 0 and self._between_steps(keys[:hits])
+            self._tracked[request.request_id] = tracked
         tracked.local_computed = num_computed_tokens
         matched = tracked.hits * self.chunk_tokens
         if matched >= request.num_tokens:
@@ -135,6 +125,20 @@ class SchedulerSide:
             matched = most
         new = max(0, matched - num_computed_tokens)
         return new, new > 0 and tracked.asynchronous
+
+    def _covered(self, prompt: list[int], keys: list[bytes], computed: int) -> _Tracked:
+        """vLLM's own prefix cache covers all that a hit could: no lookup (its chunks were
+        saved when this engine computed them). Only a chunk that the cache covers in part may
+        be new; it is saved unless known stored, or this node holds it (a LOOKUP of it here)."""
+        stored = computed // self.chunk_tokens
+        rest = keys[stored:]
+        if rest and all(k in self._known for k in rest):
+            stored += len(rest)  # saved by this engine or found on the node lately: no need to ask
+        elif rest:
+            held = self.store.lookup(rest, local=True)
+            self._remember(rest[:held])
+            stored += held
+        return _Tracked(prompt, 0, stored=stored, keys=keys)
 
     def _between_steps(self, hit: list[bytes]) -> bool:
         """Whether a hit loads between steps: with "remote", when some of it is on peers only
@@ -222,7 +226,7 @@ class SchedulerSide:
             )
         )
         self.stats["saved_chunks"] += full - tracked.stored
-        self._remember(chunk_keys(self.namespace, tracked.prompt[: full * c], c)[tracked.stored :])
+        self._remember(tracked.keys[tracked.stored : full])
         tracked.stored = full
 
     def _remember(self, keys: list[bytes]) -> None:

@@ -207,7 +207,7 @@ class WorkerSide:
             self._count("pipelined_loads", len(loads))
             self._step_loads = loads
             self._layer_loaded = [
-                self._copier.submit(self._write_layer, loads, i) for i in range(len(self.layers))
+                _submit(self._copier, self._write_layer, loads, i) for i in range(len(self.layers))
             ]
             return
         try:
