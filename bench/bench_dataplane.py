@@ -15,7 +15,9 @@ geometries of real models in bf16 (256-token chunks) and prompts of 4k, 8k and 3
   each before acknowledging) and frames (records built, sent as frames), after the arena's
   pages were touched once (a node that has run a while);
 * **peer**: a GET over tcp://127.0.0.1 (what one node asks of another) of Llama-3-8B chunks,
-  against a raw TCP socket pair between two processes moving the same bytes.
+  against a raw TCP socket pair between two processes moving the same bytes;
+* **mesh fetch**: three nodes; the engine's node lacks a chain two peers hold and fetches it
+  from both at once (slices side by side), then hands it over in shared memory.
 
 Cells above 4 GiB of KV (Llama-3-70B at 32k: 10 GiB) are measured on their first 4 GiB: a
 chunk's cost does not depend on how many others the prompt has. Reported: median GB/s of
@@ -241,6 +243,68 @@ def measure_peer(address: str, reps: int) -> dict[str, Any]:
             "raw_tcp_gbps": raw, "ratio": get_gbps / raw}  # fmt: skip
 
 
+def measure_mesh_fetch(reps: int) -> dict[str, Any]:
+    """The mesh's own path: an engine's node fetches a 4k-token Llama-3-8B chain it lacks from
+    the two peers holding it (each sends part, side by side), verifies and keeps it, and hands
+    it to the engine through shared memory. Three ``lmcache-node run`` processes on loopback;
+    a fresh chain per run; GB/s counts the chunks that came from peers (the reader owns, and
+    so already holds, about a third)."""
+    geometry = GEOMETRIES[0]
+    chunk, n = geometry.chunk_bytes(), 4096 // CHUNK_TOKENS
+    sources = pool(chunk, 4, 5)
+    flags = ("--memory", "3GiB", "--disk", "0", "--replicas", "1")
+    first = launch.start(*flags, name="holder-a", isolate=True, ping=True)
+    nodes = [first]
+    try:
+        nodes.append(launch.start(*flags, name="holder-b", join=first.tcp, isolate=True, ping=True))
+        nodes.append(launch.start(*flags, name="reader", join=first.tcp, ipc=True, isolate=True, ping=True))
+        a, b, reader = nodes
+        assert reader.ipc is not None
+        seconds, remote_bytes = [], []
+        with Client(a.tcp, timeout_s=120, shm=False) as ca, Client(b.tcp, timeout_s=120, shm=False) as cb, \
+                Client(reader.ipc, timeout_s=120) as engine:  # fmt: skip
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+                and sum(m["state"] == "alive" for m in engine.stats().get("members", [])) < 3
+            ):
+                time.sleep(0.2)
+            for rep in range(max(reps, 3)):
+                ns = namespace_id(b"mesh-fetch-%d" % rep, {"dtype": "bf16"}, chunk_tokens=CHUNK_TOKENS)
+                keys = chunk_keys(ns, list(range(n * CHUNK_TOKENS)), CHUNK_TOKENS)
+                records = [ChunkRecord.build(k, sources[i % 4], ns) for i, k in enumerate(keys)]
+                ca.put_records(records)
+                cb.put_records(records)
+                holders = _settled_holders(engine, keys, {"holder-a", "holder-b"})
+                fetched = sum(1 for hs in holders if "reader" not in hs)
+                with no_gc():
+                    start = time.perf_counter()
+                    with engine.read(keys, timeout_s=120) as lease:
+                        if any(r is None for r in lease.records):
+                            raise RuntimeError("mesh fetch missed")
+                    seconds.append(time.perf_counter() - start)
+                remote_bytes.append(fetched * chunk)
+    finally:
+        for d in reversed(nodes):
+            d.stop()
+    i = sorted(range(len(seconds)), key=lambda j: seconds[j])[(len(seconds) - 1) // 2]  # the median run
+    return {"model": geometry.name, "tokens": 4096, "holders": 2, "fetched_bytes": remote_bytes[i],
+            "gbps": remote_bytes[i] / seconds[i] / 1e9}  # fmt: skip
+
+
+def _settled_holders(client: Client, keys: list[bytes], holders: set[str]) -> list[list[str]]:
+    """Who holds each key, once every key is indexed with ``holders`` and replication is quiet."""
+    deadline = time.monotonic() + 30
+    last: list[list[str]] = []
+    while time.monotonic() < deadline:
+        _, now = client.locate(keys)
+        if now == last and all(holders <= set(hs) for hs in now):
+            return now
+        last = now
+        time.sleep(0.3)
+    raise RuntimeError(f"chunks not indexed on {sorted(holders)} within 30 s: {last}")
+
+
 def report(cells: list[Cell], peer: dict[str, Any]) -> str:
     t = table(Column("model"), "tokens", "chunk MiB", "memcpy GB/s", "hit shm GB/s", "×memcpy",
               "hit frames GB/s", "×memcpy", "PUT shm GB/s", "×memcpy", "PUT frames GB/s", "×memcpy")  # fmt: skip
@@ -257,6 +321,11 @@ def report(cells: list[Cell], peer: dict[str, Any]) -> str:
     p = table(Column("peer path"), "bytes", "GB/s", "raw TCP pair GB/s", "×raw TCP")
     p.add_row(f"GET over tcp:// ({peer['model']}, {peer['tokens']} tokens)", f"{peer['bytes'] >> 20} MiB",
               f"{peer['get_tcp_gbps']:.2f}", f"{peer['raw_tcp_gbps']:.2f}", f"{peer['ratio']:.2f}")  # fmt: skip
+    mesh = peer.get("mesh")
+    if mesh is not None:
+        p.add_row(f"mesh fetch from {mesh['holders']} holders ({mesh['model']}, {mesh['tokens']} tokens)",
+                  f"{mesh['fetched_bytes'] >> 20} MiB", f"{mesh['gbps']:.2f}", f"{peer['raw_tcp_gbps']:.2f}",
+                  f"{mesh['gbps'] / peer['raw_tcp_gbps']:.2f}")  # fmt: skip
     return render(t) + "\n" + render(p)
 
 
@@ -305,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         peer = measure_peer(daemon.tcp, reps)
     finally:
         daemon.stop()
+    print("[mesh] a chain fetched from two holders by the engine's node ...", flush=True)
+    peer["mesh"] = measure_mesh_fetch(reps)
     print(report(cells, peer))
     checks = {
         "hit_shm_vs_memcpy": min(c.ratios["hit_shm"] for c in cells if c.model == "Llama-3-8B"),

@@ -163,3 +163,33 @@ def nearest_first(stats: PeerStats, peers: list[str], nbytes: int) -> list[str]:
     known = [p for p in peers if stats.transfer_s(p, nbytes) is not None]
     unknown = [p for p in peers if stats.transfer_s(p, nbytes) is None]
     return sorted(known, key=lambda p: _sort_time(stats, p, nbytes)) + unknown
+
+
+def spread(stats: PeerStats, holders: Sequence[list[str]], nbytes: int) -> list[list[str]]:
+    """Each key's holders in the order to ask them: first the one whose share of the whole
+    fetch would end soonest, so a chain held by several peers comes from all of them side by
+    side (a faster peer takes more of it); then the others, nearest first, to fall back on.
+
+    Unmeasured peers are counted as fast as the fastest measured one (so they get tried, and
+    measured); with nothing measured, keys are dealt out evenly.
+    """
+    rates = [e.bytes_per_s for e in stats.peers.values() if e.bytes_per_s is not None]
+    default_rate = max(rates, default=1.0)
+    now = stats.clock()
+    assigned: dict[str, int] = {}
+
+    def finish_s(peer: str) -> float:
+        share = (assigned.get(peer, 0) + 1) * nbytes
+        estimate = stats.peers[peer].transfer_s(share, now) if peer in stats.peers else None
+        return share / default_rate if estimate is None else estimate
+
+    ordered = []
+    for hs in holders:
+        order = nearest_first(stats, hs, nbytes)
+        if not order:
+            ordered.append(order)
+            continue
+        first = min(order, key=finish_s)  # the nearest among equals
+        assigned[first] = assigned.get(first, 0) + 1
+        ordered.append([first, *(p for p in order if p != first)])
+    return ordered

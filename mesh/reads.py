@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Generic
 
 from .cluster import Cluster
-from .costs import Cost, fetch_window, nearest_first, worth_prefix
+from .costs import Cost, fetch_window, spread, worth_prefix
 from .directory import HolderDirectory
 from .errors import MeshError
 from .ports import Holdings, R
@@ -92,8 +92,9 @@ class MeshReads(Generic[R]):
         deadline: float,
         cost: Cost | None = None,
     ) -> list[R | None]:
-        """Fill the local misses from holders (nearest first), then from ring owners, within
-        ``deadline``; with ``cost``, skip peers from which recomputing would be faster."""
+        """Fill the local misses from holders, then from ring owners, within ``deadline``; a
+        chain held by several peers is fetched from all of them at once (see :func:`spread`);
+        with ``cost``, skip peers from which recomputing would be faster."""
         missing = [i for i, r in enumerate(local) if r is None]
         if not missing:
             return local
@@ -101,13 +102,13 @@ class MeshReads(Generic[R]):
         replicas = self.directory.replicas
         size_hint = cost.chunk_bytes if cost is not None else 1 << 20
         holders = await self.locate([keys[i] for i in missing], deadline)
+        held = [[h for h in hs if h != self.me and _is_node(h)] for hs in holders]
         candidates: dict[int, list[str]] = {}
-        for i, hs in zip(missing, holders, strict=True):
+        for i, hs, order in zip(
+            missing, holders, spread(self.remote.peer_stats, held, size_hint), strict=True
+        ):
             owners = self.cluster.ring.owners(keys[i], replicas)
-            held = [h for h in hs if h != self.me and _is_node(h)]
-            candidates[i] = nearest_first(self.remote.peer_stats, held, size_hint) + [
-                o for o in owners if o != self.me and o not in hs
-            ]
+            candidates[i] = order + [o for o in owners if o != self.me and o not in hs]
         fetched: list[R] = []
         for attempt in range(replicas + 1):  # each round asks every missing key's next candidate
             plan: dict[str, list[int]] = defaultdict(list)
@@ -118,9 +119,11 @@ class MeshReads(Generic[R]):
                 plan = self._affordable(plan, cost)
             if not plan or self.remote.clock() >= deadline:
                 break
+            last = not any(attempt + 1 < len(candidates[i]) for idx in plan.values() for i in idx)
+            until = deadline if last else self._round_deadline(plan, deadline, size_hint)
             results = await asyncio.gather(
                 *(
-                    self.remote.fetch(peer, [keys[i] for i in idx], deadline, cost)
+                    self.remote.fetch(peer, [keys[i] for i in idx], until, cost, size_hint)
                     for peer, idx in plan.items()
                 )
             )
@@ -140,6 +143,17 @@ class MeshReads(Generic[R]):
                 pass  # keeping a copy is an optimisation; the caller has its bytes
         self.counters["remote_misses"] += sum(1 for i in missing if found[i] is None)
         return found
+
+    def _round_deadline(self, plan: dict[str, list[int]], deadline: float, size_hint: int) -> float:
+        """How long a round of fetches may take when other holders could still be asked: half
+        of what is left (a holder that stopped answering must leave time for the next one),
+        or twice the slowest expected transfer if that is longer."""
+        now = self.remote.clock()
+        expected = max(
+            (self.remote.peer_stats.transfer_s(peer, len(idx) * size_hint) or 0.0)
+            for peer, idx in plan.items()
+        )
+        return min(deadline, now + max((deadline - now) / 2, 2 * expected))
 
     def _affordable(self, plan: dict[str, list[int]], cost: Cost) -> dict[str, list[int]]:
         """The part of a fetch plan that beats recomputing (the rest is left to the engine)."""

@@ -27,6 +27,13 @@ WEBRTC_GET_KEYS = 8
 """Records per GET to a peer behind NAT: 8 of the largest (64 MiB) stay within what a
 WebRTC link accepts in one reply."""
 
+FETCH_SLICE_BYTES = 32 << 20
+"""A fetch from one peer over ZeroMQ goes as GETs of about this many bytes, side by side
+(at most ``FETCH_SLICES``): the peer reads the next slice from its tiers while the last one
+is on the wire, and we verify one while the next arrives."""
+
+FETCH_SLICES = 4
+
 
 class RemoteCalls(Generic[R]):
     """Calls to members by name. Use on the event loop."""
@@ -69,10 +76,16 @@ class RemoteCalls(Generic[R]):
             return [[] for _ in keys]
 
     async def fetch(
-        self, peer: str, keys: Sequence[bytes], deadline: float, cost: Cost | None = None
+        self,
+        peer: str,
+        keys: Sequence[bytes],
+        deadline: float,
+        cost: Cost | None = None,
+        chunk_bytes: int = 1 << 20,
     ) -> list[R | None]:
         """Records of ``keys`` held by ``peer`` (None per miss, or all None on failure); with
-        ``cost``, never waiting longer than recomputing them would take."""
+        ``cost``, never waiting longer than recomputing them would take. ``chunk_bytes``:
+        about how large each record is, to slice the fetch."""
         address = self.address(peer)
         started = self.clock()
         window = None if cost is None else fetch_window(self.peer_stats, peer, len(keys), cost)
@@ -82,9 +95,13 @@ class RemoteCalls(Generic[R]):
         if address is None or remaining <= 0:
             return [None] * len(keys)
         client = self.peers.get(address)
-        # Replies over a WebRTC link are bounded (and slow): ask in slices, side by side,
-        # all within the one deadline; the estimate comes from the whole transfer.
-        step = WEBRTC_GET_KEYS if reachability(address) == "webrtc" else len(keys)
+        # Ask in slices, side by side, all within the one deadline; the estimate comes from
+        # the whole transfer. Replies over a WebRTC link are bounded (and slow).
+        if reachability(address) == "webrtc":
+            step = WEBRTC_GET_KEYS
+        else:
+            parts = min(FETCH_SLICES, -(-len(keys) * chunk_bytes // FETCH_SLICE_BYTES))
+            step = max(1, -(-len(keys) // max(parts, 1)))
         slices = [list(keys[i : i + step]) for i in range(0, len(keys), step)]
         answers = await asyncio.gather(
             *(client.get_records(part, local=True, timeout_s=remaining) for part in slices),

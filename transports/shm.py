@@ -118,9 +118,9 @@ class Arena:
         self._view = memoryview(self._map)
         self._freed: collections.deque[tuple[int, int]] = collections.deque()
         self._free: list[tuple[int, int]] = [(HEADER_BYTES, self.capacity)]
+        """Free extents (offset, length), sorted by offset, never adjacent (coalesced)."""
         self._allocated_to = HEADER_BYTES
         """Pages below this offset are allocated in the file (first fit keeps slots low)."""
-        """Free extents (offset, length), sorted by offset, never adjacent (coalesced)."""
         self.used = 0
         """Bytes of extents allocated (slots viewed by the tier, by readers, writers or the disk queue)."""
         self.failed_allocations = 0
@@ -146,6 +146,7 @@ class Arena:
             if offset + need > self._allocated_to:  # pages below were allocated before: tmpfs keeps them
                 start = max(offset, self._allocated_to)
                 os.posix_fallocate(self._fd, start, offset + need - start)
+                _populate(self._map, start, offset + need - start)
                 self._allocated_to = offset + need
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -209,6 +210,19 @@ def _huge_pages(mapping: mmap.mmap) -> None:
             mapping.madvise(advice)
 
 
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+"""Linux 5.14+ (Python's mmap names it from 3.13 on)."""
+
+
+def _populate(mapping: mmap.mmap, start: int, length: int) -> None:
+    """Map freshly allocated pages in one call: a first write then costs no page fault per
+    page (on this machine kind, fresh slots fill about twice as fast). Older kernels refuse
+    the advice, and the pages fault in on first use as before."""
+    start_page = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(MADV_POPULATE_WRITE, start_page, length + start - start_page)
+
+
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -266,8 +280,10 @@ def open_client_view(path: str, size: int, token: bytes) -> mmap.mmap | None:
     return mapping
 
 
-COPY_BLOCK_BYTES = 256 << 10
-"""Copied, then hashed while still in cache: the checksum costs little beyond the copy."""
+COPY_BLOCK_BYTES = 1 << 20
+"""Copied, then hashed while still in cache: the checksum costs little beyond the copy. On
+this machine kind 1 MiB blocks keep ~0.9x memcpy; 256 KiB blocks out of a shared mapping
+(4 KiB pages) fell to half of it."""
 
 
 class SharedArena:
@@ -309,13 +325,14 @@ class SharedArena:
 def copy_hashed(src: Buffer, dst: Buffer) -> int:
     """Copy ``src`` into ``dst`` (same length); returns the xxh3-64 of what was written, computed
     in the same pass (a writer's checksum at the cost of the copy)."""
-    s, d = memoryview(src).cast("B"), memoryview(dst).cast("B")
+    s = np.frombuffer(memoryview(src).cast("B"), dtype=np.uint8)
+    d = np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8)
     if len(s) != len(d):
         raise ValueError(f"copying {len(s)} bytes into a buffer of {len(d)}")
     h = xxhash.xxh3_64()
     for start in range(0, len(s), COPY_BLOCK_BYTES):
         end = start + COPY_BLOCK_BYTES
-        d[start:end] = s[start:end]
+        np.copyto(d[start:end], s[start:end])  # numpy's copy: memoryview's is half as fast here
         h.update(d[start:end])
     return int(h.intdigest())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmcache_mesh.mesh.costs import PeerStats, fetch_window, nearest_first, worth_prefix
+from lmcache_mesh.mesh.costs import PeerStats, fetch_window, nearest_first, spread, worth_prefix
 from lmcache_mesh.node.errors import BadRequest
 from lmcache_mesh.node.protocol import Cost, Limits, Op, request_header
 from lmcache_mesh.node.requests import decode_request
@@ -31,6 +31,19 @@ def test_a_slow_peer_is_skipped_and_an_unmeasured_one_is_tried_within_the_recomp
     assert nearest_first(s, ["new", "slow", "fast"], MB) == ["fast", "slow", "new"]
     s.cut_off("new", 4 * MB, 0.05)  # abandoned: at most 80 MB/s
     assert s.transfer_s("new", MB) == pytest.approx(MB / (80 * MB))
+
+
+def test_a_chain_is_spread_over_its_holders_by_how_fast_each_is() -> None:
+    s = PeerStats(alpha=1.0)
+    both = [["a", "b"]] * 8
+    firsts = [order[0] for order in spread(s, both, MB)]
+    assert firsts.count("a") == firsts.count("b") == 4  # nothing measured: dealt out evenly
+    assert all(sorted(order) == ["a", "b"] for order in spread(s, both, MB))  # the other is the fallback
+    s.observe("a", 300 * MB, 1.0)  # 300 MB/s
+    s.observe("b", 100 * MB, 1.0)  # 100 MB/s
+    firsts = [order[0] for order in spread(s, both, MB)]
+    assert firsts.count("a") == 6 and firsts.count("b") == 2  # shares end at about the same time
+    assert spread(s, [["b"], [], ["a", "b"]], MB) == [["b"], [], ["a", "b"]]
 
 
 def test_worth_prefix_stops_where_remote_chunks_cost_more_than_recomputing() -> None:
