@@ -26,10 +26,9 @@ class Record(Protocol):
 
 
 R = TypeVar("R", bound=Record)
-R_in = TypeVar("R_in", bound=Record, contravariant=True)
 
 
-class Holdings(Protocol[R_in]):
+class Holdings(Protocol[R]):
     """This node's own tiers. Must not block the loop for long (memory and index lookups)."""
 
     def present(self, keys: Sequence[bytes]) -> list[bool]:
@@ -40,8 +39,9 @@ class Holdings(Protocol[R_in]):
         """Every key held here (a copy)."""
         ...
 
-    def put_records(self, records: Sequence[R_in]) -> None:
-        """Keep these records here (all or none); raises a MeshError such as NoSpace."""
+    def put_records(self, records: Sequence[R]) -> list[R]:
+        """Keep these records here (all or none); raises a MeshError such as NoSpace. Returns
+        them as kept (e.g. copied into the node's shared memory), in order."""
         ...
 
     def checksum_failed(self, count: int) -> None:

@@ -114,13 +114,14 @@ class MemoryHoldings:
     def keys(self) -> list[bytes]:
         return list(self.records)
 
-    def put_records(self, records: Sequence[SimRecord]) -> None:
+    def put_records(self, records: Sequence[SimRecord]) -> list[SimRecord]:
         new = {r.key: r for r in records if r.key not in self.records}
         grow = sum(r.nbytes for r in new.values())
         if self.capacity_bytes is not None and self.nbytes + grow > self.capacity_bytes:
             raise NoSpace(f"{grow} B more would pass the {self.capacity_bytes} B budget")
         self.records.update(new)
         self.nbytes += grow
+        return list(records)
 
     def get(self, keys: Sequence[bytes]) -> list[SimRecord | None]:
         return [self.records.get(k) for k in keys]

@@ -137,10 +137,10 @@ class Node:
             payload = view.tobytes()
         self.put_records([ChunkRecord.build(key, payload, namespace, meta)])
 
-    def put_records(self, records: Sequence[ChunkRecord]) -> None:
-        """Store all of ``records``, or none of them (NoSpace)."""
+    def put_records(self, records: Sequence[ChunkRecord]) -> list[ChunkRecord]:
+        """Store all of ``records``, or none of them (NoSpace); returns them as kept."""
         self._ready()
-        self.store.put_many(records)
+        return self.store.put_many(records)
 
     def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         """Payloads (read-only views) per key, None per miss."""

@@ -41,8 +41,8 @@ class NodeHoldings:
     def keys(self) -> list[bytes]:
         return self._node.store.keys()
 
-    def put_records(self, records: Sequence[ChunkRecord]) -> None:
-        self._node.put_records(records)
+    def put_records(self, records: Sequence[ChunkRecord]) -> list[ChunkRecord]:
+        return self._node.put_records(records)
 
     def checksum_failed(self, count: int) -> None:
         self._node.checksum_failures += count

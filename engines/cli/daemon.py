@@ -34,7 +34,7 @@ from lmcache_mesh.transports.addresses import reachability, webrtc_address
 from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.relay import Uplink
 from lmcache_mesh.transports.webrtc import WebRTCConfig, WebRTCPeering
-from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport
+from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport, reuse_frame_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +393,7 @@ def configure_logging() -> None:
 def run(config: NodeConfig) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit code."""
     configure_logging()
+    reuse_frame_buffers()  # our own process: received chunks reuse heap pages
     if config.storage.disk_bytes > 0:
         config.storage.data_path.mkdir(parents=True, exist_ok=True)
         _warn_if_disk_budget_exceeds_free_space(config)

@@ -86,8 +86,10 @@ class TieredStore:
     def put(self, record: ChunkRecord) -> None:
         self.put_many([record])
 
-    def put_many(self, records: Sequence[ChunkRecord]) -> None:
-        """Store every record, or (NoSpace) none of them when some tier cannot take one."""
+    def put_many(self, records: Sequence[ChunkRecord]) -> list[ChunkRecord]:
+        """Store every record, or (NoSpace) none of them when some tier cannot take one.
+        Returns them as kept, in order: payloads in the shared arena where it had room."""
+        kept: list[ChunkRecord] = []
         direct: list[ChunkRecord] = []
         evicted: list[ChunkRecord] = []
         with self._lock:
@@ -104,16 +106,21 @@ class TieredStore:
                     self.disk.invalidate(record)  # an older version on disk must never be served
                 held = self.memory.peek(record.key)
                 if held is not None and held.header == record.header:
+                    kept.append(held)
                     continue  # the same version: nothing to change (and nothing to copy)
+                shared = self._shared(record, evicted)
                 try:
-                    evicted += self.memory.put(self._shared(record, evicted))
+                    evicted += self.memory.put(shared)
+                    kept.append(shared)
                 except NoSpace:
                     self.memory.remove(record.key)  # an older version must not outlive this one
                     direct.append(record)  # too big for what memory has unpinned: straight to disk
+                    kept.append(record)
         for record in direct:
             assert self.disk is not None  # _admissible said so
             self.disk.submit(record, block=True)
         self._write_back(evicted)
+        return kept
 
     def reserve_slots(self, sizes: Sequence[int]) -> list[memoryview] | None:
         """Fresh arena slots to write payloads of ``sizes`` into (evicting to make room), or None

@@ -88,6 +88,37 @@ def _shared(client: Client) -> dict[str, Any]:
     return shared
 
 
+def test_chunks_fetched_from_peers_reach_a_local_engine_in_shared_memory(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """The engine's node keeps what it fetched in its arena and hands over those copies in
+    place (not the frames it received): one copy on the way, at any distance."""
+    flags = ("--memory", "64MiB", "--disk", "0", "--replicas", "1")
+    holder = daemon_factory(*flags)
+    near = daemon_factory(*flags, "--join", holder.tcp)
+    ns = _namespace(b"fetched")
+    records = _records(ns, 12, 1 << 20)
+    keys = [r.key for r in records]
+    with holder.client() as c:
+        c.put_records(records)
+    with near.client(timeout_s=10) as engine:
+        deadline = time.monotonic() + 20
+        while engine.lookup(keys) < len(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # replicas of the keys this node owns have landed
+        remote = [i for i, hs in enumerate(engine.locate(keys)[1]) if near.name not in hs]
+        assert remote, "with one replica each, the holder alone keeps the keys it owns"
+        with engine.read(keys) as lease:
+            assert lease.hits == 12 and engine.transport == "shared memory"
+            assert lease._unverified == set(range(12)), (
+                "every chunk, fetched or not, is a view into the arena"
+            )
+            out = np.empty(1 << 20, dtype=np.uint8)
+            for i, record in enumerate(records):
+                assert lease.copy_into(i, out) and out.tobytes() == bytes(memoryview(record.payload))
+        assert engine.stats()["mesh"]["remote_hits"] == len(remote)
+
+
 def test_a_local_client_reads_and_writes_through_shared_memory(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("--memory", "64MiB", "--disk", "0")
     ns = _namespace(b"shm")
