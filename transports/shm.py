@@ -333,7 +333,7 @@ def copy_hashed(src: Buffer, dst: Buffer) -> int:
     for start in range(0, len(s), COPY_BLOCK_BYTES):
         end = start + COPY_BLOCK_BYTES
         np.copyto(d[start:end], s[start:end])  # numpy's copy: memoryview's is half as fast here
-        h.update(memoryview(d[start:end]))
+        h.update(d[start:end].data)
     return int(h.intdigest())
 
 
