@@ -265,6 +265,16 @@ class MeshStore:
             self._failed("put", exc)
             return None
 
+    def shared_mappings(self) -> list[memoryview]:
+        """The node's shared memory as each of this store's connections maps it (mapped now if
+        not yet; none when the node is elsewhere or unreachable, or embedded)."""
+        mappings = []
+        for client in (self._front, self._back):
+            arena = client.shared_arena() if client is not None else None
+            if arena is not None:
+                mappings.append(arena.mapping)
+        return mappings
+
     def reserved_slots(self, reservation: Reservation | None, size: int) -> list[memoryview] | None:
         """The node's slots of ``reservation`` as this process maps them (``size`` bytes each),
         to write the chunks into; None when it has none (then: :meth:`put_payloads`)."""

@@ -157,6 +157,10 @@ class Client(_Core):
     def _drive(self, steps: Steps[T]) -> T:
         return self._drive_steps(steps, self._run)
 
+    def shared_arena(self) -> SharedArena | None:
+        """The node's shared memory as this process maps it (mapped now if not yet), or None."""
+        return self._shared()
+
     def _shared(self) -> SharedArena | None:
         """The node's arena, mapped on first use if this process can (else frames from then on)."""
         if self._shm_untried:

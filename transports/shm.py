@@ -308,6 +308,11 @@ class SharedArena:
         mapping = open_client_view(path, size, token)
         return None if mapping is None else cls(mapping, path)
 
+    @property
+    def mapping(self) -> memoryview:
+        """The whole arena as this process maps it (writable; e.g. to page-lock it for a GPU)."""
+        return self._view
+
     def slot(self, offset: int, length: int) -> memoryview:
         """The bytes at ``offset`` (writable: a PUT writes its payloads through this)."""
         if offset + length > len(self._map):

@@ -30,6 +30,9 @@ class VllmMeshConfig(AdapterConfig):
     """Write a hit into the paged blocks layer by layer while the forward runs the layers before
     it (once vLLM is seen waiting on every layer), and copy saves out as each layer completes;
     False: all layers before the forward, saves after it."""
+    pin_shared_memory: bool = True
+    """On a CUDA device, page-lock the node's shared memory (the node's memory budget, all of
+    it, at start) so hits are copied to the GPU by DMA straight from it, and saves back."""
     async_loads: str = "remote"
     """Which hits load between steps instead of inside one, so a slow fetch never stalls the
     batch (the request waits outside it): "remote" (some of its chunks are on peers),

@@ -96,6 +96,7 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
                 self.config.max_pending_save_bytes,
                 _split_kind(),
                 self.config.layerwise,
+                self.config.pin_shared_memory,
             )
         logger.info(
             "MeshConnector (%s): namespace %s, %d tokens/chunk, node %s",

@@ -64,8 +64,8 @@ class PagedLayout:
         per block, straight from the paged tensor; on a device a gather there, then one copy."""
         if kv.device.type != "cpu":
             k, v = self.read_blocks(kv, torch.as_tensor(block_ids, device=kv.device))
-            k_out.copy_(k)
-            v_out.copy_(v)
+            k_out.copy_(k, non_blocking=True)  # into page-locked memory: asynchronous (see transfer.py)
+            v_out.copy_(v, non_blocking=True)
             return
         n, hs = self.block_size, self.head_size
         for j, block in enumerate(block_ids):

@@ -46,6 +46,7 @@ from ..saver import Saver
 from ..store import MeshStore
 from .layout import Kind, PagedLayout, slots_of
 from .metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
+from .transfer import Copies, forward_mark, forward_waits_for, pin_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,13 @@ def layer_order(names: list[str]) -> list[str]:
     return sorted(names, key=index)
 
 
-def _submit(pool: futures.ThreadPoolExecutor, job: Callable[..., None], *args: Any) -> futures.Future[None]:
+def _submit(pool: futures.ThreadPoolExecutor, job: Callable[..., Any], *args: Any) -> futures.Future[Any]:
     """Run ``job`` on ``pool`` in inference mode, as vLLM runs the forward: the tensors made
     there (views of the node's slots included) may only be written in it."""
 
-    def run() -> None:
+    def run() -> Any:
         with torch.inference_mode():
-            job(*args)
+            return job(*args)
 
     return pool.submit(run)
 
@@ -116,6 +117,7 @@ class WorkerSide:
         max_pending_save_bytes: int,
         split_kind: Kind = "NHD",
         layerwise: bool = True,
+        pin_shared_memory: bool = True,
     ) -> None:
         self.namespace = namespace
         self.descriptor = descriptor
@@ -124,6 +126,7 @@ class WorkerSide:
         self.store = store
         self.split_kind = split_kind
         self.layerwise = layerwise
+        self.pin_shared_memory = pin_shared_memory
         self.saver = Saver("lmcache-vllm-save", max_pending_save_bytes)
         atexit.register(self.saver.close)  # a worker that exits normally finishes its saves first
         # One copy thread keeps a step's layer copies in layer order; async loads have their
@@ -140,9 +143,12 @@ class WorkerSide:
         self._seen_waiting = False  # vLLM waited on every layer in a forward: loads may pipeline
         self._waited: set[int] = set()  # layers waited on in this step's forward
         self._step_loads: list[_Load] = []
-        self._layer_loaded: list[futures.Future[None]] = []
+        self._layer_loaded: list[futures.Future[Any]] = []
         self._saves: list[_Save] | None = None
-        self._layer_saved: dict[int, futures.Future[None]] = {}
+        self._layer_saved: dict[int, futures.Future[Any]] = {}
+        # Copies issued by the copy thread, the loader thread and the forward's own thread
+        # (on CUDA each on its own stream; see transfer.py). Set at register().
+        self._copied = self._loaded = self._inline = Copies(torch.device("cpu"))
         self._async_done: list[tuple[LoadSpec, int]] = []
         self.stats = {
             "loaded_tokens": 0,
@@ -168,6 +174,11 @@ class WorkerSide:
             raise ValueError(
                 f"KV tensors ({len(self.layers)} layers, {lay}) do not match the model's layout {self.descriptor}"
             )
+        device = self.layers[0].device
+        self._copied, self._loaded, self._inline = Copies(device), Copies(device), Copies(device)
+        if device.type == "cuda" and self.pin_shared_memory:
+            for mapping in self.store.shared_mappings():
+                pin_host_memory(mapping)
         itemsize = self.layers[0].element_size()
         self.chunk_bytes = len(self.layers) * 2 * self.chunk_tokens * lay.kv_heads * lay.head_size * itemsize
         logger.info(
@@ -207,15 +218,15 @@ class WorkerSide:
             self._count("pipelined_loads", len(loads))
             self._step_loads = loads
             self._layer_loaded = [
-                _submit(self._copier, self._write_layer, loads, i) for i in range(len(self.layers))
+                _submit(self._copier, self._write_layer_beside, loads, i) for i in range(len(self.layers))
             ]
             return
         try:
-            for layer in range(len(self.layers)):
-                self._write_layer(loads, layer)
+            self._inline.run(lambda: self._write_layers(loads))
         except Exception as exc:
             self._broken(loads, exc)
         finally:
+            self._inline.finish()  # the copies read the leased bytes: done before they are let go
             for load in loads:
                 load.lease.release()
 
@@ -254,14 +265,23 @@ class WorkerSide:
             raise
         return load
 
+    def _write_layers(self, loads: list[_Load]) -> None:
+        for layer in range(len(self.layers)):
+            self._write_layer(loads, layer)
+
+    def _write_layer_beside(self, loads: list[_Load], layer: int) -> Any:
+        """On the copy thread: one layer of this step's loads; the event the forward waits on."""
+        return self._copied.run(lambda: self._write_layer(loads, layer))
+
     def _write_layer(self, loads: list[_Load], layer: int) -> None:
         assert self.layout is not None
         paged = self.layers[layer]
         for load in loads:
             for piece in load.pieces:
-                kv = piece.kv[layer]
-                k, v = kv[0, piece.rows].to(paged.device), kv[1, piece.rows].to(paged.device)
-                self.layout.write_slots(paged, piece.slots, k, v)
+                # K and V of the layer in one copy to the device (none on the CPU); from the
+                # node's page-locked shared memory, an asynchronous DMA transfer.
+                kv = piece.kv[layer, :, piece.rows].to(paged.device, non_blocking=True)
+                self.layout.write_slots(paged, piece.slots, kv[0], kv[1])
 
     def wait_layer(self, layer_name: str) -> None:
         """Before the forward runs a layer: wait until this step's loads wrote it."""
@@ -270,7 +290,10 @@ class WorkerSide:
             return
         self._waited.add(layer)
         if self._layer_loaded:
-            futures.wait([self._layer_loaded[layer]])
+            written = self._layer_loaded[layer]
+            futures.wait([written])
+            if written.exception() is None:
+                forward_waits_for(written.result())  # the host goes on; the device waits
 
     def _finish_loads(self) -> None:
         """The step's pipelined loads are written (or reported failed) and their leases released."""
@@ -279,6 +302,7 @@ class WorkerSide:
         futures.wait(self._layer_loaded)
         loads, done = self._step_loads, self._layer_loaded
         self._step_loads, self._layer_loaded = [], []
+        self._copied.finish()
         try:
             unwaited = sorted(set(range(len(self.layers))) - self._waited)
             error = next((f.exception() for f in done if f.exception() is not None), None)
@@ -305,10 +329,11 @@ class WorkerSide:
         try:
             load = self._prepare(spec)
             try:
-                for layer in range(len(self.layers)):
-                    self._write_layer([load], layer)
+                self._loaded.run(lambda: self._write_layers([load]))
+                self._loaded.finish()  # written, on the device too, before vLLM is told
                 loaded = load.end
             finally:
+                self._loaded.finish()
                 load.lease.release()
         except Exception as exc:
             logger.warning("load of %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
@@ -382,7 +407,8 @@ class WorkerSide:
         if self._saves is None:
             self._saves = self._begin_saves(meta)
         if self._saves:
-            self._layer_saved[layer] = _submit(self._copier, self._copy_out, self._saves, layer)
+            ran = forward_mark(self.layers[layer].device)  # the layer's KV is complete once this passes
+            self._layer_saved[layer] = _submit(self._copier, self._copy_out_beside, self._saves, layer, ran)
 
     def end_step(self, meta: MeshConnectorMetadata) -> None:
         """After the forward: the loads are done, the saves copied out and handed over."""
@@ -432,6 +458,9 @@ class WorkerSide:
             saves.append(_Save(spec, keys, reservation, chunks, blocks, slots is not None, nbytes))
         return saves
 
+    def _copy_out_beside(self, saves: list[_Save], layer: int, ran: Any) -> Any:
+        return self._copied.run(lambda: self._copy_out(saves, layer), after=ran)
+
     def _copy_out(self, saves: list[_Save], layer: int) -> None:
         assert self.layout is not None
         paged = self.layers[layer]
@@ -443,11 +472,18 @@ class WorkerSide:
         saves = self._saves if self._saves is not None else self._begin_saves(meta)
         futures.wait(self._layer_saved.values())
         try:
+            self._copied.finish()  # in the slots (or host tensors) before they are committed
             for f in self._layer_saved.values():
                 f.result()
-            for layer in range(len(self.layers)):  # layers vLLM ran without telling us
-                if layer not in self._layer_saved:
-                    self._copy_out(saves, layer)
+            unsaved = [layer for layer in range(len(self.layers)) if layer not in self._layer_saved]
+            if unsaved:  # layers vLLM ran without telling us
+
+                def copy_unsaved() -> None:
+                    for layer in unsaved:
+                        self._copy_out(saves, layer)
+
+                self._inline.run(copy_unsaved, after=forward_mark(self.layers[0].device))
+                self._inline.finish()
         except Exception as exc:  # never fail the step over a save
             logger.warning("could not copy KV out of the paged blocks to save it: %s", exc)
             for save in saves:
