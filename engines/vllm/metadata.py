@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+except ImportError:  # the worker's data path runs without vLLM too (bench/gpu_dataplane.py)
+
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        pass
 
 
 @dataclass
