@@ -9,6 +9,8 @@ fields may be added; the numbers below may not change.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -26,6 +28,18 @@ MAX_INCARNATION = 1 << 62
 """Highest incarnation accepted: a refute adds one, and the result must still encode."""
 MAX_MESSAGE_BYTES = 4 << 20
 """Largest datagram we decode (a push-pull of a few thousand members fits)."""
+MAX_WEIGHT = float(1 << 16)
+"""Largest member weight accepted (a node's weight is its storage in GiB: 64 TiB)."""
+MAX_TABLE = 1 << 16
+"""Most members in one push-pull table."""
+MAX_GOSSIP = 1024
+"""Most news items piggybacked on one message."""
+NAME_RE = re.compile(r"^[^\s#/@]{1,255}$")
+"""A member's name: no blanks, and none of ``# / @`` (``/`` joins a node and an engine name in
+the index; ``NAME@address`` names a seed)."""
+ADDRESS_RE = re.compile(r"^\S{1,256}$")
+"""An address: no blanks, bounded (what it names is for the transports to judge)."""
+MAX_ZONE_CHARS = 128
 
 
 class MsgType(IntEnum):
@@ -77,14 +91,23 @@ class News:
             k = Kind(kind)
         except ValueError:
             raise MalformedMessage(f"unknown broadcast kind {kind!r:.40}") from None
-        if not isinstance(name, str) or not name:
-            raise MalformedMessage("broadcast name must be a non-empty string")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise MalformedMessage(f"broadcast name {name!r:.60} is not a member name")
         if not wire.is_int(inc) or not 0 <= inc <= MAX_INCARNATION:
             raise MalformedMessage(f"incarnation must be an int in [0, 2**62], got {inc!r:.40}")
         if not all(isinstance(s, str) for s in (address, zone, origin)):
             raise MalformedMessage("broadcast address, zone and origin must be strings")
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < 1e6:
-            raise MalformedMessage(f"weight must be a positive number, got {weight!r:.40}")
+        if address and not ADDRESS_RE.match(address):
+            raise MalformedMessage(f"broadcast address {address!r:.60} is blank-separated or too long")
+        if len(zone) > MAX_ZONE_CHARS or (origin and not NAME_RE.match(origin)):
+            raise MalformedMessage("broadcast zone too long, or origin not a member name")
+        if (
+            not isinstance(weight, (int, float))
+            or isinstance(weight, bool)
+            or not math.isfinite(weight)
+            or not 0 < weight <= MAX_WEIGHT
+        ):
+            raise MalformedMessage(f"weight must be a number in (0, {MAX_WEIGHT:g}], got {weight!r:.40}")
         return cls(k, name, inc, address, zone, float(weight), origin)
 
 
@@ -146,6 +169,11 @@ class Message:
         if not wire.is_int(seq):
             raise MalformedMessage("seq must be an int")
         f = wire.Fields(m, MalformedMessage)
-        state = [News.from_wire(x) for x in f.listing("st", [])]
-        gossip = [News.from_wire(x) for x in f.listing("g", [])]
+        raw_state, raw_gossip = f.listing("st", []), f.listing("g", [])
+        if len(raw_state) > MAX_TABLE or len(raw_gossip) > MAX_GOSSIP:
+            raise MalformedMessage(
+                f"{len(raw_state)} members and {len(raw_gossip)} news items: at most {MAX_TABLE} and {MAX_GOSSIP}"
+            )
+        state = [News.from_wire(x) for x in raw_state]
+        gossip = [News.from_wire(x) for x in raw_gossip]
         return cls(t, src, sa, seq, target, ta, state, bool(m.get("r", False)), gossip)

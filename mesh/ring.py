@@ -17,6 +17,11 @@ from dataclasses import dataclass
 DEFAULT_VNODES = 128
 """Virtual nodes per unit of weight. More: better balance, bigger ring (memory, rebuild time)."""
 
+MAX_WEIGHT_OVER_MEDIAN = 16.0
+"""A member counts with at most this many times the median member's weight: one member (a
+misconfigured one, or a forged ALIVE) can neither take most of the keys nor blow the ring up
+to millions of points."""
+
 
 def _point(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
@@ -46,9 +51,12 @@ class HashRing:
         self.members: dict[str, RingMember] = {m.name: m for m in members}
         points: list[tuple[int, str]] = []
         for m in self.members.values():
-            if m.weight <= 0:
+            if not m.weight > 0:
                 raise ValueError(f"member {m.name!r} has weight {m.weight}; must be > 0")
-            points.extend(_member_points(m.name, max(1, round(vnodes * m.weight))))
+        weights = sorted(m.weight for m in self.members.values())
+        ceiling = MAX_WEIGHT_OVER_MEDIAN * weights[len(weights) // 2] if weights else 0.0
+        for m in self.members.values():
+            points.extend(_member_points(m.name, max(1, round(vnodes * min(m.weight, ceiling)))))
         points.sort()
         self._zones_total = len({m.zone for m in self.members.values()})
         self._points = [p for p, _ in points]

@@ -46,7 +46,7 @@ def _map(**m: object) -> bytes:
         (_map(g="x"), "field 'g' must be a list"),
         (_map(g=[[9, "n", 0, "", "", 1.0, ""]]), "unknown broadcast kind 9"),
         (_map(g=[[1, "n", -1, "", "", 1.0, ""]]), "incarnation must be an int in \\[0, 2\\*\\*62\\]"),
-        (_map(g=[[1, "n", 0, "", "", 0, ""]]), "weight must be a positive number"),
+        (_map(g=[[1, "n", 0, "", "", 0, ""]]), "weight must be a number in"),
         (_map(g=[[1, "n", 0]]), "broadcast must be a list of 7 fields"),
         (b"\x00" * (5 << 20), "exceeds"),
     ],
