@@ -33,6 +33,11 @@ from .messages import MAX_INCARNATION, Kind, Message, MsgType, News
 
 logger = logging.getLogger(__name__)
 
+MAX_INCARNATION_STEP = 1 << 16
+"""A member's incarnation rises by one per refute: news claiming a jump larger than this (over
+what we know, or over 0 for a member new to us) is implausible and dropped (counted), so
+nobody can push a member to the highest incarnation, where it could never refute again."""
+
 NACK_FRACTION = 0.8
 """A relay nacks this fraction of the probe timeout after a PING_REQ (memberlist's figure)."""
 
@@ -137,6 +142,7 @@ class Membership:
             "probes": 0,
             "probe_failures": 0,
             "refutes": 0,
+            "implausible_news": 0,
         }
         self._alive_count = 1
         self._queue = BroadcastQueue(config.retransmit_mult, self.num_alive)
@@ -497,6 +503,13 @@ class Membership:
         ``relayed``: the fact comes from someone's member table (push-pull), not from the
         member that observed it, so it may start a suspicion but never confirms one.
         """
+        known = self.members.get(news.name)
+        if news.incarnation > (known.incarnation if known is not None else 0) + MAX_INCARNATION_STEP:
+            self.counters["implausible_news"] += 1
+            logger.debug(
+                "x %s: dropped news of %s at incarnation %d", self.me.name, news.name, news.incarnation
+            )
+            return
         if news.name == self.me.name:
             if news.kind is Kind.ALIVE:
                 if news.incarnation > self.me.incarnation:

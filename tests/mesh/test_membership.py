@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lmcache_mesh.mesh.config import MeshConfig, suspicion_bounds
-from lmcache_mesh.mesh.membership import Membership, State
-from lmcache_mesh.mesh.messages import Kind, Message, MsgType, News
+from lmcache_mesh.mesh.membership import MAX_INCARNATION_STEP, Membership, State
+from lmcache_mesh.mesh.messages import MAX_INCARNATION, Kind, Message, MsgType, News
 from lmcache_mesh.mesh.simulation import Simulation
 
 
@@ -162,3 +162,37 @@ def test_a_new_zone_at_a_higher_incarnation_is_reported() -> None:
         news = News(Kind.ALIVE, "y", inc, "ay", zone, 1.0, "y")
         m.on_message("ay", Message(MsgType.GOSSIP, "y", "ay", gossip=[news]).encode(), 1.0)
     assert seen == [("y", "z1", None), ("y", "z2", State.ALIVE)]
+
+
+def _gossip(m: Membership, *news: News) -> None:
+    m.on_message("ay", Message(MsgType.GOSSIP, "y", "ay", gossip=list(news)).encode(), 1.0)
+
+
+def test_an_implausible_incarnation_jump_is_dropped_and_we_can_still_refute() -> None:
+    """A forged DEAD at the highest incarnation (2**62) would leave its victim unable ever to
+    refute; a forged ALIVE at one would pin a member to the forger's address. Both are dropped."""
+    m = Membership(MeshConfig.local(), "x", "ax")
+    m.start(0.0)
+    _gossip(m, News(Kind.ALIVE, "y", 3, "ay", "z", 1.0, "y"))
+    _gossip(m, News(Kind.DEAD, "x", MAX_INCARNATION, origin="y"))  # about us
+    _gossip(m, News(Kind.ALIVE, "y", MAX_INCARNATION, "tcp://attacker:1", "z", 1.0, "y"))  # about a peer
+    _gossip(m, News(Kind.ALIVE, "new", MAX_INCARNATION_STEP + 1, "an", "z", 1.0, "new"))  # a newcomer
+    assert m.counters["implausible_news"] == 3
+    assert m.me.incarnation == 0 and m.members["y"].address == "ay" and "new" not in m.members
+    _gossip(m, News(Kind.DEAD, "x", 5, origin="y"))  # plausible news about us is refuted as ever
+    assert m.me.incarnation == 6 and m.me.state is State.ALIVE
+
+
+def test_gossip_with_bad_fields_or_too_many_items_is_malformed() -> None:
+    m = Membership(MeshConfig.local(), "x", "ax")
+    m.start(0.0)
+    too_many = [News(Kind.ALIVE, f"n{i}", 0, f"a{i}", "z", 1.0, f"n{i}") for i in range(1025)]
+    _gossip(m, *too_many)
+    for bad in (
+        News(Kind.ALIVE, "has space", 0, "a", "z", 1.0, "y"),
+        News(Kind.ALIVE, "y", 0, "a b", "z", 1.0, "y"),
+        News(Kind.ALIVE, "y", 0, "a", "z", 1e5, "y"),
+        News(Kind.ALIVE, "y", 0, "a", "z" * 200, 1.0, "y"),
+    ):
+        _gossip(m, bad)
+    assert m.counters["malformed"] == 5 and list(m.members) == ["x"]

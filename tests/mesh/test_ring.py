@@ -68,3 +68,13 @@ def test_small_rings(n: int, r: int, expected: int) -> None:
 def test_bad_weight() -> None:
     with pytest.raises(ValueError, match="weight"):
         HashRing([RingMember("a", weight=0)])
+
+
+def test_one_member_counts_with_at_most_16_times_the_median_weight() -> None:
+    """A forged or misconfigured weight neither takes the keys nor blows the ring up."""
+    members = [RingMember(f"n{i}") for i in range(9)] + [RingMember("huge", weight=60000.0)]
+    ring = HashRing(members)
+    assert len(ring._points) == 9 * 128 + 16 * 128
+    keys = [i.to_bytes(16, "big") for i in range(0, 1 << 128, (1 << 128) // 4000)]
+    share = sum(ring.owners(k, 1) == ["huge"] for k in keys) / len(keys)
+    assert 0.5 < share < 0.75  # 16 of 25 weight units, not all of them
