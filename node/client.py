@@ -456,6 +456,10 @@ class AsyncClient(_Core):
         got = await self._drive(calls.get_all(keys, local, timeout, cost, await self._shared()))
         return Lease(self._records(got), got.shared, got.leases, self._release, self._count_bad)
 
+    async def shared_arena(self) -> SharedArena | None:
+        """The node's shared memory as this process maps it (mapped now if not yet), or None."""
+        return await self._shared()
+
     async def get(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return _payloads(await self.get_records(keys))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,22 @@ def test_chat_streaming_and_not_and_an_embedded_node(servers, tmp_path: Path) ->
     again = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert again.choices[0].message.content == whole.choices[0].message.content
     assert server.health()["mesh"]["hit_tokens"] >= 2 * 64
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_persists_the_embedded_cache_and_a_restart_reuses_it(  # type: ignore[no-untyped-def]
+    servers, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """systemd and Kubernetes stop services with SIGTERM: it must save like Ctrl-C does."""
+    flags = ("--data-dir", str(tmp_path / "node"), "--disk", "64MiB", "--memory", "64MiB")
+    first = servers(*flags)
+    text = completion(first)
+    first.proc.send_signal(stop)
+    assert first.proc.wait(timeout=60) == 0, "".join(first.lines)
+    assert list((tmp_path / "node").rglob("*.rec")), "".join(first.lines)
+    second = servers(*flags)
+    assert completion(second) == text
+    assert second.health()["mesh"]["hit_tokens"] >= 4 * 64
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(servers, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]

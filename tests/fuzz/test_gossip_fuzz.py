@@ -223,6 +223,9 @@ def test_a_refute_at_the_highest_incarnation_still_encodes(kind: Kind) -> None:
         News.from_wire(News(kind, "x", U64, "ax", "default", 1.0, "y").to_wire())
     news = News(kind, "x", MAX_INCARNATION, "ax", "default", 1.0, "y")
     decodes_all(m.on_message("ay", Message(MsgType.PUSH_PULL, "y", "ay", state=[news]).encode(), 1.0))
+    assert m.me.incarnation == 0  # an implausible jump (see membership.MAX_INCARNATION_STEP): dropped
+    m.me.incarnation = MAX_INCARNATION - 1  # as if we had got there step by step
+    decodes_all(m.on_message("ay", Message(MsgType.PUSH_PULL, "y", "ay", state=[news]).encode(), 1.0))
     assert m.me.incarnation == MAX_INCARNATION
     for t in (1.5, 3.0, 40.0):
         decodes_all(m.tick(t))
