@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,14 +145,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         verbose=args.log_level == "debug",
         mesh=mesh,
     )
+    # uvicorn stops serving on SIGTERM or SIGINT, then raises the signal again once it has:
+    # SIGINT unwinds as KeyboardInterrupt, but SIGTERM's default action ends the process on
+    # the spot. Unwind on both, so the saves are flushed and the memory tier is written back
+    # (systemd and Kubernetes stop services with SIGTERM).
+    stopped = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+        raise SystemExit(0)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         app = create_app(llm, ServerConfig(model_id=args.alias or model.name, max_waiting=args.max_waiting))
         print(f"lmcache-node serve: {model.name} on http://{args.host}:{args.port}/v1", flush=True)
         uvicorn.run(
             app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
         )
+    except SystemExit:
+        if not stopped:
+            raise
     finally:
+        logging.getLogger(__name__).info("stopping: flushing saves and writing the cache back")
         llm.close()  # waits for queued saves, then closes the node
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -100,7 +100,11 @@ class DiskCounters:
     writes: int = 0
     write_errors: int = 0
     writeback_dropped: int = 0
+    """Records memory evicted that the write-back queue could not take: lost (0 unless a
+    caller bypasses the room check; see TieredStore)."""
     evictions: int = 0
+    budget_lowered: int = 0
+    """Times the file system filled up below the disk budget, which then shrank to what fits."""
     corrupt_discarded: int = 0
 
 
@@ -138,6 +142,8 @@ class DiskTier:
         self._queue: queue.Queue[tuple[str, ChunkRecord | bytes] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._lock_fd: int | None = None
+        self._failures: dict[str, int] = {}
+        """Failed writes by cause (ENOSPC, EIO...), for the log."""
         self.recovery = RecoveryReport()
         self.tenants: Counter[str] = Counter()
         """Records on disk per tenant ("" = the default space)."""
@@ -226,6 +232,11 @@ class DiskTier:
     @property
     def pending_bytes(self) -> int:
         return self._pending_bytes
+
+    def has_queue_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more could be queued for writing now without waiting."""
+        with self._lock:
+            return self._pending_bytes + nbytes <= self.max_pending_bytes or not self._pending
 
     def keys(self) -> list[bytes]:
         with self._lock:
@@ -358,15 +369,17 @@ class DiskTier:
         if victims and self.on_dropped is not None:
             self.on_dropped(victims)
         path = self._path(record.key)
-        try:
-            _write_atomic(path, *encode_file(record))
-            ok = True
-        except OSError as exc:
-            ok = False
-            level = (
-                logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else logging.ERROR
-            )
-            logger.log(level, "x disk write of %s failed (%s); record not stored on disk", path.name, exc)
+        ok = False
+        for attempt in range(2):
+            try:
+                _write_atomic(path, *encode_file(record))
+                ok = True
+                break
+            except OSError as exc:
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                if not (attempt == 0 and full and self._shrink_to_fit(size)):
+                    self._log_failure(exc, path.name)
+                    break
         with self._lock:
             wanted = self._pending.get(record.key) is record
             if wanted:
@@ -386,6 +399,47 @@ class DiskTier:
                 if record.key in self._index:
                     self._forget(record.key)
                 self._queue.put(("unlink", record.key))
+
+    def _shrink_to_fit(self, size: int) -> bool:
+        """The file system is full below our budget: the budget becomes what is on disk now,
+        and older records are evicted (by policy, as at the budget) to make room for ``size``
+        more. False when nothing could be freed."""
+        victims: list[bytes] = []
+        with self._lock:
+            lowered = max(self._used, size)
+            if lowered < self.capacity_bytes:
+                logger.warning(
+                    "x the file system under %s is full at %d MiB of the %d MiB disk budget: budget lowered to %d MiB",
+                    self.data_dir,
+                    self._used >> 20,
+                    self.capacity_bytes >> 20,
+                    lowered >> 20,
+                )
+                self.capacity_bytes = lowered
+                self.counters.budget_lowered += 1
+            while self._used + size > self.capacity_bytes and self._index:
+                victim = next(iter(self._index))
+                self._forget(victim)
+                victims.append(victim)
+            self.counters.evictions += len(victims)
+        for victim in victims:
+            _unlink(self._path(victim))
+        if victims and self.on_dropped is not None:
+            self.on_dropped(victims)
+        return bool(victims)
+
+    def _log_failure(self, exc: OSError, name: str) -> None:
+        """Once per cause (errno), then every hundredth: a failing disk must not flood the log."""
+        cause = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        count = self._failures[cause] = self._failures.get(cause, 0) + 1
+        if count == 1 or count % 100 == 0:
+            logger.warning(
+                "x disk write of %s failed (%s): not stored on disk (%d so far for %s)",
+                name,
+                exc,
+                count,
+                cause,
+            )
 
     # internals
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lmcache_mesh.mesh.errors import NoSpace
+from lmcache_mesh.mesh.errors import Busy, NoSpace
 from lmcache_mesh.transports.shm import Arena, slot_offset
 
 from ..records import ChunkRecord
@@ -44,6 +44,10 @@ class TierCounters:
     misses: int = 0
     deletes: int = 0
     promotions: int = 0
+    busy_writeback: int = 0
+    """PUTs refused (BUSY) because what they would evict could not be queued for the disk."""
+    unpromoted: int = 0
+    """Disk hits served without a copy in memory, for the same reason."""
 
 
 class TieredStore:
@@ -99,6 +103,13 @@ class TieredStore:
                         f"no tier can admit {record.nbytes} bytes (memory {self.memory.capacity_bytes} with "
                         f"{self.memory.pinned_bytes()} pinned, disk {self.disk.capacity_bytes if self.disk else 0})"
                     )
+            if not self._write_back_has_room(sum(r.nbytes for r in records)):
+                self.counters.busy_writeback += 1
+                assert self.disk is not None
+                raise Busy(
+                    f"the disk write-back queue is full ({self.disk.pending_bytes >> 20} MiB waiting): "
+                    "this PUT would evict records it cannot take; retry shortly"
+                )
             for record in records:
                 self.counters.puts += 1
                 self.counters.bytes_in += record.nbytes
@@ -158,7 +169,9 @@ class TieredStore:
         return ChunkRecord(record.header, slot.toreadonly())
 
     def _write_back(self, evicted: list[ChunkRecord]) -> None:
-        lost = [r.key for r in evicted if self.disk is None or not self.disk.submit(r)]
+        # The room was checked before evicting; should another thread have filled the queue
+        # meanwhile, wait for the writer rather than lose an acknowledged record.
+        lost = [r.key for r in evicted if self.disk is None or not self.disk.submit(r, block=True)]
         if lost and self._on_forgotten is not None:
             self._on_forgotten(lost)
 
@@ -226,8 +239,18 @@ class TieredStore:
             out.append(record)
         return out
 
+    def _write_back_has_room(self, incoming: int) -> bool:
+        """Whether what memory would evict to admit ``incoming`` bytes can be queued for the
+        disk (counting every eviction as new to it: a little conservative). Under the lock."""
+        evictable = self.memory.used_bytes - self.memory.pinned_bytes()
+        overflow = min(self.memory.used_bytes + incoming - self.memory.capacity_bytes, evictable)
+        return self.disk is None or overflow <= 0 or self.disk.has_queue_room(overflow)
+
     def _promote(self, record: ChunkRecord) -> list[ChunkRecord]:
         evicted: list[ChunkRecord] = []
+        if not self._write_back_has_room(record.nbytes):
+            self.counters.unpromoted += 1
+            return evicted  # served from disk; memory keeps what it holds
         try:
             evicted += self.memory.put(self._shared(record, evicted))
         except NoSpace:
