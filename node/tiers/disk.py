@@ -355,19 +355,10 @@ class DiskTier:
 
     def _write(self, record: ChunkRecord) -> None:
         size = record.nbytes
-        victims: list[bytes] = []
         with self._lock:
             if self._pending.get(record.key) is not record:
                 return  # deleted or superseded while queued
-            while self._used + size > self.capacity_bytes and self._index:
-                victim = next(iter(self._index))
-                self._forget(victim)
-                victims.append(victim)
-            self.counters.evictions += len(victims)
-        for victim in victims:
-            _unlink(self._path(victim))
-        if victims and self.on_dropped is not None:
-            self.on_dropped(victims)
+        self._make_room(size)
         path = self._path(record.key)
         ok = False
         for attempt in range(2):
@@ -404,7 +395,6 @@ class DiskTier:
         """The file system is full below our budget: the budget becomes what is on disk now,
         and older records are evicted (by policy, as at the budget) to make room for ``size``
         more. False when nothing could be freed."""
-        victims: list[bytes] = []
         with self._lock:
             lowered = max(self._used, size)
             if lowered < self.capacity_bytes:
@@ -417,6 +407,13 @@ class DiskTier:
                 )
                 self.capacity_bytes = lowered
                 self.counters.budget_lowered += 1
+        return self._make_room(size)
+
+    def _make_room(self, size: int) -> bool:
+        """Evict the least recently used records until ``size`` more bytes fit the budget (on
+        the writer thread); whether any went."""
+        victims: list[bytes] = []
+        with self._lock:
             while self._used + size > self.capacity_bytes and self._index:
                 victim = next(iter(self._index))
                 self._forget(victim)
