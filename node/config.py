@@ -176,9 +176,10 @@ class WebRTCSettings:
     candidate addresses, channels, and the secret members prove themselves with."""
 
     mesh_secret: str = setting("", metavar="SECRET")
-    """Shared secret WebRTC peers prove membership with (HMAC bound to the DTLS session);
-    empty: a peer need only be a live member. With CurveZMQ the pair secret of the node keys
-    is used instead."""
+    """Shared secret members prove themselves with, the same on every node: every gossip
+    datagram carries an HMAC of it (others are dropped, counted in status), and WebRTC peers
+    an HMAC bound to the DTLS session. Empty: unauthenticated gossip, and a WebRTC peer need
+    only be a live member. With CurveZMQ the keys authenticate instead."""
     ice_servers: tuple[str, ...] = setting((), metavar="URL")
     """STUN/TURN servers for WebRTC, stun:HOST:PORT or turn:HOST:PORT; none: host candidates
     only (a LAN)."""
@@ -211,6 +212,10 @@ class SecuritySettings:
     authorized_keys: str = setting("", metavar="FILE")
     """Allow-list of public keys that may connect (reread on SIGHUP); default:
     DATA_DIR/authorized_keys."""
+    insecure: bool = False
+    """Serving on a non-loopback address with neither CurveZMQ nor a mesh secret is meant (a
+    closed network): no warning at start. Anyone who can reach the port may gossip, read and
+    write."""
 
     def __post_init__(self) -> None:
         if self.curve not in CURVE_MODES:

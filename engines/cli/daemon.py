@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import shutil
 import signal
@@ -31,8 +32,10 @@ from lmcache_mesh.node.records import ChunkRecord
 from lmcache_mesh.node.service import MeshParts, NodeServer
 from lmcache_mesh.node.sizes import format_count, format_size
 from lmcache_mesh.transports.addresses import reachability, webrtc_address
+from lmcache_mesh.transports.base import GossipTransport
 from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.relay import Uplink
+from lmcache_mesh.transports.seal import SealedGossip
 from lmcache_mesh.transports.webrtc import WebRTCConfig, WebRTCPeering
 from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport, reuse_frame_buffers
 
@@ -196,13 +199,16 @@ class _Mesh:
             return keyring.client_for(endpoint, self.cluster.name_at)
 
         curve_for = curve if keyring is not None else None
+        gossip: GossipTransport = ZmqDatagramTransport(address, mesh_envelope, route_to, curve=curve_for)
+        secret = cfg.webrtc.mesh_secret.encode()
+        sealed = SealedGossip(gossip, secret) if keyring is None and secret else None
         self.cluster = Cluster(
             node.name,
             address,
             cfg.mesh.zone,
             weight,
             PROFILES[cfg.mesh.profile](),
-            ZmqDatagramTransport(address, mesh_envelope, route_to, curve=curve_for),
+            sealed or gossip,
             seed_address=keyring.remember_seed if keyring is not None else lambda seed: split_seed(seed)[1],
         )
         self.peering: WebRTCPeering[Principal] | None = None
@@ -230,6 +236,11 @@ class _Mesh:
             replicas=cfg.mesh.replicas,
         )
         sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        proof = "curve" if keyring is not None else "mesh secret" if sealed is not None else "none"
+        sections["gossip"] = lambda: {
+            "proof": proof,
+            "rejected": sealed.rejected if sealed is not None else 0,
+        }
         if self.peering is not None:
             sections["webrtc"] = self.peering.stats
         if self.uplink is not None:
@@ -390,6 +401,30 @@ def configure_logging() -> None:
     logging.getLogger("aioice").setLevel(logging.WARNING)  # it logs every ICE check at INFO
 
 
+def _warn_open_mesh(config: NodeConfig, keyring: Keyring | None) -> None:
+    """A node reachable from other machines should prove membership (CurveZMQ keys, or the mesh
+    secret on every gossip datagram): say so loudly when it does not (``--insecure`` when that
+    is meant: a closed network)."""
+    exposed = [ep for ep in config.listen if ep.startswith("tcp://") and not _loopback(ep)]
+    if not exposed or keyring is not None or config.webrtc.mesh_secret or config.security.insecure:
+        return
+    logger.warning(
+        "x OPEN MESH: serving on %s with neither CurveZMQ keys nor a mesh secret: anyone who "
+        "reaches it can gossip (declare members dead, take their names), read and write. Set a "
+        "mesh secret (--mesh-secret, the same on every node) or keys (lmcache-node keygen), or "
+        "--insecure on a closed network",
+        ", ".join(exposed),
+    )
+
+
+def _loopback(endpoint: str) -> bool:
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run(config: NodeConfig) -> int:
     """Run a node in the foreground until SIGTERM/SIGINT; returns the exit code."""
     configure_logging()
@@ -399,6 +434,7 @@ def run(config: NodeConfig) -> int:
         _warn_if_disk_budget_exceeds_free_space(config)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP during recovery must not kill the node
     keyring = load_keyring(config)
+    _warn_open_mesh(config, keyring)
     node = Node(config)
     node.open()  # recovery before we accept requests; fails fast if the data dir is locked
     try:

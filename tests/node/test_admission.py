@@ -263,3 +263,17 @@ def test_a_disk_read_past_its_deadline_keeps_its_slot_until_it_ends(
         assert h.server.flow.busy_slots == 0 and not h.server.flow.inflight
 
     run(main())
+
+
+def test_a_client_key_cannot_mark_its_puts_as_replicas() -> None:
+    """Issue 17 (9): ``replica=true`` from a client key would store chunks that are never
+    replicated; only members send replicas, so the flag is dropped for anyone else."""
+    from lmcache_mesh.node.admission import admit
+    from lmcache_mesh.node.protocol import Limits
+    from lmcache_mesh.node.requests import decode_request
+
+    record = ChunkRecord.build(b"k" * 16, b"v" * 64, b"n" * 16)
+    fields, payloads = put_request([record])
+    frames = [request_header(Op.PUT, 7, 1000, replica=True, **fields), *payloads]
+    for sender, replica in ((ACME, False), (SHARED, False), (PEER, True)):
+        assert admit(decode_request(frames, Limits()), sender).body.replica is replica
