@@ -149,27 +149,26 @@ def test_a_peer_without_the_mesh_secret_gets_nothing(daemon_factory: DaemonFacto
     edge = daemon_factory(
         "--name", "edge", "--nat", "--join", seed.tcp, *COMMON, *LOOPBACK, *one, "--mesh-secret", "right"
     )
-    wait_for("four members alive", lambda: all_alive([seed, stranger, friend, edge], 4))
-    wait_for("one ring everywhere", lambda: same_ring([seed, stranger, friend, edge]))
-    recs = [owned_by("stranger", ["seed", "stranger", "friend"], 1 << 20)]
+    # Its gossip is sealed with another secret: the members drop it unread, so the stranger
+    # never becomes a member at all (no ring share, no replicas, no WebRTC link).
+    wait_for("three members alive", lambda: all_alive([seed, friend, edge], 3))
+    time.sleep(2.0)
+    assert all("stranger" not in members(d) for d in (seed, friend, edge))
+    assert seed.stats()["mesh"]["gossip"]["rejected"] >= 1
+    recs = [owned_by("friend", ["seed", "friend"], 1 << 20)]
     with edge.client() as c:
-        c.put_records(recs, replica=True)
-    announced(stranger, recs)
-    with stranger.client(timeout_s=30) as c:
-        _, holders = c.locate([recs[0].key])
-        got = c.get_records([recs[0].key], local=False)
-        webrtc = c.stats()["mesh"]["webrtc"]
-    # Nothing ever reached the stranger over a link to the edge. While the edge alone holds the
-    # chunk the stranger gets nothing at all; in some runs (before this layout too) a member with
-    # the secret owns the chunk after all and pulled a proven copy, which any member may read.
-    assert webrtc["links_out"] == [] and webrtc["bytes_received"] == 0
-    if holders == [["edge"]]:
-        assert got == [None]
+        c.put_records(recs)
+    with stranger.client(timeout_s=10) as c:
+        assert c.get_records([recs[0].key], local=False) == [None]
+        assert c.stats()["mesh"]["webrtc"]["bytes_received"] == 0
     with edge.client() as c:
-        assert c.stats()["mesh"]["webrtc"].get("webrtc_auth_failures", 0) >= 1
         assert c.ping()  # still serving
     with friend.client(timeout_s=30) as c:
+        deadline = time.monotonic() + 20
         got = c.get_records([recs[0].key])
+        while got[0] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            got = c.get_records([recs[0].key])
     assert got[0] is not None and bytes(got[0].payload) == bytes(recs[0].payload)
 
 
