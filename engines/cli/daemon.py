@@ -409,7 +409,7 @@ def _warn_open_mesh(config: NodeConfig, keyring: Keyring | None) -> None:
     if not exposed or keyring is not None or config.webrtc.mesh_secret or config.security.insecure:
         return
     logger.warning(
-        "x OPEN MESH: serving on %s with neither CurveZMQ keys nor a mesh secret: anyone who "
+        "x OPEN MESH: listening at %s with neither CurveZMQ keys nor a mesh secret: anyone who "
         "reaches it can gossip (declare members dead, take their names), read and write. Set a "
         "mesh secret (--mesh-secret, the same on every node) or keys (lmcache-node keygen), or "
         "--insecure on a closed network",
