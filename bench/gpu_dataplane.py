@@ -124,7 +124,7 @@ def measure(geometry: Geometry, device_name: str, reps: int) -> dict[str, Any]:
     from lmcache_mesh.engines.store import MeshStore, StoreConfig
     from lmcache_mesh.engines.vllm.metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
     from lmcache_mesh.engines.vllm.worker import WorkerSide
-    from lmcache_mesh.node.keys import namespace_id
+    from lmcache_mesh.node.keys import chunk_keys, namespace_id
 
     device = torch.device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -161,8 +161,6 @@ def measure(geometry: Geometry, device_name: str, reps: int) -> dict[str, Any]:
         for n in names:
             worker.save_layer(save, n)
         worker.end_step(save)
-        from lmcache_mesh.node.keys import chunk_keys
-
         keys = chunk_keys(ns, tokens, CHUNK_TOKENS)
         deadline = time.monotonic() + 120
         while store.lookup(keys, local=True) < chunks and time.monotonic() < deadline:

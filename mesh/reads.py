@@ -109,7 +109,7 @@ class MeshReads(Generic[R]):
         ):
             owners = self.cluster.ring.owners(keys[i], replicas)
             candidates[i] = order + [o for o in owners if o != self.me and o not in hs]
-        fetched: list[int] = []
+        fetched: list[tuple[int, R]] = []
         for attempt in range(replicas + 1):  # each round asks every missing key's next candidate
             plan: dict[str, list[int]] = defaultdict(list)
             for i in missing:
@@ -131,18 +131,18 @@ class MeshReads(Generic[R]):
                 for i, record in zip(idx, records, strict=True):
                     if record is not None:
                         found[i] = record
-                        fetched.append(i)
+                        fetched.append((i, record))
         if fetched:
             self.counters["remote_hits"] += len(fetched)
             if cost is not None:
                 self.counters["cost_fetch_chunks"] += len(fetched)
             try:
-                kept = self.holdings.put_records([r for i in fetched if (r := found[i]) is not None])
+                kept = self.holdings.put_records([record for _, record in fetched])
                 self.directory.stored(kept, replicate=False)
             except MeshError:
                 pass  # keeping a copy is an optimisation; the caller has its bytes
             else:
-                for i, record in zip(fetched, kept, strict=True):
+                for (i, _), record in zip(fetched, kept, strict=True):
                     found[i] = record  # the copy kept here (in shared memory: read in place)
         self.counters["remote_misses"] += sum(1 for i in missing if found[i] is None)
         return found

@@ -330,10 +330,9 @@ class WorkerSide:
             load = self._prepare(spec)
             try:
                 self._loaded.run(lambda: self._write_layers([load]))
-                self._loaded.finish()  # written, on the device too, before vLLM is told
                 loaded = load.end
             finally:
-                self._loaded.finish()
+                self._loaded.finish()  # written on the device before the bytes are let go and vLLM is told
                 load.lease.release()
         except Exception as exc:
             logger.warning("load of %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
