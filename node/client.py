@@ -144,10 +144,10 @@ class Client(_Core):
             if self._channel.closed:
                 raise Unavailable(f"client of {self.address} is closed")
             rid = next(self._ids)
-            self._channel.send([self._header(call, rid, timeout), *call.frames])
             deadline = time.monotonic() + timeout
+            sent = self._channel.send([self._header(call, rid, timeout), *call.frames], deadline)
             while True:
-                reply = self._channel.recv(deadline)
+                reply = self._channel.recv(deadline) if sent else None
                 if reply is None:
                     self._channel.reset()  # drop whatever is queued or late, start clean
                     raise self._late(call, timeout)
@@ -166,8 +166,10 @@ class Client(_Core):
         if self._shm_untried:
             try:
                 self._map_arena(self._run(calls.ping(shm=True)))
+            except DeadlineExceeded:
+                raise  # the node did not answer: the call would wait as long again
             except MeshError:
-                pass  # the node is not there now: try again with the next call
+                pass  # the node cannot map memory now: try again with the next call
         return self.arena
 
     def _release(self, lease_ids: list[int]) -> None:
@@ -366,6 +368,8 @@ class AsyncClient(_Core):
         if self._shm_untried:
             try:
                 self._map_arena(await self._run(calls.ping(shm=True)))
+            except DeadlineExceeded:
+                raise  # as Client._shared
             except MeshError:
                 pass
         return self.arena

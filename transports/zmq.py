@@ -262,9 +262,16 @@ class ZmqChannel:
     def closed(self) -> bool:
         return self._sock is None
 
-    def send(self, frames: Sequence[Buffer]) -> None:
+    def send(self, frames: Sequence[Buffer], deadline: float) -> bool:
+        """Queue a message; False once ``deadline`` (time.monotonic) has passed first. A DEALER
+        whose peer never completes its handshake (a refused CurveZMQ key) takes no message:
+        a plain blocking send would wait for ever."""
         assert self._sock is not None, "channel closed"
+        remaining_ms = (deadline - time.monotonic()) * 1000
+        if remaining_ms <= 0 or not self._sock.poll(int(remaining_ms) + 1, zmq.POLLOUT):
+            return False
         self._sock.send_multipart(list(frames), copy=False)
+        return True
 
     def recv(self, deadline: float) -> list[Buffer] | None:
         """The next message, or None once ``deadline`` (time.monotonic) has passed."""
