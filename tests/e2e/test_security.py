@@ -105,8 +105,8 @@ def test_unknown_or_missing_keys_get_nothing_and_the_node_counts_them(
             for call in (
                 client.ping,
                 client.stats,
-                lambda: client.get([KEYS[0]]),
-                lambda: client.put(KEYS[1], payload(1), NS),
+                lambda c=client: c.get([KEYS[0]]),
+                lambda c=client: c.put(KEYS[1], payload(1), NS),
             ) * 3:
                 started = time.monotonic()
                 with pytest.raises(DeadlineExceeded):
