@@ -213,9 +213,9 @@ class SecuritySettings:
     """Allow-list of public keys that may connect (reread on SIGHUP); default:
     DATA_DIR/authorized_keys."""
     insecure: bool = False
-    """Serving on a non-loopback address with neither CurveZMQ nor a mesh secret is meant (a
-    closed network): no warning at start. Anyone who can reach the port may gossip, read and
-    write."""
+    """Listen on a non-loopback address with neither CurveZMQ nor a mesh secret (a closed
+    network); without it such a node refuses to start. Anyone who can reach the port may
+    gossip, read and write."""
 
     def __post_init__(self) -> None:
         if self.curve not in CURVE_MODES:

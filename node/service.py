@@ -174,11 +174,19 @@ class NodeServer:
         return zap.denied if zap is not None else 0
 
     def security_stats(self) -> dict[str, Any]:
+        config = self.node.config
         out: dict[str, Any] = {
             "curve": self.keyring is not None,
             "connections_refused": self.auth_denied,
             "forbidden": self.forbidden,
             "busy": self.busy,
+            # what a member proves itself with on gossip (and index/repair requests)
+            "membership_proof": "curve"
+            if self.keyring is not None
+            else "mesh secret"
+            if config.webrtc.mesh_secret
+            else "none",
+            "insecure": config.security.insecure,
         }
         if self.keyring is not None:
             out["key"] = self.keyring.keys.public

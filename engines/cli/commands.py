@@ -292,7 +292,11 @@ def _print_status(s: dict[str, Any]) -> None:
             f"connections, {sec['forbidden']} requests; {sec['busy']} busy"
         )
     else:
-        print(f"security CurveZMQ off; {sec.get('busy', 0)} busy")
+        proof = sec.get("membership_proof", "none")
+        print(
+            f"security CurveZMQ off; membership proof: {proof}; {sec.get('busy', 0)} busy"
+            + ("; INSECURE (--insecure)" if sec.get("insecure") else "")
+        )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -401,19 +401,27 @@ def configure_logging() -> None:
     logging.getLogger("aioice").setLevel(logging.WARNING)  # it logs every ICE check at INFO
 
 
-def _warn_open_mesh(config: NodeConfig, keyring: Keyring | None) -> None:
-    """A node reachable from other machines should prove membership (CurveZMQ keys, or the mesh
-    secret on every gossip datagram): say so loudly when it does not (``--insecure`` when that
-    is meant: a closed network)."""
+def refuse_open_mesh(config: NodeConfig, keyring: Keyring | None) -> None:
+    """Protected mode: a node reachable from other machines must prove membership (CurveZMQ
+    keys, or the mesh secret on every gossip datagram), or be told ``--insecure`` (a closed
+    network), which it then says in every start's log and in ``status``. SystemExit otherwise."""
     exposed = [ep for ep in config.listen if ep.startswith("tcp://") and not _loopback(ep)]
-    if not exposed or keyring is not None or config.webrtc.mesh_secret or config.security.insecure:
+    if not exposed or keyring is not None or config.webrtc.mesh_secret:
         return
-    logger.warning(
-        "x OPEN MESH: listening at %s with neither CurveZMQ keys nor a mesh secret: anyone who "
-        "reaches it can gossip (declare members dead, take their names), read and write. Set a "
-        "mesh secret (--mesh-secret, the same on every node) or keys (lmcache-node keygen), or "
-        "--insecure on a closed network",
-        ", ".join(exposed),
+    if config.security.insecure:
+        logger.warning(
+            "x INSECURE (--insecure): listening at %s with neither CurveZMQ keys nor a mesh "
+            "secret: anyone who reaches it can gossip (declare members dead, take their names), "
+            "read and write",
+            ", ".join(exposed),
+        )
+        return
+    raise SystemExit(
+        f"lmcache-node: refusing to listen at {', '.join(exposed)} with neither CurveZMQ keys nor "
+        "a mesh secret: anyone who reaches it could gossip (declare members dead, take their "
+        "names), read and write.\n  Set a mesh secret, the same on every node (--mesh-secret, or "
+        "LMCACHE_MESH_MESH_SECRET), or keys (lmcache-node keygen; README 'Security'); or\n  "
+        "--insecure on a closed network; or listen on 127.0.0.1 only"
     )
 
 
@@ -434,7 +442,7 @@ def run(config: NodeConfig) -> int:
         _warn_if_disk_budget_exceeds_free_space(config)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP during recovery must not kill the node
     keyring = load_keyring(config)
-    _warn_open_mesh(config, keyring)
+    refuse_open_mesh(config, keyring)
     node = Node(config)
     node.open()  # recovery before we accept requests; fails fast if the data dir is locked
     try:

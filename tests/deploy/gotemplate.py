@@ -124,6 +124,8 @@ class Renderer:
             return not bool(args[0])
         if name == "default":
             return args[1] if bool(args[1]) else args[0]
+        if name == "fail":
+            raise TemplateError(f"fail: {args[0]}")
         raise TemplateError(f"function {name!r} is outside the supported subset")
 
     def _operand(self, word: str, dot: Any) -> Any:
@@ -143,7 +145,7 @@ class Renderer:
         raise TemplateError(f"operand {word!r} is outside the supported subset")
 
 
-FUNCS = ("include", "quote", "nindent", "indent", "toYaml", "not", "default")
+FUNCS = ("include", "quote", "nindent", "indent", "toYaml", "not", "default", "fail")
 
 
 def _is_func(word: str) -> bool:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from lmcache_mesh.engines.cli import build_parser
+from lmcache_mesh.engines.cli.daemon import refuse_open_mesh
 from lmcache_mesh.engines.llamacpp.tinymodel import PRESETS
 from lmcache_mesh.node import chunk_keys
 from lmcache_mesh.node.config import ENV_PREFIX, SETTINGS, NodeConfig
@@ -64,6 +65,9 @@ def test_the_systemd_unit_runs_the_cli_as_documented_and_verifies(tmp_path: Path
     assert args.command == "run" and args.config == "/etc/lmcache-mesh/lmcache-node.toml"
     assert "Restart=on-failure" in unit and "StateDirectory=lmcache-mesh" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # rereads the allow-list
+    # the mesh secret comes from a root-only file the unit's header says how to write
+    assert "EnvironmentFile=-/etc/lmcache-mesh/mesh-secret.env" in unit
+    assert "LMCACHE_MESH_MESH_SECRET=" in unit
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return  # the parse above still ran; verify where systemd is installed
@@ -94,9 +98,22 @@ def test_the_image_settings_and_health_check_are_real(tmp_path: Path) -> None:
     )
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
     assert parse(cmd).command == "run"
+    # it listens on 0.0.0.0: without a mesh secret (or keys) the image's node refuses to start
+    with pytest.raises(SystemExit, match="refusing to listen at tcp://0.0.0.0:7700"):
+        refuse_open_mesh(run_config(parse(cmd), env), None)
+    refuse_open_mesh(run_config(parse(cmd), {**env, ENV_PREFIX + "MESH_SECRET": "s"}), None)
     for path in re.findall(r"^COPY (\S+) ", text, re.M):
         for part in path.split():
             assert (DEPLOY.parent / part).exists(), f"the image copies {part}, which does not exist"
+
+
+COMPOSE_SECRET = "from-the-shell"
+
+
+def interpolate(value: str) -> str:
+    """Compose's ``${VAR:?message}``: the shell's value (here COMPOSE_SECRET), which must be set."""
+    required = re.fullmatch(r"\$\{LMCACHE_MESH_SECRET:\?[^}]+\}", value)
+    return COMPOSE_SECRET if required else value
 
 
 def test_every_compose_service_runs_a_real_command_with_real_settings(tmp_path: Path) -> None:
@@ -112,10 +129,12 @@ def test_every_compose_service_runs_a_real_command_with_real_settings(tmp_path: 
             assert entry[entry.index("--preset") + 1] in PRESETS
             continue
         args = parse(svc["command"])
-        env = {**defaults, **{k: str(v) for k, v in (svc.get("environment") or {}).items()}}
+        env = {**defaults, **{k: interpolate(str(v)) for k, v in (svc.get("environment") or {}).items()}}
         assert all(k.startswith(ENV_PREFIX) for k in env)
         if args.command == "run":
             cfg = run_config(args, env)
+            assert cfg.webrtc.mesh_secret == COMPOSE_SECRET  # from the shell, required
+            refuse_open_mesh(cfg, None)  # listening on 0.0.0.0 with a mesh secret: it starts
             names.add(cfg.name)
             assert cfg.mesh.advertise == f"tcp://{name}:7700", f"{name} must advertise its service name"
             joined += [(name, j) for j in cfg.mesh.join]

@@ -36,8 +36,14 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MESH_SECRET = "lmcache-mesh-secret"
+
+
 def render(**overrides: Any) -> list[dict[str, Any]]:
-    values = merged(yaml.safe_load((CHART / "values.yaml").read_text()), overrides)
+    """The chart's manifests for these values (a mesh secret unless they say otherwise)."""
+    values = merged(
+        yaml.safe_load((CHART / "values.yaml").read_text()), {"meshSecret": MESH_SECRET, **overrides}
+    )
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     r = Renderer(
         values,
@@ -166,6 +172,45 @@ def test_a_curve_secret_installs_the_pods_key_and_the_allow_list() -> None:
     # the installed files are where a node looks by default: CurveZMQ turns itself on
     assert cfg.key_path == Path("/var/lib/lmcache-mesh/node.key_secret")
     assert cfg.authorized_keys_path == Path("/var/lib/lmcache-mesh/authorized_keys")
+
+
+def pod_env(node: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The LMCACHE_MESH_* environment of the node container, with Secrets resolved."""
+    env = {}
+    for var in node["env"]:
+        if not var["name"].startswith("LMCACHE_MESH_"):
+            continue
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def test_nodes_prove_membership_with_the_mesh_secret_or_are_told_insecure() -> None:
+    from lmcache_mesh.engines.cli.daemon import refuse_open_mesh
+
+    from .gotemplate import TemplateError
+
+    node = one(render(), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    env = pod_env(node, {MESH_SECRET: {"mesh-secret": "0123abcd"}})
+    cfg = run_config(parse(node_argv(node["args"][0], "lmcache-mesh-1")), env=env)
+    assert cfg.webrtc.mesh_secret == "0123abcd" and not cfg.security.insecure
+    refuse_open_mesh(cfg, None)  # the node starts: it listens on 0.0.0.0 and proves membership
+    # none of the three: rendering fails (a node would refuse to start), saying what to set
+    with pytest.raises(TemplateError, match="set meshSecret"):
+        render(meshSecret="")
+    node = one(render(meshSecret="", insecure=True), "StatefulSet")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    cfg = run_config(parse(node_argv(node["args"][0], "lmcache-mesh-1")), env=pod_env(node, {}))
+    assert cfg.security.insecure and not cfg.webrtc.mesh_secret
+    refuse_open_mesh(cfg, None)
+    with pytest.raises(SystemExit, match="refusing to listen at tcp://0.0.0.0:7700"):
+        refuse_open_mesh(
+            run_config(parse(node_argv(node["args"][0].replace("--insecure", ""), "x")), env={}), None
+        )
 
 
 def test_a_misspelt_or_mistyped_field_is_not_a_valid_manifest() -> None:

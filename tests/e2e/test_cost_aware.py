@@ -19,7 +19,19 @@ from ..helpers import Daemon, kill_all, require, start_daemon
 from ..netns import Topology, require_netns
 from .llama import greedy, meshed, plain, prompt, write_models
 
-COMMON = ("--memory", "128MiB", "--disk", "0", "--mesh-profile", "local", "--replicas", "1")
+COMMON = (
+    "--memory",
+    "128MiB",
+    "--disk",
+    "0",
+    "--mesh-profile",
+    "local",
+    "--replicas",
+    "1",
+    "--mesh-secret",
+    "cost",
+)
+"""(the cloud node listens beyond loopback, in its namespace: it must prove membership)"""
 
 
 def mesh_stats(d: Daemon) -> dict[str, Any]:

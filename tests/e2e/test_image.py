@@ -47,8 +47,11 @@ eval "$UNBLOCK"
 cd /
 exec setpriv --pdeathsig KILL --reuid "$RUN_AS" --regid "$RUN_AS" --clear-groups \
     env -i PATH=/usr/bin:/bin HOME=/var/lib/lmcache-mesh PYTHONUNBUFFERED=1 \
-    LMCACHE_MESH_CONFIG=/run/image/lmcache-node.toml "$PYTHON" -m lmcache_mesh.engines.cli "$@"
+    LMCACHE_MESH_CONFIG=/run/image/lmcache-node.toml ${MESH_SECRET:+LMCACHE_MESH_MESH_SECRET="$MESH_SECRET"} \
+    "$PYTHON" -m lmcache_mesh.engines.cli "$@"
 """
+MESH_SECRET = "the-mesh-secret"
+"""as `docker run -e LMCACHE_MESH_MESH_SECRET=...` passes it"""
 
 
 def python_paths() -> list[Path]:
@@ -92,7 +95,9 @@ def unblock(paths: list[Path]) -> str:
 class ImageNode:
     """One run of the image's node (its CMD) in its own mount and network namespaces."""
 
-    def __init__(self, volume: Path, config_text: str, uid: int, cmd: list[str]) -> None:
+    def __init__(
+        self, volume: Path, config_text: str, uid: int, cmd: list[str], secret: str = MESH_SECRET
+    ) -> None:
         self.uid = uid
         env = {
             **os.environ,
@@ -101,6 +106,7 @@ class ImageNode:
             "RUN_AS": str(uid),
             "PYTHON": sys.executable,
             "UNBLOCK": unblock(python_paths()),
+            "MESH_SECRET": secret,
         }
         # unshare execs the shell in the new namespaces, which execs the node: one pid
         self.proc = subprocess.Popen(
@@ -193,6 +199,12 @@ def test_the_image_configuration_serves_passes_its_health_check_and_keeps_its_vo
     stop_signal = signal.Signals[stop_name]
     assert "HEALTHCHECK" in dockerfile() and cmd == ["run"]
 
+    # without a mesh secret the image's node, listening on 0.0.0.0, refuses to start
+    try:
+        ImageNode(volume, config_text, uid, cmd, secret="").kill()
+        raise AssertionError("the image's node started without a mesh secret")
+    except AssertionError as refused:
+        assert "refusing to listen at tcp://0.0.0.0:7700" in str(refused), str(refused)
     node = ImageNode(volume, config_text, uid, cmd)
     try:
         started = re.search(
@@ -229,6 +241,12 @@ def test_the_image_configuration_serves_passes_its_health_check_and_keeps_its_vo
     assert all(p.stat().st_uid == uid for p in files), [(p, p.stat().st_uid) for p in files]
 
     # a new container on the same volume serves what the last one stored
+    # without a mesh secret the image's node, listening on 0.0.0.0, refuses to start
+    try:
+        ImageNode(volume, config_text, uid, cmd, secret="").kill()
+        raise AssertionError("the image's node started without a mesh secret")
+    except AssertionError as refused:
+        assert "refusing to listen at tcp://0.0.0.0:7700" in str(refused), str(refused)
     node = ImageNode(volume, config_text, uid, cmd)
     try:
         deadline = time.monotonic() + 30

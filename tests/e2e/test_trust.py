@@ -3,15 +3,18 @@ outsider on the network would send them."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
+import pytest
 import zmq
 
 from lmcache_mesh.mesh.messages import MAX_INCARNATION, Kind, Message, MsgType, News
 from lmcache_mesh.node.protocol import mesh_envelope
 
 from ..conftest import DaemonFactory
-from ..helpers import Daemon, free_port
+from ..helpers import Daemon, free_port, node_command
 from .test_mesh import members, start_node, wait_until
 
 SECRET = ("--mesh-secret", "s3cret-of-this-mesh")
@@ -124,3 +127,35 @@ def test_a_stopped_node_costs_a_get_misses_at_worst_never_its_deadline(daemon_fa
                 assert sum(r is not None for r in got) >= here
     finally:
         stopped.proc.send_signal(signal.SIGCONT)
+
+
+def test_beyond_loopback_a_node_without_proof_refuses_to_start(tmp_path: Path) -> None:
+    """Protected mode: 0.0.0.0 with neither keys nor a mesh secret is refused before anything
+    binds (exit status 1, the reason and the three ways out on stderr)."""
+    started = time.monotonic()
+    out = subprocess.run(
+        node_command("run", "--data-dir", str(tmp_path), "--listen", "tcp://0.0.0.0:0", "--disk", "0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and time.monotonic() - started < 30
+    assert "refusing to listen at tcp://0.0.0.0:0" in out.stderr
+    for way_out in ("--mesh-secret", "lmcache-node keygen", "--insecure", "127.0.0.1"):
+        assert way_out in out.stderr
+
+
+def test_insecure_says_so_in_the_log_and_in_status(
+    daemon_factory: DaemonFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lmcache_mesh.engines.cli.daemon import refuse_open_mesh
+    from lmcache_mesh.node.config import NodeConfig
+
+    cfg = NodeConfig.load(None, env={}, overrides={"listen": ["tcp://0.0.0.0:7700"], "insecure": True})
+    refuse_open_mesh(cfg, None)
+    assert "INSECURE (--insecure): listening at tcp://0.0.0.0:7700" in caplog.text
+    d = start_node(daemon_factory, 66, free_port("127.0.0.66"), "--insecure")
+    security = d.stats()["security"]
+    assert security["insecure"] is True and security["membership_proof"] == "none"
+    s = start_node(daemon_factory, 67, free_port("127.0.0.67"), *SECRET)
+    assert s.stats()["security"]["membership_proof"] == "mesh secret"

@@ -193,6 +193,8 @@ def test_a_node_behind_a_real_nat_serves_a_chunk_through_webrtc(tmp_path: Path) 
                 *COMMON,
                 "--webrtc-host-addresses",
                 ip,
+                "--mesh-secret",  # beyond loopback, in namespaces: the nodes prove membership
+                "nat",
                 *extra,
                 tcp=f"tcp://{ip}:0",
                 prefix=prefix,
