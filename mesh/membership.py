@@ -38,6 +38,15 @@ MAX_INCARNATION_STEP = 1 << 16
 what we know, or over 0 for a member new to us) is implausible and dropped (counted), so
 nobody can push a member to the highest incarnation, where it could never refute again."""
 
+IDENTITY_CHECK_SEQ = 1 << 40
+"""Sequence numbers of identity checks start here, apart from probes' (which count from 1)."""
+NEWCOMER_S = 30.0
+"""A node that finds its name held by a live member within this long of starting is the
+second one: it refuses to join. An older node keeps its name and only logs the conflict."""
+CLEARED_ADDRESSES = 64
+"""Addresses found silent (an earlier life of ours) are remembered, up to this many, for a
+minute: news of us there is refuted at once instead of checked again."""
+
 NACK_FRACTION = 0.8
 """A relay nacks this fraction of the probe timeout after a PING_REQ (memberlist's figure)."""
 
@@ -110,6 +119,19 @@ class _Relay:
     nack_at: float
 
 
+@dataclass(slots=True)
+class _IdentityCheck:
+    """News put us alive at another address: a ping there, with our name, says whether a
+    live node holds our name (a conflict) or it is an earlier life of ours (refute it)."""
+
+    address: str
+    incarnation: int
+    deadline: float
+
+
+ConflictListener = Callable[[str], None]
+"""Called with the address of a live node that holds our name, when we are the newcomer."""
+
 ChangeListener = Callable[[Member, "State | None"], None]
 """Called with (member, previous state or None when new) after every state change, and with
 (member, its unchanged state) when a live member's address, zone or weight changed."""
@@ -127,12 +149,16 @@ class Membership:
         weight: float = 1.0,
         rng: random.Random | None = None,
         on_change: ChangeListener | None = None,
+        on_conflict: ConflictListener | None = None,
     ) -> None:
         self.config = config
         self.me = Member(name, address, zone, weight)
         self.members: dict[str, Member] = {name: self.me}
         self.rng = rng or random.Random()
         self.on_change = on_change
+        self.on_conflict = on_conflict
+        self.conflict: str | None = None
+        """The address of a live node holding our name, found while we were new: we must not join."""
         self.counters: dict[str, int] = {
             "messages_in": 0,
             "messages_out": 0,
@@ -143,6 +169,7 @@ class Membership:
             "probe_failures": 0,
             "refutes": 0,
             "implausible_news": 0,
+            "name_conflicts": 0,
         }
         self._alive_count = 1
         self._queue = BroadcastQueue(config.retransmit_mult, self.num_alive)
@@ -152,6 +179,11 @@ class Membership:
         self._probe_order: list[str] = []
         self._suspicions: dict[str, _Suspicion] = {}
         self._relays: dict[int, _Relay] = {}
+        self._identity_checks: dict[int, _IdentityCheck] = {}
+        self._cleared: dict[str, float] = {}
+        """address -> until when news of us there is an earlier life (refuted, not checked)"""
+        self._outbox: list[Out] = []
+        """datagrams that applying news asked for, sent with the next batch"""
         self._seeds: list[str] = []
         self._next_join_at = float("inf")
         self._next_probe_at = float("inf")
@@ -183,6 +215,8 @@ class Membership:
         return self._awareness
 
     def next_wakeup(self) -> float:
+        if self.conflict is not None:
+            return float("inf")
         times = [
             self._next_probe_at,
             self._next_gossip_at,
@@ -197,6 +231,7 @@ class Membership:
                 times.append(self._probe.indirect_at)
         times.extend(min(s.deadline, s.regossip_at) for s in self._suspicions.values())
         times.extend(r.nack_at for r in self._relays.values())
+        times.extend(c.deadline for c in self._identity_checks.values())
         return min(times)
 
     # lifecycle
@@ -225,6 +260,8 @@ class Membership:
 
     def leave(self, now: float) -> list[Out]:
         """Announce a graceful leave to several members at once (they spread it further)."""
+        if self.conflict is not None:
+            return []  # the name is another node's: a leave would read as that node's
         self._leaving = True
         news = News(
             Kind.DEAD,
@@ -244,6 +281,8 @@ class Membership:
     # the protocol
 
     def tick(self, now: float) -> list[Out]:
+        if self.conflict is not None:
+            return []  # another node holds our name: we take no part
         out: list[Out] = []
         cfg = self.config
         if self._seeds and now >= self._next_join_at:
@@ -258,6 +297,12 @@ class Membership:
             elif now >= s.regossip_at and member is not None:
                 s.regossip_at = now + suspicion_bounds(cfg, self.num_alive())[0] / 2
                 self._queue.queue(News(Kind.SUSPECT, name, member.incarnation, origin=self.me.name))
+        for seq, check in list(self._identity_checks.items()):
+            if now >= check.deadline:  # silent: an earlier life of ours
+                del self._identity_checks[seq]
+                self._clear(check.address, now)
+                if check.incarnation >= self.me.incarnation:
+                    self._refute(check.incarnation)
         for seq, relay in list(self._relays.items()):
             if now >= relay.nack_at:
                 del self._relays[seq]
@@ -296,10 +341,12 @@ class Membership:
                 keep_s = cfg.dead_reclaim_s if m.state is State.LEFT else cfg.reconnect_timeout_s
                 if m.state in (State.DEAD, State.LEFT) and now - m.since >= keep_s:
                     del self.members[name]
-        return out
+        return self._drain(out)
 
     def on_message(self, src_addr: str, data: bytes, now: float) -> list[Out]:
         """Handle one datagram; malformed input is counted and dropped, never raised."""
+        if self.conflict is not None:
+            return []
         self.counters["messages_in"] += 1
         self.counters["bytes_in"] += len(data)
         try:
@@ -309,7 +356,7 @@ class Membership:
             logger.debug("x %s: malformed datagram from %s: %s", self.me.name, src_addr, exc)
             return []
         if msg.src == self.me.name:
-            return []
+            return self._same_name(msg, now)
         for news in msg.gossip:
             self._apply(news, now)
         out: list[Out] = []
@@ -352,7 +399,7 @@ class Membership:
                 self._apply(news, now, relayed=True)
             if not msg.reply:
                 out.append(self._send(msg.src_addr, self._push_pull(reply=True)))
-        return out
+        return self._drain(out)
 
     # internals
 
@@ -511,7 +558,9 @@ class Membership:
             )
             return
         if news.name == self.me.name:
-            if news.kind is Kind.ALIVE:
+            if news.kind is Kind.ALIVE and news.address and news.address != self.me.address:
+                self._check_identity(news, now)
+            elif news.kind is Kind.ALIVE:
                 if news.incarnation > self.me.incarnation:
                     self._refute(news.incarnation)  # a view of an earlier life of ours
             elif (
@@ -572,6 +621,81 @@ class Membership:
             "left" if left else f"declared dead by {news.origin}",
         )
         self._queue.queue(news)
+
+    def _check_identity(self, news: News, now: float) -> None:
+        """News of us alive at another address: an earlier life of ours there (refute it), or
+        another node started under our name (ask it, with our name, before refuting)."""
+        if self._cleared.get(news.address, 0.0) > now:
+            if news.incarnation >= self.me.incarnation:
+                self._refute(news.incarnation)
+            return
+        for check in self._identity_checks.values():
+            if check.address == news.address:
+                check.incarnation = max(check.incarnation, news.incarnation)
+                return
+        seq = IDENTITY_CHECK_SEQ + self._next_seq()
+        self._identity_checks[seq] = _IdentityCheck(
+            news.address, news.incarnation, now + 2 * self.config.probe_timeout_s
+        )
+        ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=self.me.name)
+        self._outbox.append(self._send(news.address, ping))
+
+    def _same_name(self, msg: Message, now: float) -> list[Out]:
+        """A datagram sent under our own name: our identity check come back to us, another
+        node's check of us, or its answer to ours."""
+        check = self._identity_checks.pop(msg.seq, None)
+        if msg.src_addr == self.me.address:  # ours, come back: the address leads to us
+            if check is None:
+                return []
+            self._clear(check.address, now)
+            if check.incarnation >= self.me.incarnation:
+                self._refute(check.incarnation)
+            return []
+        if msg.type is MsgType.PING and msg.target == self.me.name:
+            self.counters["name_conflicts"] += 1
+            logger.warning(
+                "x %s: a node at %s runs under our name %s: it must not join (give it another --name)",
+                self.me.name,
+                msg.src_addr,
+                self.me.name,
+            )
+            ack = Message(MsgType.ACK, self.me.name, self.me.address, seq=msg.seq)
+            return [self._send(msg.src_addr, ack)]
+        if msg.type is MsgType.ACK and check is not None:
+            self.counters["name_conflicts"] += 1
+            if now - self.me.since < NEWCOMER_S and self.conflict is None:
+                self.conflict = msg.src_addr
+                logger.error(
+                    "x %s: the name %s belongs to a live member at %s: refusing to join (give this "
+                    "node another --name)",
+                    self.me.name,
+                    self.me.name,
+                    msg.src_addr,
+                )
+                if self.on_conflict is not None:
+                    self.on_conflict(msg.src_addr)
+            else:  # we were here first: keep the name (a higher incarnation at our address)
+                logger.warning(
+                    "x %s: a node at %s also answers to %s; keeping the name",
+                    self.me.name,
+                    msg.src_addr,
+                    self.me.name,
+                )
+                self._refute(max(check.incarnation, self.me.incarnation))
+        return []
+
+    def _clear(self, address: str, now: float) -> None:
+        if len(self._cleared) >= CLEARED_ADDRESSES:
+            self._cleared = {a: t for a, t in self._cleared.items() if t > now}
+            while len(self._cleared) >= CLEARED_ADDRESSES:
+                self._cleared.pop(next(iter(self._cleared)))
+        self._cleared[address] = now + 60.0
+
+    def _drain(self, out: list[Out]) -> list[Out]:
+        if self._outbox:
+            out = [*self._outbox, *out]
+            self._outbox = []
+        return out
 
     def _confirm(self, name: str, origin: str, now: float, first: bool = False) -> None:
         s = self._suspicions.get(name)

@@ -382,6 +382,14 @@ async def _until_signalled(
         loop.add_signal_handler(sig, stop.set)
     if keyring is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_keys, keyring)
+    taken: list[str] = []
+    if mesh is not None:
+
+        def name_taken(address: str) -> None:  # a live member answered to our name
+            taken.append(address)
+            stop.set()
+
+        mesh.cluster.membership.on_conflict = name_taken
     await stop.wait()
     print("lmcache-node: shutting down", flush=True)
     if mesh is not None:
@@ -389,6 +397,14 @@ async def _until_signalled(
     await server.stop()
     written = await asyncio.to_thread(node.close)
     print(f"lmcache-node: stopped; wrote {format_count(written, 'memory record')} back to disk", flush=True)
+    if taken:
+        print(
+            f"lmcache-node: the name {node.name!r} belongs to a live member at {taken[0]}: this node "
+            "did not join; start it with another --name (or stop that member first)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

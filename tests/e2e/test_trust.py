@@ -15,7 +15,7 @@ from lmcache_mesh.node.protocol import mesh_envelope
 
 from ..conftest import DaemonFactory
 from ..helpers import Daemon, free_port, node_command
-from .test_mesh import members, start_node, wait_until
+from .test_mesh import PROFILE, members, start_node, wait_until
 
 SECRET = ("--mesh-secret", "s3cret-of-this-mesh")
 
@@ -159,3 +159,26 @@ def test_insecure_says_so_in_the_log_and_in_status(
     assert security["insecure"] is True and security["membership_proof"] == "none"
     s = start_node(daemon_factory, 67, free_port("127.0.0.67"), *SECRET)
     assert s.stats()["security"]["membership_proof"] == "mesh secret"
+
+
+def test_a_second_node_under_a_live_members_name_refuses_to_join(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """Issue 17 (8): a node started with a live member's ``--name`` (another address) asks
+    that member, under the name, and hears it answer: it exits (status 1) saying why; the
+    mesh keeps the name at the first member's address, and that member logs the conflict."""
+    a, b = _mesh(daemon_factory, 80)
+    second = subprocess.run(
+        node_command(
+            "run", "--name", "node81", "--listen", f"tcp://127.0.0.82:{free_port('127.0.0.82')}",
+            "--data-dir", str(tmp_path / "second"), "--disk", "0", *PROFILE, "--join", a.tcp,
+        ),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "the name 'node81' belongs to a live member at " + b.tcp in second.stderr
+    time.sleep(1.0)
+    for d in (a, b):
+        m = members(d)["node81"]
+        assert m["state"] == "alive" and m["address"] == b.tcp
+    assert b.stats()["mesh"]["membership"]["name_conflicts"] >= 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from lmcache_mesh.mesh.agent import MeshAgent
 from lmcache_mesh.mesh.config import MeshConfig, suspicion_bounds
 from lmcache_mesh.mesh.membership import MAX_INCARNATION_STEP, Membership, State
 from lmcache_mesh.mesh.messages import MAX_INCARNATION, Kind, Message, MsgType, News
@@ -196,3 +199,47 @@ def test_gossip_with_bad_fields_or_too_many_items_is_malformed() -> None:
     ):
         _gossip(m, bad)
     assert m.counters["malformed"] == 5 and list(m.members) == ["x"]
+
+
+def _second(sim: Simulation, name: str, address: str) -> MeshAgent:
+    """A node started under ``name`` at another address (not one of the simulation's own)."""
+    m = Membership(sim.config, name, address, rng=random.Random(address))
+    agent = MeshAgent(m, sim.net.transport(address), sim.net)
+    agent.start(["a0"])
+    return agent
+
+
+def test_a_second_node_under_a_live_members_name_refuses_and_the_name_stays() -> None:
+    """Issue 17 (8): the newcomer asks the holder of its name, under that name, and hears it
+    answer: it refuses to join (``conflict``); the live member keeps its name and address."""
+    sim = Simulation(6, seed=11, config=MeshConfig.local())
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.agents["n3"].membership._refute(4)  # it has refuted before: its incarnation is above 0
+    sim.net.run_for(1.0)
+    conflicts: list[str] = []
+    impostor = _second(sim, "n3", "a99")
+    impostor.membership.on_conflict = conflicts.append
+    assert sim.run_until(lambda: impostor.membership.conflict is not None, timeout_s=5) is not None
+    assert conflicts == ["a3"] and impostor.membership.conflict == "a3"
+    sim.net.run_for(5.0)
+    for name, agent in sim.agents.items():
+        if name != "n3":
+            m = agent.membership.members["n3"]
+            assert (m.address, m.state) == ("a3", State.ALIVE), name
+    assert sim.agents["n3"].membership.counters["name_conflicts"] >= 1
+    assert impostor.membership.tick(sim.net.time()) == []  # it takes no part any more
+
+
+def test_a_node_restarted_at_a_new_address_takes_its_name_back() -> None:
+    """An earlier life at the old address does not answer the check: the new life refutes."""
+    sim = Simulation(5, seed=12, config=MeshConfig.local())
+    sim.start()
+    assert sim.run_until(sim.converged, timeout_s=10) is not None
+    sim.crash("n2")
+    again = _second(sim, "n2", "a77")  # before anyone noticed the old life died
+    moved = sim.run_until(
+        lambda: all(a.membership.members["n2"].address == "a77" for a in sim.agents.values()), timeout_s=10
+    )
+    assert moved is not None and again.membership.conflict is None
+    assert all(a.membership.members["n2"].state is State.ALIVE for a in sim.agents.values())
