@@ -104,11 +104,16 @@ class LimitsSettings:
     """Requests that wait (disk reads, peers) at once across all clients; past it, BUSY at
     once. More: more parallel slow requests, more memory and tasks held."""
     max_inflight_per_peer: int = 64
-    """Requests one party (a client key; a connection for nodes and ipc://) may have waiting on
-    disk or peers; more get BUSY, so nobody takes every slot."""
+    """Requests one party (a client key; without keys, a sending host on tcp://; a connection
+    for nodes and on ipc://) may have waiting on disk or peers; more get BUSY, so nobody takes
+    every slot."""
     max_inflight_bytes_per_peer: int = 1 << 30
-    """Reply bytes queued for one party and not sent yet; past it its GETs get BUSY. Bounds the
+    """Reply bytes queued for one party (a client key; without keys, a sending host on
+    tcp://, a connection on ipc://) and not sent yet; past it its GETs get BUSY. Bounds the
     memory a slow reader holds."""
+    max_inflight_bytes: int = 4 << 30
+    """Reply bytes queued for all parties together; past it GETs get BUSY. Bounds what many
+    slow readers hold."""
     lease_seconds: int = setting(30, key="lease-timeout")
     """Seconds a shared-memory read (or a slot reserved for a write, or a save announced
     before it lands) stays valid unless released (or committed) sooner: what an engine that
@@ -123,6 +128,7 @@ class LimitsSettings:
             "max_inflight_requests",
             "max_inflight_per_peer",
             "max_inflight_bytes_per_peer",
+            "max_inflight_bytes",
             "lease_seconds",
         ):
             _check_range(self, f"limits.{f}", 1)

@@ -58,6 +58,23 @@ class FlowControl:
                 )
         return None
 
+    def reply_over_limit(self, party: Hashable, nbytes: int) -> Busy | None:
+        """BUSY instead of a reply of ``nbytes`` that would pass the bytes queued for this
+        party, or for everyone, while others are queued (alone, a reply always goes: its
+        request passed the size checks)."""
+        limits = self.limits
+        queued = self.queued_bytes(party)
+        if queued and queued + nbytes > limits.max_inflight_bytes_per_peer:
+            return Busy(
+                f"{queued} bytes of replies to you not sent yet (limit {limits.max_inflight_bytes_per_peer})"
+            )
+        total = sum(self.queued_bytes(p) for p in list(self._queued))
+        if total and total + nbytes > limits.max_inflight_bytes:
+            return Busy(
+                f"node busy: {total} bytes of replies not sent yet (limit {limits.max_inflight_bytes})"
+            )
+        return None
+
     def hold(self, party: Hashable) -> None:
         self.busy_slots += 1
         self.inflight[party] = self.inflight.get(party, 0) + 1

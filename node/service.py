@@ -237,7 +237,7 @@ class NodeServer:
     async def _serve(self, router: ZmqRouter) -> None:
         public = router is self._public
         while True:
-            peer, frames, user = await router.recv()
+            peer, frames, user, source = await router.recv()
             principal: Principal | None = TRUSTED
             if router.curve is not None:
                 # No User-Id cannot happen past the handshake; if it did, nothing is served.
@@ -247,9 +247,15 @@ class NodeServer:
                 self.forbidden += 1
                 self.node.count_error("FORBIDDEN")
                 continue
-            # Limits count per key for clients (however many connections they open), per
-            # connection otherwise.
-            party = principal.name if user is not None and principal.role is not Role.NODE else (public, peer)
+            # Limits count per key for clients (however many connections they open); without
+            # keys per sending host on tcp:// (connections add up), per connection on ipc://.
+            party: Hashable
+            if user is not None and principal.role is not Role.NODE:
+                party = principal.name
+            elif user is None and source is not None:
+                party = ("host", source)
+            else:
+                party = (public, peer)
             sender = Sender(principal, peer if public else None, party)
             await self.take([f.buffer for f in frames], self._replier(router, peer, party), sender)
 
@@ -261,6 +267,13 @@ class NodeServer:
             nbytes = sum(len(f) for f in frames[1:])
             if nbytes < TRACKED_REPLY_BYTES:
                 await router.send(peer, frames)
+                return
+            # GETs admitted together may each pass the check before any reply is queued:
+            # the reply itself must fit too (a read: nothing is lost by answering BUSY).
+            busy = self.flow.reply_over_limit(party, nbytes)
+            if busy is not None:
+                self.busy += 1
+                await router.send(peer, [error_reply(peek_request_id(frames[0]), busy)])
                 return
             self.flow.sent(party, await router.send(peer, frames, track=True), nbytes)
 

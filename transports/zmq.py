@@ -120,6 +120,7 @@ class ZmqRouter:
         self.curve = curve
         self.io_threads = io_threads
         self.bound: list[str] = []
+        self.tcp = any(ep.startswith("tcp://") for ep in endpoints)
         self.zap: ZapHandler | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -164,12 +165,20 @@ class ZmqRouter:
         self._sock = sock
         return self.bound
 
-    async def recv(self) -> tuple[bytes, list[zmq.Frame], str | None]:
+    async def recv(self) -> tuple[bytes, list[zmq.Frame], str | None, str | None]:
+        """(peer id, frames, user, source): ``user`` the client's CurveZMQ key (else None),
+        ``source`` the sending host's IP for tcp:// (else None)."""
         assert self._sock is not None, "bind() first"
         frames = await self._sock.recv_multipart(copy=False)
         # The ZAP handler set the connection's User-Id: the client's public key.
         user = frames[0].get("User-Id") if self.curve is not None else None
-        return frames[0].bytes, frames[1:], user if isinstance(user, str) and user else None
+        source = frames[0].get("Peer-Address") if self.tcp else None
+        return (
+            frames[0].bytes,
+            frames[1:],
+            user if isinstance(user, str) and user else None,
+            source if isinstance(source, str) and source else None,
+        )
 
     async def send(self, peer: bytes, frames: Sequence[Frame], track: bool = False) -> Any:
         """Queue a message for ``peer``; with ``track``, returns a MessageTracker that is

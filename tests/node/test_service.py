@@ -107,6 +107,66 @@ def test_a_full_node_answers_busy_at_once_instead_of_making_the_engine_wait(
     asyncio.run(main())
 
 
+def test_slow_readers_on_many_connections_from_one_host_add_up_and_others_are_served(
+    tmp_path: Path, ns: bytes, keys: list[bytes]
+) -> None:
+    """Issue 17 (7): without keys the bound on queued reply bytes is per sending host, not per
+    connection (four connections got four times the bound), a reply must fit it as well as
+    the request (GETs admitted together), and all hosts together are bounded too. Another
+    host is still served."""
+
+    async def main() -> None:
+        cfg = NodeConfig(
+            name="n",
+            listen=("tcp://127.0.0.1:0",),
+            storage=StorageSettings(data_dir=str(tmp_path), disk_bytes=0),
+            limits=LimitsSettings(max_inflight_bytes_per_peer=8 << 20, max_inflight_bytes=12 << 20),
+        )
+        node = Node(cfg)
+        node.open()
+        node.put_records([ChunkRecord.build(scoped_key("", keys[0]), b"\x07" * (4 << 20), ns)])
+        server = NodeServer(node)
+        (address,) = await server.start()
+        port = address.rsplit(":", 1)[1]
+        ctx = zmq.asyncio.Context()
+
+        def dealer(source: str) -> zmq.asyncio.Socket:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.RCVHWM, 1)
+            sock.setsockopt(zmq.RCVBUF, 64 << 10)
+            sock.connect(f"tcp://{source}:0;127.0.0.1:{port}")  # from this source address
+            return sock
+
+        async def oks(socks: list[zmq.asyncio.Socket], n: int) -> int:
+            for rid, sock in enumerate(socks * n):
+                await sock.send_multipart([request_header(Op.GET, rid + 1, 30_000, keys=[keys[0]])])
+            await asyncio.sleep(1.0)
+            ok = 0
+            for sock in socks * n:
+                header, _ = await asyncio.wait_for(reply(sock), 30)
+                ok += bool(header["ok"])
+            return ok
+
+        slow = [dealer("127.0.0.1") for _ in range(4)]
+        other = [dealer("127.0.0.2")]
+        third = [dealer("127.0.0.3")]
+        try:
+            # 4 connections x 10 GETs of 4 MiB, nothing read: about 8 MiB of replies in all
+            # (per connection, as before, it was 4 x 8 MiB)
+            ok = await oks(slow, 10)
+            assert 1 <= ok <= 4, ok
+            hosts = await asyncio.gather(oks(other, 10), oks(third, 10))
+            assert all(n >= 1 for n in hosts) and sum(hosts) <= 6, hosts  # everyone: 12 MiB
+        finally:
+            for sock in slow + other + third:
+                sock.close(0)
+            ctx.term()
+            await server.stop()
+            node.close()
+
+    asyncio.run(main())
+
+
 def test_a_client_that_does_not_read_its_replies_gets_busy_not_more_data(
     tmp_path: Path, ns: bytes, keys: list[bytes]
 ) -> None:
