@@ -68,7 +68,13 @@ class Principal:
 
 
 TRUSTED = Principal("trusted", Role.NODE, any_tenant=True)
-"""A client on this machine (ipc:// socket, owner-only), or anyone while CurveZMQ is off."""
+"""A client on this machine (ipc:// socket, owner-only), a member proven by the mesh secret,
+or anyone on a mesh with neither CurveZMQ nor a mesh secret."""
+
+ANONYMOUS = Principal("anonymous", Role.ADMIN, any_tenant=True)
+"""A tcp:// sender without a member's seal where the mesh has a secret (no CurveZMQ): an
+engine or an operator — chunks, status, join, in any tenant; nothing only members may do
+(gossip, index traffic, replicas, relaying)."""
 
 MEMBER = Principal("member", Role.NODE)
 """A mesh member proven some other way (WebRTC membership proof, our relay)."""

@@ -16,7 +16,7 @@ from typing import Protocol
 from lmcache_mesh.mesh.errors import Unavailable
 from lmcache_mesh.transports.addresses import parse_webrtc_address
 from lmcache_mesh.transports.base import Conduit
-from lmcache_mesh.transports.zmq import CurveFor, ZmqConduit
+from lmcache_mesh.transports.zmq import CurveFor, Sealer, ZmqConduit
 
 from .client import PeerClient
 from .node import Node
@@ -57,8 +57,11 @@ class PeerPool:
         links: Links | None = None,
         curve: CurveFor | None = None,
         max_peers: int = 256,
+        seal: Sealer | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        self._seal = seal
+        """Seals each request's header (the mesh secret, without CurveZMQ)."""
         self.max_peers = max_peers
         self._links = links
         self._curve = curve
@@ -89,7 +92,8 @@ class PeerPool:
             return lambda: _NoRoute(address)  # a malformed address from gossip: unreachable
         if relayed is None:
             if self._curve is None:
-                return None  # plain ZeroMQ
+                seal = self._seal
+                return (lambda: ZmqConduit(address, seal=seal)) if seal is not None else None  # plain ZeroMQ
             try:
                 credentials = self._curve(address)
             except LookupError as exc:

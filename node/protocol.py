@@ -231,10 +231,15 @@ def signal_message(signal: Signal) -> bytes:
 
 
 class AttachWire:
-    """ATTACH as the NAT node's uplink sends it, and the relay's answer as it reads it."""
+    """ATTACH as the NAT node's uplink sends it (sealed with ``seal``: a member's request,
+    without CurveZMQ), and the relay's answer as it reads it."""
+
+    def __init__(self, seal: Callable[[bytes], bytes] | None = None) -> None:
+        self._seal = seal
 
     def attach(self, request_id: int, name: str, token: str) -> bytes:
-        return request_header(Op.ATTACH, request_id, 2000, name=name, token=token)
+        header = request_header(Op.ATTACH, request_id, 2000, name=name, token=token)
+        return self._seal(header) if self._seal is not None else header
 
     def answer(self, header: Buffer) -> bool | None:
         if len(header) > 4096:

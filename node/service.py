@@ -33,13 +33,14 @@ from lmcache_mesh.mesh.errors import (
     Unavailable,
 )
 from lmcache_mesh.transports.relay import RelayTable
+from lmcache_mesh.transports.seal import HeaderSeal, strip_seal
 from lmcache_mesh.transports.webrtc import Signal
 from lmcache_mesh.transports.zmq import ZmqRouter
 
 from .admission import Job, admit
 from .endpoints import Routers
 from .flow import TRACKED_REPLY_BYTES, FlowControl
-from .keyring import TRUSTED, Keyring, Principal, Role, Sender
+from .keyring import ANONYMOUS, TRUSTED, Keyring, Principal, Role, Sender
 from .node import Node
 from .protocol import Limits, Op, error_reply, ok_reply, peek_request_id
 from .records import Buffer, ChunkRecord, RecordHeader
@@ -141,6 +142,10 @@ class NodeServer:
         """Slots and queued reply bytes per party (a client's key, or a connection): BUSY past them."""
         self.busy = 0
         self.forbidden = 0
+        secret = cfg.webrtc.mesh_secret.encode()
+        self.seal = HeaderSeal(secret) if keyring is None and secret else None
+        """Without CurveZMQ, a mesh secret: a tcp:// request is a member's only if its header
+        is sealed with it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_tasks: list[asyncio.Task[None]] = []
         self.relay = RelayTable()
@@ -184,8 +189,9 @@ class NodeServer:
             "membership_proof": "curve"
             if self.keyring is not None
             else "mesh secret"
-            if config.webrtc.mesh_secret
+            if self.seal
             else "none",
+            "bad_seals": self.seal.rejected if self.seal is not None else 0,
             "insecure": config.security.insecure,
         }
         if self.keyring is not None:
@@ -239,6 +245,13 @@ class NodeServer:
         while True:
             peer, frames, user, source = await router.recv()
             principal: Principal | None = TRUSTED
+            buffers = [f.buffer for f in frames]
+            if buffers and public and router.curve is None:
+                if self.seal is not None:
+                    buffers[0], proven = self.seal.open(buffers[0])
+                    principal = TRUSTED if proven else ANONYMOUS
+                else:
+                    buffers[0] = strip_seal(buffers[0])  # a seal we cannot check: an open mesh
             if router.curve is not None:
                 # No User-Id cannot happen past the handshake; if it did, nothing is served.
                 principal = self.keyring.principal(user) if self.keyring is not None and user else None
@@ -257,7 +270,7 @@ class NodeServer:
             else:
                 party = (public, peer)
             sender = Sender(principal, peer if public else None, party)
-            await self.take([f.buffer for f in frames], self._replier(router, peer, party), sender)
+            await self.take(buffers, self._replier(router, peer, party), sender)
 
     def _replier(self, router: ZmqRouter, peer: bytes, party: Hashable) -> ReplyTo:
         """Sends a reply to ``peer``; large ones are tracked until libzmq has sent them, so

@@ -231,11 +231,17 @@ MAX_REPLY_FRAME_BYTES = 1 << 30
 """The largest frame a client accepts from a node it chose to talk to."""
 
 
+Sealer = Callable[[Buffer], bytes]
+"""Turns a request's first frame into its sealed form (:class:`~.seal.HeaderSeal`)."""
+
+
 class ZmqConduit:
     """A DEALER socket on its own asyncio context (CurveZMQ with ``curve``, for tcp://):
-    a :class:`~lmcache_mesh.transports.base.Conduit`."""
+    a :class:`~lmcache_mesh.transports.base.Conduit`. With ``seal``, each message's first
+    frame goes out sealed (a member's request, without CurveZMQ)."""
 
-    def __init__(self, address: str, curve: CurveClient | None = None) -> None:
+    def __init__(self, address: str, curve: CurveClient | None = None, seal: Sealer | None = None) -> None:
+        self._seal = seal
         self._ctx = zmq.asyncio.Context()
         try:
             self._sock = cast(zmq.asyncio.Socket, dealer(self._ctx, address, MAX_REPLY_FRAME_BYTES, curve))
@@ -244,7 +250,10 @@ class ZmqConduit:
             raise
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        await self._sock.send_multipart(list(frames), copy=False)  # may wait: queues are bounded
+        out = list(frames)
+        if self._seal is not None and out:
+            out[0] = self._seal(out[0])
+        await self._sock.send_multipart(out, copy=False)  # may wait: queues are bounded
 
     async def recv(self) -> list[Buffer]:
         return [f.buffer for f in await self._sock.recv_multipart(copy=False)]
@@ -333,7 +342,8 @@ class ZmqDatagramTransport:
     ``route(to)`` says which endpoint to connect to and which prefix frames go first. Usually
     that is the peer itself with no prefix; for a node behind NAT it is its relay, with a
     prefix asking the relay to forward. ``curve(endpoint)`` gives the credentials to connect
-    with (None: plain); an endpoint whose server key is unknown gets nothing (dropped). :meth:`send_message` sends other one-way messages
+    with (None: plain); an endpoint whose server key is unknown gets nothing (dropped). With
+    ``seal``, the first frame of each goes out sealed. :meth:`send_message` sends other one-way messages
     the same way. Sends never block:
     datagrams for a peer still connecting are queued (up to ``queue_limit``), and beyond
     that, as for a peer that is down, they are dropped and counted, as UDP would lose them.
@@ -349,8 +359,10 @@ class ZmqDatagramTransport:
         max_peers: int = 1024,
         queue_limit: int = 256,
         curve: CurveFor | None = None,
+        seal: Sealer | None = None,
     ) -> None:
         self.address = address
+        self._seal = seal
         self._envelope_for = envelope
         self.envelope = envelope(address)
         self.on_receive: Callable[[str, bytes], None] | None = None
@@ -396,8 +408,11 @@ class ZmqDatagramTransport:
                 old.close(0)
         else:
             self._peers.move_to_end(endpoint)
+        out: list[Buffer] = [*prefix, *frames]
+        if self._seal is not None:
+            out[0] = self._seal(out[0])  # the frame the receiving node reads as the header
         try:
-            sock.send_multipart([*prefix, *frames], flags=zmq.NOBLOCK)
+            sock.send_multipart(out, flags=zmq.NOBLOCK)
             self.sent += 1
         except zmq.Again:
             self.dropped += 1

@@ -35,9 +35,9 @@ from lmcache_mesh.transports.addresses import reachability, webrtc_address
 from lmcache_mesh.transports.base import GossipTransport
 from lmcache_mesh.transports.curve import CurveClient
 from lmcache_mesh.transports.relay import Uplink
-from lmcache_mesh.transports.seal import SealedGossip
+from lmcache_mesh.transports.seal import HeaderSeal, SealedGossip
 from lmcache_mesh.transports.webrtc import WebRTCConfig, WebRTCPeering
-from lmcache_mesh.transports.zmq import CurveFor, ZmqDatagramTransport, reuse_frame_buffers
+from lmcache_mesh.transports.zmq import CurveFor, Sealer, ZmqDatagramTransport, reuse_frame_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +199,15 @@ class _Mesh:
             return keyring.client_for(endpoint, self.cluster.name_at)
 
         curve_for = curve if keyring is not None else None
-        gossip: GossipTransport = ZmqDatagramTransport(address, mesh_envelope, route_to, curve=curve_for)
         secret = cfg.webrtc.mesh_secret.encode()
-        sealed = SealedGossip(gossip, secret) if keyring is None and secret else None
+        # Without CurveZMQ, members prove themselves with the mesh secret: on every gossip
+        # datagram, and on the header of every request they send each other.
+        headers = HeaderSeal(secret) if keyring is None and secret else None
+        seal = headers.seal if headers is not None else None
+        gossip: GossipTransport = ZmqDatagramTransport(
+            address, mesh_envelope, route_to, curve=curve_for, seal=seal
+        )
+        sealed = SealedGossip(gossip, secret) if headers is not None else None
         self.cluster = Cluster(
             node.name,
             address,
@@ -226,13 +232,13 @@ class _Mesh:
                 accept_offers=cfg.mesh.nat,
             )
             self.cluster.subscribe(on_gone=self.peering.forget)
-        self.uplink = self._uplink(node, curve_for) if cfg.mesh.nat else None
+        self.uplink = self._uplink(node, curve_for, seal) if cfg.mesh.nat else None
         self._preload: asyncio.Future[Any] | None = None
         """aiortc's import, started off the loop by :meth:`start`."""
         self.coordinator: MeshCoordinator[ChunkRecord] = MeshCoordinator(
             self.cluster,
             NodeHoldings(node),
-            PeerPool(PEER_TIMEOUT_S, links=self.peering, curve=curve_for),
+            PeerPool(PEER_TIMEOUT_S, links=self.peering, curve=curve_for, seal=seal),
             replicas=cfg.mesh.replicas,
         )
         sections: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -254,7 +260,7 @@ class _Mesh:
             self.cluster, self.coordinator, self.peering.on_signal if self.peering else None, sections
         )
 
-    def _uplink(self, node: Node, curve: CurveFor | None) -> Uplink:
+    def _uplink(self, node: Node, curve: CurveFor | None, seal: Sealer | None) -> Uplink:
         cfg = node.config
 
         def relays() -> list[str]:
@@ -269,7 +275,7 @@ class _Mesh:
         return Uplink(
             node.name,
             relays,
-            AttachWire(),
+            AttachWire(seal),
             lambda relay: self.cluster.readdress(webrtc_address(relay, node.name)),
             cfg.limits.max_header_bytes + cfg.limits.max_record_bytes,
             curve=curve,

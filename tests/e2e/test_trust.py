@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import zmq
 
@@ -58,8 +59,22 @@ def test_with_a_mesh_secret_forged_gossip_is_dropped_unread(daemon_factory: Daem
     view = members(a)
     assert set(view) == {"node60", "node61"} and view["node61"]["state"] == "alive"
     assert view["node61"]["address"] == b.tcp
-    gossip = a.stats()["mesh"]["gossip"]
-    assert gossip == {"proof": "mesh secret", "rejected": gossip["rejected"]} and gossip["rejected"] >= 3
+    stats = a.stats()
+    gossip = stats["mesh"]["gossip"]
+    assert gossip == {"proof": "mesh secret", "rejected": gossip["rejected"]}
+    # the envelope is not sealed: refused as a member's request before the datagram is read
+    assert stats["security"]["forbidden"] + gossip["rejected"] >= 3
+    # a sealed envelope around an unsealed datagram: the datagram's own tag is checked too
+    from lmcache_mesh.transports.seal import HeaderSeal
+
+    sealer = HeaderSeal(SECRET[1].encode())
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(a.tcp)
+    datagram = Message(MsgType.GOSSIP, "attacker", "tcp://127.0.0.99:1", gossip=[ATTACKS[0]]).encode()
+    sock.send_multipart([sealer.seal(mesh_envelope("tcp://127.0.0.99:1")), datagram])
+    sock.close()
+    assert wait_until(lambda: a.stats()["mesh"]["gossip"]["rejected"] >= 1, 5) is not None
     # a node with another secret is no member either
     outsider = start_node(
         daemon_factory, 62, free_port("127.0.0.62"), "--mesh-secret", "guess", "--join", a.tcp
@@ -182,3 +197,47 @@ def test_a_second_node_under_a_live_members_name_refuses_to_join(
         m = members(d)["node81"]
         assert m["state"] == "alive" and m["address"] == b.tcp
     assert b.stats()["mesh"]["membership"]["name_conflicts"] >= 1
+
+
+def test_with_a_mesh_secret_only_sealed_requests_are_a_members(daemon_factory: DaemonFactory) -> None:
+    """Index and repair traffic between members carries the mesh secret's seal: an outsider's
+    WHO_HAS, holder ANNOUNCE and scoped GET are refused (FORBIDDEN); a replica flag is ignored
+    (its chunk is replicated like any client's); engines' and operators' requests still work."""
+    from lmcache_mesh.node import ChunkRecord, chunk_keys, namespace_id
+    from lmcache_mesh.node.client import Client
+    from lmcache_mesh.node.errors import ErrorCode
+    from lmcache_mesh.node.protocol import Op, request_header
+    from lmcache_mesh.transports.seal import HeaderSeal
+
+    a, b = _mesh(daemon_factory, 90, *SECRET)
+    ns = namespace_id(b"sealed", {"engine": "test"}, 16)
+    keys = chunk_keys(ns, list(range(16 * 4)), 16)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(a.tcp)
+    try:
+        member_only = [
+            request_header(Op.WHO_HAS, 1, 2000, keys=keys[:1]),
+            request_header(Op.ANNOUNCE, 2, 2000, holder="node91", add=keys[:1]),
+            request_header(Op.GET, 3, 2000, keys=keys[:1], scoped=True),
+        ]
+        for header in member_only:
+            sock.send_multipart([header])
+            assert sock.poll(5000), "no answer"
+            reply = msgpack.unpackb(sock.recv_multipart()[0])
+            assert reply["ok"] is False and reply["code"] == ErrorCode.FORBIDDEN, reply
+        # the same WHO_HAS sealed with the secret is a member's
+        sock.send_multipart([HeaderSeal(SECRET[1].encode()).seal(member_only[0])])
+        assert sock.poll(5000)
+        assert msgpack.unpackb(sock.recv_multipart()[0])["ok"] is True
+    finally:
+        sock.close()
+    with Client(a.tcp, timeout_s=5.0) as engine:  # an engine over tcp://, no seal
+        engine.put_records(
+            [ChunkRecord.build(k, bytes([i]) * 4096, ns) for i, k in enumerate(keys)], replica=True
+        )
+        assert engine.lookup(keys) == len(keys)
+    with Client(b.tcp, timeout_s=5.0) as other:
+        assert wait_until(lambda: other.lookup(keys, local=True) > 0, 10) is not None  # replicated
+    assert a.stats()["security"]["membership_proof"] == "mesh secret"

@@ -34,3 +34,23 @@ def test_other_secrets_forged_tags_and_bare_datagrams_are_dropped_and_counted() 
     outsider.send("b", b"short")
     net.run_for(1.0)
     assert got == [] and b.rejected == 3
+
+
+def test_a_header_sealed_with_the_secret_opens_as_sent_and_nothing_else_is_a_members() -> None:
+    import msgpack
+
+    from lmcache_mesh.transports.seal import SEAL_MARK, HeaderSeal, strip_seal
+
+    header = msgpack.packb({"op": 10, "id": 7})
+    seal, other = HeaderSeal(b"secret"), HeaderSeal(b"other")
+    sealed = seal.seal(header)
+    assert sealed[:1] == SEAL_MARK and header[:1] != SEAL_MARK  # msgpack never writes 0xc1
+    opened, proven = seal.open(sealed)
+    assert bytes(opened) == header and proven and seal.rejected == 0
+    assert other.open(sealed)[1] is False and other.rejected == 1  # another secret: counted
+    forged = bytearray(sealed)
+    forged[-1] ^= 1  # the header changed after sealing
+    assert seal.open(bytes(forged))[1] is False and seal.rejected == 1
+    assert seal.open(header) == (header, False) and seal.rejected == 1  # plain: not counted
+    assert seal.open(SEAL_MARK + b"short")[1] is False
+    assert bytes(strip_seal(sealed)) == header and strip_seal(header) == header

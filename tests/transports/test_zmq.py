@@ -46,8 +46,9 @@ def test_round_trip_keeps_frames_intact() -> None:
         try:
             blob = bytes(range(256)) * 16384  # 4 MiB
             await client.send_multipart([b"hdr", blob], copy=False)
-            peer, frames, _ = await router.recv()
+            peer, frames, _, source = await router.recv()
             assert [bytes(f.buffer) for f in frames] == [b"hdr", blob]
+            assert source == "127.0.0.1"  # the sending host: limits without keys count per host
             await router.send(peer, [b"reply", frames[1].buffer])
             back = await client.recv_multipart()
             assert back == [b"reply", blob]
