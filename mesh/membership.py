@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
 
 from .broadcast import NEWS_WIRE_BYTES_ESTIMATE, BroadcastQueue
 from .config import MeshConfig, push_pull_scale, remaining_suspicion_s, suspicion_bounds
 from .errors import MalformedMessage
+from .identity import IDENTITY_CHECK_SEQ, NEWCOMER_S, IdentityChecks
+from .members import LIVE_STATES, Member, Probe, Relay, State, Suspicion, is_live
 from .messages import MAX_INCARNATION, Kind, Message, MsgType, News
 
 logger = logging.getLogger(__name__)
@@ -38,95 +38,11 @@ MAX_INCARNATION_STEP = 1 << 16
 what we know, or over 0 for a member new to us) is implausible and dropped (counted), so
 nobody can push a member to the highest incarnation, where it could never refute again."""
 
-IDENTITY_CHECK_SEQ = 1 << 40
-"""Sequence numbers of identity checks start here, apart from probes' (which count from 1)."""
-NEWCOMER_S = 30.0
-"""A node that finds its name held by a live member within this long of starting is the
-second one: it refuses to join. An older node keeps its name and only logs the conflict."""
-CLEARED_ADDRESSES = 64
-"""Addresses found silent (an earlier life of ours) are remembered, up to this many, for a
-minute: news of us there is refuted at once instead of checked again."""
-
 NACK_FRACTION = 0.8
 """A relay nacks this fraction of the probe timeout after a PING_REQ (memberlist's figure)."""
 
 Out = tuple[str, bytes]
 """A datagram to send: (address, bytes)."""
-
-
-class State(str, Enum):
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-    LEFT = "left"
-
-
-LIVE_STATES = frozenset({State.ALIVE, State.SUSPECT})
-"""A member in these states owns its share of the ring and is probed, asked and served."""
-
-
-def is_live(state: State | None) -> bool:
-    return state in LIVE_STATES
-
-
-@dataclass(slots=True)
-class Member:
-    name: str
-    address: str
-    zone: str = "default"
-    weight: float = 1.0
-    incarnation: int = 0
-    state: State = State.ALIVE
-    since: float = 0.0
-    """When the member entered its current state (scheduler time)."""
-
-    def __repr__(self) -> str:
-        return f"<Member {self.name} {self.state.value} inc={self.incarnation} zone={self.zone}>"
-
-    def news(self, origin: str = "") -> News:
-        kind = {State.ALIVE: Kind.ALIVE, State.SUSPECT: Kind.SUSPECT}.get(self.state, Kind.DEAD)
-        if self.state is State.LEFT:
-            origin = self.name
-        return News(kind, self.name, self.incarnation, self.address, self.zone, self.weight, origin)
-
-
-@dataclass(slots=True)
-class _Suspicion:
-    started: float
-    deadline: float
-    confirmations: set[str] = field(default_factory=set)
-    regossip_at: float = 0.0
-    """Until it is refuted or expires, a suspicion is gossiped again now and then: news sent
-    while we were cut off is lost, and the suspect must hear of it to refute it."""
-
-
-@dataclass(slots=True)
-class _Probe:
-    target: str
-    seq: int
-    indirect_at: float
-    ends_at: float
-    acked: bool = False
-    indirect_sent: bool = False
-    helpers: int = 0
-    nacks: int = 0
-
-
-@dataclass(slots=True)
-class _Relay:
-    requester_addr: str
-    requester_seq: int
-    nack_at: float
-
-
-@dataclass(slots=True)
-class _IdentityCheck:
-    """News put us alive at another address: a ping there, with our name, says whether a
-    live node holds our name (a conflict) or it is an earlier life of ours (refute it)."""
-
-    address: str
-    incarnation: int
-    deadline: float
 
 
 ConflictListener = Callable[[str], None]
@@ -175,13 +91,11 @@ class Membership:
         self._queue = BroadcastQueue(config.retransmit_mult, self.num_alive)
         self._awareness = 0
         self._seq = 0
-        self._probe: _Probe | None = None
+        self._probe: Probe | None = None
         self._probe_order: list[str] = []
-        self._suspicions: dict[str, _Suspicion] = {}
-        self._relays: dict[int, _Relay] = {}
-        self._identity_checks: dict[int, _IdentityCheck] = {}
-        self._cleared: dict[str, float] = {}
-        """address -> until when news of us there is an earlier life (refuted, not checked)"""
+        self._suspicions: dict[str, Suspicion] = {}
+        self._relays: dict[int, Relay] = {}
+        self._identity = IdentityChecks()
         self._outbox: list[Out] = []
         """datagrams that applying news asked for, sent with the next batch"""
         self._seeds: list[str] = []
@@ -231,7 +145,7 @@ class Membership:
                 times.append(self._probe.indirect_at)
         times.extend(min(s.deadline, s.regossip_at) for s in self._suspicions.values())
         times.extend(r.nack_at for r in self._relays.values())
-        times.extend(c.deadline for c in self._identity_checks.values())
+        times.append(self._identity.next_deadline())
         return min(times)
 
     # lifecycle
@@ -297,12 +211,9 @@ class Membership:
             elif now >= s.regossip_at and member is not None:
                 s.regossip_at = now + suspicion_bounds(cfg, self.num_alive())[0] / 2
                 self._queue.queue(News(Kind.SUSPECT, name, member.incarnation, origin=self.me.name))
-        for seq, check in list(self._identity_checks.items()):
-            if now >= check.deadline:  # silent: an earlier life of ours
-                del self._identity_checks[seq]
-                self._clear(check.address, now)
-                if check.incarnation >= self.me.incarnation:
-                    self._refute(check.incarnation)
+        for check in self._identity.expired(now):  # silent: an earlier life of ours
+            if check.incarnation >= self.me.incarnation:
+                self._refute(check.incarnation)
         for seq, relay in list(self._relays.items()):
             if now >= relay.nack_at:
                 del self._relays[seq]
@@ -387,7 +298,7 @@ class Membership:
         elif msg.type is MsgType.PING_REQ:
             seq = self._next_seq()
             # Nack before the requester's probe window closes, or it counts against its health.
-            self._relays[seq] = _Relay(
+            self._relays[seq] = Relay(
                 msg.src_addr, msg.seq, now + NACK_FRACTION * self.config.probe_timeout_s
             )
             ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=msg.target)
@@ -460,7 +371,7 @@ class Membership:
             if target is not None:
                 self.counters["probes"] += 1
                 seq = self._next_seq()
-                self._probe = _Probe(
+                self._probe = Probe(
                     target.name, seq, now + cfg.probe_timeout_s * scale, now + cfg.probe_interval_s * scale
                 )
                 ping = self._with_gossip(
@@ -605,7 +516,7 @@ class Membership:
                 return
             member.incarnation = news.incarnation
             low, high = suspicion_bounds(self.config, self.num_alive())
-            self._suspicions[member.name] = _Suspicion(
+            self._suspicions[member.name] = Suspicion(
                 now, now + high, {news.origin}, regossip_at=now + low / 2
             )
             self._transition(member, State.SUSPECT, now, f"suspected by {news.origin}")
@@ -625,71 +536,44 @@ class Membership:
     def _check_identity(self, news: News, now: float) -> None:
         """News of us alive at another address: an earlier life of ours there (refute it), or
         another node started under our name (ask it, with our name, before refuting)."""
-        if self._cleared.get(news.address, 0.0) > now:
+        if self._identity.cleared(news.address, now):
             if news.incarnation >= self.me.incarnation:
                 self._refute(news.incarnation)
             return
-        for check in self._identity_checks.values():
-            if check.address == news.address:
-                check.incarnation = max(check.incarnation, news.incarnation)
-                return
         seq = IDENTITY_CHECK_SEQ + self._next_seq()
-        self._identity_checks[seq] = _IdentityCheck(
-            news.address, news.incarnation, now + 2 * self.config.probe_timeout_s
-        )
-        ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=self.me.name)
-        self._outbox.append(self._send(news.address, ping))
+        if self._identity.begin(seq, news.address, news.incarnation, now + 2 * self.config.probe_timeout_s):
+            ping = Message(MsgType.PING, self.me.name, self.me.address, seq=seq, target=self.me.name)
+            self._outbox.append(self._send(news.address, ping))
 
     def _same_name(self, msg: Message, now: float) -> list[Out]:
         """A datagram sent under our own name: our identity check come back to us, another
         node's check of us, or its answer to ours."""
-        check = self._identity_checks.pop(msg.seq, None)
+        check = self._identity.answered(msg.seq)
         if msg.src_addr == self.me.address:  # ours, come back: the address leads to us
             if check is None:
                 return []
-            self._clear(check.address, now)
+            self._identity.clear(check.address, now)
             if check.incarnation >= self.me.incarnation:
                 self._refute(check.incarnation)
             return []
-        if msg.type is MsgType.PING and msg.target == self.me.name:
+        name, there = self.me.name, msg.src_addr
+        if msg.type is MsgType.PING and msg.target == name:
             self.counters["name_conflicts"] += 1
             logger.warning(
-                "x %s: a node at %s runs under our name %s: it must not join (give it another --name)",
-                self.me.name,
-                msg.src_addr,
-                self.me.name,
+                "x %s: a node at %s runs under our name: it must not join (another --name)", name, there
             )
-            ack = Message(MsgType.ACK, self.me.name, self.me.address, seq=msg.seq)
-            return [self._send(msg.src_addr, ack)]
+            return [self._send(there, Message(MsgType.ACK, name, self.me.address, seq=msg.seq))]
         if msg.type is MsgType.ACK and check is not None:
             self.counters["name_conflicts"] += 1
             if now - self.me.since < NEWCOMER_S and self.conflict is None:
-                self.conflict = msg.src_addr
-                logger.error(
-                    "x %s: the name %s belongs to a live member at %s: refusing to join (give this "
-                    "node another --name)",
-                    self.me.name,
-                    self.me.name,
-                    msg.src_addr,
-                )
+                self.conflict = there
+                logger.error("x %s: the name belongs to a live member at %s: refusing to join", name, there)
                 if self.on_conflict is not None:
-                    self.on_conflict(msg.src_addr)
+                    self.on_conflict(there)
             else:  # we were here first: keep the name (a higher incarnation at our address)
-                logger.warning(
-                    "x %s: a node at %s also answers to %s; keeping the name",
-                    self.me.name,
-                    msg.src_addr,
-                    self.me.name,
-                )
+                logger.warning("x %s: a node at %s also answers to our name; keeping it", name, there)
                 self._refute(max(check.incarnation, self.me.incarnation))
         return []
-
-    def _clear(self, address: str, now: float) -> None:
-        if len(self._cleared) >= CLEARED_ADDRESSES:
-            self._cleared = {a: t for a, t in self._cleared.items() if t > now}
-            while len(self._cleared) >= CLEARED_ADDRESSES:
-                self._cleared.pop(next(iter(self._cleared)))
-        self._cleared[address] = now + 60.0
 
     def _drain(self, out: list[Out]) -> list[Out]:
         if self._outbox:
@@ -712,4 +596,4 @@ class Membership:
             self._queue.queue(News(Kind.SUSPECT, name, member.incarnation, origin=origin))
 
 
-__all__ = ["NEWS_WIRE_BYTES_ESTIMATE", "Member", "Membership", "Out", "State"]
+__all__ = ["LIVE_STATES", "NEWS_WIRE_BYTES_ESTIMATE", "Member", "Membership", "Out", "State", "is_live"]

@@ -40,8 +40,9 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lmcache_mesh.transports.base import Scheduler
+from lmcache_mesh.transports.base import DatagramTransport, Scheduler
 from lmcache_mesh.transports.inproc import InProcNetwork
+from lmcache_mesh.transports.seal import SealedGossip
 
 from .agent import MeshAgent
 from .cluster import Cluster
@@ -124,8 +125,11 @@ class Simulation:
         config: MeshConfig | None = None,
         delay_s: tuple[float, float] = DEFAULT_DELAY_S,
         scheduler: Scheduler | None = None,
+        mesh_secret: bytes = b"",
     ) -> None:
         self.n = n
+        self.mesh_secret = mesh_secret
+        """Non-empty: every node seals its datagrams with it, as daemons do without CurveZMQ."""
         self.seed = seed
         self.config = config or MeshConfig.lan()
         self.net = InProcNetwork(seed=seed, loss=loss, delay_s=delay_s, scheduler=scheduler)
@@ -165,7 +169,10 @@ class Simulation:
     ) -> MeshAgent:
         """Build node ``name``: its membership, driven on the network's clock."""
         membership = Membership(self.config, name, address_of(name), zone=zone, rng=rng, on_change=on_change)
-        return MeshAgent(membership, self.net.transport(address_of(name)), self.net)
+        transport: DatagramTransport = self.net.transport(address_of(name))
+        if self.mesh_secret:
+            transport = SealedGossip(InProcGossip(self.net.transport(address_of(name))), self.mesh_secret)
+        return MeshAgent(membership, transport, self.net)
 
     def start(self, names: Iterable[str] | None = None, seed_address: str = "a0") -> None:
         """Start ``names`` (default: every node), each joining through ``seed_address``."""

@@ -1,0 +1,200 @@
+"""What proving membership costs: sealed gossip and sealed requests against the open mesh.
+
+1. **Simulation** (the real Membership and MeshAgent on a seeded in-process network, LAN
+   profile): N nodes converge, then run one push-pull period in steady state; bytes/s each
+   node sends and CPU per node (process CPU over the window / N / window), with every
+   datagram sealed by the mesh secret (16-byte HMAC-SHA256 tag) and without, same seeds.
+2. **Real daemons** (``lmcache-node run`` on loopback): two meshes of two nodes, one open
+   (no secret), one with ``--mesh-secret`` (sealed gossip and sealed request headers between
+   members). A 128-key chain is held by one node; the other, holding none of it, answers a
+   mesh-wide LOOKUP (asking the owners: sealed WHO_HAS) and a mesh-wide GET of 16 chunks of
+   64 KiB (fetched from the holder: sealed GET). Rounds alternate open/sealed (the machine
+   is shared and noisy); the table shows medians of per-round p50s and the sealed/open ratio.
+
+Prints a table, writes JSON and a PNG chart of the ratios.
+
+    python bench/bench_trust.py [--n 100] [--rounds 5] [--reps 300] [--out bench/results/trust.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import latency, machine_info, start_mesh_daemon, wait_for, write_results
+from rich.progress import track
+
+from lmcache_mesh.engines.cli import chart
+from lmcache_mesh.engines.cli.launch import Daemon
+from lmcache_mesh.engines.cli.tables import render, table
+from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale
+from lmcache_mesh.mesh.simulation import Simulation
+from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
+
+SECRET = b"bench-trust-mesh-secret"
+NS = namespace_id(b"bench-trust", {"engine": "bench"}, chunk_tokens=16)
+CHAIN = chunk_keys(NS, list(range(16 * 128)), chunk_tokens=16)
+GET_KEYS = 16
+GETS_PER_ROUND = 30
+FETCH_CHUNK = 16 << 10
+SETTLE_S = 10.0
+
+
+def simulate(n: int, seed: int, sealed: bool) -> dict[str, Any]:
+    """One seeded cluster of ``n``: convergence, then steady-state bytes and CPU per node."""
+    cfg = MeshConfig.lan()
+    sim = Simulation(n, seed, config=cfg, mesh_secret=SECRET if sealed else b"")
+    took = sim.converge(120.0, 0.5)
+    if took is None:
+        raise RuntimeError(f"N={n} seed {seed} ({'sealed' if sealed else 'open'}) did not converge")
+    sim.net.run_for(SETTLE_S)
+    window = push_pull_scale(cfg.push_pull_interval_s, n)
+    cpu = time.process_time()
+    traffic = sim.traffic(window)
+    cpu = time.process_time() - cpu
+    return {
+        "converged_s": took,
+        "bytes_per_node_s": traffic.bytes_per_node_s,
+        "cpu_us_per_node_s": cpu / n / window * 1e6,
+        "window_s": window,
+    }
+
+
+def bench_simulation(n: int, seeds: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"open": [], "sealed": []}
+    for seed in track(range(seeds), description=f"simulating N={n}"):
+        for mode in ("open", "sealed"):
+            runs[mode].append(simulate(n, seed, mode == "sealed"))
+    out: dict[str, Any] = {"n": n, "seeds": seeds}
+    for mode, rs in runs.items():
+        out[mode] = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("converged_s", "bytes_per_node_s", "cpu_us_per_node_s")
+        }
+    out["ratios"] = {k: out["sealed"][k] / out["open"][k] for k in out["open"]}
+    return out
+
+
+def fetch_sets(rounds: int) -> list[list[bytes]]:
+    """Distinct keys for every GET of every round: a fetched chunk stays on the asker, so
+    each GET asks for chunks only the holder has."""
+    n = rounds * (GETS_PER_ROUND + 5) * GET_KEYS
+    keys = chunk_keys(namespace_id(b"bench-trust-get", {"engine": "bench"}, 16), list(range(16 * n)), 16)
+    return [keys[i : i + GET_KEYS] for i in range(0, n, GET_KEYS)]
+
+
+def _mesh(base: int, sealed: bool, fetched: list[list[bytes]]) -> tuple[Daemon, Daemon]:
+    extra = ("--mesh-secret", SECRET.decode()) if sealed else ()
+    holder = start_mesh_daemon(base, None, "--replicas", "1", *extra)
+    asker = start_mesh_daemon(base + 1, holder.tcp, "--replicas", "1", *extra)
+    if wait_for(lambda: holder.alive_members() == 2 and asker.alive_members() == 2, 30) is None:
+        raise RuntimeError("the two daemons never saw each other")
+    with Client(holder.tcp) as c:
+        c.put_records([ChunkRecord.build(k, bytes([i % 251]) * 4096, NS) for i, k in enumerate(CHAIN)])
+        for keys in fetched:
+            c.put_records([ChunkRecord.build(k, bytes([i]) * FETCH_CHUNK, NS) for i, k in enumerate(keys)])
+    with Client(asker.tcp) as c:  # the asker holds none of it; owners know every key
+        if wait_for(lambda: c.lookup(CHAIN) == len(CHAIN), 30) is None:
+            raise RuntimeError("the chain never became visible from the asker")
+    return holder, asker
+
+
+def _round(asker: Daemon, reps: int, fetch: list[list[bytes]]) -> dict[str, float]:
+    with Client(asker.tcp, timeout_s=5.0) as c:
+
+        def lookup() -> None:
+            if c.lookup(CHAIN) != len(CHAIN):
+                raise RuntimeError("LOOKUP missed")
+
+        sets = iter(fetch)
+
+        def get() -> None:
+            if any(r is None for r in c.get_records(next(sets))):
+                raise RuntimeError("GET missed")
+
+        found = latency(lookup, reps)
+        fetched = latency(get, GETS_PER_ROUND, warmup=5)
+    return {
+        "lookup_p50_ms": found["p50_ms"],
+        "lookup_p99_ms": found["p99_ms"],
+        "get16_p50_ms": fetched["p50_ms"],
+    }
+
+
+def bench_daemons(rounds: int, reps: int) -> dict[str, Any]:
+    sets = fetch_sets(rounds)
+    per_round = GETS_PER_ROUND + 5
+    meshes = {"open": _mesh(150, False, sets), "sealed": _mesh(152, True, sets)}
+    try:
+        per: dict[str, list[dict[str, float]]] = {"open": [], "sealed": []}
+        for i in track(range(rounds), description="daemons: open/sealed rounds"):
+            for mode in ("open", "sealed") if i % 2 == 0 else ("sealed", "open"):
+                per[mode].append(_round(meshes[mode][1], reps, sets[i * per_round : (i + 1) * per_round]))
+        out: dict[str, Any] = {"rounds": rounds, "reps": reps}
+        for mode, rs in per.items():
+            out[mode] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        out["ratios"] = {k: out["sealed"][k] / out["open"][k] for k in out["open"]}
+        return out
+    finally:
+        for holder, asker in meshes.values():
+            asker.stop()
+            holder.stop()
+
+
+def report(sim: dict[str, Any], live: dict[str, Any]) -> str:
+    rows = [
+        (f"sim N={sim['n']}: membership bytes/s per node", sim["open"]["bytes_per_node_s"], sim["sealed"]["bytes_per_node_s"], sim["ratios"]["bytes_per_node_s"]),
+        (f"sim N={sim['n']}: CPU µs per node per s", sim["open"]["cpu_us_per_node_s"], sim["sealed"]["cpu_us_per_node_s"], sim["ratios"]["cpu_us_per_node_s"]),
+        (f"sim N={sim['n']}: convergence s", sim["open"]["converged_s"], sim["sealed"]["converged_s"], sim["ratios"]["converged_s"]),
+        ("daemons: mesh-wide LOOKUP of 128 keys, p50 ms", live["open"]["lookup_p50_ms"], live["sealed"]["lookup_p50_ms"], live["ratios"]["lookup_p50_ms"]),
+        ("daemons: mesh-wide LOOKUP of 128 keys, p99 ms", live["open"]["lookup_p99_ms"], live["sealed"]["lookup_p99_ms"], live["ratios"]["lookup_p99_ms"]),
+        ("daemons: GET of 16 remote chunks (16 KiB), p50 ms", live["open"]["get16_p50_ms"], live["sealed"]["get16_p50_ms"], live["ratios"]["get16_p50_ms"]),
+    ]  # fmt: skip
+    t = table(
+        "What proving membership costs (sealed / open, same run)",
+        ["measure", "open", "sealed", "sealed/open"],
+        [(name, f"{a:.3g}", f"{b:.3g}", f"{r:.3f}") for name, a, b, r in rows],
+    )
+    return render(t)
+
+
+def draw(sim: dict[str, Any], live: dict[str, Any], path: Path) -> None:
+    if not chart.available():
+        print(chart.MISSING)
+        return
+    labels = ["gossip bytes/s", "gossip CPU", "convergence", "LOOKUP p50", "LOOKUP p99", "GET p50"]
+    values = [
+        sim["ratios"]["bytes_per_node_s"], sim["ratios"]["cpu_us_per_node_s"], sim["ratios"]["converged_s"],
+        live["ratios"]["lookup_p50_ms"], live["ratios"]["lookup_p99_ms"], live["ratios"]["get16_p50_ms"],
+    ]  # fmt: skip
+    blue, green = (66, 133, 244), (52, 168, 83)
+    chart.write_bar_chart(
+        path, values, [blue] * 3 + [green] * 3, labels=labels,
+        title="Sealed membership and requests, × the open mesh", y_title="sealed / open (1 = free)",
+        legend=[(f"simulation, N={sim['n']}", blue), ("real daemons", green)],
+        value_labels=[f"{v:.2f}" for v in values],
+    )  # fmt: skip
+    print(f"chart written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100, help="simulated nodes")
+    ap.add_argument("--seeds", type=int, default=3, help="simulated clusters per mode")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds on the daemons")
+    ap.add_argument("--reps", type=int, default=300, help="LOOKUPs per round")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/trust.json"))
+    args = ap.parse_args(argv)
+    sim = bench_simulation(args.n, args.seeds)
+    live = bench_daemons(args.rounds, args.reps)
+    print(report(sim, live))
+    write_results({"machine": machine_info(), "simulation": sim, "daemons": live}, args.out)
+    draw(sim, live, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
