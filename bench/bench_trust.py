@@ -29,7 +29,7 @@ from rich.progress import track
 
 from lmcache_mesh.engines.cli import chart
 from lmcache_mesh.engines.cli.launch import Daemon
-from lmcache_mesh.engines.cli.tables import render, table
+from lmcache_mesh.engines.cli.tables import Column, add_rows, render, table
 from lmcache_mesh.mesh.config import MeshConfig, push_pull_scale
 from lmcache_mesh.mesh.simulation import Simulation
 from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, namespace_id
@@ -154,10 +154,9 @@ def report(sim: dict[str, Any], live: dict[str, Any]) -> str:
         ("daemons: GET of 16 remote chunks (16 KiB), p50 ms", live["open"]["get16_p50_ms"], live["sealed"]["get16_p50_ms"], live["ratios"]["get16_p50_ms"]),
     ]  # fmt: skip
     t = table(
-        "What proving membership costs (sealed / open, same run)",
-        ["measure", "open", "sealed", "sealed/open"],
-        [(name, f"{a:.3g}", f"{b:.3g}", f"{r:.3f}") for name, a, b, r in rows],
+        Column("measure"), "open", "sealed", "sealed/open", title="What proving membership costs (same run)"
     )
+    add_rows(t, [(name, f"{a:.3g}", f"{b:.3g}", f"{r:.3f}") for name, a, b, r in rows])
     return render(t)
 
 

@@ -9,7 +9,6 @@ while that beats recomputing them.
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Generic
@@ -18,8 +17,12 @@ from .cluster import Cluster
 from .costs import Cost, fetch_window, spread, worth_prefix
 from .directory import HolderDirectory
 from .errors import MeshError
+from .hedging import hedged
 from .ports import Holdings, R
 from .remote import RemoteCalls
+
+HEDGE_MIN_S = 0.05
+"""A fetch is never hedged sooner: below this, a second request costs more than it saves."""
 
 
 def _is_node(holder: str) -> bool:
@@ -49,21 +52,26 @@ class MeshReads(Generic[R]):
         return self.cluster.name
 
     async def locate(self, keys: Sequence[bytes], deadline: float) -> list[list[str]]:
-        """Live holders of each key, asking each key's primary owner (one round, in parallel)."""
-        holders: list[list[str]] = [[] for _ in keys]
-        by_owner: dict[str, list[int]] = defaultdict(list)
-        for i, key in enumerate(keys):
-            owners = self.cluster.ring.owners(key, 1)
-            by_owner[owners[0] if owners else self.me].append(i)
-        remote = [(owner, idx) for owner, idx in by_owner.items() if owner != self.me]
-        for i in by_owner.get(self.me, []):
-            holders[i] = self.directory.index.holders(keys[i])  # we own it: our index answers
-        answers = await asyncio.gather(
-            *(self.remote.ask_owner(owner, [keys[i] for i in idx], deadline) for owner, idx in remote)
+        """Live holders of each key, asking its owners' index (the primary, hedged to the next
+        owner when late or failing; in parallel across owners)."""
+        replicas = self.directory.replicas
+        owners = {i: self.cluster.ring.owners(key, replicas) or [self.me] for i, key in enumerate(keys)}
+
+        async def ask(owner: str, idx: list[int]) -> Sequence[list[str] | None]:
+            if owner == self.me:  # we own it: our index answers
+                return [self.directory.index.holders(keys[i]) for i in idx]
+            return await self.remote.ask_owner(owner, [keys[i] for i in idx], deadline)
+
+        answers, hedges = await hedged(
+            range(len(keys)),
+            owners,
+            ask,
+            lambda plan: self._hedge_at(plan, deadline, 0),
+            deadline,
+            self.remote.clock,
         )
-        for (_, idx), answer in zip(remote, answers, strict=True):
-            for i, hs in zip(idx, answer, strict=True):
-                holders[i] = hs
+        self.counters["hedged_lookups"] += hedges
+        holders = [answers.get(i, []) for i in range(len(keys))]
         alive = self.cluster.live_names()
         local = self.holdings.present(keys)
         return [
@@ -109,29 +117,25 @@ class MeshReads(Generic[R]):
         ):
             owners = self.cluster.ring.owners(keys[i], replicas)
             candidates[i] = order + [o for o in owners if o != self.me and o not in hs]
-        fetched: list[tuple[int, R]] = []
-        for attempt in range(replicas + 1):  # each round asks every missing key's next candidate
-            plan: dict[str, list[int]] = defaultdict(list)
-            for i in missing:
-                if found[i] is None and attempt < len(candidates[i]):
-                    plan[candidates[i][attempt]].append(i)
-            if cost is not None:
-                plan = self._affordable(plan, cost)
-            if not plan or self.remote.clock() >= deadline:
-                break
-            last = not any(attempt + 1 < len(candidates[i]) for idx in plan.values() for i in idx)
-            until = deadline if last else self._round_deadline(plan, deadline, size_hint)
-            results = await asyncio.gather(
-                *(
-                    self.remote.fetch(peer, [keys[i] for i in idx], until, cost, size_hint)
-                    for peer, idx in plan.items()
-                )
-            )
-            for idx, records in zip(plan.values(), results, strict=True):
-                for i, record in zip(idx, records, strict=True):
-                    if record is not None:
-                        found[i] = record
-                        fetched.append((i, record))
+
+        async def fetch(peer: str, idx: list[int]) -> Sequence[R | None]:
+            if cost is not None and fetch_window(self.remote.peer_stats, peer, len(idx), cost) is None:
+                self.counters["cost_skip_chunks"] += len(idx)  # recomputing beats fetching from it
+                return [None] * len(idx)
+            return await self.remote.fetch(peer, [keys[i] for i in idx], deadline, cost, size_hint)
+
+        got, hedges = await hedged(
+            missing,
+            candidates,
+            fetch,
+            lambda plan: self._hedge_at(plan, deadline, size_hint),
+            deadline,
+            self.remote.clock,
+        )
+        self.counters["hedged_fetches"] += hedges
+        fetched = sorted(got.items())
+        for i, record in fetched:
+            found[i] = record
         if fetched:
             self.counters["remote_hits"] += len(fetched)
             if cost is not None:
@@ -147,26 +151,19 @@ class MeshReads(Generic[R]):
         self.counters["remote_misses"] += sum(1 for i in missing if found[i] is None)
         return found
 
-    def _round_deadline(self, plan: dict[str, list[int]], deadline: float, size_hint: int) -> float:
-        """How long a round of fetches may take when other holders could still be asked: half
-        of what is left (a holder that stopped answering must leave time for the next one),
-        or twice the slowest expected transfer if that is longer."""
+    def _hedge_at(self, plan: dict[str, list[int]], deadline: float, size_hint: int) -> float:
+        """When fetches just sent are late enough to ask another holder as well: three times
+        the slowest expected transfer (at least HEDGE_MIN_S), or a quarter of what is left
+        while a peer is unmeasured."""
         now = self.remote.clock()
-        expected = max(
-            (self.remote.peer_stats.transfer_s(peer, len(idx) * size_hint) or 0.0)
-            for peer, idx in plan.items()
-        )
-        return min(deadline, now + max((deadline - now) / 2, 2 * expected))
-
-    def _affordable(self, plan: dict[str, list[int]], cost: Cost) -> dict[str, list[int]]:
-        """The part of a fetch plan that beats recomputing (the rest is left to the engine)."""
-        kept = {}
-        for peer, idx in plan.items():
-            if fetch_window(self.remote.peer_stats, peer, len(idx), cost) is None:
-                self.counters["cost_skip_chunks"] += len(idx)
-            else:
-                kept[peer] = idx
-        return kept
+        stats = self.remote.peer_stats
+        expected = [
+            stats.transfer_s(peer, len(idx) * size_hint) for peer, idx in plan.items() if peer != self.me
+        ]
+        if any(e is None for e in expected):
+            return min(deadline, now + (deadline - now) / 4)
+        slowest = max((e for e in expected if e is not None), default=0.0)
+        return min(deadline, now + max(HEDGE_MIN_S, 3 * slowest))
 
     async def rank(
         self, keys: Sequence[bytes], candidates: Sequence[str], deadline: float

@@ -58,22 +58,24 @@ class RemoteCalls(Generic[R]):
         """Where member ``name`` is served, if it is alive (or suspected)."""
         return self.cluster.live_address(name)
 
-    async def ask_owner(self, owner: str, keys: list[bytes], deadline: float) -> list[list[str]]:
-        """Holders of ``keys`` by their owner's index; nobody if it fails or is late."""
+    async def ask_owner(self, owner: str, keys: list[bytes], deadline: float) -> list[list[str] | None]:
+        """Holders of ``keys`` by their owner's index; None per key if it fails or is late."""
         address = self.address(owner)
         remaining = deadline - self.clock()
         if address is None or remaining <= 0:
-            return [[] for _ in keys]
+            return [None] * len(keys)
         try:
             # Never the whole deadline: a stalled owner must leave time to fetch from holders.
             budget = min(remaining / 2, self.peers.timeout_s)
             started = self.clock()
-            holders = await self.peers.get(address).who_has(keys, timeout_s=budget)
+            holders: list[list[str] | None] = list(
+                await self.peers.get(address).who_has(keys, timeout_s=budget)
+            )
             self.peer_stats.observe(owner, 0, self.clock() - started)
             return holders
         except (MeshError, OSError) as exc:
             self.failed(address, exc)
-            return [[] for _ in keys]
+            return [None] * len(keys)
 
     async def fetch(
         self,

@@ -171,7 +171,7 @@ class Simulation:
         membership = Membership(self.config, name, address_of(name), zone=zone, rng=rng, on_change=on_change)
         transport: DatagramTransport = self.net.transport(address_of(name))
         if self.mesh_secret:
-            transport = SealedGossip(InProcGossip(self.net.transport(address_of(name))), self.mesh_secret)
+            transport = SealedGossip(InProcGossip(transport), self.mesh_secret)
         return MeshAgent(membership, transport, self.net)
 
     def start(self, names: Iterable[str] | None = None, seed_address: str = "a0") -> None:

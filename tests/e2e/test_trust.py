@@ -134,12 +134,16 @@ def test_a_stopped_node_costs_a_get_misses_at_worst_never_its_deadline(daemon_fa
     stopped.proc.send_signal(signal.SIGSTOP)
     try:
         with Client(reader.tcp, timeout_s=2.0) as c:
+            took = []
             for _ in range(5):
                 started = time.monotonic()
                 got = c.get_records(keys, timeout_s=2.0)  # raises on DeadlineExceeded
-                assert time.monotonic() - started < 2.1
+                took.append(time.monotonic() - started)
+                assert took[-1] < 2.1
                 assert all(r is None or bytes(r.payload[:1]) == bytes([i]) for i, r in enumerate(got))
                 assert sum(r is not None for r in got) >= here
+            print(f"\nGETs with a stopped holder: {', '.join(f'{t * 1000:.0f} ms' for t in took)}")
+            assert took[0] < 1.2  # hedged: a late owner or holder costs a hedge delay, not the deadline
     finally:
         stopped.proc.send_signal(signal.SIGCONT)
 
