@@ -19,6 +19,7 @@ Prints a table, writes JSON and a PNG chart of the ratios.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -144,7 +145,57 @@ def bench_daemons(rounds: int, reps: int) -> dict[str, Any]:
             holder.stop()
 
 
-def report(sim: dict[str, Any], live: dict[str, Any]) -> str:
+def bench_stopped_holder(trials: int) -> dict[str, Any]:
+    """Sealed mesh of three, two replicas: GETs from a node holding none of the chunks, whose
+    holders (and owners) are the other two, with both running and with one SIGSTOPped (the
+    read hedges to the other). First GET of fresh chunks each time; timeout 2 s."""
+    extra = ("--mesh-secret", SECRET.decode(), "--replicas", "2")
+    a = start_mesh_daemon(160, None, *extra)
+    b = start_mesh_daemon(161, a.tcp, *extra)
+    c = start_mesh_daemon(162, a.tcp, *extra)
+    try:
+        if wait_for(lambda: all(d.alive_members() == 3 for d in (a, b, c)), 30) is None:
+            raise RuntimeError("the three daemons never saw each other")
+        ns = namespace_id(b"bench-trust-stopped", {"engine": "bench"}, 16)
+        keys = chunk_keys(ns, list(range(16 * 4096)), 16)
+        with Client(b.tcp) as writer:
+            writer.put_records(
+                [ChunkRecord.build(k, bytes([i % 251]) * FETCH_CHUNK, ns) for i, k in enumerate(keys)]
+            )
+        with Client(a.tcp, timeout_s=5.0) as asker:
+            # only chunks held by b and c (a is neither writer nor owner): 8 per GET
+            where = asker.locate(keys)[1]
+            theirs = [k for k, hs in zip(keys, where, strict=True) if sorted(hs) == ["node161", "node162"]]
+            sets = [theirs[i : i + 8] for i in range(0, len(theirs) - 7, 8)]
+            if len(sets) < 2 * trials:
+                raise RuntimeError(f"only {len(sets)} sets of chunks held by exactly the two others")
+            out: dict[str, Any] = {}
+            for mode in ("running", "stopped"):
+                if mode == "stopped":
+                    c.proc.send_signal(signal.SIGSTOP)
+                took, hits = [], 0
+                for part in sets[:trials] if mode == "running" else sets[trials : 2 * trials]:
+                    started = time.perf_counter()
+                    got = asker.get_records(part, timeout_s=2.0)
+                    took.append(1000 * (time.perf_counter() - started))
+                    hits += sum(r is not None for r in got)
+                out[mode] = {
+                    "p50_ms": statistics.median(took),
+                    "max_ms": max(took),
+                    "hit_ratio": hits / (8 * trials),
+                }
+            c.proc.send_signal(signal.SIGCONT)
+            out["ratio_p50"] = out["stopped"]["p50_ms"] / out["running"]["p50_ms"]
+            out["hedged_fetches"] = a.stats()["mesh"].get("hedged_fetches", 0)
+            out["hedged_lookups"] = a.stats()["mesh"].get("hedged_lookups", 0)
+            return out
+    finally:
+        c.proc.send_signal(signal.SIGCONT)
+        for d in (c, b, a):
+            d.stop()
+
+
+def report(sim: dict[str, Any], live: dict[str, Any], stopped: dict[str, Any] | None = None) -> str:
     rows = [
         (f"sim N={sim['n']}: membership bytes/s per node", sim["open"]["bytes_per_node_s"], sim["sealed"]["bytes_per_node_s"], sim["ratios"]["bytes_per_node_s"]),
         (f"sim N={sim['n']}: CPU µs per node per s", sim["open"]["cpu_us_per_node_s"], sim["sealed"]["cpu_us_per_node_s"], sim["ratios"]["cpu_us_per_node_s"]),
@@ -157,7 +208,21 @@ def report(sim: dict[str, Any], live: dict[str, Any]) -> str:
         Column("measure"), "open", "sealed", "sealed/open", title="What proving membership costs (same run)"
     )
     add_rows(t, [(name, f"{a:.3g}", f"{b:.3g}", f"{r:.3f}") for name, a, b, r in rows])
-    return render(t)
+    text = render(t)
+    if stopped is None:
+        return text
+    h = table(
+        Column("GET of 8 chunks held by two others (timeout 2 s)"),
+        "p50 ms",
+        "max ms",
+        "hits",
+        title="Hedged reads",
+    )
+    for mode in ("running", "stopped"):
+        r = stopped[mode]
+        label = "both holders running" if mode == "running" else "one holder SIGSTOPped"
+        add_rows(h, [(label, f"{r['p50_ms']:.1f}", f"{r['max_ms']:.1f}", f"{r['hit_ratio']:.0%}")])
+    return text + "\n\n" + render(h)
 
 
 def draw(sim: dict[str, Any], live: dict[str, Any], path: Path) -> None:
@@ -185,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="simulated clusters per mode")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds on the daemons")
     ap.add_argument("--reps", type=int, default=300, help="LOOKUPs per round")
+    ap.add_argument("--trials", type=int, default=20, help="GETs with a holder running, then stopped")
     ap.add_argument("--out", type=Path, default=Path("bench/results/trust.json"))
     args = ap.parse_args(argv)
     sim = bench_simulation(args.n, args.seeds)
     live = bench_daemons(args.rounds, args.reps)
-    print(report(sim, live))
-    write_results({"machine": machine_info(), "simulation": sim, "daemons": live}, args.out)
+    stopped = bench_stopped_holder(args.trials)
+    print(report(sim, live, stopped))
+    write_results(
+        {"machine": machine_info(), "simulation": sim, "daemons": live, "stopped_holder": stopped}, args.out
+    )
     draw(sim, live, args.out.with_suffix(".png"))
     return 0
 
