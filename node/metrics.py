@@ -38,6 +38,13 @@ class _StatsCollector(Collector):
             ("lmcache_bytes_out", "bytes_out", "Payload bytes served"),
             ("lmcache_deletes", "deletes", "Chunks deleted on request"),
             ("lmcache_checksum_failures", "checksum_failures", "Records dropped for a bad checksum"),
+            ("lmcache_lookups", "lookups", "LOOKUP requests from clients"),
+            ("lmcache_lookup_keys", "lookup_keys", "Chunks clients looked up"),
+            (
+                "lmcache_lookup_hit_keys",
+                "lookup_hit_keys",
+                "Chunks looked up and found cached (here or in the mesh)",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=c[key])
         errors = CounterMetricFamily("lmcache_request_errors", "Error replies, by code", labels=["code"])

@@ -30,6 +30,10 @@ VERSION = "0.1.0"
 
 MAX_TENANTS_TRACKED = 1024
 
+LOOKUP_COUNTERS = ("lookups", "lookup_keys", "lookup_hit_keys", "lookup_missed_keys")
+"""Clients' LOOKUPs: requests, chunks asked about, found cached (the leading run, here or in
+the mesh), and not: the hit rate is lookup_hit_keys / lookup_keys."""
+
 
 class Node:
     """A cache node's tiers and counters. Thread-safe; the constructor does no I/O.
@@ -52,6 +56,7 @@ class Node:
         self.shm_off_reason = "" if self.config.storage.shm_dir else "turned off (shm-dir is empty)"
         """Why the memory tier is not in shared memory ("" when it is, or before :meth:`open`)."""
         self.errors: dict[str, int] = {}
+        self.lookups: Counter[str] = Counter()
         self.tenant_requests: dict[str, Counter[str]] = {}
         """Per tenant: keys asked for (gets), found (hits), records put (puts)."""
         self._state = "new"  # new -> open -> closed
@@ -181,6 +186,13 @@ class Node:
         with self._lock:
             self.errors[code_name] = self.errors.get(code_name, 0) + 1
 
+    def count_lookup(self, keys: int, hits: int) -> None:
+        """A client's LOOKUP of ``keys`` chunks, ``hits`` of them cached (here or in the mesh)."""
+        with self._lock:
+            self.lookups.update(
+                lookups=1, lookup_keys=keys, lookup_hit_keys=hits, lookup_missed_keys=keys - hits
+            )
+
     def count_tenant(self, tenant: str, **counts: int) -> None:
         with self._lock:
             counter = self.tenant_requests.get(tenant)
@@ -213,6 +225,7 @@ class Node:
         )
         with self._lock:
             counters["errors"] = dict(self.errors)
+            counters.update({k: self.lookups[k] for k in LOOKUP_COUNTERS})
         report = self.store.disk.recovery if self.store.disk is not None else RecoveryReport()
         return {
             "node": {

@@ -483,12 +483,18 @@ class NodeServer:
         return self.sharing.get_reply(job.request.id, found, headers, job.party, job.body.shm)
 
     async def _lookup(self, job: Job[Lookup], deadline: float) -> Reply:
+        reply, hits = await self._lookup_hits(job, deadline)
+        if job.tenant is not None:  # a client's (a member's lookups are the mesh's own work)
+            self.node.count_lookup(len(job.body.keys), hits)
+        return reply
+
+    async def _lookup_hits(self, job: Job[Lookup], deadline: float) -> tuple[Reply, int]:
         body, rid = job.body, job.request.id
         mesh_wide = self.coordinator is not None and self._mesh_wide(body.local)
         if body.holders and mesh_wide:
             assert self.coordinator is not None
             hits, holders = await self.coordinator.reads.lookup(body.keys, deadline, body.cost)
-            return [ok_reply(rid, hits=hits, holders=holders)]
+            return [ok_reply(rid, hits=hits, holders=holders)], hits
         hits = self.sharing.hits_here(body.keys) if job.local_hits is None else job.local_hits
         if hits < len(body.keys) and mesh_wide:
             assert self.coordinator is not None
@@ -497,8 +503,8 @@ class NodeServer:
             hits += more
         if body.holders:
             holders = [[self.node.name]] * hits + [[] for _ in body.keys[hits:]]
-            return [ok_reply(rid, hits=hits, holders=holders)]
-        return [ok_reply(rid, hits=hits)]
+            return [ok_reply(rid, hits=hits, holders=holders)], hits
+        return [ok_reply(rid, hits=hits)], hits
 
     async def _delete(self, job: Job[Delete], deadline: float) -> Reply:
         deleted = await self._in_thread(self.node.delete, job.body.keys, deadline=None)

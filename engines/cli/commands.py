@@ -265,6 +265,12 @@ def _print_status(s: dict[str, Any]) -> None:
         f"  puts={c['puts']}  in={format_size(c['bytes_in'])}  out={format_size(c['bytes_out'])}"
         f"  checksum failures={c['checksum_failures']}"
     )
+    asked = c.get("lookup_keys", 0)
+    if asked:
+        print(
+            f"lookups  {c['lookups']} requests, {asked} chunks: {c['lookup_hit_keys']} cached, "
+            f"{c['lookup_missed_keys']} not  (prefix hit rate {100 * c['lookup_hit_keys'] / asked:.1f}%)"
+        )
     if c.get("errors"):
         print("errors   " + "  ".join(f"{k}={v}" for k, v in sorted(c["errors"].items())))
     tenants = {t: v for t, v in s.get("tenants", {}).items() if t != "default"}

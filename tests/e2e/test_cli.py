@@ -37,6 +37,7 @@ def test_status_json_has_the_stable_schema(daemon: Daemon, ns: bytes, keys: list
     with daemon.client() as c:
         c.put(keys[0], payload(0), namespace=ns)
         c.get(keys[:2])
+        assert c.lookup(keys[:4]) == 1  # counted: 4 chunks looked up, 1 cached
     r = run_cli("status", "--node", daemon.tcp, "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
@@ -49,6 +50,12 @@ def test_status_json_has_the_stable_schema(daemon: Daemon, ns: bytes, keys: list
         and s["tiers"]["disk"]["capacity_bytes"] == 256 << 20
     )
     assert s["counters"]["hits_memory"] == 1 and s["counters"]["misses"] == 1 and s["counters"]["puts"] == 1
+    lookups = {
+        k: s["counters"][k] for k in ("lookups", "lookup_keys", "lookup_hit_keys", "lookup_missed_keys")
+    }
+    assert lookups == {"lookups": 1, "lookup_keys": 4, "lookup_hit_keys": 1, "lookup_missed_keys": 3}
+    table = run_cli("status", "--node", daemon.tcp)
+    assert "4 chunks: 1 cached, 3 not  (prefix hit rate 25.0%)" in table.stdout
 
 
 def test_status_table_over_ipc(daemon: Daemon) -> None:
@@ -99,9 +106,11 @@ def test_metrics_endpoint(daemon_factory: DaemonFactory, ns: bytes) -> None:
     with d.client() as c:
         c.put(keys[0], payload(0), namespace=ns)
         c.get(keys[:2])
+        c.lookup(keys[:4])
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'lmcache_hits_total{tier="memory"} 1.0' in body
     assert "lmcache_misses_total 1.0" in body
+    assert "lmcache_lookup_keys_total 4.0" in body and "lmcache_lookup_hit_keys_total 1.0" in body
     assert 'lmcache_request_seconds_count{op="GET",outcome="ok"} 1.0' in body
     assert 'lmcache_members{state="alive"} 1.0' in body
     assert 'lmcache_tier_capacity_bytes{tier="memory"}' in body
