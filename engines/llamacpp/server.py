@@ -49,6 +49,10 @@ CHAT_PARAMS = frozenset(
 )  # fmt: skip
 OPENAI_DEFAULT_MAX_TOKENS = 16
 """what OpenAI's /v1/completions uses when max_tokens is absent"""
+SERVER_DEFAULTS = {"repeat_penalty": 1.1}
+"""Where ``llama_cpp.server`` (what users of this API come from) defaults a sampling field
+differently from llama-cpp-python's ``create_completion`` (repeat_penalty 1.0): the same
+request gives the same temperature-0 text on both. Every other default already agrees."""
 
 
 @dataclass(frozen=True)
@@ -263,7 +267,7 @@ def create_app(llm: MeshLlama, config: ServerConfig) -> Starlette:
 
     async def completions(request: Request) -> Response:
         try:
-            params = await _read_json(request, COMPLETION_PARAMS, "prompt")
+            params = {**SERVER_DEFAULTS, **await _read_json(request, COMPLETION_PARAMS, "prompt")}
             params.setdefault("max_tokens", OPENAI_DEFAULT_MAX_TOKENS)
             return await respond(llm.create_completion, params)
         except ApiError as exc:
@@ -271,7 +275,7 @@ def create_app(llm: MeshLlama, config: ServerConfig) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         try:
-            params = await _read_json(request, CHAT_PARAMS, "messages")
+            params = {**SERVER_DEFAULTS, **await _read_json(request, CHAT_PARAMS, "messages")}
             if "max_completion_tokens" in params:  # the newer OpenAI name
                 params["max_tokens"] = params.pop("max_completion_tokens")
             if not isinstance(params["messages"], list) or not params["messages"]:

@@ -195,3 +195,53 @@ def test_a_stop_with_requests_queued_exits_promptly(servers, daemon: Daemon) -> 
     server.proc.terminate()
     server.proc.wait(timeout=30)
     assert time.monotonic() - started < 12, "".join(server.lines)
+
+
+def test_the_same_request_gives_the_same_text_as_llama_cpp_server(
+    servers, model: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A drop-in: temperature-0 text of `serve` and of llama-cpp-python's own server (the real
+    one, same model) agree for requests that leave the sampling fields at their defaults
+    (its repeat_penalty is 1.1, create_completion's 1.0: `serve` follows the server)."""
+    ours = servers("--data-dir", str(tmp_path / "node"))
+    port = free_port()
+    theirs_proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+         "--n_threads", "1", "--model_alias", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    theirs = Server(theirs_proc, f"http://127.0.0.1:{port}", [])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{theirs.url}/v1/models", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert theirs_proc.poll() is None and time.monotonic() < deadline, (
+                    "llama_cpp.server did not start"
+                )
+                time.sleep(0.3)
+        texts = []
+        for server in (ours, theirs):
+            c = server.client()
+            text = (
+                c.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)
+                .choices[0]
+                .text
+            )
+            chat = (
+                c.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0
+                )
+                .choices[0]
+                .message.content
+            )
+            texts.append((text, chat))
+        assert texts[0] == texts[1] and texts[0][0]  # the same, and something was generated
+    finally:
+        theirs_proc.terminate()
+        try:
+            theirs_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            theirs_proc.kill()
