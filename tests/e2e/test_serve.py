@@ -245,3 +245,13 @@ def test_the_same_request_gives_the_same_text_as_llama_cpp_server(
             theirs_proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             theirs_proc.kill()
+
+
+def test_serve_runs_the_packaged_real_model_by_name(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The README's serve example: `--model smollm2`, the official client, a real answer."""
+    server = servers("--data-dir", str(tmp_path / "node"), "--model", "smollm2", "--alias", "smollm2")
+    reply = server.client().chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0,
+    )  # fmt: skip
+    assert "Paris" in reply.choices[0].message.content
