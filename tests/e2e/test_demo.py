@@ -18,7 +18,7 @@ def test_demo_runs_a_mesh_and_shows_cold_and_hit_requests_from_local_and_peer_no
     plot = tmp_path / "demo.png"
     cmd = node_command("demo")
     out = subprocess.run(
-        [*cmd, "--conversations", "2", "--turns", "2", "--system-tokens", "300", "--preset", "tiny",
+        [*cmd, "--conversations", "2", "--turns", "2", "--system-tokens", "300", "--model", "random", "--preset", "tiny",
          "--chunk-tokens", "64", "--plot", str(plot), "--workdir", str(tmp_path / "work")],
         capture_output=True,
         text=True,
@@ -43,3 +43,18 @@ def test_demo_runs_a_mesh_and_shows_cold_and_hit_requests_from_local_and_peer_no
     # nothing left running
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+@pytest.mark.timeout(300)
+def test_the_default_demo_runs_the_real_model_and_shows_its_answers(tmp_path: Path) -> None:
+    require("llama_cpp")
+    out = subprocess.run(
+        [*node_command("demo"), "--conversations", "2", "--turns", "1", "--system-tokens", "200",
+         "--chunk-tokens", "64", "--plot", str(tmp_path / "demo.png"), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "question → answer" in out.stdout
+    answers = [ln.split(" → ", 1)[1] for ln in out.stdout.splitlines() if " → " in ln and ln[:1].isdigit()]
+    assert len(answers) == 2 and all(len(a.split()) >= 3 for a in answers), out.stdout  # words, not noise
+    assert "When was the lighthouse built?" in out.stdout
