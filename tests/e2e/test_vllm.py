@@ -47,10 +47,12 @@ def run_engine(
     node: str | None,
     extra: dict[str, Any] | None = None,
     logs: list[str] | None = None,
+    max_tokens: int = 8,
 ) -> list[dict[str, Any]]:
-    """Greedy results per prompt; ``extra``: more connector settings; ``logs`` gets the
-    connector's log lines (at DEBUG)."""
+    """Greedy results per prompt (``max_tokens`` each); ``extra``: more connector settings;
+    ``logs`` gets the connector's log lines (at DEBUG)."""
     cmd = [sys.executable, str(WORKER), str(model), json.dumps(prompts), "--chunk", str(CHUNK)]
+    cmd += ["--max-tokens", str(max_tokens)]
     if node:
         cmd += ["--node", node, "--extra", json.dumps(extra or {})]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "LMCACHE_MESH_LOG": "DEBUG"}
