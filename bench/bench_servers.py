@@ -29,22 +29,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from benchlib import free_port, machine_info, start_mesh_daemon, wait_for, write_results
+from benchlib import (
+    Comparison,
+    ServerProcess,
+    ask,
+    free_port,
+    machine_info,
+    start_mesh_daemon,
+    summarise,
+    wait_for,
+    write_results,
+)
 
-from lmcache_mesh.engines.cli import chart
 from lmcache_mesh.engines.cli.demo import QUESTIONS, _guide, _words
 from lmcache_mesh.engines.cli.launch import Daemon
-from lmcache_mesh.engines.cli.tables import Column, add_rows, render, table
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_servers.json"
 SYSTEMS = ("plain", "ram", "disk", "mesh")
@@ -54,7 +57,6 @@ LABELS = {
     "disk": "llama_cpp.server --cache_type disk",
     "mesh": "lmcache-node serve + node",
 }
-WORKLOADS = ("chat", "docqa", "noreuse", "restart", "second")
 WORKLOAD_LABELS = {
     "chat": "multi-turn chat",
     "docqa": "document QA",
@@ -63,6 +65,8 @@ WORKLOAD_LABELS = {
     "second": "second server",
 }
 COLOURS = {"plain": (150, 150, 150), "ram": (240, 170, 60), "disk": (200, 110, 60), "mesh": (52, 120, 200)}
+COMPARISON = Comparison(LABELS, WORKLOAD_LABELS, COLOURS, base="plain",
+                        title="TTFT, streaming chat through the openai client (same model, same prompts)")  # fmt: skip
 N_CTX = 8192
 MAX_TOKENS = 8
 HOST = "127.0.0.1"
@@ -72,97 +76,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@dataclass
-class Server:
-    """One OpenAI-compatible server process of a system under test."""
-
-    system: str
-    model: Path
-    workdir: Path
-    threads: int
-    node: str | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = field(default_factory=lambda: free_port(HOST))
-    model_id: str | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def command(self) -> list[str]:
-        if self.system == "mesh":
-            assert self.node is not None
-            return [sys.executable, "-m", "lmcache_mesh.engines.cli", "serve", "--model", str(self.model),
-                    "--host", HOST, "--port", str(self.port), "--node", self.node, "--n-ctx", str(N_CTX),
-                    "--threads", str(self.threads), "--log-level", "warning"]  # fmt: skip
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", HOST,
-               "--port", str(self.port), "--n_ctx", str(N_CTX), "--n_threads", str(self.threads),
-               "--n_threads_batch", str(self.threads), "--verbose", "false",
+def server(system: str, model: Path, workdir: Path, threads: int, node: str | None = None) -> ServerProcess:
+    """The server process of ``system`` (not started yet)."""
+    port = free_port(HOST)
+    if system == "mesh":
+        assert node is not None
+        cmd = [sys.executable, "-m", "lmcache_mesh.engines.cli", "serve", "--model", str(model),
+               "--host", HOST, "--port", str(port), "--node", node, "--n-ctx", str(N_CTX),
+               "--threads", str(threads), "--log-level", "warning"]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", HOST,
+               "--port", str(port), "--n_ctx", str(N_CTX), "--n_threads", str(threads),
+               "--n_threads_batch", str(threads), "--verbose", "false",
                # its default (true) keeps logits for every prompt token: a slower prefill than
                # serve's, and states of n_ctx x vocab floats (1.6 GB at 8k) in its caches
                "--logits_all", "false"]  # fmt: skip
-        if self.system in ("ram", "disk"):
-            cmd += ["--cache", "true", "--cache_type", self.system]
-        return cmd
-
-    def start(self) -> Server:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log_file = (self.workdir / "server.log").open("ab")
-        # the disk cache lives in the working directory (.cache/llama_cache): it survives a restart
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.workdir, stdout=log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": str(self.threads)},
-        )  # fmt: skip
-
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                tail = (self.workdir / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{LABELS[self.system]} exited:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2):
-                    return True
-            except OSError:
-                return False
-
-        if wait_for(up, 180, step_s=0.5) is None:
-            raise RuntimeError(f"{LABELS[self.system]} did not start in 180 s")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-def ask(server: Server, messages: list[dict[str, str]]) -> tuple[float, str]:
-    """Stream one greedy chat completion; (seconds to the first text, the whole answer)."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=600)
-    model = server.model_id or client.models.list().data[0].id
-    server.model_id = model
-    started = time.perf_counter()
-    first: float | None = None
-    text: list[str] = []
-    stream = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=MAX_TOKENS,
-        temperature=0.0,
-        stream=True,  # type: ignore[arg-type]
-    )
-    for chunk in stream:
-        piece = chunk.choices[0].delta.content if chunk.choices else None
-        if piece:
-            first = first if first is not None else time.perf_counter() - started
-            text.append(piece)
-    return (first if first is not None else time.perf_counter() - started), "".join(text)
+        if system in ("ram", "disk"):
+            cmd += ["--cache", "true", "--cache_type", system]
+    # the disk cache lives in the working directory (.cache/llama_cache): it survives a restart
+    return ServerProcess(LABELS[system], cmd, workdir, port, env={"OMP_NUM_THREADS": str(threads)}, host=HOST)
 
 
 def document_question(document: str, question: str) -> list[dict[str, str]]:
@@ -184,25 +116,28 @@ class Workloads:
     def question(self, i: int) -> str:
         return QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" (asked again, #{i})")
 
-    def chat(self, server: Server) -> list[float]:
+    def chat(self, server: ServerProcess) -> list[float]:
         histories = [[{"role": "system", "content": self.system_prompt}] for _ in range(self.users)]
         took = []
         for r in range(self.rounds):
             for u, history in enumerate(histories):
                 history.append({"role": "user", "content": self.question(3 * u + r)})
-                ttft, answer = ask(server, history)
+                ttft, answer = ask(server, history, MAX_TOKENS)
                 history.append({"role": "assistant", "content": answer})
                 took.append(ttft)
         return took
 
-    def docqa(self, server: Server, first: int, n: int) -> list[float]:
-        return [ask(server, document_question(self.document, self.question(first + i)))[0] for i in range(n)]
+    def docqa(self, server: ServerProcess, first: int, n: int) -> list[float]:
+        return [
+            ask(server, document_question(self.document, self.question(first + i)), MAX_TOKENS)[0]
+            for i in range(n)
+        ]
 
-    def noreuse(self, server: Server, salt: int) -> list[float]:
+    def noreuse(self, server: ServerProcess, salt: int) -> list[float]:
         # every system gets its own unseen prompts: a cache filled by an earlier system's run
         # (the node stays up across systems only within one) must not turn these into hits
         return [
-            ask(server, [{"role": "user", "content": _words(700, 1000 * salt + i)}])[0]
+            ask(server, [{"role": "user", "content": _words(700, 1000 * salt + i)}], MAX_TOKENS)[0]
             for i in range(self.unique)
         ]
 
@@ -212,7 +147,7 @@ def run_system(
 ) -> dict[str, list[float]]:
     """Every workload on one system; its servers (and nodes) are stopped before it returns."""
     nodes: list[Daemon] = []
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     try:
         node: str | None = None
         second_node: str | None = None
@@ -222,7 +157,7 @@ def run_system(
             if wait_for(lambda: all(d.alive_members() == 2 for d in nodes), 30) is None:
                 raise RuntimeError("the two nodes did not see each other in 30 s")
             node, second_node = nodes[0].tcp, nodes[1].tcp
-        first = Server(system, model, root / system / "one", threads, node)
+        first = server(system, model, root / system / "one", threads, node)
         servers.append(first.start())
         out: dict[str, list[float]] = {}
         log(f"  {LABELS[system]}: chat")
@@ -236,7 +171,7 @@ def run_system(
         first.start()
         out["restart"] = w.docqa(first, w.questions, w.after)
         log(f"  {LABELS[system]}: second server")
-        second = Server(system, model, root / system / "two", threads, second_node)
+        second = server(system, model, root / system / "two", threads, second_node)
         servers.append(second.start())
         out["second"] = w.docqa(second, w.questions + w.after, w.after)
         return out
@@ -245,58 +180,6 @@ def run_system(
             s.stop()
         for d in nodes:
             d.stop()
-
-
-def summarise(samples: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    cells: dict[str, Any] = {}
-    for system, per in samples.items():
-        for workload, took in per.items():
-            ordered = sorted(took)
-            cells.setdefault(workload, {})[system] = {
-                "median_ms": 1e3 * statistics.median(took),
-                "p90_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
-                "cold_ms": 1e3 * took[0],
-                "n": len(took),
-                "samples_ms": [1e3 * t for t in took],
-            }
-    for per in cells.values():
-        base = per["plain"]["median_ms"]
-        for cell in per.values():
-            cell["ratio"] = cell["median_ms"] / base
-    return cells
-
-
-def report(cells: dict[str, Any], systems: list[str]) -> str:
-    t = table(Column("workload"), Column("server"), "median ms", "p90 ms", "first ms", "median / plain",
-              title="TTFT, streaming chat through the openai client (same model, same prompts)")  # fmt: skip
-    rows = []
-    for workload in WORKLOADS:
-        for system in systems:
-            c = cells[workload][system]
-            rows.append((WORKLOAD_LABELS[workload], LABELS[system], f"{c['median_ms']:.0f}", f"{c['p90_ms']:.0f}",
-                         f"{c['cold_ms']:.0f}", f"{c['ratio']:.2f}"))  # fmt: skip
-    add_rows(t, rows)
-    return render(t)
-
-
-def draw(cells: dict[str, Any], systems: list[str], path: Path) -> None:
-    if not chart.available():
-        print(chart.MISSING)
-        return
-    values, colours, labels = [], [], []
-    for workload in WORKLOADS:
-        for system in systems:
-            values.append(cells[workload][system]["ratio"])
-            colours.append(COLOURS[system])
-            labels.append(WORKLOAD_LABELS[workload] if system == systems[len(systems) // 2] else "")
-    chart.write_bar_chart(
-        path, values, colours, labels=labels, width=1000,
-        title="Median TTFT, × llama_cpp.server with its cache off (lower is better)",
-        y_title="median TTFT / plain server",
-        legend=[(LABELS[s], COLOURS[s]) for s in systems],
-        value_labels=[f"{v:.2f}" for v in values],
-    )  # fmt: skip
-    print(f"chart written to {path}")
 
 
 def resolve_model(name: str) -> Path:
@@ -331,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         for salt, system in enumerate(systems):
             log(f"{LABELS[system]} ({salt + 1}/{len(systems)})")
             samples[system] = run_system(system, model, Path(root), w, args.threads, salt)
-    cells = summarise(samples)
-    print(report(cells, systems))
+    cells = summarise(samples, base="plain")
+    print(COMPARISON.table(cells, systems))
     write_results(
         {"machine": machine_info(model=model.name, threads=args.threads), "workloads": cells}, args.out
     )
-    draw(cells, systems, args.out.with_suffix(".png"))
+    COMPARISON.chart(cells, systems, args.out.with_suffix(".png"))
     return 0
 
 

@@ -7,16 +7,20 @@ import json
 import os
 import platform
 import socket
+import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from lmcache_mesh.engines.cli import launch
+from lmcache_mesh.engines.cli import chart, launch
 from lmcache_mesh.engines.cli.launch import Daemon
 from lmcache_mesh.engines.cli.tables import Column, render, table
 from lmcache_mesh.node import VERSION
@@ -129,3 +133,147 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.
             return time.monotonic() - start
         time.sleep(step_s)
     return None
+
+
+# --------------------------------------------------------------------------- servers side by side
+
+
+@dataclass
+class ServerProcess:
+    """One OpenAI-compatible server process of a system under test: started (its output in
+    ``workdir/server.log``), waited for until ``/v1/models`` answers, stopped."""
+
+    label: str
+    command: list[str]
+    workdir: Path
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    start_timeout_s: float = 180.0
+    proc: subprocess.Popen[bytes] | None = None
+    model_id: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / "server.log"
+        with log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(self.command, cwd=self.workdir, stdout=log_file, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env})  # fmt: skip
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{self.label} exited:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        if wait_for(up, self.start_timeout_s, step_s=0.5) is None:
+            self.stop()
+            raise RuntimeError(f"{self.label} did not start in {self.start_timeout_s:.0f} s")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def ask(server: ServerProcess, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, str]:
+    """Stream one greedy chat completion with the official openai client; (seconds to the
+    first chunk that carries text, the whole answer)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=600)
+    server.model_id = server.model_id or client.models.list().data[0].id
+    started = time.perf_counter()
+    first: float | None = None
+    text: list[str] = []
+    stream = client.chat.completions.create(
+        model=server.model_id,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+    )
+    for chunk in stream:
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece:
+            first = first if first is not None else time.perf_counter() - started
+            text.append(piece)
+    return (first if first is not None else time.perf_counter() - started), "".join(text)
+
+
+def summarise(samples: dict[str, dict[str, list[float]]], base: str) -> dict[str, Any]:
+    """``{system: {workload: [seconds]}}`` -> ``{workload: {system: cell}}`` with the median,
+    p90, the first request ("cold") in ms and the median's ratio to ``base``'s."""
+    cells: dict[str, Any] = {}
+    for system, per in samples.items():
+        for workload, took in per.items():
+            ms = sorted(1e3 * t for t in took)
+            cells.setdefault(workload, {})[system] = {
+                "median_ms": statistics.median(ms),
+                "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
+                "cold_ms": 1e3 * took[0],
+                "n": len(took),
+                "samples_ms": [1e3 * t for t in took],
+            }
+    for per in cells.values():
+        for cell in per.values():
+            cell["ratio"] = cell["median_ms"] / per[base]["median_ms"]
+    return cells
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How systems and workloads are named in a side-by-side benchmark's table and chart."""
+
+    systems: dict[str, str]  # system -> label, in the order shown
+    workloads: dict[str, str]
+    colours: dict[str, tuple[int, int, int]]
+    base: str
+    title: str
+
+    def table(self, cells: dict[str, Any], systems: Sequence[str]) -> str:
+        t = table(Column("workload"), Column("server"), "median ms", "p90 ms", "first ms",
+                  f"median / {self.base}", title=self.title)  # fmt: skip
+        for workload, name in self.workloads.items():
+            for system in systems:
+                if system in cells.get(workload, {}):
+                    c = cells[workload][system]
+                    t.add_row(name, self.systems[system], f"{c['median_ms']:.0f}", f"{c['p90_ms']:.0f}",
+                              f"{c['cold_ms']:.0f}", f"{c['ratio']:.2f}")  # fmt: skip
+        text: str = render(t)
+        return text
+
+    def chart(self, cells: dict[str, Any], systems: Sequence[str], path: Path) -> None:
+        if not chart.available():
+            print(chart.MISSING)
+            return
+        values, colours, labels = [], [], []
+        for workload, name in self.workloads.items():
+            shown = [s for s in systems if s in cells.get(workload, {})]
+            for system in shown:
+                values.append(cells[workload][system]["ratio"])
+                colours.append(self.colours[system])
+                labels.append(name if system == shown[len(shown) // 2] else "")
+        chart.write_bar_chart(
+            path, values, colours, labels=labels, width=1000,
+            title=f"Median TTFT, × {self.systems[self.base]} (lower is better)",
+            y_title=f"median TTFT / {self.base}",
+            legend=[(self.systems[s], self.colours[s]) for s in systems],
+            value_labels=[f"{v:.2f}" for v in values],
+        )  # fmt: skip
+        print(f"chart written to {path}")

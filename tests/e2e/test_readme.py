@@ -17,13 +17,18 @@ from .test_mesh import wait_until
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def block(heading: str) -> list[str]:
-    """The first bash block under ``heading``, one command per line (comments dropped)."""
+def code(heading: str, language: str) -> str:
+    """The first ``language`` block under ``heading``, as written."""
     text = README.read_text()
     section = text[text.index(heading) :]
-    body = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert body is not None, f"no bash block under {heading!r}"
-    return [line.split("  #")[0].strip() for line in body.group(1).splitlines() if line.strip()]
+    body = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    assert body is not None, f"no {language} block under {heading!r}"
+    return body.group(1)
+
+
+def block(heading: str) -> list[str]:
+    """The first bash block under ``heading``, one command per line (comments dropped)."""
+    return [line.split("  #")[0].strip() for line in code(heading, "bash").splitlines() if line.strip()]
 
 
 def test_a_mesh_on_one_machine_as_the_readme_runs_it(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ logits with a hit as without."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from ..helpers import Daemon
 from .llama import CHUNK, meshed, next_logits, next_logits_split, plain, require
+from .test_readme import code
 
 require("llama_cpp")
 
@@ -106,3 +109,26 @@ def test_document_questions_reuse_the_document_and_keep_text_and_logits(engines,
     assert split >= hit
     np.testing.assert_array_equal(logits, next_logits_split(plain(smollm2), tokens, split))
     assert logits.argmax() == next_logits(plain(smollm2), tokens).argmax()
+
+
+def test_the_readme_python_example_answers_and_a_second_process_restores_the_guide(
+    daemon: Daemon, smollm2: Path, tmp_path: Path
+) -> None:
+    """The README's MeshLlama block as a newcomer runs it, against a real node: it answers in
+    words, saves the guide's chunks; the same block in a second process restores them and
+    answers the same."""
+    example = code("## llama.cpp", "python").replace("tcp://127.0.0.1:7700", daemon.tcp)
+    script = tmp_path / "example.py"
+    script.write_text(example + '\nprint("HIT TOKENS", llm.mesh.snapshot()["hit_tokens"])\n')
+
+    def run() -> list[str]:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        return done.stdout.strip().splitlines()
+
+    first, second = run(), run()
+    *answers, saved, hits = first
+    assert len(" ".join(answers).split()) >= 6, first  # two answers in words
+    assert int(saved) >= 2 and hits == "HIT TOKENS 0", first  # the guide is two chunks and more
+    assert second[:-2] == answers, (first, second)  # greedy: the same text with the restored guide
+    assert int(second[-1].split()[-1]) >= 512, second
