@@ -18,7 +18,7 @@ from lmcache_mesh.mesh.errors import (
 
 from .client import AsyncClient, Client
 from .config import NodeConfig
-from .keys import KEY_BYTES, chunk_keys, namespace_id
+from .keys import KEY_BYTES, chunk_keys, namespace_id, tail_key
 from .node import VERSION, Node
 from .records import ChunkRecord, RecordHeader
 from .sizes import format_size, parse_size
@@ -46,4 +46,5 @@ __all__ = [
     "format_size",
     "namespace_id",
     "parse_size",
+    "tail_key",
 ]

@@ -8,6 +8,13 @@ whole prefix before it*, because each key hashes the previous key with the chunk
 
 with H = blake2b, 16-byte digest, tokens as little-endian int32. Nothing here depends on
 Python's ``hash``, the process or the machine.
+
+The tokens after the last full chunk (a *tail*, fewer than C) are stored under one more key,
+``tail_key(k_{n-1})`` (``tail_key(ns)`` for a prompt shorter than a chunk): blake2b with its
+own personalization, so no tail key can equal a chunk key, and it names the whole prefix
+before the tail. One tail per prefix chain: a later tail after the same chain replaces it,
+so stored tails stay O(prompt). The tail's own tokens travel in its payload (see
+:mod:`lmcache_mesh.node.tails`), where readers check them against their prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ KEY_BYTES = 16
 """Length of namespace ids and chunk keys in bytes (blake2b-128)."""
 
 _INT32 = struct.Struct("<i")
+_TAIL_PERSON = b"lmcache-tail-v1"
 
 
 def _canonical(value: Any, where: str) -> Any:
@@ -96,3 +104,11 @@ def chunk_keys(namespace: bytes, tokens: Sequence[int], chunk_tokens: int = 256)
         prev = h.digest()
         keys.append(prev)
     return keys
+
+
+def tail_key(prev: bytes) -> bytes:
+    """The key of the tail after the chunk chain ending in key ``prev`` (or after nothing:
+    ``prev`` = the namespace id)."""
+    if len(prev) != KEY_BYTES:
+        raise ValueError(f"prev must be a {KEY_BYTES}-byte chunk key or namespace id, got {len(prev)} bytes")
+    return hashlib.blake2b(prev, digest_size=KEY_BYTES, person=_TAIL_PERSON).digest()

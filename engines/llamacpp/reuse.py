@@ -1,15 +1,18 @@
 """The mesh side of one llama.cpp context: restore cached prefixes, store new chunks.
 
 Before prefill, :meth:`KVReuse.before_prefill` looks up the prompt's chunk chain, fetches
-the cached leading chunks, joins them into one sequence-state blob and restores it; it
-then sets the Llama's token bookkeeping so that llama-cpp-python's own prefix matching
-evaluates only the rest. After generation, :meth:`KVReuse.after_generation` copies the
-sequence state, cuts out the chunks nobody has stored yet and hands them to a background
-thread that puts them. Every mesh failure is a miss; nothing reaches the user.
+the cached leading chunks and the tail after them (the tokens past the last full chunk, in
+multiples of ``tail_tokens``, as far as they agree with the prompt), joins them into one
+sequence-state blob and restores it; it then sets the Llama's token bookkeeping so that
+llama-cpp-python's own prefix matching evaluates only the rest. After generation,
+:meth:`KVReuse.after_generation` copies the sequence state, cuts out the chunks nobody has
+stored yet and the context's tail, and hands them to a background thread that puts them.
+Every mesh failure is a miss; nothing reaches the user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -20,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cachetools import TTLCache
 
+from lmcache_mesh.mesh.errors import BadRequest
 from lmcache_mesh.node.calls import Reservation
-from lmcache_mesh.node.keys import chunk_keys, namespace_id
+from lmcache_mesh.node.keys import chunk_keys, namespace_id, tail_key, tokens_to_bytes
 from lmcache_mesh.node.shm import Lease
+from lmcache_mesh.node.tails import pack_tail, unpack_tail, usable_tokens
 
 from ..fingerprint import model_fingerprint
 from ..prefill import PrefillRate
@@ -50,6 +55,8 @@ class ReuseStats:
     hit_requests: int = 0
     hit_tokens: int = 0
     """prompt tokens restored from the mesh instead of computed"""
+    tail_tokens: int = 0
+    """of those, tokens restored from tails (after a prompt's last full chunk)"""
     restore_failures: int = 0
     """blobs llama.cpp refused (then the prompt was recomputed)"""
     bad_chunks: int = 0
@@ -60,6 +67,7 @@ class ReuseStats:
     """joining the chunks and handing the blob to llama.cpp"""
     saves: int = 0
     saved_chunks: int = 0
+    saved_tails: int = 0
     save_seconds: float = 0.0
     """time the caller spent copying KV out for saving (the rest runs in the background)"""
 
@@ -201,44 +209,52 @@ class KVReuse:
     def _restore(self, tokens: Sequence[int]) -> int:
         assert self.layout is not None
         self.stats.requests += 1
-        llm, c = self.llm, self.chunk_tokens
-        n_full = min(len(tokens), llm.n_ctx()) // c
+        llm, c, g = self.llm, self.chunk_tokens, self.config.tail_tokens
+        # restoring the whole prompt is fine: generate() evaluates its last token again
+        reach = min(len(tokens), llm.n_ctx())
+        n_full = reach // c
+        tail_room = (reach - n_full * c) // g * g if g else 0
+        best = n_full * c + tail_room  # the most that chunks and a tail could give
         have = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
-        if n_full == 0 or have >= n_full * c:
-            return 0  # the context itself holds all that chunks could give
+        if best == 0 or have >= best:
+            return 0  # the context itself holds all that the mesh could give
         started = time.perf_counter()
         keys = chunk_keys(self.namespace, tokens[: n_full * c], c)
         self.stats.lookups += 1
         cost = self.prefill.cost(c, self.chunk_bytes) if self.config.cost_aware else None
-        hits = self.store.lookup(keys, cost)
+        hits = self.store.lookup(keys, cost) if keys else 0
         looked_up = time.perf_counter()
         self.stats.lookup_seconds += looked_up - started
-        if hits * c <= have:
+        tail = tail_key(keys[hits - 1] if hits else self.namespace) if g and hits * c + g <= reach else None
+        if hits * c + (reach - hits * c if tail else 0) <= have:
             return 0
-        with self.store.read(keys[:hits], cost) as lease:
-            payloads = self._payloads(lease)
+        with self.store.read(keys[:hits] + ([tail] if tail else []), cost) as lease:
+            payloads = self._payloads(lease, hits)
+            n = len(payloads)
+            part = self._tail(lease, hits, tokens[n * c : reach]) if tail and n == hits else None
             fetched = time.perf_counter()
             self.stats.fetch_seconds += fetched - looked_up
-            n = len(payloads)
-            if n * c <= have:
+            restoring = n * c + (part.used if part else 0)
+            if restoring <= have:
                 return 0
-            blob = seqstate.join(self.layout, payloads, c)  # the one copy out of the lease
-        restored = restore_sequence(llm, blob, tokens[: n * c])
+            blob = seqstate.join(self.layout, payloads, c, part)  # the one copy out of the lease
+        restored = restore_sequence(llm, blob, tokens[:restoring])
         self.stats.restore_seconds += time.perf_counter() - fetched
         if not restored:
             self.stats.restore_failures += 1
-            logger.warning("llama.cpp refused a restored blob of %d tokens; recomputing", n * c)
+            logger.warning("llama.cpp refused a restored blob of %d tokens; recomputing", restoring)
             return 0
         self._remember(keys[:n])  # present in the mesh: no need to store them again
         self.stats.hit_requests += 1
-        self.stats.hit_tokens += n * c
-        return n * c
+        self.stats.hit_tokens += restoring
+        self.stats.tail_tokens += part.used if part else 0
+        return restoring
 
-    def _payloads(self, lease: Lease) -> list[memoryview]:
-        """Payloads of the leading run of a lease's records that belong here, each verified
-        (in place when they are views into the node's shared memory)."""
+    def _payloads(self, lease: Lease, count: int) -> list[memoryview]:
+        """Payloads of the leading run of the lease's first ``count`` records that belong
+        here, each verified (in place when they are views into the node's shared memory)."""
         payloads = []
-        for i, record in enumerate(lease.records):
+        for i, record in enumerate(lease.records[:count]):
             if record is None:
                 break
             h = record.header
@@ -252,10 +268,39 @@ class KVReuse:
             payloads.append(payload)
         return payloads
 
+    def _tail(self, lease: Lease, i: int, wanted: Sequence[int]) -> seqstate.Tail | None:
+        """The part of the lease's tail record ``i`` that agrees with ``wanted`` (the prompt
+        after the restored chunks), in whole ``tail_tokens``; None if nothing of it serves."""
+        assert self.layout is not None
+        record = lease.records[i] if i < len(lease.records) else None
+        if record is None:
+            return None
+        h = record.header
+        if h.namespace != self.namespace or not 0 < h.tokens < self.chunk_tokens:
+            self.stats.bad_chunks += 1
+            logger.warning("dropping tail %s: not a tail of this model and layout", h.key.hex())
+            return None
+        payload = lease.payload(i)
+        if payload is None:
+            return None
+        try:
+            ids, kv = unpack_tail(payload)
+        except BadRequest as exc:
+            self.stats.bad_chunks += 1
+            logger.warning("dropping tail %s: %s", h.key.hex(), exc)
+            return None
+        if len(ids) != h.tokens or len(kv) != self.layout.chunk_bytes(h.tokens):
+            self.stats.bad_chunks += 1
+            logger.warning("dropping tail %s: its size does not match this layout", h.key.hex())
+            return None
+        used = usable_tokens(ids, wanted, self.config.tail_tokens)
+        return seqstate.Tail(kv, stored=len(ids), used=used) if used else None
+
     # after generation
 
     def after_generation(self) -> None:
-        """Cut out the context's chunks that are not stored yet and queue them for storing.
+        """Cut out the context's chunks (and its tail) that are not stored yet and queue them
+        for storing.
 
         Runs on the caller's thread because only it may touch the context: it copies the
         sequence state once and cuts the new chunks right away, so the queue holds only
@@ -264,18 +309,21 @@ class KVReuse:
         if not self.enabled:
             return
         assert self.layout is not None
-        llm, c = self.llm, self.chunk_tokens
+        llm, c, g = self.llm, self.chunk_tokens, self.config.tail_tokens
         n_held = llm.n_tokens if self.config.save_completions else min(llm.n_tokens, self._prompt_tokens)
         n_full = n_held // c
-        if n_full == 0:
-            return
-        tokens = llm.input_ids[: n_full * c].tolist()
-        keys = chunk_keys(self.namespace, tokens, c)
+        n_tail = (n_held - n_full * c) // g * g if g else 0
+        tokens = llm.input_ids[: n_full * c + n_tail].tolist()
+        keys = chunk_keys(self.namespace, tokens[: n_full * c], c)
         first = self._first_unknown(keys)
         new_keys = keys[first:]
-        if not new_keys:
+        tail = tail_key(keys[-1] if keys else self.namespace) if n_tail else None
+        tail_id = self._tail_id(tail, tokens[n_full * c :]) if tail else None
+        if tail_id is not None and self._first_unknown([tail_id]) == 1:
+            tail_id = None  # this very tail is stored already
+        if not new_keys and tail_id is None:
             return
-        nbytes = len(new_keys) * self.chunk_bytes
+        nbytes = len(new_keys) * self.chunk_bytes + (self.layout.chunk_bytes(n_tail) if tail_id else 0)
         if not self._saver.has_room(nbytes):
             self._saver.count_dropped()
             return
@@ -285,30 +333,48 @@ class KVReuse:
             if state.layout != self.layout:
                 raise seqstate.BlobError(f"layout changed from {self.layout} to {state.layout}")
             payloads = seqstate.split(state, c, first, len(new_keys))
+            tail_payload = (
+                pack_tail(tokens[n_full * c :], seqstate.cut(state, n_full * c, n_tail)) if tail_id else None
+            )
         except Exception as exc:  # never fail the user's request over a save
             logger.warning("could not cut the KV to save it: %s: %s", type(exc).__name__, exc)
             return
         finally:
             self.stats.save_seconds += time.perf_counter() - started
-        self._remember(new_keys)
+        self._remember(new_keys + ([tail_id] if tail_id else []))
         # Announced now, stored in the background: a request with this prefix on another
         # engine of the node hits at once (its fetch waits for the bytes) instead of recomputing.
-        reservation = self.store.reserve(new_keys, [self.chunk_bytes] * len(new_keys))
-        if not self._saver.submit(lambda: self._save(new_keys, payloads, reservation), nbytes):
-            self._forget(new_keys)
+        reservation = self.store.reserve(new_keys, [self.chunk_bytes] * len(new_keys)) if new_keys else None
+        stored_tail = (
+            (tail, tail_payload, n_tail, tail_id) if tail and tail_id and tail_payload is not None else None
+        )
+        if not self._saver.submit(lambda: self._save(new_keys, payloads, reservation, stored_tail), nbytes):
+            self._forget(new_keys + ([tail_id] if tail_id else []))
             self.store.cancel(reservation)
+
+    @staticmethod
+    def _tail_id(key: bytes, tokens: Sequence[int]) -> bytes:
+        """Names one tail's content (its key names only the prefix before it)."""
+        return hashlib.blake2b(key + tokens_to_bytes(tokens), digest_size=16).digest()
 
     def _save(
         self,
         keys: list[bytes],
         payloads: list[np.ndarray[Any, np.dtype[np.uint8]]],
         reservation: Reservation | None,
+        tail: tuple[bytes, np.ndarray[Any, np.dtype[np.uint8]], int, bytes] | None = None,
     ) -> None:
+        assert self.layout is not None
         try:
             self.store.put_payloads(keys, payloads, self.namespace, self._meta, reservation)
+            if tail is not None:
+                key, payload, n_tail, _ = tail
+                meta = {**self._meta, "tokens": n_tail, "shape": [self.layout.n_layer, 2, n_tail]}
+                self.store.put_payloads([key], [payload], self.namespace, meta)
         except Exception:
-            self._forget(keys)
+            self._forget(keys + ([tail[3]] if tail else []))
             self.store.cancel(reservation)
             raise
         self.stats.saves += 1
         self.stats.saved_chunks += len(keys)
+        self.stats.saved_tails += 1 if tail else 0

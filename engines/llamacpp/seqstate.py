@@ -193,32 +193,55 @@ def _in_position_order(state: SeqState, n_tokens: int) -> SeqState:
     return SeqState(lay, state.pos[order], np.ascontiguousarray(k), np.ascontiguousarray(v))
 
 
+def cut(state: SeqState, start: int, count: int) -> Bytes:
+    """The payload of tokens ``start`` .. ``start + count - 1`` (a chunk, or a tail's KV):
+    K rows per layer, then V rows per layer (or V elements, transposed)."""
+    state = _in_position_order(state, start + count)
+    lay = state.layout
+    k_bytes = lay.n_layer * count * lay.k_row
+    payload = np.empty(lay.chunk_bytes(count), dtype=np.uint8)
+    payload[:k_bytes].reshape(lay.n_layer, -1)[:] = state.k[
+        :, start * lay.k_row : (start + count) * lay.k_row
+    ]
+    if lay.v_trans:
+        a, b = start * lay.v_el, (start + count) * lay.v_el
+        payload[k_bytes:].reshape(lay.n_layer, lay.n_embd_v, -1)[:] = state.v[:, :, a:b]
+    else:
+        payload[k_bytes:].reshape(lay.n_layer, -1)[:] = state.v[
+            :, start * lay.v_row : (start + count) * lay.v_row
+        ]
+    return payload
+
+
 def split(state: SeqState, chunk_tokens: int, first: int, count: int) -> list[Bytes]:
     """Payloads of chunks ``first`` .. ``first + count - 1`` (positions from 0, full chunks only)."""
-    end = (first + count) * chunk_tokens
-    state = _in_position_order(state, end)
-    lay = state.layout
-    kc, vc = chunk_tokens * lay.k_row, chunk_tokens * lay.v_row
-    k_bytes = lay.n_layer * kc
-    out = []
-    for i in range(first, first + count):
-        payload = np.empty(lay.chunk_bytes(chunk_tokens), dtype=np.uint8)
-        payload[:k_bytes].reshape(lay.n_layer, kc)[:] = state.k[:, i * kc : (i + 1) * kc]
-        if lay.v_trans:
-            ve = chunk_tokens * lay.v_el
-            dst = payload[k_bytes:].reshape(lay.n_layer, lay.n_embd_v, ve)
-            dst[:] = state.v[:, :, i * ve : (i + 1) * ve]
-        else:
-            payload[k_bytes:].reshape(lay.n_layer, vc)[:] = state.v[:, i * vc : (i + 1) * vc]
-        out.append(payload)
-    return out
+    state = _in_position_order(state, (first + count) * chunk_tokens)
+    return [cut(state, i * chunk_tokens, chunk_tokens) for i in range(first, first + count)]
 
 
-def join(layout: BlobLayout, payloads: Sequence[bytes | memoryview | Bytes], chunk_tokens: int) -> Bytes:
-    """One restorable blob holding chunks 0 .. len(payloads)-1, positions 0 .. n*C-1."""
-    n = len(payloads)
-    cells = n * chunk_tokens
-    size = layout.chunk_bytes(chunk_tokens)
+@dataclass(frozen=True)
+class Tail:
+    """The KV of a tail that holds ``stored`` tokens, of which the first ``used`` are restored."""
+
+    kv: bytes | memoryview | Bytes
+    stored: int
+    used: int
+
+
+def join(
+    layout: BlobLayout,
+    payloads: Sequence[bytes | memoryview | Bytes],
+    chunk_tokens: int,
+    tail: Tail | None = None,
+) -> Bytes:
+    """One restorable blob holding chunks 0 .. len(payloads)-1, then ``tail.used`` tokens of
+    ``tail``: positions 0 .. n*C + used - 1."""
+    parts = [(p, chunk_tokens, chunk_tokens) for p in payloads]
+    if tail is not None and tail.used > 0:
+        if not 0 < tail.used <= tail.stored:
+            raise BlobError(f"cannot restore {tail.used} tokens of a tail of {tail.stored}")
+        parts.append((tail.kv, tail.stored, tail.used))
+    cells = sum(used for _, _, used in parts)
     blob = np.empty(layout.blob_bytes(cells), dtype=np.uint8)
     _HEAD.pack_into(blob.data, 0, SEQ_MAGIC, 0, 1, cells)
     off = _HEAD.size
@@ -230,7 +253,6 @@ def join(layout: BlobLayout, payloads: Sequence[bytes | memoryview | Bytes], chu
     _TAIL.pack_into(blob.data, off, int(layout.v_trans), layout.n_layer)
     off += _TAIL.size
 
-    kc = chunk_tokens * layout.k_row
     k_dst = _layer_view(blob, off, layout.n_layer, _ROWS.size, cells * layout.k_row)
     for li in range(layout.n_layer):
         _ROWS.pack_into(
@@ -244,18 +266,23 @@ def join(layout: BlobLayout, payloads: Sequence[bytes | memoryview | Bytes], chu
             _VT_ROWS.pack_into(blob.data, off + li * v_block, layout.v_type, layout.v_el, layout.n_embd_v)
         else:
             _ROWS.pack_into(blob.data, off + li * v_block, layout.v_type, layout.v_row)
+    v3 = v_dst.reshape(layout.n_layer, layout.n_embd_v, cells * layout.v_el) if layout.v_trans else v_dst
 
-    k_bytes = layout.n_layer * kc
-    for i, payload in enumerate(payloads):
+    at = 0  # first cell of the part being copied
+    for i, (payload, stored, used) in enumerate(parts):
         src = np.frombuffer(payload, dtype=np.uint8)
-        if len(src) != size:
-            raise BlobError(f"chunk {i} has {len(src)} bytes; the layout needs {size}")
-        k_dst[:, i * kc : (i + 1) * kc] = src[:k_bytes].reshape(layout.n_layer, kc)
+        if len(src) != layout.chunk_bytes(stored):
+            raise BlobError(
+                f"part {i} has {len(src)} bytes; {stored} tokens of this layout need {layout.chunk_bytes(stored)}"
+            )
+        k_bytes = layout.n_layer * stored * layout.k_row
+        k_src = src[:k_bytes].reshape(layout.n_layer, stored * layout.k_row)
+        k_dst[:, at * layout.k_row : (at + used) * layout.k_row] = k_src[:, : used * layout.k_row]
         if layout.v_trans:
-            ve = chunk_tokens * layout.v_el
-            v3 = v_dst.reshape(layout.n_layer, layout.n_embd_v, cells * layout.v_el)
-            v3[:, :, i * ve : (i + 1) * ve] = src[k_bytes:].reshape(layout.n_layer, layout.n_embd_v, ve)
+            vt_src = src[k_bytes:].reshape(layout.n_layer, layout.n_embd_v, stored * layout.v_el)
+            v3[:, :, at * layout.v_el : (at + used) * layout.v_el] = vt_src[:, :, : used * layout.v_el]
         else:
-            vc = chunk_tokens * layout.v_row
-            v_dst[:, i * vc : (i + 1) * vc] = src[k_bytes:].reshape(layout.n_layer, vc)
+            v_src = src[k_bytes:].reshape(layout.n_layer, stored * layout.v_row)
+            v_dst[:, at * layout.v_row : (at + used) * layout.v_row] = v_src[:, : used * layout.v_row]
+        at += used
     return blob

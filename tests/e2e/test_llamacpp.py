@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmcache_mesh.node import ChunkRecord, Client, chunk_keys
+from lmcache_mesh.node import ChunkRecord, Client, chunk_keys, tail_key
 
 from ..helpers import Daemon, free_port
 from .llama import CHUNK, greedy, meshed, next_logits, next_logits_split, plain, prompt, require, write_models
@@ -57,8 +57,13 @@ def test_a_hit_gives_the_same_greedy_output_and_logits(models, engines, flash_at
     # against one 300-token batch only float noise of the batch split remains.
     hit_again = engines(models["tiny"], flash_attn=flash_attn)
     logits = next_logits(hit_again, tokens)
-    assert hit_again.mesh.stats.hit_tokens == 4 * CHUNK
-    np.testing.assert_array_equal(logits, next_logits_split(reference, tokens, 4 * CHUNK))
+    # and the tail the first hit stored (its context: the prompt and what it generated)
+    assert hit_again.mesh.stats.hit_tokens == 4 * CHUNK + 32
+    split = next_logits_split(reference, tokens, 4 * CHUNK + 32)
+    if flash_attn:  # the tail's KV was computed in another batch ([256:300]): flash attention's float noise
+        np.testing.assert_allclose(logits, split, atol=2e-3)
+    else:
+        np.testing.assert_array_equal(logits, split)
     one_batch = next_logits(plain(models["tiny"], flash_attn=flash_attn), tokens)
     np.testing.assert_allclose(logits, one_batch, atol=2e-2)
     assert logits.argmax() == one_batch.argmax()
@@ -165,7 +170,9 @@ def test_the_next_turn_reuses_the_generated_tokens(models, engines) -> None:  # 
     follow_up = held + prompt(30, seed=5)[1:]
     second = engines(models["tiny"])
     assert greedy(second, follow_up) == greedy(plain(models["tiny"]), follow_up)
-    assert second.mesh.stats.hit_tokens == (len(held) // CHUNK) * CHUNK
+    # its full chunks, then the tail the first turn stored: all of it but < 16 tokens
+    assert second.mesh.stats.hit_tokens == len(held) // 16 * 16
+    assert second.mesh.stats.tail_tokens == len(held) // 16 * 16 - (len(held) // CHUNK) * CHUNK
 
 
 def test_cutting_a_real_blob_and_joining_it_gives_the_same_bytes(models, engines) -> None:  # type: ignore[no-untyped-def]
@@ -207,3 +214,58 @@ def test_a_save_queue_holds_only_the_new_chunks(models, engines) -> None:  # typ
     stats = llm.mesh.snapshot()
     assert stats["hit_tokens"] == 5 * CHUNK
     assert stats["saver"]["dropped"] == 0 and stats["saved_chunks"] == 1
+
+
+def test_a_repeated_prompt_recomputes_less_than_one_tail_granule(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 44)  # 4 full chunks and 44 tokens more: a tail of 32 is stored
+    cache(engines(models["tiny"]), tokens)
+    llm = engines(models["tiny"])
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.hit_tokens == 4 * CHUNK + 32 and llm.mesh.stats.tail_tokens == 32
+    # restored chunks + tail + the rest = the same two batches computed without the mesh, exactly
+    again = engines(models["tiny"])
+    logits = next_logits(again, tokens)
+    assert again.mesh.stats.hit_tokens == 4 * CHUNK + 32
+    np.testing.assert_array_equal(logits, next_logits_split(plain(models["tiny"]), tokens, 4 * CHUNK + 32))
+
+
+def test_a_prompt_differing_inside_the_tail_reuses_up_to_the_difference(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 44)
+    cache(engines(models["tiny"]), tokens)
+    other = tokens[: 4 * CHUNK + 20] + [t + 1 for t in tokens[4 * CHUNK + 20 :]]
+    llm = engines(models["tiny"])
+    assert greedy(llm, other) == greedy(plain(models["tiny"]), other)
+    assert llm.mesh.stats.hit_tokens == 4 * CHUNK + 16  # the difference at 20: one granule of the tail
+
+
+def test_a_prompt_shorter_than_a_chunk_is_reused_from_its_tail(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(CHUNK - 10)
+    cache(engines(models["tiny"]), tokens)
+    llm = engines(models["tiny"])
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.hit_tokens == (CHUNK - 10) // 16 * 16
+
+
+def test_tails_off_reuses_whole_chunks_only(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 44)
+    first = engines(models["tiny"], mesh={"tail_tokens": 0})
+    cache(first, tokens)
+    assert first.mesh.stats.saved_tails == 0
+    llm = engines(models["tiny"], mesh={"tail_tokens": 0})
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.hit_tokens == 4 * CHUNK
+
+
+def test_a_tail_is_never_served_as_a_full_chunk(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(2 * CHUNK + 40)
+    first = engines(models["tiny"])
+    cache(first, tokens)
+    ns, keys = first.mesh.namespace, chunk_keys(first.mesh.namespace, tokens, CHUNK)
+    with Client(daemon.tcp) as c:
+        tail = c.get_records([tail_key(keys[1])])[0]
+        assert tail is not None and tail.header.tokens == 32
+        # the stored tail, put again under the key of the second full chunk
+        c.put_records([ChunkRecord.build(keys[1], bytes(tail.payload), ns, {"tokens": tail.header.tokens})])
+    llm = engines(models["tiny"])
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.bad_chunks == 1 and llm.mesh.stats.hit_tokens == CHUNK

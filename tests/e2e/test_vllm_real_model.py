@@ -134,7 +134,9 @@ def test_lmcache_vllm_serves_smollm2_with_the_mesh_and_vllms_own_benchmark_runs(
         # what vLLM itself shows: its metric of external hits, and our line naming the node
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
             metrics = reply.read().decode()
-        hits = [line for line in metrics.splitlines() if line.startswith("vllm:external_prefix_cache_hits_total")]
+        hits = [
+            line for line in metrics.splitlines() if line.startswith("vllm:external_prefix_cache_hits_total")
+        ]
         assert hits and float(hits[0].split()[-1]) >= 4 * CHUNK, hits
         served = (tmp_path / "serve.log").read_text(errors="replace")
         assert "MeshConnector (scheduler): namespace" in served and f"node {daemon.tcp}" in served

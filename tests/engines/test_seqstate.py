@@ -115,5 +115,28 @@ def test_layers_with_other_row_sizes_are_refused() -> None:
 
 def test_join_refuses_a_payload_of_the_wrong_size() -> None:
     state = seqstate.parse(reference_blob(random_rows(4), list(range(4)), v_trans=False))
-    with pytest.raises(BlobError, match="chunk 0"):
+    with pytest.raises(BlobError, match="part 0"):
         seqstate.join(state.layout, [b"\0" * 10], 4)
+
+
+@pytest.mark.parametrize("v_trans", [False, True])
+def test_chunks_and_part_of_a_tail_restore_exactly_that_prefix(v_trans: bool) -> None:
+    c = 4
+    rows = random_rows(15)  # 2 full chunks and a tail of 7 tokens
+    state = seqstate.parse(reference_blob(rows, list(range(15)), v_trans))
+    chunks = seqstate.split(state, c, 0, 2)
+    tail = seqstate.cut(state, 8, 7)
+    assert len(tail) == state.layout.chunk_bytes(7)
+    for used in (7, 5, 1):
+        blob = seqstate.join(state.layout, chunks, c, seqstate.Tail(tail, stored=7, used=used))
+        assert blob.tobytes() == reference_blob(rows[:, :, : 8 + used], list(range(8 + used)), v_trans)
+    # a tail with no full chunk before it (a prompt shorter than a chunk)
+    short = seqstate.join(state.layout, [], c, seqstate.Tail(seqstate.cut(state, 0, 3), stored=3, used=2))
+    assert short.tobytes() == reference_blob(rows[:, :, :2], [0, 1], v_trans)
+
+
+def test_join_refuses_more_of_a_tail_than_it_holds() -> None:
+    state = seqstate.parse(reference_blob(random_rows(4), list(range(4)), v_trans=False))
+    tail = seqstate.cut(state, 0, 3)
+    with pytest.raises(BlobError, match="4 tokens of a tail of 3"):
+        seqstate.join(state.layout, [], 4, seqstate.Tail(tail, stored=3, used=4))

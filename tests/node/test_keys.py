@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lmcache_mesh.node import chunk_keys, namespace_id
+from lmcache_mesh.node import chunk_keys, namespace_id, tail_key
 
 LAYOUT = {
     "engine": "llama.cpp",
@@ -113,3 +113,15 @@ def test_keys_are_identical_in_another_process_with_another_hash_seed() -> None:
             check=True,
         ).stdout.strip()
         assert out.split(",") == [k.hex() for k in here]
+
+
+def test_a_tail_key_names_its_prefix_and_is_never_a_chunk_key() -> None:
+    ns = namespace_id(b"fp", {"engine": "test"}, chunk_tokens=1)
+    tokens = list(range(64))
+    keys = chunk_keys(ns, tokens, 1)
+    tails = [tail_key(ns), *(tail_key(k) for k in keys)]
+    assert len(set(tails)) == len(tails) and not set(tails) & set(keys)
+    assert tail_key(keys[3]) == tail_key(chunk_keys(ns, tokens[:4], 1)[-1])  # depends on the prefix only
+    assert tail_key(chunk_keys(ns, [9, *tokens[1:4]], 1)[-1]) != tail_key(keys[3])
+    with pytest.raises(ValueError, match="16-byte"):
+        tail_key(b"short")
