@@ -4,8 +4,9 @@
 All real: the same model (SmolLM2-135M-Instruct from the registry by default) in every
 server (8k context, logits of the last token only, all cores), the official ``openai``
 client, streaming chat completions, greedy, 8 tokens each.
-TTFT is the time from sending a request to the first chunk that carries text. The systems
-run one after another through the same workloads:
+TTFT is the time from sending a request to the first chunk that carries text. All servers
+are up together and each workload runs on one system after another (the order rotating), so
+that the machine's drift falls on all of them alike:
 
 * chat: 3 users, a shared ~550-token system prompt (a guide to an island), 3 rounds each with
   the model's own answers in the growing history, users taking turns;
@@ -13,12 +14,15 @@ run one after another through the same workloads:
 * no reuse: 4 prompts of ~1k tokens nobody asked before (what reuse machinery costs);
 * restart: the server is stopped and started again (the node, for the mesh, keeps running;
   the disk cache keeps its folder), then 3 more questions about the document;
-* second server: another server (the mesh: on a second node of the mesh; the others: a
-  process of their own, as on another machine) gets 3 questions about the document the
-  first one read.
+* second server: the first server stops and another starts (the mesh: on a second node of
+  the mesh; the others: a process of their own, as on another machine) and gets 3 questions
+  about the document the first one read;
+* the same ~1.8k-token prompt (real text and a question) asked once on the first server and
+  again, word for word, on the second: for the mesh, a hit down to its tail against a cold
+  prefill.
 
-Medians and p90 per workload, the first request of each ("cold"), and median ratios to the
-plain server (cache off). Writes JSON and a chart (``bench/results/bench_servers.*``).
+Median, mean and p90 per workload, the first request of each ("cold"), and median ratios to
+the plain server (cache off). Writes JSON and a chart (``bench/results/bench_servers.*``).
 
 Run:  python bench/bench_servers.py                 (about 8 min on 2 cores)
       python bench/bench_servers.py --quick         (fewer questions, about 4 min)
@@ -31,6 +35,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,7 @@ from benchlib import (
     ask,
     free_port,
     machine_info,
+    rotated,
     start_mesh_daemon,
     summarise,
     wait_for,
@@ -61,8 +67,10 @@ WORKLOAD_LABELS = {
     "chat": "multi-turn chat",
     "docqa": "document QA",
     "noreuse": "no reuse",
+    "once": "~1.8k-token prompt, first ask",
     "restart": "after a restart",
     "second": "second server",
+    "again": "~1.8k-token prompt again, second server",
 }
 COLOURS = {"plain": (150, 150, 150), "ram": (240, 170, 60), "disk": (200, 110, 60), "mesh": (52, 120, 200)}
 COMPARISON = Comparison(LABELS, WORKLOAD_LABELS, COLOURS, base="plain",
@@ -112,6 +120,8 @@ class Workloads:
     unique: int
     system_prompt: str = field(default_factory=lambda: _guide(400))
     document: str = field(default_factory=lambda: _guide(2800))
+    # its own opening, so it shares no chunk with the document
+    repeated: str = field(default_factory=lambda: "Read this guide, then answer. " + _guide(1250))
 
     def question(self, i: int) -> str:
         return QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" (asked again, #{i})")
@@ -126,6 +136,9 @@ class Workloads:
                 history.append({"role": "assistant", "content": answer})
                 took.append(ttft)
         return took
+
+    def repeat(self, server: ServerProcess) -> list[float]:
+        return [ask(server, document_question(self.repeated, self.question(0)), MAX_TOKENS)[0]]
 
     def docqa(self, server: ServerProcess, first: int, n: int) -> list[float]:
         return [
@@ -142,44 +155,65 @@ class Workloads:
         ]
 
 
-def run_system(
-    system: str, model: Path, root: Path, w: Workloads, threads: int, salt: int
-) -> dict[str, list[float]]:
-    """Every workload on one system; its servers (and nodes) are stopped before it returns."""
-    nodes: list[Daemon] = []
-    servers: list[ServerProcess] = []
-    try:
-        node: str | None = None
-        second_node: str | None = None
-        if system == "mesh":
-            nodes.append(start_mesh_daemon(71, None, memory="2GiB"))
-            nodes.append(start_mesh_daemon(72, nodes[0].tcp, memory="2GiB"))
-            if wait_for(lambda: all(d.alive_members() == 2 for d in nodes), 30) is None:
+@dataclass
+class System:
+    """One system under test: its server (and, for the mesh, its two nodes)."""
+
+    name: str
+    model: Path
+    root: Path
+    threads: int
+    nodes: list[Daemon] = field(default_factory=list)
+    server: ServerProcess | None = None
+
+    def start(self, which: str) -> ServerProcess:
+        """Server ``one`` (on the first node) or ``two`` (the second server: on the second node)."""
+        if self.name == "mesh" and not self.nodes:
+            self.nodes.append(start_mesh_daemon(71, None, memory="2GiB"))
+            self.nodes.append(start_mesh_daemon(72, self.nodes[0].tcp, memory="2GiB"))
+            if wait_for(lambda: all(d.alive_members() == 2 for d in self.nodes), 30) is None:
                 raise RuntimeError("the two nodes did not see each other in 30 s")
-            node, second_node = nodes[0].tcp, nodes[1].tcp
-        first = server(system, model, root / system / "one", threads, node)
-        servers.append(first.start())
-        out: dict[str, list[float]] = {}
-        log(f"  {LABELS[system]}: chat")
-        out["chat"] = w.chat(first)
-        log(f"  {LABELS[system]}: document QA")
-        out["docqa"] = w.docqa(first, 0, w.questions)
-        log(f"  {LABELS[system]}: no reuse")
-        out["noreuse"] = w.noreuse(first, salt)
-        log(f"  {LABELS[system]}: restart")
-        first.stop()
-        first.start()
-        out["restart"] = w.docqa(first, w.questions, w.after)
-        log(f"  {LABELS[system]}: second server")
-        second = server(system, model, root / system / "two", threads, second_node)
-        servers.append(second.start())
-        out["second"] = w.docqa(second, w.questions + w.after, w.after)
-        return out
-    finally:
-        for s in servers:
-            s.stop()
-        for d in nodes:
+        node = self.nodes[0 if which == "one" else 1].tcp if self.nodes else None
+        self.server = server(self.name, self.model, self.root / which, self.threads, node).start()
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        for d in self.nodes:
             d.stop()
+
+
+def run(systems: list[System], w: Workloads) -> dict[str, dict[str, list[float]]]:
+    """Every workload on every system, side by side: all servers are up together and each
+    workload runs on one system after another (the order rotating), so that the machine's
+    drift falls on all of them alike."""
+    samples: dict[str, dict[str, list[float]]] = {s.name: {} for s in systems}
+
+    def each(workload: str, call: Callable[[ServerProcess, int], list[float]], turn: int) -> None:
+        for s in rotated(systems, turn):
+            log(f"  {LABELS[s.name]}: {WORKLOAD_LABELS[workload]}")
+            assert s.server is not None
+            samples[s.name][workload] = call(s.server, systems.index(s))
+
+    for s in systems:
+        s.start("one")
+    each("chat", lambda srv, _: w.chat(srv), 0)
+    each("docqa", lambda srv, _: w.docqa(srv, 0, w.questions), 1)
+    each("noreuse", w.noreuse, 2)
+    each("once", lambda srv, _: w.repeat(srv), 3)
+    for s in systems:  # the nodes stay up; the disk cache keeps its folder
+        assert s.server is not None
+        s.server.stop()
+        s.server.start()
+    each("restart", lambda srv, _: w.docqa(srv, w.questions, w.after), 4)
+    for s in systems:  # the first servers go: what they computed is in their caches (or lost)
+        assert s.server is not None
+        s.server.stop()
+        s.start("two")
+    each("second", lambda srv, _: w.docqa(srv, w.questions + w.after, w.after), 5)
+    each("again", lambda srv, _: w.repeat(srv), 6)
+    return samples
 
 
 def resolve_model(name: str) -> Path:
@@ -209,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--systems: a subset of {', '.join(SYSTEMS)} that includes plain (the baseline)")
     w = Workloads(users=3, rounds=2 if args.quick else 3, questions=3 if args.quick else 5,
                   after=2 if args.quick else 3, unique=2 if args.quick else 4)  # fmt: skip
-    samples: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-servers-") as root:
-        for salt, system in enumerate(systems):
-            log(f"{LABELS[system]} ({salt + 1}/{len(systems)})")
-            samples[system] = run_system(system, model, Path(root), w, args.threads, salt)
+        running = [System(name, model, Path(root) / name, args.threads) for name in systems]
+        try:
+            samples = run(running, w)
+        finally:
+            for s in running:
+                s.close()
     cells = summarise(samples, base="plain")
     print(COMPARISON.table(cells, systems))
     write_results(

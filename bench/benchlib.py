@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -24,6 +24,8 @@ from lmcache_mesh.engines.cli import chart, launch
 from lmcache_mesh.engines.cli.launch import Daemon
 from lmcache_mesh.engines.cli.tables import Column, render, table
 from lmcache_mesh.node import VERSION
+
+T = TypeVar("T")
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -216,15 +218,24 @@ def ask(server: ServerProcess, messages: list[dict[str, str]], max_tokens: int) 
     return (first if first is not None else time.perf_counter() - started), "".join(text)
 
 
-def summarise(samples: dict[str, dict[str, list[float]]], base: str) -> dict[str, Any]:
+def rotated(items: Sequence[T], turn: int) -> list[T]:
+    """``items`` starting at ``turn`` (mod their count): each workload starts with another system."""
+    k = turn % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def summarise(
+    samples: dict[str, dict[str, list[float]]], base: str, metric: str = "median"
+) -> dict[str, Any]:
     """``{system: {workload: [seconds]}}`` -> ``{workload: {system: cell}}`` with the median,
-    p90, the first request ("cold") in ms and the median's ratio to ``base``'s."""
+    mean, p90, the first request ("cold") in ms and ``metric``'s ratio to ``base``'s."""
     cells: dict[str, Any] = {}
     for system, per in samples.items():
         for workload, took in per.items():
             ms = sorted(1e3 * t for t in took)
             cells.setdefault(workload, {})[system] = {
                 "median_ms": statistics.median(ms),
+                "mean_ms": statistics.fmean(ms),
                 "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
                 "cold_ms": 1e3 * took[0],
                 "n": len(took),
@@ -232,7 +243,8 @@ def summarise(samples: dict[str, dict[str, list[float]]], base: str) -> dict[str
             }
     for per in cells.values():
         for cell in per.values():
-            cell["ratio"] = cell["median_ms"] / per[base]["median_ms"]
+            cell["ratio"] = cell[f"{metric}_ms"] / per[base][f"{metric}_ms"]
+            cell["ratio_of"] = metric
     return cells
 
 
@@ -245,16 +257,18 @@ class Comparison:
     colours: dict[str, tuple[int, int, int]]
     base: str
     title: str
+    metric: str = "median"
+    """what the ratios compare: "median" or "mean" TTFT"""
 
     def table(self, cells: dict[str, Any], systems: Sequence[str]) -> str:
-        t = table(Column("workload"), Column("server"), "median ms", "p90 ms", "first ms",
-                  f"median / {self.base}", title=self.title)  # fmt: skip
+        t = table(Column("workload"), Column("server"), "median ms", "mean ms", "p90 ms", "first ms",
+                  f"{self.metric} / {self.base}", title=self.title)  # fmt: skip
         for workload, name in self.workloads.items():
             for system in systems:
                 if system in cells.get(workload, {}):
                     c = cells[workload][system]
-                    t.add_row(name, self.systems[system], f"{c['median_ms']:.0f}", f"{c['p90_ms']:.0f}",
-                              f"{c['cold_ms']:.0f}", f"{c['ratio']:.2f}")  # fmt: skip
+                    t.add_row(name, self.systems[system], f"{c['median_ms']:.0f}", f"{c['mean_ms']:.0f}",
+                              f"{c['p90_ms']:.0f}", f"{c['cold_ms']:.0f}", f"{c['ratio']:.2f}")  # fmt: skip
         text: str = render(t)
         return text
 
@@ -271,8 +285,8 @@ class Comparison:
                 labels.append(name if system == shown[len(shown) // 2] else "")
         chart.write_bar_chart(
             path, values, colours, labels=labels, width=1000,
-            title=f"Median TTFT, × {self.systems[self.base]} (lower is better)",
-            y_title=f"median TTFT / {self.base}",
+            title=f"{self.metric.capitalize()} TTFT, × {self.systems[self.base]} (lower is better)",
+            y_title=f"{self.metric} TTFT / {self.base}",
             legend=[(self.systems[s], self.colours[s]) for s in systems],
             value_labels=[f"{v:.2f}" for v in values],
         )  # fmt: skip

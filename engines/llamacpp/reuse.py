@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,8 @@ class ReuseStats:
     """prompt tokens restored from the mesh instead of computed"""
     tail_tokens: int = 0
     """of those, tokens restored from tails (after a prompt's last full chunk)"""
+    skipped_restores: int = 0
+    """hits not restored because computing what they add to the context was faster"""
     restore_failures: int = 0
     """blobs llama.cpp refused (then the prompt was recomputed)"""
     bad_chunks: int = 0
@@ -98,6 +101,8 @@ class KVReuse:
         self._known_lock = threading.Lock()
         self._prompt_tokens = 0
         self.prefill = PrefillRate(self.config.prefill_tokens_per_s)
+        self.restore_rate = PrefillRate()
+        """tokens per second of restores (fetch, join, hand to llama.cpp), measured"""
         self._prefill_clock: tuple[float, int] | None = None
         self.fingerprint = model_fingerprint(llm.model_path, self.config.fingerprint_cache_dir)
         self.layout: seqstate.BlobLayout | None
@@ -157,6 +162,7 @@ class KVReuse:
             "store": self.store.snapshot(),
             "namespace": self.namespace.hex(),
             "prefill_tokens_per_s": self.prefill.tokens_per_s,
+            "restore_tokens_per_s": self.restore_rate.tokens_per_s,
         }
 
     # known chunks: stored by us or seen in the mesh recently, so not stored again
@@ -226,12 +232,28 @@ class KVReuse:
         looked_up = time.perf_counter()
         self.stats.lookup_seconds += looked_up - started
         tail = tail_key(keys[hits - 1] if hits else self.namespace) if g and hits * c + g <= reach else None
-        if hits * c + (reach - hits * c if tail else 0) <= have:
+        wanted = tokens[hits * c : reach]  # what a tail after the hits could hold
+        if hits * c + (len(wanted) if tail else 0) <= have:
             return 0
-        with self.store.read(keys[:hits] + ([tail] if tail else []), cost) as lease:
+        with ExitStack() as leases:
+            part: seqstate.Tail | None = None
+            if tail is not None and hits * c <= have:
+                # only the tail could add to what the context holds: see it before fetching chunks
+                part = self._tail(leases.enter_context(self.store.read([tail], cost)), 0, wanted)
+                if part is None or hits * c + part.used <= have:
+                    return 0
+                tail = None
+            estimate = hits * c + (part.used if part else len(wanted) // g * g if tail else 0)
+            if not self._worth_restoring(estimate, have):
+                self.stats.skipped_restores += 1
+                return 0
+            lease = leases.enter_context(self.store.read(keys[:hits] + ([tail] if tail else []), cost))
             payloads = self._payloads(lease, hits)
             n = len(payloads)
-            part = self._tail(lease, hits, tokens[n * c : reach]) if tail and n == hits else None
+            if n < hits:
+                part = None  # a tail after a missing chunk belongs to no prefix we restore
+            elif tail is not None:
+                part = self._tail(lease, hits, wanted)
             fetched = time.perf_counter()
             self.stats.fetch_seconds += fetched - looked_up
             restoring = n * c + (part.used if part else 0)
@@ -244,11 +266,21 @@ class KVReuse:
             self.stats.restore_failures += 1
             logger.warning("llama.cpp refused a restored blob of %d tokens; recomputing", restoring)
             return 0
+        self.restore_rate.observe(restoring, time.perf_counter() - looked_up)
         self._remember(keys[:n])  # present in the mesh: no need to store them again
         self.stats.hit_requests += 1
         self.stats.hit_tokens += restoring
         self.stats.tail_tokens += part.used if part else 0
         return restoring
+
+    def _worth_restoring(self, restoring: int, have: int) -> bool:
+        """A restore replaces the whole sequence: worth it when computing what it adds to the
+        context (``restoring - have`` tokens) takes longer than restoring all of it. Both
+        rates are measured on this engine; until they are, restore."""
+        prefill, restore = self.prefill.tokens_per_s, self.restore_rate.tokens_per_s
+        if prefill is None or restore is None:
+            return True
+        return (restoring - have) / prefill > restoring / restore
 
     def _payloads(self, lease: Lease, count: int) -> list[memoryview]:
         """Payloads of the leading run of the lease's first ``count`` records that belong
