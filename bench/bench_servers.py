@@ -24,8 +24,8 @@ that the machine's drift falls on all of them alike:
 Median, mean and p90 per workload, the first request of each ("cold"), and median ratios to
 the plain server (cache off). Writes JSON and a chart (``bench/results/bench_servers.*``).
 
-Run:  python bench/bench_servers.py                 (about 8 min on 2 cores)
-      python bench/bench_servers.py --quick         (fewer questions, about 4 min)
+Run:  python bench/bench_servers.py                 (about 14 min on 2 cores)
+      python bench/bench_servers.py --quick         (fewer questions, about 7 min)
       python bench/bench_servers.py --model FILE.gguf
 """
 

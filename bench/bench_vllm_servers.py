@@ -28,7 +28,7 @@ Median, mean, p90 and first-request TTFT per workload and the mean's ratio to vL
 holds that cost, a median would hide it). Writes
 JSON and a chart (``bench/results/bench_vllm_servers.*``).
 
-Run:  python bench/bench_vllm_servers.py            (about 15 min on 2 cores, plus ~3 min
+Run:  python bench/bench_vllm_servers.py            (about 20 min on 2 cores, plus ~3 min
                                                      to make LMCache's virtualenv once)
       python bench/bench_vllm_servers.py --quick    (fewer requests)
       python bench/bench_vllm_servers.py --systems vllm,mesh

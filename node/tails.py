@@ -39,7 +39,7 @@ def unpack_tail(
     payload: bytes | memoryview | npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.int32], memoryview]:
     """(token ids, KV bytes) of a tail payload; BadRequest if it is not one."""
-    buf = memoryview(payload).cast("B")
+    buf = memoryview(payload if not isinstance(payload, np.ndarray) else payload.data).cast("B")
     if len(buf) < _COUNT.size:
         raise BadRequest(f"tail payload of {len(buf)} bytes has no token count")
     (n,) = _COUNT.unpack_from(buf, 0)

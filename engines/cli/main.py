@@ -71,6 +71,13 @@ def add_serve_parser(sub: Any) -> None:
         help="tokens per cached chunk (default: %(default)s)",
     )
     serve.add_argument(
+        "--tail-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="reuse past the last full chunk in multiples of N tokens; 0: whole chunks only (default: %(default)s)",
+    )
+    serve.add_argument(
         "--tenant", metavar="NAME", help="tenant of this server's KV (namespace salt and node-side tenant)"
     )
     serve.add_argument("--key", metavar="FILE", help="CurveZMQ key pair for a tcp:// --node (a client key)")
@@ -144,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node=args.node,
         node_config=node_config,
         chunk_tokens=args.chunk_tokens,
+        tail_tokens=args.tail_tokens,
         tenant=args.tenant,
         key_file=args.key,
         server_key=args.server_key,

@@ -255,3 +255,27 @@ def test_serve_runs_the_packaged_real_model_by_name(servers, tmp_path: Path) -> 
         max_tokens=24, temperature=0,
     )  # fmt: skip
     assert "Paris" in reply.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("tail_tokens", "reused"), [("16", "all but < 16 tokens"), ("0", "whole chunks only")]
+)
+def test_tail_tokens_sets_how_far_a_repeated_prompt_is_reused(
+    servers, daemon: Daemon, tail_tokens: str, reused: str
+) -> None:  # type: ignore[no-untyped-def]
+    first = servers("--node", daemon.tcp, "--tail-tokens", tail_tokens)
+    second = servers("--node", daemon.tcp, "--tail-tokens", tail_tokens)
+    text = completion(first)
+    for _ in range(50):  # the first server stores its chunks (and tail) in the background
+        if first.health()["mesh"]["saver"]["done"] >= 1:
+            break
+        threading.Event().wait(0.1)
+    assert completion(second) == text
+    prompt_tokens = (
+        second.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=1).usage.prompt_tokens
+    )
+    hit = second.health()["mesh"]["hit_tokens"]
+    if tail_tokens == "0":
+        assert hit == prompt_tokens // 64 * 64, reused
+    else:
+        assert prompt_tokens - 16 < hit <= prompt_tokens and hit % 16 == 0, reused
