@@ -75,6 +75,18 @@ class ReuseStats:
     """time the caller spent copying KV out for saving (the rest runs in the background)"""
 
 
+@dataclass
+class _TailSave:
+    """A tail to store: ``count`` tokens of the context from ``start``, under ``key``;
+    ``content`` names what it holds (its key names only the prefix before it)."""
+
+    key: bytes
+    start: int
+    count: int
+    content: bytes
+    payload: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+
+
 def common_prefix(held: np.ndarray[Any, Any], tokens: Sequence[int]) -> int:
     n = min(len(held), len(tokens))
     diff = np.flatnonzero(held[:n] != np.asarray(tokens[:n], dtype=held.dtype))
@@ -331,8 +343,12 @@ class KVReuse:
     # after generation
 
     def after_generation(self) -> None:
-        """Cut out the context's chunks (and its tail) that are not stored yet and queue them
-        for storing.
+        """Cut out the context's chunks and tails that are not stored yet and queue them for
+        storing.
+
+        Tails: the context's own (what the next turn of a chat continues), and, where the
+        generated tokens filled the chunk the prompt ended in, the prompt's (what another
+        request sharing the prompt's opening continues: that full chunk holds this answer).
 
         Runs on the caller's thread because only it may touch the context: it copies the
         sequence state once and cuts the new chunks right away, so the queue holds only
@@ -341,21 +357,17 @@ class KVReuse:
         if not self.enabled:
             return
         assert self.layout is not None
-        llm, c, g = self.llm, self.chunk_tokens, self.config.tail_tokens
+        llm, c = self.llm, self.chunk_tokens
         n_held = llm.n_tokens if self.config.save_completions else min(llm.n_tokens, self._prompt_tokens)
         n_full = n_held // c
-        n_tail = (n_held - n_full * c) // g * g if g else 0
-        tokens = llm.input_ids[: n_full * c + n_tail].tolist()
+        tokens = llm.input_ids[:n_held].tolist()
         keys = chunk_keys(self.namespace, tokens[: n_full * c], c)
         first = self._first_unknown(keys)
         new_keys = keys[first:]
-        tail = tail_key(keys[-1] if keys else self.namespace) if n_tail else None
-        tail_id = self._tail_id(tail, tokens[n_full * c :]) if tail else None
-        if tail_id is not None and self._first_unknown([tail_id]) == 1:
-            tail_id = None  # this very tail is stored already
-        if not new_keys and tail_id is None:
+        tails = self._new_tails(tokens, keys, min(self._prompt_tokens, n_held))
+        if not new_keys and not tails:
             return
-        nbytes = len(new_keys) * self.chunk_bytes + (self.layout.chunk_bytes(n_tail) if tail_id else 0)
+        nbytes = len(new_keys) * self.chunk_bytes + sum(self.layout.chunk_bytes(t.count) for t in tails)
         if not self._saver.has_room(nbytes):
             self._saver.count_dropped()
             return
@@ -365,48 +377,62 @@ class KVReuse:
             if state.layout != self.layout:
                 raise seqstate.BlobError(f"layout changed from {self.layout} to {state.layout}")
             payloads = seqstate.split(state, c, first, len(new_keys))
-            tail_payload = (
-                pack_tail(tokens[n_full * c :], seqstate.cut(state, n_full * c, n_tail)) if tail_id else None
-            )
+            for t in tails:
+                t.payload = pack_tail(
+                    tokens[t.start : t.start + t.count], seqstate.cut(state, t.start, t.count)
+                )
         except Exception as exc:  # never fail the user's request over a save
             logger.warning("could not cut the KV to save it: %s: %s", type(exc).__name__, exc)
             return
         finally:
             self.stats.save_seconds += time.perf_counter() - started
-        self._remember(new_keys + ([tail_id] if tail_id else []))
+        remembered = new_keys + [t.content for t in tails]
+        self._remember(remembered)
         # Announced now, stored in the background: a request with this prefix on another
         # engine of the node hits at once (its fetch waits for the bytes) instead of recomputing.
         reservation = self.store.reserve(new_keys, [self.chunk_bytes] * len(new_keys)) if new_keys else None
-        stored_tail = (
-            (tail, tail_payload, n_tail, tail_id) if tail and tail_id and tail_payload is not None else None
-        )
-        if not self._saver.submit(lambda: self._save(new_keys, payloads, reservation, stored_tail), nbytes):
-            self._forget(new_keys + ([tail_id] if tail_id else []))
+        if not self._saver.submit(lambda: self._save(new_keys, payloads, reservation, tails), nbytes):
+            self._forget(remembered)
             self.store.cancel(reservation)
 
-    @staticmethod
-    def _tail_id(key: bytes, tokens: Sequence[int]) -> bytes:
-        """Names one tail's content (its key names only the prefix before it)."""
-        return hashlib.blake2b(key + tokens_to_bytes(tokens), digest_size=16).digest()
+    def _new_tails(self, tokens: list[int], keys: list[bytes], prompt_end: int) -> list[_TailSave]:
+        """The tails to store for a context of ``tokens`` (chunk ``keys``) whose prompt ended
+        at ``prompt_end``: the context's, and the prompt's if it ended in an earlier chunk."""
+        g, c = self.config.tail_tokens, self.chunk_tokens
+        if not g:
+            return []
+        ends = [len(tokens)] if prompt_end // c == len(tokens) // c else [prompt_end, len(tokens)]
+        tails = []
+        for end in ends:
+            k = end // c
+            count = (end - k * c) // g * g
+            if count == 0:
+                continue
+            key = tail_key(keys[k - 1] if k else self.namespace)
+            content = hashlib.blake2b(
+                key + tokens_to_bytes(tokens[k * c : k * c + count]), digest_size=16
+            ).digest()
+            if self._first_unknown([content]) == 0:  # not this very tail, stored lately
+                tails.append(_TailSave(key, k * c, count, content))
+        return tails
 
     def _save(
         self,
         keys: list[bytes],
         payloads: list[np.ndarray[Any, np.dtype[np.uint8]]],
         reservation: Reservation | None,
-        tail: tuple[bytes, np.ndarray[Any, np.dtype[np.uint8]], int, bytes] | None = None,
+        tails: list[_TailSave],
     ) -> None:
         assert self.layout is not None
         try:
             self.store.put_payloads(keys, payloads, self.namespace, self._meta, reservation)
-            if tail is not None:
-                key, payload, n_tail, _ = tail
-                meta = {**self._meta, "tokens": n_tail, "shape": [self.layout.n_layer, 2, n_tail]}
-                self.store.put_payloads([key], [payload], self.namespace, meta)
+            for t in tails:
+                meta = {**self._meta, "tokens": t.count, "shape": [self.layout.n_layer, 2, t.count]}
+                self.store.put_payloads([t.key], [t.payload], self.namespace, meta)
         except Exception:
-            self._forget(keys + ([tail[3]] if tail else []))
+            self._forget(keys + [t.content for t in tails])
             self.store.cancel(reservation)
             raise
         self.stats.saves += 1
         self.stats.saved_chunks += len(keys)
-        self.stats.saved_tails += 1 if tail else 0
+        self.stats.saved_tails += len(tails)

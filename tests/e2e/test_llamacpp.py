@@ -269,3 +269,21 @@ def test_a_tail_is_never_served_as_a_full_chunk(models, engines, daemon) -> None
     llm = engines(models["tiny"])
     assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
     assert llm.mesh.stats.bad_chunks == 1 and llm.mesh.stats.hit_tokens == CHUNK
+
+
+def test_a_sibling_reuses_the_prompts_tail_when_the_answer_filled_its_chunk(models, engines) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 40)
+    first = engines(models["tiny"])
+
+    def no_eos(input_ids: Any, scores: Any) -> Any:
+        scores[first.token_eos()] = -np.inf
+        return scores
+
+    first.create_completion(tokens, max_tokens=40, temperature=0.0, logits_processor=[no_eos])
+    assert first.mesh.flush(30)
+    assert first.n_tokens >= 5 * CHUNK  # the answer filled chunk 4: it is stored whole, with the answer
+    # another question after the same opening: chunk 4 misses, the prompt's own tail serves
+    sibling = tokens[: 4 * CHUNK + 36] + prompt(20, seed=7)[1:]
+    llm = engines(models["tiny"])
+    assert greedy(llm, sibling) == greedy(plain(models["tiny"]), sibling)
+    assert llm.mesh.stats.hit_tokens == 4 * CHUNK + 32 and llm.mesh.stats.tail_tokens == 32
