@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for s in running:
                 s.close()
-    cells = summarise(samples, base="vllm", metric="mean")
+    cells = summarise(samples, base="vllm", metric=COMPARISON.metric)
     print(COMPARISON.table(cells, systems))
     for what, moved in notes.get("lmcache_server", {}).items():
         print(f"LMCache's server {what} {moved['tokens']} tokens in {moved['transfers']} transfers, "

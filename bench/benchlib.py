@@ -10,6 +10,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -282,9 +283,10 @@ class Comparison:
             for system in shown:
                 values.append(cells[workload][system]["ratio"])
                 colours.append(self.colours[system])
-                labels.append(name if system == shown[len(shown) // 2] else "")
+                # each group's name under its middle bar, wrapped to about the group's width
+                labels.append(textwrap.fill(name, 4 * len(shown)) if system == shown[len(shown) // 2] else "")
         chart.write_bar_chart(
-            path, values, colours, labels=labels, width=1000,
+            path, values, colours, labels=labels, width=max(1000, 28 * len(values)), height=460,
             title=f"{self.metric.capitalize()} TTFT, × {self.systems[self.base]} (lower is better)",
             y_title=f"{self.metric} TTFT / {self.base}",
             legend=[(self.systems[s], self.colours[s]) for s in systems],

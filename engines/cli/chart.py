@@ -69,8 +69,12 @@ def write_bar_chart(
     shown = list(value_labels) or [_number(v) for v in values]
     if max(map(len, shown), default=0) * CHAR_PX <= slot:  # else values would run into each other
         ax.bar_label(bars, labels=shown, padding=2, fontsize=9)
-    if labels:  # every label if they fit, else every k-th
-        step = math.ceil((max(map(len, labels)) * CHAR_PX + 10) / slot)
+    named = [i for i, label in enumerate(labels) if label]
+    if labels and len(named) < len(labels):  # groups: one name under some bar of each, as given
+        ax.set_xticks(named, [labels[i] for i in named])
+    elif labels:  # every label if they fit, else every k-th (a label may be several lines)
+        longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
+        step = math.ceil((longest * CHAR_PX + 10) / slot)
         ax.set_xticks(list(xs)[::step], list(labels)[::step])
     else:
         ax.set_xticks([])
@@ -89,7 +93,9 @@ def write_bar_chart(
     if legend:
         handles = [Patch(color=_rgb(colour), label=name) for name, colour in legend]
         # in a row between the title and the plot, on the right: never over a bar
+        row = sum(len(name) * CHAR_PX + 40 for name, _ in legend)
         ax.legend(
-            handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(handles), frameon=False
-        )
+            handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
+            ncols=len(handles) if row <= 0.9 * width else math.ceil(len(handles) / 2),
+        )  # fmt: skip
     fig.savefig(path, format="png", dpi=dpi)
