@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmcache_mesh.node.codecs import CODECS
 from lmcache_mesh.node.config import NodeConfig
 from lmcache_mesh.node.sizes import format_size
 
@@ -76,6 +77,13 @@ def add_serve_parser(sub: Any) -> None:
         default=16,
         metavar="N",
         help="reuse past the last full chunk in multiples of N tokens; 0: whole chunks only (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--codec",
+        choices=CODECS,
+        default="raw",
+        help="how this server's chunks are stored: raw, or zstd (lossless, smaller, for slow links; "
+        "decoded on every restore) (default: %(default)s)",
     )
     serve.add_argument(
         "--tenant", metavar="NAME", help="tenant of this server's KV (namespace salt and node-side tenant)"
@@ -152,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node_config=node_config,
         chunk_tokens=args.chunk_tokens,
         tail_tokens=args.tail_tokens,
+        codec=args.codec,
         tenant=args.tenant,
         key_file=args.key,
         server_key=args.server_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmcache_mesh.node.codecs import check_codec
 from lmcache_mesh.node.config import NodeConfig
 
 from ..adapter_config import AdapterConfig
@@ -27,8 +28,13 @@ class LlamaMeshConfig(AdapterConfig):
     stored (and restored) as a tail record in multiples of it. 0 turns tails off: whole
     chunks only."""
 
+    codec: str = "raw"
+    """How chunks are stored: ``raw`` (the engine's bytes) or ``zstd`` (lossless, byte planes;
+    smaller, for slow links; costs decode time on every restore). Any reader decodes either."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_codec(self.codec)
         if not 0 <= self.tail_tokens < self.chunk_tokens:
             raise ValueError(f"tail_tokens must be in [0, chunk_tokens), got {self.tail_tokens}")
 

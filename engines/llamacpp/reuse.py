@@ -26,6 +26,7 @@ from cachetools import TTLCache
 
 from lmcache_mesh.mesh.errors import BadRequest
 from lmcache_mesh.node.calls import Reservation
+from lmcache_mesh.node.codecs import CodecError, decode, encode
 from lmcache_mesh.node.keys import chunk_keys, namespace_id, tail_key, tokens_to_bytes
 from lmcache_mesh.node.shm import Lease
 from lmcache_mesh.node.tails import pack_tail, unpack_tail, usable_tokens
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 logger = logging.getLogger(__name__)
+
+_ELEMENT_BYTES = {0: 4, 1: 2, 30: 2}
+"""bytes per element of the GGML types the zstd codec splits (f32, f16, bf16)"""
 
 _KNOWN_KEYS = 1 << 16
 _KNOWN_TTL_S = 300.0
@@ -140,6 +144,11 @@ class KVReuse:
             self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant
         )
         self.chunk_bytes = self.layout.chunk_bytes(self.chunk_tokens)
+        self.codec = self.config.codec
+        self._element_bytes = _ELEMENT_BYTES.get(self.layout.k_type, 0)
+        if self.codec != "raw" and (self.layout.k_type != self.layout.v_type or not self._element_bytes):
+            logger.warning("codec %s needs f16/bf16/f32 K and V of one type; storing raw", self.codec)
+            self.codec = "raw"
         self._meta = {
             "tokens": self.chunk_tokens,
             "layout": self.descriptor,
@@ -173,6 +182,7 @@ class KVReuse:
             "saver": self._saver.snapshot(),
             "store": self.store.snapshot(),
             "namespace": self.namespace.hex(),
+            "codec": getattr(self, "codec", "raw"),
             "prefill_tokens_per_s": self.prefill.tokens_per_s,
             "restore_tokens_per_s": self.restore_rate.tokens_per_s,
         }
@@ -302,13 +312,25 @@ class KVReuse:
             if record is None:
                 break
             h = record.header
-            if h.namespace != self.namespace or h.tokens != self.chunk_tokens or h.length != self.chunk_bytes:
+            raw = h.codec == "raw"
+            if (
+                h.namespace != self.namespace
+                or h.tokens != self.chunk_tokens
+                or (raw and h.length != self.chunk_bytes)
+            ):
                 self.stats.bad_chunks += 1
                 logger.warning("dropping chunk %s: not of this model and layout", h.key.hex())
                 break
             payload = lease.payload(i)
             if payload is None:
                 break  # failed its checksum (counted): recompute from here
+            if not raw:
+                try:
+                    payload = memoryview(decode(h.codec, payload, self.chunk_bytes))
+                except CodecError as exc:
+                    self.stats.bad_chunks += 1
+                    logger.warning("dropping chunk %s: %s", h.key.hex(), exc)
+                    break
             payloads.append(payload)
         return payloads
 
@@ -320,7 +342,7 @@ class KVReuse:
         if record is None:
             return None
         h = record.header
-        if h.namespace != self.namespace or not 0 < h.tokens < self.chunk_tokens:
+        if h.namespace != self.namespace or not 0 < h.tokens < self.chunk_tokens or h.codec != "raw":
             self.stats.bad_chunks += 1
             logger.warning("dropping tail %s: not a tail of this model and layout", h.key.hex())
             return None
@@ -390,7 +412,10 @@ class KVReuse:
         self._remember(remembered)
         # Announced now, stored in the background: a request with this prefix on another
         # engine of the node hits at once (its fetch waits for the bytes) instead of recomputing.
-        reservation = self.store.reserve(new_keys, [self.chunk_bytes] * len(new_keys)) if new_keys else None
+        raw = self.codec == "raw"  # encoded chunks have other sizes: announced when they are put
+        reservation = (
+            self.store.reserve(new_keys, [self.chunk_bytes] * len(new_keys)) if new_keys and raw else None
+        )
         if not self._saver.submit(lambda: self._save(new_keys, payloads, reservation, tails), nbytes):
             self._forget(remembered)
             self.store.cancel(reservation)
@@ -424,11 +449,15 @@ class KVReuse:
         tails: list[_TailSave],
     ) -> None:
         assert self.layout is not None
+        meta = self._meta
+        if self.codec != "raw":  # here, off the request's path
+            payloads = [encode(self.codec, p, self._element_bytes) for p in payloads]
+            meta = {**meta, "codec": self.codec}
         try:
-            self.store.put_payloads(keys, payloads, self.namespace, self._meta, reservation)
-            for t in tails:
-                meta = {**self._meta, "tokens": t.count, "shape": [self.layout.n_layer, 2, t.count]}
-                self.store.put_payloads([t.key], [t.payload], self.namespace, meta)
+            self.store.put_payloads(keys, payloads, self.namespace, meta, reservation)
+            for t in tails:  # raw: a tail is small, and its token ids lead its payload
+                tail_meta = {**self._meta, "tokens": t.count, "shape": [self.layout.n_layer, 2, t.count]}
+                self.store.put_payloads([t.key], [t.payload], self.namespace, tail_meta)
         except Exception:
             self._forget(keys + [t.content for t in tails])
             self.store.cancel(reservation)

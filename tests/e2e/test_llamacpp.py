@@ -287,3 +287,30 @@ def test_a_sibling_reuses_the_prompts_tail_when_the_answer_filled_its_chunk(mode
     llm = engines(models["tiny"])
     assert greedy(llm, sibling) == greedy(plain(models["tiny"]), sibling)
     assert llm.mesh.stats.hit_tokens == 4 * CHUNK + 32 and llm.mesh.stats.tail_tokens == 32
+
+
+def test_chunks_stored_with_zstd_are_smaller_and_any_reader_restores_them(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 1)
+    writer = engines(models["tiny"], mesh={"codec": "zstd"})
+    cache(writer, tokens)
+    keys = chunk_keys(writer.mesh.namespace, tokens, CHUNK)
+    with Client(daemon.tcp) as c:
+        stored = c.get_records(keys)
+    assert all(r is not None and r.header.codec == "zstd" for r in stored)
+    assert sum(r.header.length for r in stored) < 4 * writer.mesh.chunk_bytes
+    reader = engines(models["tiny"])  # stores raw itself, decodes what it finds
+    assert greedy(reader, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert reader.mesh.stats.hit_tokens == 4 * CHUNK and reader.mesh.stats.bad_chunks == 0
+
+
+def test_a_chunk_that_does_not_decode_is_dropped_and_recomputed(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(3 * CHUNK + 1)
+    llm = engines(models["tiny"])
+    keys = chunk_keys(llm.mesh.namespace, tokens, CHUNK)
+    garbage = ChunkRecord.build(
+        keys[0], b"\x01" * 1000, llm.mesh.namespace, {"tokens": CHUNK, "codec": "zstd"}
+    )
+    with Client(daemon.tcp) as c:
+        c.put_records([garbage])
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.bad_chunks == 1 and llm.mesh.stats.hit_tokens == 0

@@ -279,3 +279,16 @@ def test_tail_tokens_sets_how_far_a_repeated_prompt_is_reused(
         assert hit == prompt_tokens // 64 * 64, reused
     else:
         assert prompt_tokens - 16 < hit <= prompt_tokens and hit % 16 == 0, reused
+
+
+def test_codec_zstd_stores_smaller_chunks_that_another_server_restores(servers, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    first = servers("--node", daemon.tcp, "--codec", "zstd")
+    second = servers("--node", daemon.tcp)
+    text = completion(first)
+    for _ in range(50):
+        if first.health()["mesh"]["saver"]["done"] >= 1:
+            break
+        threading.Event().wait(0.1)
+    assert first.health()["mesh"]["codec"] == "zstd"
+    assert completion(second) == text
+    assert second.health()["mesh"]["hit_tokens"] >= 4 * 64 and second.health()["mesh"]["bad_chunks"] == 0

@@ -18,6 +18,7 @@ def test_both_adapters_extend_the_one_base_with_only_their_own_fields() -> None:
         "node_config",
         "save_completions",
         "tail_tokens",
+        "codec",
     }
     assert {f.name for f in fields(VllmMeshConfig)} - common == {
         "load_failure_policy",
