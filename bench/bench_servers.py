@@ -46,9 +46,8 @@ from benchlib import (
     free_port,
     machine_info,
     rotated,
-    start_mesh_daemon,
+    start_mesh_pair,
     summarise,
-    wait_for,
     write_results,
 )
 
@@ -171,10 +170,7 @@ class System:
     def start(self, which: str) -> ServerProcess:
         """Server ``one`` (on the first node) or ``two`` (the second server: on the second node)."""
         if self.name == "mesh" and not self.nodes:
-            self.nodes.append(start_mesh_daemon(71, None, memory="2GiB"))
-            self.nodes.append(start_mesh_daemon(72, self.nodes[0].tcp, memory="2GiB"))
-            if wait_for(lambda: all(d.alive_members() == 2 for d in self.nodes), 30) is None:
-                raise RuntimeError("the two nodes did not see each other in 30 s")
+            self.nodes = start_mesh_pair(71)
         node = self.nodes[0 if which == "one" else 1].tcp if self.nodes else None
         self.server = server(self.name, self.model, self.root / which, self.threads, node).start()
         return self.server

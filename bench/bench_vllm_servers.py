@@ -58,7 +58,7 @@ from benchlib import (
     free_port,
     machine_info,
     rotated,
-    start_mesh_daemon,
+    start_mesh_pair,
     summarise,
     wait_for,
     write_results,
@@ -260,10 +260,7 @@ class System:
 
     def start_cache(self, venvs: Path) -> None:
         if self.name == "mesh":
-            self.nodes.append(start_mesh_daemon(81, None, memory="2GiB"))
-            self.nodes.append(start_mesh_daemon(82, self.nodes[0].tcp, memory="2GiB"))
-            if wait_for(lambda: all(d.alive_members() == 2 for d in self.nodes), 30) is None:
-                raise RuntimeError("the two nodes did not see each other in 30 s")
+            self.nodes = start_mesh_pair(81)
         if self.name == "lmcache":
             python = lmcache_venv(venvs)
             self.lmcache_server, port = start_lmcache_server(python, self.root)

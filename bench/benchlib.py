@@ -129,6 +129,18 @@ def start_mesh_daemon(i: int, join: str | None, *extra: str, memory: str = "256M
     )  # fmt: skip
 
 
+def start_mesh_pair(i: int, *extra: str, memory: str = "2GiB") -> list[Daemon]:
+    """Nodes ``i`` and ``i + 1`` (see :func:`start_mesh_daemon`), the second joined to the
+    first; returns once each sees the other."""
+    nodes = [start_mesh_daemon(i, None, *extra, memory=memory)]
+    nodes.append(start_mesh_daemon(i + 1, nodes[0].tcp, *extra, memory=memory))
+    if wait_for(lambda: all(d.alive_members() == 2 for d in nodes), 30) is None:
+        for d in nodes:
+            d.stop()
+        raise RuntimeError("the two nodes did not see each other in 30 s")
+    return nodes
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> float | None:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:

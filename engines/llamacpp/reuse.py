@@ -111,6 +111,8 @@ class KVReuse:
         self.chunk_tokens = self.config.chunk_tokens
         self.stats = ReuseStats()
         self.enabled = False
+        self.codec = "raw"
+        """what this engine stores: the configured codec, where its KV types allow it"""
         self.namespace = b""
         self.chunk_bytes = 0
         self._known: TTLCache[bytes, bool] = TTLCache(maxsize=_KNOWN_KEYS, ttl=_KNOWN_TTL_S)
@@ -144,11 +146,11 @@ class KVReuse:
             self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant
         )
         self.chunk_bytes = self.layout.chunk_bytes(self.chunk_tokens)
-        self.codec = self.config.codec
         self._element_bytes = _ELEMENT_BYTES.get(self.layout.k_type, 0)
-        if self.codec != "raw" and (self.layout.k_type != self.layout.v_type or not self._element_bytes):
-            logger.warning("codec %s needs f16/bf16/f32 K and V of one type; storing raw", self.codec)
-            self.codec = "raw"
+        if self.layout.k_type == self.layout.v_type and self._element_bytes:
+            self.codec = self.config.codec
+        elif self.config.codec != "raw":
+            logger.warning("codec %s needs f16/bf16/f32 K and V of one type; storing raw", self.config.codec)
         self._meta = {
             "tokens": self.chunk_tokens,
             "layout": self.descriptor,
@@ -182,7 +184,7 @@ class KVReuse:
             "saver": self._saver.snapshot(),
             "store": self.store.snapshot(),
             "namespace": self.namespace.hex(),
-            "codec": getattr(self, "codec", "raw"),
+            "codec": self.codec,
             "prefill_tokens_per_s": self.prefill.tokens_per_s,
             "restore_tokens_per_s": self.restore_rate.tokens_per_s,
         }
@@ -318,8 +320,7 @@ class KVReuse:
                 or h.tokens != self.chunk_tokens
                 or (raw and h.length != self.chunk_bytes)
             ):
-                self.stats.bad_chunks += 1
-                logger.warning("dropping chunk %s: not of this model and layout", h.key.hex())
+                self._drop("chunk", h.key, "not of this model and layout")
                 break
             payload = lease.payload(i)
             if payload is None:
@@ -328,11 +329,15 @@ class KVReuse:
                 try:
                     payload = memoryview(decode(h.codec, payload, self.chunk_bytes))
                 except CodecError as exc:
-                    self.stats.bad_chunks += 1
-                    logger.warning("dropping chunk %s: %s", h.key.hex(), exc)
+                    self._drop("chunk", h.key, str(exc))
                     break
             payloads.append(payload)
         return payloads
+
+    def _drop(self, kind: str, key: bytes, why: str) -> None:
+        """A fetched record we will not use: counted, logged, recomputed instead."""
+        self.stats.bad_chunks += 1
+        logger.warning("dropping %s %s: %s", kind, key.hex(), why)
 
     def _tail(self, lease: Lease, i: int, wanted: Sequence[int]) -> seqstate.Tail | None:
         """The part of the lease's tail record ``i`` that agrees with ``wanted`` (the prompt
@@ -343,8 +348,7 @@ class KVReuse:
             return None
         h = record.header
         if h.namespace != self.namespace or not 0 < h.tokens < self.chunk_tokens or h.codec != "raw":
-            self.stats.bad_chunks += 1
-            logger.warning("dropping tail %s: not a tail of this model and layout", h.key.hex())
+            self._drop("tail", h.key, "not a tail of this model and layout")
             return None
         payload = lease.payload(i)
         if payload is None:
@@ -352,12 +356,10 @@ class KVReuse:
         try:
             ids, kv = unpack_tail(payload)
         except BadRequest as exc:
-            self.stats.bad_chunks += 1
-            logger.warning("dropping tail %s: %s", h.key.hex(), exc)
+            self._drop("tail", h.key, str(exc))
             return None
         if len(ids) != h.tokens or len(kv) != self.layout.chunk_bytes(h.tokens):
-            self.stats.bad_chunks += 1
-            logger.warning("dropping tail %s: its size does not match this layout", h.key.hex())
+            self._drop("tail", h.key, "its size does not match this layout")
             return None
         used = usable_tokens(ids, wanted, self.config.tail_tokens)
         return seqstate.Tail(kv, stored=len(ids), used=used) if used else None

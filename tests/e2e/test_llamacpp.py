@@ -37,6 +37,16 @@ def engines(daemon: Daemon) -> Iterator[Any]:
         llm.close()
 
 
+def never_ending(llm: Any) -> Any:
+    """A logits processor that keeps ``llm`` from ending its answer early."""
+
+    def no_eos(input_ids: Any, scores: Any) -> Any:
+        scores[llm.token_eos()] = -np.inf
+        return scores
+
+    return no_eos
+
+
 def cache(llm: Any, tokens: list[int]) -> None:
     """Run ``tokens`` through a mesh engine and wait until its chunks are stored."""
     llm.create_completion(tokens, max_tokens=1, temperature=0.0)
@@ -158,11 +168,7 @@ def test_streaming_chat_reuses_a_cached_conversation(models, engines) -> None:  
 def test_the_next_turn_reuses_the_generated_tokens(models, engines) -> None:  # type: ignore[no-untyped-def]
     tokens = prompt(2 * CHUNK + 20)
     first = engines(models["tiny"])
-
-    def no_eos(input_ids: Any, scores: Any) -> Any:
-        scores[first.token_eos()] = -np.inf
-        return scores
-
+    no_eos = never_ending(first)
     first.create_completion(tokens, max_tokens=120, temperature=0.0, logits_processor=[no_eos])
     assert first.mesh.flush(30)
     held = first.input_ids[: first.n_tokens].tolist()  # prompt + the generated tokens it evaluated
@@ -274,11 +280,7 @@ def test_a_tail_is_never_served_as_a_full_chunk(models, engines, daemon) -> None
 def test_a_sibling_reuses_the_prompts_tail_when_the_answer_filled_its_chunk(models, engines) -> None:  # type: ignore[no-untyped-def]
     tokens = prompt(4 * CHUNK + 40)
     first = engines(models["tiny"])
-
-    def no_eos(input_ids: Any, scores: Any) -> Any:
-        scores[first.token_eos()] = -np.inf
-        return scores
-
+    no_eos = never_ending(first)
     first.create_completion(tokens, max_tokens=40, temperature=0.0, logits_processor=[no_eos])
     assert first.mesh.flush(30)
     assert first.n_tokens >= 5 * CHUNK  # the answer filled chunk 4: it is stored whole, with the answer
