@@ -1,6 +1,8 @@
 """Record codecs: how a chunk's payload is stored (its header's ``codec`` names it).
 
-``raw``: the engine's bytes as they are. ``zstd``: lossless, for KV of 2- or 4-byte floats —
+``raw``: the engine's bytes as they are. ``int8``, ``fp8``, ``int4``: lossy, opt-in (see
+:mod:`lmcache_mesh.node.quant`); an engine that stores them puts the codec in its namespace,
+so engines that did not opt in never meet such a chunk. ``zstd``: lossless, for KV of 2- or 4-byte floats —
 the payload is cut into byte planes (byte j of every element together), and each plane
 except the lowest (mantissa bits, close to noise) is compressed with zstd where that makes
 it smaller; the sign and exponent bits, which vary little across a layer, are where the
@@ -24,18 +26,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-CODECS = ("raw", "zstd")
-"""What the ``codec`` setting accepts (lossless only; lossy codecs will carry their name in the
-namespace, so that an engine that did not opt in never receives one)."""
+from . import quant
+from .kvformat import CodecError, KVGeometry
+
+LOSSLESS = ("raw", "zstd")
+LOSSY = quant.LOSSY
+CODECS = LOSSLESS + LOSSY
+"""What the ``codec`` setting accepts."""
 
 _HEAD = struct.Struct("<BBI")
 _PLANE = struct.Struct("<BI")
 _VERSION = 1
 _LEVEL = 1
-
-
-class CodecError(ValueError):
-    """A payload that does not decode under the codec its header names."""
 
 
 def check_codec(codec: str) -> str:
@@ -44,11 +46,33 @@ def check_codec(codec: str) -> str:
     return codec
 
 
-def encode(codec: str, payload: npt.NDArray[np.uint8], element_bytes: int) -> npt.NDArray[np.uint8]:
-    """``payload`` under ``codec`` (``raw``: itself)."""
+def encode(codec: str, payload: npt.NDArray[np.uint8], geometry: KVGeometry) -> npt.NDArray[np.uint8]:
+    """``payload`` (raw KV of ``geometry``) under ``codec`` (``raw``: itself). ValueError where
+    the codec cannot hold it (the caller stores it raw)."""
     if codec == "raw":
         return payload
-    check_codec(codec)
+    if check_codec(codec) in LOSSY:
+        return quant.encode(codec, payload, geometry)
+    return _zstd_encode(payload, geometry.element_bytes)
+
+
+def decode(codec: str, data: Any, geometry: KVGeometry) -> npt.NDArray[np.uint8] | memoryview:
+    """The engine's bytes of a payload stored under ``codec``; CodecError unless they are
+    exactly the raw KV of ``geometry``."""
+    raw_bytes = geometry.elements * geometry.element_bytes
+    if codec == "raw":
+        view = memoryview(data).cast("B")
+        if view.nbytes != raw_bytes:
+            raise CodecError(f"raw payload of {view.nbytes} bytes, expected {raw_bytes}")
+        return view
+    if codec in LOSSY:
+        return quant.decode(codec, data, raw_bytes, geometry)
+    if codec != "zstd":
+        raise CodecError(f"unknown codec {codec!r}")
+    return _zstd_decode(data, raw_bytes)
+
+
+def _zstd_encode(payload: npt.NDArray[np.uint8], element_bytes: int) -> npt.NDArray[np.uint8]:
     import zstandard
 
     if element_bytes not in (2, 4) or payload.nbytes % element_bytes:
@@ -67,16 +91,7 @@ def encode(codec: str, payload: npt.NDArray[np.uint8], element_bytes: int) -> np
     return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
-def decode(codec: str, data: Any, raw_bytes: int) -> npt.NDArray[np.uint8] | memoryview:
-    """The engine's bytes of a payload stored under ``codec``; CodecError unless they come
-    out exactly ``raw_bytes`` long."""
-    if codec == "raw":
-        view = memoryview(data).cast("B")
-        if view.nbytes != raw_bytes:
-            raise CodecError(f"raw payload of {view.nbytes} bytes, expected {raw_bytes}")
-        return view
-    if codec != "zstd":
-        raise CodecError(f"unknown codec {codec!r}")
+def _zstd_decode(data: Any, raw_bytes: int) -> npt.NDArray[np.uint8]:
     import zstandard
 
     buf = memoryview(data).cast("B")
