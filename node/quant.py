@@ -56,7 +56,8 @@ _F16_MAX = 65504.0
 _E4M3_MAX = 448.0
 
 
-def _torch() -> Any:
+def require_torch() -> Any:
+    """torch, or ImportError saying how to get it."""
     try:
         import torch
     except ImportError:
@@ -95,7 +96,7 @@ def encoded_bytes(codec: str, geometry: KVGeometry) -> int:
 
 
 def _typed(payload: torch.Tensor, dtype: str) -> torch.Tensor:
-    torch = _torch()
+    torch = require_torch()
     return payload.view({"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[dtype])
 
 
@@ -107,7 +108,7 @@ _local = threading.local()
 
 def _scratch(geometry: KVGeometry) -> torch.Tensor:
     """This thread's f32 work buffer, kept between calls (a fresh one costs its page faults)."""
-    torch = _torch()
+    torch = require_torch()
     n = max(_BLOCK, geometry.k_channels, geometry.v_channels, geometry.tokens)
     buf = getattr(_local, "scratch", None)
     if buf is None or buf.numel() < n:
@@ -119,7 +120,7 @@ def _e4m3_as_f16(code: torch.Tensor) -> torch.Tensor:
     """e4m3 codes as f16 values 256x too small, exactly: the code's exponent and mantissa bits
     shifted into an f16's line up with e4m3's meaning at a bias 8 lower, subnormals included
     (torch converts e4m3 on the CPU one element at a time, 20x slower)."""
-    torch = _torch()
+    torch = require_torch()
     bits = code.to(torch.int16)
     return (((bits & 0x7F) << 7) | ((bits & 0x80) << 8)).view(torch.float16)
 
@@ -146,7 +147,7 @@ def _blocks(part: torch.Tensor, axis: int) -> list[tuple[torch.Tensor, int]]:
 
 def _encode_block(codec: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """[groups, G] f32 values (overwritten) -> (scales, minimums or None, codes)."""
-    torch = _torch()
+    torch = require_torch()
     lo, hi = x.amin(dim=1), x.amax(dim=1)  # (aminmax is 4x slower over short rows)
     if codec == "int4":
         low = _f16_floor(lo)
@@ -170,7 +171,7 @@ def _scale(scale: torch.Tensor) -> torch.Tensor:
 
 def _f16_floor(low: torch.Tensor) -> torch.Tensor:
     """f16 values no larger than ``low``, so every ``x - low`` is at least 0."""
-    torch = _torch()
+    torch = require_torch()
     if not bool(low.isfinite().all()) or float(low.abs().max()) > _F16_MAX:
         raise ValueError("KV values beyond what a lossy codec holds (non-finite, or past f16's range)")
     rounded = low.half()
@@ -180,7 +181,7 @@ def _f16_floor(low: torch.Tensor) -> torch.Tensor:
 
 def _inverse(scale: torch.Tensor) -> torch.Tensor:
     """1 / scale, 0 where the scale is 0 (an all-zero group)."""
-    torch = _torch()
+    torch = require_torch()
     s = scale.float()
     return cast("Tensor", torch.where(s > 0, 1.0 / s, torch.zeros_like(s)))
 
@@ -190,7 +191,7 @@ def _sections(
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Views of K's and V's (scales, minimums, codes [groups, code bytes per group]) in an
     encoded payload ``buf`` (bytes)."""
-    torch = _torch()
+    torch = require_torch()
     sections = []
     off = _HEAD.size
     for groups, code_bytes in _part_sizes(codec, geometry):
@@ -212,7 +213,7 @@ def _check(codec: str, geometry: KVGeometry) -> None:
 
 def encode(codec: str, payload: npt.NDArray[np.uint8], geometry: KVGeometry) -> npt.NDArray[np.uint8]:
     """``payload`` (raw KV of ``geometry``) under the lossy ``codec``."""
-    torch = _torch()
+    torch = require_torch()
     _check(codec, geometry)
     if payload.nbytes != geometry.elements * geometry.element_bytes:
         raise ValueError(f"payload of {payload.nbytes} bytes does not hold {geometry}")
@@ -240,7 +241,7 @@ def encode(codec: str, payload: npt.NDArray[np.uint8], geometry: KVGeometry) -> 
 def decode(codec: str, data: Any, raw_bytes: int, geometry: KVGeometry) -> npt.NDArray[np.uint8]:
     """The raw KV bytes of a payload stored under the lossy ``codec``; CodecError unless the
     payload is exactly what ``geometry`` and its header say."""
-    torch = _torch()
+    torch = require_torch()
     _check(codec, geometry)
     view = memoryview(data).cast("B")
     expected = encoded_bytes(codec, geometry)

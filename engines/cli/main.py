@@ -82,8 +82,9 @@ def add_serve_parser(sub: Any) -> None:
         "--codec",
         choices=CODECS,
         default="raw",
-        help="how this server's chunks are stored: raw, or zstd (lossless, smaller, for slow links; "
-        "decoded on every restore) (default: %(default)s)",
+        help="how this server's chunks are stored: raw; zstd (lossless, smaller, for slow links; "
+        "decoded on every restore); or, opt-in lossy, int8, fp8 (about 0.52x) or int4 (0.28x), shared "
+        "only with servers of the same codec (they need torch) (default: %(default)s)",
     )
     serve.add_argument(
         "--tenant", metavar="NAME", help="tenant of this server's KV (namespace salt and node-side tenant)"

@@ -30,7 +30,6 @@ _ROPE_FIELDS = (
     "yarn_beta_slow",
     "yarn_orig_ctx",
 )
-_FLOAT_BYTES = {0: 4, 1: 2, 30: 2}
 
 
 def probe_layout(llm: Llama) -> seqstate.BlobLayout:
@@ -70,8 +69,11 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, bool | int | str) or value is None else repr(value)
 
 
-def layout_descriptor(llm: Llama, layout: seqstate.BlobLayout, compute: dict[str, Any]) -> dict[str, Any]:
-    """The namespace's layout part: engine and build, blob layout, heads, and compute settings."""
+def layout_descriptor(
+    llm: Llama, layout: seqstate.BlobLayout, compute: dict[str, Any], lossy_codec: str | None = None
+) -> dict[str, Any]:
+    """The namespace's layout part: engine and build, blob layout, heads, compute settings,
+    and the lossy codec chunks are stored in, if any (KV that is not the engine's own)."""
     import llama_cpp
 
     n_kv_heads = int(llama_cpp.llama_model_n_head_kv(llm.model))
@@ -81,8 +83,10 @@ def layout_descriptor(llm: Llama, layout: seqstate.BlobLayout, compute: dict[str
         **layout.descriptor(),
         "n_kv_heads": n_kv_heads,
     }
-    el = _FLOAT_BYTES.get(layout.k_type)
+    el = seqstate.FLOAT_BYTES.get(layout.k_type)
     if el is not None and n_kv_heads > 0:
         descriptor["head_dim"] = layout.k_row // el // n_kv_heads
     descriptor["compute"] = compute
+    if lossy_codec is not None:
+        descriptor["codec"] = lossy_codec
     return descriptor

@@ -25,8 +25,9 @@ import numpy as np
 from cachetools import TTLCache
 
 from lmcache_mesh.mesh.errors import BadRequest
+from lmcache_mesh.node import quant
 from lmcache_mesh.node.calls import Reservation
-from lmcache_mesh.node.codecs import CodecError, decode, encode
+from lmcache_mesh.node.codecs import LOSSY, CodecError, decode, encode
 from lmcache_mesh.node.keys import chunk_keys, namespace_id, tail_key, tokens_to_bytes
 from lmcache_mesh.node.shm import Lease
 from lmcache_mesh.node.tails import pack_tail, unpack_tail, usable_tokens
@@ -44,9 +45,6 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 logger = logging.getLogger(__name__)
-
-_ELEMENT_BYTES = {0: 4, 1: 2, 30: 2}
-"""bytes per element of the GGML types the zstd codec splits (f32, f16, bf16)"""
 
 _KNOWN_KEYS = 1 << 16
 _KNOWN_TTL_S = 300.0
@@ -140,17 +138,20 @@ class KVReuse:
         self._saver = Saver("lmcache-llamacpp-save", self.config.max_pending_save_bytes)
         if self.layout is None or llm._logits_all:
             return
+        self.geometry = self.layout.geometry(self.chunk_tokens)
+        if self.geometry is not None:
+            self.codec = self.config.codec
+        elif self.config.codec != "raw":
+            logger.warning("codec %s needs f16/bf16/f32 K and V of one type; storing raw", self.config.codec)
+        if self.codec in LOSSY:
+            quant.require_torch()  # now, not at the first save
         compute = compute_settings(llm, self.config.fingerprint_cache_dir)
-        self.descriptor = layout_descriptor(llm, self.layout, compute)
+        lossy = self.codec if self.codec in LOSSY else None
+        self.descriptor = layout_descriptor(llm, self.layout, compute, lossy)
         self.namespace = namespace_id(
             self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant
         )
         self.chunk_bytes = self.layout.chunk_bytes(self.chunk_tokens)
-        self._element_bytes = _ELEMENT_BYTES.get(self.layout.k_type, 0)
-        if self.layout.k_type == self.layout.v_type and self._element_bytes:
-            self.codec = self.config.codec
-        elif self.config.codec != "raw":
-            logger.warning("codec %s needs f16/bf16/f32 K and V of one type; storing raw", self.config.codec)
         self._meta = {
             "tokens": self.chunk_tokens,
             "layout": self.descriptor,
@@ -322,12 +323,16 @@ class KVReuse:
             ):
                 self._drop("chunk", h.key, "not of this model and layout")
                 break
+            if h.codec in LOSSY and h.codec != self.codec:  # its namespace should have said so
+                self._drop("chunk", h.key, f"stored as {h.codec}, which this engine did not opt in to")
+                break
             payload = lease.payload(i)
             if payload is None:
                 break  # failed its checksum (counted): recompute from here
             if not raw:
                 try:
-                    payload = memoryview(decode(h.codec, payload, self.chunk_bytes))
+                    assert self.geometry is not None
+                    payload = memoryview(decode(h.codec, payload, self.geometry))
                 except CodecError as exc:
                     self._drop("chunk", h.key, str(exc))
                     break
@@ -451,12 +456,12 @@ class KVReuse:
         tails: list[_TailSave],
     ) -> None:
         assert self.layout is not None
-        meta = self._meta
-        if self.codec != "raw":  # here, off the request's path
-            payloads = [encode(self.codec, p, self._element_bytes) for p in payloads]
-            meta = {**meta, "codec": self.codec}
         try:
-            self.store.put_payloads(keys, payloads, self.namespace, meta, reservation)
+            for codec, run in self._encoded(keys, payloads):  # here, off the request's path
+                meta = self._meta if codec == "raw" else {**self._meta, "codec": codec}
+                self.store.put_payloads(
+                    [k for k, _ in run], [p for _, p in run], self.namespace, meta, reservation
+                )
             for t in tails:  # raw: a tail is small, and its token ids lead its payload
                 tail_meta = {**self._meta, "tokens": t.count, "shape": [self.layout.n_layer, 2, t.count]}
                 self.store.put_payloads([t.key], [t.payload], self.namespace, tail_meta)
@@ -467,3 +472,24 @@ class KVReuse:
         self.stats.saves += 1
         self.stats.saved_chunks += len(keys)
         self.stats.saved_tails += len(tails)
+
+    def _encoded(
+        self, keys: list[bytes], payloads: list[np.ndarray[Any, np.dtype[np.uint8]]]
+    ) -> list[tuple[str, list[tuple[bytes, np.ndarray[Any, np.dtype[np.uint8]]]]]]:
+        """The chunks under this engine's codec, in runs of one codec: a chunk the codec
+        cannot hold (values past its range) is stored raw, which every reader takes."""
+        runs: list[tuple[str, list[tuple[bytes, np.ndarray[Any, np.dtype[np.uint8]]]]]] = []
+        for key, payload in zip(keys, payloads, strict=True):
+            codec = self.codec
+            if codec != "raw":
+                assert self.geometry is not None
+                try:
+                    payload = encode(codec, payload, self.geometry)
+                except ValueError as exc:
+                    logger.info("storing chunk %s raw: %s", key.hex(), exc)
+                    codec = "raw"
+            if runs and runs[-1][0] == codec:
+                runs[-1][1].append((key, payload))
+            else:
+                runs.append((codec, [(key, payload)]))
+        return runs

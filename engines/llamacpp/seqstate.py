@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from lmcache_mesh.node.kvformat import KVGeometry
+
 SEQ_MAGIC = 0xAF143CD8
 BLOB_FORMAT = "llama.cpp-seq/af143cd8"
 """Names the blob format in the layout descriptor: another format is another namespace."""
@@ -39,6 +41,8 @@ BLOB_FORMAT = "llama.cpp-seq/af143cd8"
 GGML_TYPE_NAMES = {0: "f32", 1: "f16", 30: "bf16"}
 """KV cache types whose rows we can cut; quantized caches (q8_0, ...) are cut the same way
 but named by number."""
+FLOAT_BYTES = {0: 4, 1: 2, 30: 2}
+"""bytes per element of the float KV types (what the codecs take)"""
 
 _HEAD = struct.Struct("<IiII")  # magic, seq_id, n_stream, cell_count
 _TAIL = struct.Struct("<II")  # v_trans, n_layer
@@ -76,6 +80,15 @@ class BlobLayout:
 
     def blob_bytes(self, n_tokens: int) -> int:
         return _HEAD.size + 12 * n_tokens + _TAIL.size + self.n_layer * 24 + self.chunk_bytes(n_tokens)
+
+    def geometry(self, tokens: int) -> KVGeometry | None:
+        """Where K and V of ``tokens`` tokens lie in a chunk payload, for the codecs; None
+        unless K and V are floats of one type."""
+        el = FLOAT_BYTES.get(self.k_type)
+        if el is None or self.v_type != self.k_type:
+            return None
+        name = GGML_TYPE_NAMES[self.k_type]
+        return KVGeometry(self.n_layer, tokens, self.k_row // el, self.v_row // el, name, self.v_trans)
 
     def descriptor(self) -> dict[str, Any]:
         """The layout as a plain map, for the namespace and the record headers."""

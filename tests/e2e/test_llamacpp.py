@@ -316,3 +316,70 @@ def test_a_chunk_that_does_not_decode_is_dropped_and_recomputed(models, engines,
         c.put_records([garbage])
     assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
     assert llm.mesh.stats.bad_chunks == 1 and llm.mesh.stats.hit_tokens == 0
+
+
+def kl_divergence(want: np.ndarray, got: np.ndarray) -> float:
+    """KL(p_want || p_got) of the next-token distributions of two logit vectors."""
+    p, q = (
+        np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+        for x in (want.astype(np.float64), got.astype(np.float64))
+    )
+    return float(np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300))))
+
+
+@pytest.mark.parametrize(
+    ("codec", "ratio", "max_kl"), [("int8", 0.53, 1e-3), ("fp8", 0.53, 1e-2), ("int4", 0.3, 0.1)]
+)
+def test_a_lossy_codec_is_shared_only_by_engines_that_opted_in(
+    models, engines, daemon, codec, ratio, max_kl
+) -> None:  # type: ignore[no-untyped-def]
+    tokens = prompt(4 * CHUNK + 1)
+    writer = engines(models["tiny"], mesh={"codec": codec})
+    cache(writer, tokens)
+    keys = chunk_keys(writer.mesh.namespace, tokens, CHUNK)
+    with Client(daemon.tcp) as c:
+        stored = c.get_records(keys)
+    assert all(r is not None and r.header.codec == codec for r in stored)
+    assert sum(r.header.length for r in stored) <= ratio * 4 * writer.mesh.chunk_bytes
+
+    plain_engine = engines(models["tiny"])  # did not opt in: another namespace, never a lossy chunk
+    assert plain_engine.mesh.namespace != writer.mesh.namespace
+    want = next_logits(plain_engine, tokens)
+    assert plain_engine.mesh.stats.hit_tokens == 0 and plain_engine.mesh.stats.lookups == 1
+
+    reader = engines(models["tiny"], mesh={"codec": codec})
+    got = next_logits(reader, tokens)
+    assert reader.mesh.stats.hit_tokens == 4 * CHUNK and reader.mesh.stats.bad_chunks == 0
+    assert 0 < kl_divergence(want, got) < max_kl  # lossy (not the engine's own KV), and close
+
+
+def test_a_lossy_chunk_in_a_namespace_without_its_codec_is_dropped(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
+    """A record claiming a lossy codec under a raw engine's keys (forged or misfiled) is never
+    decoded into that engine's context."""
+    tokens = prompt(3 * CHUNK + 1)
+    lossy = engines(models["tiny"], mesh={"codec": "int8"})
+    cache(lossy, tokens)
+    llm = engines(models["tiny"])
+    with Client(daemon.tcp) as c:
+        (record,) = c.get_records(chunk_keys(lossy.mesh.namespace, tokens, CHUNK)[:1])
+        assert record is not None
+        key = chunk_keys(llm.mesh.namespace, tokens, CHUNK)[0]
+        meta = {"tokens": CHUNK, "codec": "int8"}
+        c.put_records([ChunkRecord.build(key, bytes(record.payload), llm.mesh.namespace, meta)])
+    assert greedy(llm, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert llm.mesh.stats.bad_chunks == 1 and llm.mesh.stats.hit_tokens == 0
+
+
+def test_a_chain_of_mixed_codecs_is_restored_whole(models, engines, daemon) -> None:  # type: ignore[no-untyped-def]
+    """Within one namespace a chain may hold raw and zstd chunks (one engine of each, or a
+    lossy engine's chunk stored raw because its values were past the codec's range)."""
+    tokens = prompt(4 * CHUNK + 1)
+    cache(engines(models["tiny"]), tokens[: 2 * CHUNK])
+    cache(engines(models["tiny"], mesh={"codec": "zstd"}), tokens)
+    reader = engines(models["tiny"])
+    keys = chunk_keys(reader.mesh.namespace, tokens, CHUNK)
+    with Client(daemon.tcp) as c:
+        codecs = [r.header.codec for r in c.get_records(keys) if r is not None]
+    assert codecs == ["raw", "raw", "zstd", "zstd"]
+    assert greedy(reader, tokens) == greedy(plain(models["tiny"]), tokens)
+    assert reader.mesh.stats.hit_tokens == 4 * CHUNK

@@ -292,3 +292,19 @@ def test_codec_zstd_stores_smaller_chunks_that_another_server_restores(servers, 
     assert first.health()["mesh"]["codec"] == "zstd"
     assert completion(second) == text
     assert second.health()["mesh"]["hit_tokens"] >= 4 * 64 and second.health()["mesh"]["bad_chunks"] == 0
+
+
+def test_codec_int8_is_shared_between_servers_that_opted_in_only(servers, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    first = servers("--node", daemon.tcp, "--codec", "int8")
+    completion(first)
+    for _ in range(50):
+        if first.health()["mesh"]["saver"]["done"] >= 1:
+            break
+        threading.Event().wait(0.1)
+    assert first.health()["mesh"]["codec"] == "int8"
+    raw = servers("--node", daemon.tcp)
+    completion(raw)
+    assert raw.health()["mesh"]["hit_tokens"] == 0  # another namespace: never an int8 chunk
+    second = servers("--node", daemon.tcp, "--codec", "int8")
+    completion(second)
+    assert second.health()["mesh"]["hit_tokens"] >= 4 * 64 and second.health()["mesh"]["bad_chunks"] == 0
