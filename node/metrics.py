@@ -87,6 +87,19 @@ class _StatsCollector(Collector):
             capacity.add_metric([tier], t["capacity_bytes"])
             entries.add_metric([tier], t["entries"])
         yield from (evictions, used, capacity, entries)
+        stored = GaugeMetricFamily(
+            "lmcache_codec_bytes", "Payload bytes held, by tier and record codec", labels=["tier", "codec"]
+        )
+        raw = GaugeMetricFamily(
+            "lmcache_codec_raw_bytes",
+            "What those payloads hold before their codec (raw KV bytes), by tier and codec",
+            labels=["tier", "codec"],
+        )
+        for tier, t in tiers.items():
+            for codec, c in t.get("codecs", {}).items():
+                stored.add_metric([tier, codec], c["bytes"])
+                raw.add_metric([tier, codec], c["raw_bytes"])
+        yield from (stored, raw)
         disk = tiers.get("disk", {})
         yield CounterMetricFamily(
             "lmcache_disk_write_errors",

@@ -34,7 +34,7 @@ MAX_RECORD_HEADER_BYTES = 16 * 1024
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A tenant name: short, printable, safe in file names and metric labels."""
 
-META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec")
+META_FIELDS = ("tokens", "layout", "dtype", "shape", "codec", "raw_length")
 """Keys a caller may pass in ``meta`` when putting a chunk."""
 
 
@@ -65,6 +65,12 @@ class RecordHeader:
     version: int = RECORD_VERSION
     tenant: str = ""
     """Whose chunk this is, set by the node that admitted it ("": the shared default space)."""
+    raw_length: int = 0
+    """Bytes of the payload before its codec (0: as stored); for accounting only."""
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.raw_length or self.length
 
     def to_wire(self) -> dict[str, Any]:
         """The header as a msgpack-ready map (the on-disk and on-wire form)."""
@@ -82,6 +88,8 @@ class RecordHeader:
         }
         if self.tenant:
             wire["tenant"] = self.tenant
+        if self.raw_length:
+            wire["raw"] = self.raw_length
         return wire
 
     def encode(self) -> bytes:
@@ -115,8 +123,20 @@ class RecordHeader:
         tenant = f.raw("tenant", "")
         if not isinstance(tenant, str) or (tenant and not TENANT_RE.match(tenant)):
             raise f.fail("tenant", "a tenant name", tenant, width=80)
+        raw_length = f.integer("raw", 0, lo=0, width=60)
         return cls(
-            key, namespace, length, digest, tokens, layout, dtype, tuple(shape), codec, version, tenant
+            key,
+            namespace,
+            length,
+            digest,
+            tokens,
+            layout,
+            dtype,
+            tuple(shape),
+            codec,
+            version,
+            tenant,
+            raw_length,
         )
 
     @classmethod
@@ -147,6 +167,7 @@ def describe(
             "dtype": meta.get("dtype", "uint8"),
             "shape": list(meta.get("shape", ())),
             "codec": meta.get("codec", "raw"),
+            "raw": meta.get("raw_length", 0),
         }
     )
 

@@ -225,6 +225,21 @@ def _print_status(s: dict[str, Any]) -> None:
         ),
     )
     print(render(tiers))
+    encoded = [
+        (n, c, t) for n, tier in s["tiers"].items() for c, t in tier.get("codecs", {}).items() if c != "raw"
+    ]
+    if encoded:
+        print("codecs   (chunks stored encoded: their bytes, and the raw KV they hold)")
+        per_codec = table(Column("tier"), Column("codec"), "held", "stored", "raw", "ratio")
+        add_rows(
+            per_codec,
+            (
+                (tier, codec, format_count(t["records"], "chunk"), format_size(t["bytes"]),
+                 format_size(t["raw_bytes"]), f"{t['bytes'] / t['raw_bytes']:.2f}" if t["raw_bytes"] else "-")
+                for tier, codec, t in encoded
+            ),
+        )  # fmt: skip
+        print(render(per_codec))
     mesh = s.get("mesh", {})
     relay, webrtc = mesh.get("relay"), mesh.get("webrtc")
     if relay:

@@ -458,7 +458,11 @@ class KVReuse:
         assert self.layout is not None
         try:
             for codec, run in self._encoded(keys, payloads):  # here, off the request's path
-                meta = self._meta if codec == "raw" else {**self._meta, "codec": codec}
+                meta = (
+                    self._meta
+                    if codec == "raw"
+                    else {**self._meta, "codec": codec, "raw_length": self.chunk_bytes}
+                )
                 self.store.put_payloads(
                     [k for k, _ in run], [p for _, p in run], self.namespace, meta, reservation
                 )

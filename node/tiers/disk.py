@@ -26,17 +26,18 @@ import queue
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
 from lmcache_mesh.mesh.errors import MeshError
 
 from ..records import ChunkRecord, RecordHeader
-from .memory import uncount
+from .held import Held
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +111,18 @@ class DiskCounters:
 
 @dataclass(slots=True)
 class _Slot:
+    """What the index keeps of a record on disk (little: there may be millions)."""
+
     size: int
     checksum: int
     """Checksum of the record version on disk: a stale file is never served for a newer one."""
     tenant: str = ""
+    codec: str = "raw"
+    raw_size: int = 0
+
+    @classmethod
+    def of(cls, header: RecordHeader) -> _Slot:
+        return cls(header.length, header.checksum, header.tenant, header.codec, header.raw_bytes)
 
 
 class DiskTier:
@@ -145,8 +154,8 @@ class DiskTier:
         self._failures: dict[str, int] = {}
         """Failed writes by cause (ENOSPC, EIO...), for the log."""
         self.recovery = RecoveryReport()
-        self.tenants: Counter[str] = Counter()
-        """Records on disk per tenant ("" = the default space)."""
+        self.held = Held()
+        """records on disk per tenant, bytes per codec"""
         self.on_dropped: Callable[[list[bytes]], None] | None = None
         """Called (on the writer thread) with keys the disk evicted or failed to write."""
 
@@ -221,9 +230,10 @@ class DiskTier:
         slot = self._index.get(record.key)
         return slot is not None and slot.checksum == record.header.checksum
 
-    def tenant_counts(self) -> dict[str, int]:
+    def held_stats(self) -> tuple[dict[str, int], dict[str, Any]]:
+        """(records per tenant, bytes per codec) on disk."""
         with self._lock:
-            return dict(self.tenants)
+            return dict(self.held.tenants), self.held.codec_stats()
 
     @property
     def used_bytes(self) -> int:
@@ -383,7 +393,7 @@ class DiskTier:
             elif wanted:
                 if record.key in self._index:  # an older version's slot: this file replaced it
                     self._forget(record.key)
-                self._add(record.key, _Slot(size, record.header.checksum, record.header.tenant))
+                self._add(record.key, _Slot.of(record.header))
                 self.counters.writes += 1
             elif record.key not in self._pending:
                 # Deleted while we wrote it: the file must go (a newer version, if any, is queued after us).
@@ -443,12 +453,12 @@ class DiskTier:
     def _add(self, key: bytes, slot: _Slot) -> None:
         self._index[key] = slot
         self._used += slot.size
-        self.tenants[slot.tenant] += 1
+        self.held.add(slot.tenant, slot.codec, slot.size, slot.raw_size)
 
     def _forget(self, key: bytes) -> None:
         slot = self._index.pop(key)
         self._used -= slot.size
-        uncount(self.tenants, slot.tenant)
+        self.held.remove(slot.tenant, slot.codec, slot.size, slot.raw_size)
 
     def _path(self, key: bytes) -> Path:
         h = key.hex()
@@ -483,7 +493,7 @@ class DiskTier:
                     _unlink(path)
                     discarded += 1
                     continue
-                found.append((st.st_mtime, header.key, _Slot(header.length, header.checksum, header.tenant)))
+                found.append((st.st_mtime, header.key, _Slot.of(header)))
         found.sort(key=lambda t: t[0])
         for _, key, slot in found:
             self._add(key, slot)

@@ -12,12 +12,13 @@ Not thread-safe: :class:`TieredStore` holds the lock.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from lmcache_mesh.mesh.errors import NoSpace
 
 from ..records import ChunkRecord
+from .held import Held
 
 _MAX_FREQ = 3
 
@@ -48,8 +49,8 @@ class MemoryTier:
         self._main_bytes = 0
         self._pinned_bytes = 0
         self.evictions = 0
-        self.tenants: Counter[str] = Counter()
-        """Records held per tenant ("" = the default space)."""
+        self.held = Held()
+        """records per tenant, bytes per codec"""
 
     def __repr__(self) -> str:
         return (
@@ -106,7 +107,7 @@ class MemoryTier:
         evicted = self._make_room(size)
         entry = _Entry(record, in_main, pins=pins)
         self._entries[record.key] = entry
-        self.tenants[record.header.tenant] += 1
+        self.held.add_header(record.header)
         if in_main:
             self._main[record.key] = None
             self._main_bytes += size
@@ -159,7 +160,7 @@ class MemoryTier:
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
-        uncount(self.tenants, entry.record.header.tenant)
+        self.held.remove_header(entry.record.header)
         size = entry.record.nbytes
         if entry.in_main:
             del self._main[key]
@@ -203,7 +204,7 @@ class MemoryTier:
             self._main_bytes += size
             return None
         del self._entries[key]
-        uncount(self.tenants, entry.record.header.tenant)
+        self.held.remove_header(entry.record.header)
         self._ghost[key] = None
         while len(self._ghost) > max(len(self._entries), 1):  # remember about as many as we hold
             self._ghost.popitem(last=False)
@@ -219,13 +220,6 @@ class MemoryTier:
             return None
         self._main_bytes -= entry.record.nbytes
         del self._entries[key]
-        uncount(self.tenants, entry.record.header.tenant)
+        self.held.remove_header(entry.record.header)
         self.evictions += 1
         return entry.record
-
-
-def uncount(counter: Counter[str], key: str) -> None:
-    """One less of ``key``; a key counted zero times disappears (stats list live tenants only)."""
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]

@@ -308,7 +308,8 @@ class TieredStore:
                 "pinned_bytes": self.memory.pinned_bytes(),
                 "entries": len(self.memory),
                 "evictions": self.memory.evictions,
-                "tenants": _named(self.memory.tenants),
+                "tenants": _named(self.memory.held.tenants),
+                "codecs": self.memory.held.codec_stats(),
             }
             counters = asdict(self.counters)
             if self.arena is not None:
@@ -322,13 +323,15 @@ class TieredStore:
                 }
         tiers: dict[str, Any] = {"memory": memory}
         if self.disk is not None:
+            tenants, codecs = self.disk.held_stats()
             tiers["disk"] = {
                 "capacity_bytes": self.disk.capacity_bytes,
                 "used_bytes": self.disk.used_bytes,
                 "pending_bytes": self.disk.pending_bytes,
                 "entries": len(self.disk),
                 "path": str(self.disk.data_dir),
-                "tenants": _named(self.disk.tenant_counts()),
+                "tenants": _named(tenants),
+                "codecs": codecs,
                 **asdict(self.disk.counters),
             }
         return {"tiers": tiers, "counters": counters}

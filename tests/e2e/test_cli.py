@@ -54,8 +54,25 @@ def test_status_json_has_the_stable_schema(daemon: Daemon, ns: bytes, keys: list
         k: s["counters"][k] for k in ("lookups", "lookup_keys", "lookup_hit_keys", "lookup_missed_keys")
     }
     assert lookups == {"lookups": 1, "lookup_keys": 4, "lookup_hit_keys": 1, "lookup_missed_keys": 3}
+    assert s["tiers"]["memory"]["codecs"] == {"raw": {"records": 1, "bytes": 4096, "raw_bytes": 4096}}
     table = run_cli("status", "--node", daemon.tcp)
     assert "4 chunks: 1 cached, 3 not  (prefix hit rate 25.0%)" in table.stdout
+    assert "codecs" not in table.stdout  # nothing encoded: no codec table
+
+
+def test_status_and_metrics_show_encoded_bytes_per_codec(
+    daemon_factory: DaemonFactory, ns: bytes, keys: list[bytes]
+) -> None:
+    port = free_port()
+    d = daemon_factory("--metrics-port", str(port), "--disk", "0")
+    with d.client() as c:
+        c.put(keys[0], payload(0)[:1024], namespace=ns, meta={"codec": "int4", "raw_length": 4096})
+    table = run_cli("status", "--node", d.tcp)
+    assert "codecs" in table.stdout and "int4" in table.stdout and "0.25" in table.stdout, table.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'lmcache_codec_bytes{codec="int4",tier="memory"} 1024.0' in text
+    assert 'lmcache_codec_raw_bytes{codec="int4",tier="memory"} 4096.0' in text
 
 
 def test_status_table_over_ipc(daemon: Daemon) -> None:

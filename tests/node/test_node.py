@@ -60,3 +60,24 @@ def test_closed_node_refuses(tmp_path: Path, ns: bytes, keys: list[bytes]) -> No
     node.close()
     with pytest.raises(Unavailable):
         node.get(keys[:1])
+
+
+def test_status_counts_bytes_per_codec_in_each_tier_and_after_a_restart(tmp_path: Path, ns: bytes) -> None:
+    keys = chunk_keys(ns, list(range(16 * 40)), 16)
+    with Node(config(tmp_path)) as node:
+        for i, k in enumerate(keys[:20]):
+            node.put(k, payload(i), namespace=ns)  # raw, 4 KiB each
+        for i, k in enumerate(keys[20:]):
+            node.put(k, payload(i)[:1000], namespace=ns, meta={"codec": "int8", "raw_length": 2000})
+        node.put(keys[0], b"y" * 10, namespace=ns, meta={"codec": "lz9"})  # replaces a raw one
+        memory = node.stats()["tiers"]["memory"]["codecs"]
+        held = {c: t["records"] for c, t in memory.items()}
+        assert sum(held.values()) == node.stats()["tiers"]["memory"]["entries"]
+        if "int8" in memory:
+            assert memory["int8"]["raw_bytes"] == 2 * memory["int8"]["bytes"]
+        assert "lz9" not in memory  # unknown names are counted as "other" (bounded labels)
+    with Node(config(tmp_path)) as node:
+        disk = node.stats()["tiers"]["disk"]["codecs"]
+        assert disk["int8"] == {"records": 20, "bytes": 20_000, "raw_bytes": 40_000}
+        assert disk["other"]["records"] == 1 and disk["raw"]["records"] == 19
+        assert disk["raw"]["bytes"] == disk["raw"]["raw_bytes"]
