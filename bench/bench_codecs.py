@@ -17,6 +17,10 @@ the prefix itself, in the same run. Per codec:
   completion path), the share equal to the baseline's before the first difference;
 * size: bytes stored for the prefix's chunks against raw.
 
+A row "recomputed" gives the noise floor: the same engine computing the prefix in batches of
+32 tokens instead of 512 (other float sums, no codec) against the baseline: how much any KV
+that is not bit-identical moves these measures.
+
 The KV types are the model's f16 and, for the lossless codec's size, bf16 too (llama.cpp's
 ``type_k``/``type_v``).
 
@@ -119,6 +123,41 @@ def greedy(llm: Any, prefix: list[int], n: int) -> list[int]:
     return out
 
 
+class Scores:
+    """Per-position comparison of a run's predictions with the baseline's."""
+
+    def __init__(self) -> None:
+        self.nll: list[float] = []
+        self.base_nll: list[float] = []
+        self.kl: list[float] = []
+        self.top1: list[int] = []
+        self.greedy: list[float] = []
+
+    def add(self, want: list[np.ndarray], got: list[np.ndarray], continuation: list[int]) -> None:
+        for j, (p, q) in enumerate(zip(want, got, strict=True)):
+            target = continuation[j + 1]
+            self.base_nll.append(-p[target])
+            self.nll.append(-q[target])
+            self.kl.append(float(np.sum(np.exp(p) * (p - q))))
+            self.top1.append(int(np.argmax(p) == np.argmax(q)))
+
+    def add_greedy(self, want: list[int], got: list[int]) -> None:
+        same = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), len(want))
+        self.greedy.append(same / len(want))
+
+    def row(self, **extra: Any) -> dict[str, Any]:
+        ppl, base_ppl = math.exp(statistics.fmean(self.nll)), math.exp(statistics.fmean(self.base_nll))
+        return {
+            "perplexity": ppl,
+            "baseline_perplexity": base_ppl,
+            "perplexity_change": ppl / base_ppl - 1,
+            "mean_kl": statistics.fmean(self.kl),
+            "top1_agreement": statistics.fmean(self.top1),
+            "greedy_agreement": statistics.fmean(self.greedy),
+            **extra,
+        }
+
+
 def quality(args: argparse.Namespace, node: str, kv_type: int | None) -> dict[str, Any]:
     from llama_cpp import Llama
 
@@ -135,6 +174,17 @@ def quality(args: argparse.Namespace, node: str, kv_type: int | None) -> dict[st
         base.append((score_after(plain, continuation), greedy(plain, prefix, args.greedy)))
     plain.close()
     rows: dict[str, Any] = {}
+    # The noise floor: the same engine computing the prefix in batches of 32 instead of 512
+    # (other float sums): how much agreement any KV that is not bit-identical keeps.
+    other = Llama(model_path=model, **{**kw, "n_batch": 32, "n_ubatch": 32})
+    floor = Scores()
+    for (prefix, continuation), (want, want_greedy) in zip(pairs, base, strict=True):
+        other.reset()
+        other.eval(prefix)
+        floor.add(want, score_after(other, continuation), continuation)
+        floor.add_greedy(want_greedy, greedy(other, prefix, args.greedy))
+    other.close()
+    rows["recomputed"] = floor.row(size_ratio=1.0, stored_chunks=0, restored_tokens=0)
     for codec in args.codecs:
         mesh = LlamaMeshConfig(node=node, chunk_tokens=CHUNK, codec=codec, tenant=f"bench-{codec}-{kv_type}")
         writer = MeshLlama(model_path=model, mesh=mesh, **kw)
@@ -151,42 +201,23 @@ def quality(args: argparse.Namespace, node: str, kv_type: int | None) -> dict[st
         raw_bytes = len(pairs) * (args.prefix // CHUNK) * writer.mesh.chunk_bytes
         writer.close()
         reader = MeshLlama(model_path=model, mesh=mesh, **kw)
-        nll, base_nll, kl, top1, agree = [], [], [], [], []
+        scores = Scores()
         for (prefix, continuation), (want, want_greedy) in zip(pairs, base, strict=True):
             reader.reset()
             restored = reader.mesh.before_prefill(prefix)
             if restored != len(prefix):
                 raise RuntimeError(f"{codec}: restored {restored} of {len(prefix)} tokens")
-            got = score_after(reader, continuation)
-            for j, (p, q) in enumerate(zip(want, got, strict=True)):
-                target = continuation[j + 1]
-                base_nll.append(-p[target])
-                nll.append(-q[target])
-                kl.append(float(np.sum(np.exp(p) * (p - q))))
-                top1.append(int(np.argmax(p) == np.argmax(q)))
+            scores.add(want, score_after(reader, continuation), continuation)
             reader.reset()
-            got_greedy = greedy(reader, prefix, args.greedy)
-            same = next(
-                (i for i, (a, b) in enumerate(zip(want_greedy, got_greedy, strict=True)) if a != b),
-                len(want_greedy),
-            )
-            agree.append(same / len(want_greedy))
-        hits = reader.mesh.stats.hit_tokens
+            scores.add_greedy(want_greedy, greedy(reader, prefix, args.greedy))
+        rows[codec] = scores.row(
+            size_ratio=sum(stored) / raw_bytes,
+            stored_chunks=len(stored),
+            restored_tokens=reader.mesh.stats.hit_tokens,
+        )
         reader.close()
-        ppl, base_ppl = math.exp(statistics.fmean(nll)), math.exp(statistics.fmean(base_nll))
-        rows[codec] = {
-            "perplexity": ppl,
-            "baseline_perplexity": base_ppl,
-            "perplexity_change": ppl / base_ppl - 1,
-            "mean_kl": statistics.fmean(kl),
-            "top1_agreement": statistics.fmean(top1),
-            "greedy_agreement": statistics.fmean(agree),
-            "size_ratio": sum(stored) / raw_bytes,
-            "stored_chunks": len(stored),
-            "restored_tokens": hits,
-        }
         print(
-            f"  {codec:5s} ppl {ppl:.4f} (base {base_ppl:.4f})  size {rows[codec]['size_ratio']:.3f}",
+            f"  {codec:5s} ppl {rows[codec]['perplexity']:.4f} (base {rows[codec]['baseline_perplexity']:.4f})  size {rows[codec]['size_ratio']:.3f}",
             flush=True,
         )
     return rows
@@ -270,7 +301,7 @@ def charts(result: dict[str, Any], folder: Path) -> None:
         print(chart.MISSING)
         return
     rows = result["quality"]["f16"]
-    codecs = list(rows)
+    codecs = [c for c in rows if c in COLOURS]
     chart.write_bar_chart(
         folder / "bench-codecs.png", [rows[c]["size_ratio"] for c in codecs], [COLOURS[c] for c in codecs],
         labels=codecs, title="SmolLM2 f16 KV: stored size x raw, and perplexity change (labels)",
@@ -335,6 +366,7 @@ def main() -> None:
             else None,
         }
         for codec in result["quality"]["f16"]
+        if codec in CODECS
     }
     result["setup"] = {k: v for k, v in vars(args).items() if k not in ("out", "charts")} | {
         "model": "SmolLM2-135M-Instruct Q4_1 (llama-cpp-python)",

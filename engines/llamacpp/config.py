@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmcache_mesh.node.codecs import check_codec
 from lmcache_mesh.node.config import NodeConfig
 
 from ..adapter_config import AdapterConfig
@@ -28,15 +27,8 @@ class LlamaMeshConfig(AdapterConfig):
     stored (and restored) as a tail record in multiples of it. 0 turns tails off: whole
     chunks only."""
 
-    codec: str = "raw"
-    """How chunks are stored: ``raw`` (the engine's bytes), ``zstd`` (lossless, byte planes;
-    smaller, for slow links; costs decode time on every restore; any reader decodes it), or
-    opt-in lossy ``int8``, ``fp8``, ``int4`` (about 0.52x, 0.52x, 0.28x; they need torch).
-    A lossy codec is part of the namespace: such engines share chunks only with each other."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_codec(self.codec)
         if not 0 <= self.tail_tokens < self.chunk_tokens:
             raise ValueError(f"tail_tokens must be in [0, chunk_tokens), got {self.tail_tokens}")
 

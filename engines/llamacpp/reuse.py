@@ -25,13 +25,13 @@ import numpy as np
 from cachetools import TTLCache
 
 from lmcache_mesh.mesh.errors import BadRequest
-from lmcache_mesh.node import quant
 from lmcache_mesh.node.calls import Reservation
-from lmcache_mesh.node.codecs import LOSSY, CodecError, decode, encode
+from lmcache_mesh.node.codecs import CodecError
 from lmcache_mesh.node.keys import chunk_keys, namespace_id, tail_key, tokens_to_bytes
 from lmcache_mesh.node.shm import Lease
 from lmcache_mesh.node.tails import pack_tail, unpack_tail, usable_tokens
 
+from ..codec import codec_meta, decoded, encoded_runs, lossy_codec, not_readable
 from ..fingerprint import model_fingerprint
 from ..prefill import PrefillRate
 from ..saver import Saver
@@ -143,10 +143,8 @@ class KVReuse:
             self.codec = self.config.codec
         elif self.config.codec != "raw":
             logger.warning("codec %s needs f16/bf16/f32 K and V of one type; storing raw", self.config.codec)
-        if self.codec in LOSSY:
-            quant.require_torch()  # now, not at the first save
         compute = compute_settings(llm, self.config.fingerprint_cache_dir)
-        lossy = self.codec if self.codec in LOSSY else None
+        lossy = lossy_codec(self.codec)
         self.descriptor = layout_descriptor(llm, self.layout, compute, lossy)
         self.namespace = namespace_id(
             self.fingerprint, self.descriptor, self.chunk_tokens, self.config.tenant
@@ -323,19 +321,18 @@ class KVReuse:
             ):
                 self._drop("chunk", h.key, "not of this model and layout")
                 break
-            if h.codec in LOSSY and h.codec != self.codec:  # its namespace should have said so
-                self._drop("chunk", h.key, f"stored as {h.codec}, which this engine did not opt in to")
+            refused = not_readable(h, self.codec)
+            if refused:
+                self._drop("chunk", h.key, refused)
                 break
             payload = lease.payload(i)
             if payload is None:
                 break  # failed its checksum (counted): recompute from here
-            if not raw:
-                try:
-                    assert self.geometry is not None
-                    payload = memoryview(decode(h.codec, payload, self.geometry))
-                except CodecError as exc:
-                    self._drop("chunk", h.key, str(exc))
-                    break
+            try:
+                payload = memoryview(decoded(h, payload, self.geometry))
+            except CodecError as exc:
+                self._drop("chunk", h.key, str(exc))
+                break
             payloads.append(payload)
         return payloads
 
@@ -457,15 +454,10 @@ class KVReuse:
     ) -> None:
         assert self.layout is not None
         try:
-            for codec, run in self._encoded(keys, payloads):  # here, off the request's path
-                meta = (
-                    self._meta
-                    if codec == "raw"
-                    else {**self._meta, "codec": codec, "raw_length": self.chunk_bytes}
-                )
-                self.store.put_payloads(
-                    [k for k, _ in run], [p for _, p in run], self.namespace, meta, reservation
-                )
+            # encoded here, off the request's path
+            for codec, run_keys, run in encoded_runs(self.codec, keys, payloads, self.geometry):
+                meta = codec_meta(self._meta, codec, self.chunk_bytes)
+                self.store.put_payloads(run_keys, run, self.namespace, meta, reservation)
             for t in tails:  # raw: a tail is small, and its token ids lead its payload
                 tail_meta = {**self._meta, "tokens": t.count, "shape": [self.layout.n_layer, 2, t.count]}
                 self.store.put_payloads([t.key], [t.payload], self.namespace, tail_meta)
@@ -476,24 +468,3 @@ class KVReuse:
         self.stats.saves += 1
         self.stats.saved_chunks += len(keys)
         self.stats.saved_tails += len(tails)
-
-    def _encoded(
-        self, keys: list[bytes], payloads: list[np.ndarray[Any, np.dtype[np.uint8]]]
-    ) -> list[tuple[str, list[tuple[bytes, np.ndarray[Any, np.dtype[np.uint8]]]]]]:
-        """The chunks under this engine's codec, in runs of one codec: a chunk the codec
-        cannot hold (values past its range) is stored raw, which every reader takes."""
-        runs: list[tuple[str, list[tuple[bytes, np.ndarray[Any, np.dtype[np.uint8]]]]]] = []
-        for key, payload in zip(keys, payloads, strict=True):
-            codec = self.codec
-            if codec != "raw":
-                assert self.geometry is not None
-                try:
-                    payload = encode(codec, payload, self.geometry)
-                except ValueError as exc:
-                    logger.info("storing chunk %s raw: %s", key.hex(), exc)
-                    codec = "raw"
-            if runs and runs[-1][0] == codec:
-                runs[-1][1].append((key, payload))
-            else:
-                runs.append((codec, [(key, payload)]))
-        return runs

@@ -97,6 +97,7 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
                 _split_kind(),
                 self.config.layerwise,
                 self.config.pin_shared_memory,
+                self.config.codec,
             )
         logger.info(
             "MeshConnector (%s): namespace %s, %d tokens/chunk, node %s",

@@ -15,6 +15,7 @@ import torch
 
 from lmcache_mesh.node.keys import namespace_id
 
+from ..codec import lossy_codec
 from ..fingerprint import model_fingerprint
 from .config import VllmMeshConfig
 
@@ -42,13 +43,15 @@ def kv_dtype_name(vllm_config: Any) -> str:
     return str(vllm_config.model_config.dtype).removeprefix("torch.")
 
 
-def layout_descriptor(vllm_config: Any) -> dict[str, Any]:
+def layout_descriptor(vllm_config: Any, lossy_codec: str | None = None) -> dict[str, Any]:
+    """Our chunk form, the engine's KV shape and dtype, RoPE, and the lossy codec chunks are
+    stored in, if any (KV that is not the engine's own)."""
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     text = getattr(mc, "hf_text_config", None)
     rope = {
         name: repr(getattr(text, name, None)) for name in ("rope_theta", "rope_scaling", "rope_parameters")
     }
-    return {
+    descriptor = {
         "engine": ENGINE,
         "chunk_format": CHUNK_FORMAT,
         "dtype": kv_dtype_name(vllm_config),
@@ -58,6 +61,9 @@ def layout_descriptor(vllm_config: Any) -> dict[str, Any]:
         "past_trained_len": mc.max_model_len > getattr(text, "max_position_embeddings", mc.max_model_len),
         "rope": rope,
     }
+    if lossy_codec is not None:
+        descriptor["codec"] = lossy_codec
+    return descriptor
 
 
 def chunk_bytes(descriptor: dict[str, Any], chunk_tokens: int) -> int:
@@ -82,5 +88,5 @@ def engine_namespace(vllm_config: Any, config: VllmMeshConfig) -> tuple[bytes, d
     """(namespace id, layout descriptor) of this engine."""
     check_supported(vllm_config)
     fingerprint = model_fingerprint(model_dir(vllm_config), config.fingerprint_cache_dir)
-    descriptor = layout_descriptor(vllm_config)
+    descriptor = layout_descriptor(vllm_config, lossy_codec(config.codec))
     return namespace_id(fingerprint, descriptor, config.chunk_tokens, config.tenant), descriptor

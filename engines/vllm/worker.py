@@ -37,11 +37,14 @@ from typing import Any
 import torch
 
 from lmcache_mesh.node.calls import Reservation
+from lmcache_mesh.node.codecs import CodecError
 from lmcache_mesh.node.keys import chunk_keys
+from lmcache_mesh.node.kvformat import KVGeometry
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
 from lmcache_mesh.node.shm import Lease
 
+from ..codec import codec_meta, decoded, encoded_runs, not_readable
 from ..saver import Saver
 from ..store import MeshStore
 from .layout import Kind, PagedLayout, slots_of
@@ -49,6 +52,9 @@ from .metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
 from .transfer import Copies, forward_mark, forward_waits_for, pin_host_memory
 
 logger = logging.getLogger(__name__)
+
+_ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+"""KV types the codecs take, by torch dtype"""
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -118,6 +124,7 @@ class WorkerSide:
         split_kind: Kind = "NHD",
         layerwise: bool = True,
         pin_shared_memory: bool = True,
+        codec: str = "raw",
     ) -> None:
         self.namespace = namespace
         self.descriptor = descriptor
@@ -127,6 +134,9 @@ class WorkerSide:
         self.split_kind = split_kind
         self.layerwise = layerwise
         self.pin_shared_memory = pin_shared_memory
+        self.codec = codec
+        """what this engine stores (raw where its KV type has no codec: set at register)"""
+        self.geometry: KVGeometry | None = None
         self.saver = Saver("lmcache-vllm-save", max_pending_save_bytes)
         atexit.register(self.saver.close)  # a worker that exits normally finishes its saves first
         # One copy thread keeps a step's layer copies in layer order; async loads have their
@@ -181,6 +191,17 @@ class WorkerSide:
                 pin_host_memory(mapping)
         itemsize = self.layers[0].element_size()
         self.chunk_bytes = len(self.layers) * 2 * self.chunk_tokens * lay.kv_heads * lay.head_size * itemsize
+        element = _ELEMENTS.get(self.layers[0].dtype)
+        if element is not None:
+            width = lay.kv_heads * lay.head_size
+            self.geometry = KVGeometry(
+                len(self.layers), self.chunk_tokens, width, width, element, interleaved=True
+            )
+        elif self.codec != "raw":
+            logger.warning(
+                "codec %s takes f16/bf16/f32 KV, not %s: storing raw", self.codec, self.layers[0].dtype
+            )
+            self.codec = "raw"
         logger.info(
             "MeshConnector worker: %d layers, %s layout, %.2f MB per chunk",
             len(self.layers),
@@ -247,13 +268,20 @@ class WorkerSide:
                 chunk = first + i
                 if record is None:
                     break
-                if not self._belongs(record):
+                refused = self._refused(record)
+                if refused:
                     self._count("bad_chunks")
-                    logger.warning("dropping chunk %s: not of this model and layout", record.key.hex())
+                    logger.warning("dropping chunk %s: %s", record.key.hex(), refused)
                     break
                 payload = lease.payload(i)
                 if payload is None:
                     break  # failed its checksum (counted): recompute from here
+                try:
+                    payload = memoryview(decoded(record.header, payload, self.geometry))
+                except CodecError as exc:
+                    self._count("bad_chunks")
+                    logger.warning("dropping chunk %s: %s", record.key.hex(), exc)
+                    break
                 lo, hi = max(spec.start, chunk * c), min(spec.end, (chunk + 1) * c)
                 slots = slots_of(spec.block_ids, self.block_size, lo, hi).to(device)
                 load.pieces.append(
@@ -373,10 +401,14 @@ class WorkerSide:
             self._count("failed_tokens", -(load.spec.end - load.end))
             self._report(load.spec, load.spec.start, this_step=True)
 
-    def _belongs(self, record: ChunkRecord) -> bool:
+    def _refused(self, record: ChunkRecord) -> str | None:
+        """Why a fetched record must not be loaded here, or None."""
         h = record.header
-        expected = (self.namespace, self.chunk_tokens, self.chunk_bytes)
-        return bool((h.namespace, h.tokens, h.length) == expected)
+        if h.namespace != self.namespace or h.tokens != self.chunk_tokens:
+            return "not of this model and layout"
+        if h.codec == "raw" and h.length != self.chunk_bytes:
+            return f"{h.length} bytes, not a chunk of this layout ({self.chunk_bytes})"
+        return not_readable(h, self.codec)
 
     @property
     def _chunk_shape(self) -> tuple[int, ...]:
@@ -444,8 +476,10 @@ class WorkerSide:
             keys = chunk_keys(self.namespace, spec.tokens, self.chunk_tokens)[
                 spec.first : spec.first + spec.count
             ]
-            reservation = self.store.reserve(keys, [self.chunk_bytes] * len(keys))
-            slots = self.store.reserved_slots(reservation, self.chunk_bytes)
+            # Encoded chunks have other sizes: they are announced when they are put.
+            raw = self.codec == "raw"
+            reservation = self.store.reserve(keys, [self.chunk_bytes] * len(keys)) if raw else None
+            slots = self.store.reserved_slots(reservation, self.chunk_bytes) if raw else None
             if slots is not None:
                 chunks = [self._as_tensor(slot) for slot in slots]
             else:
@@ -511,8 +545,11 @@ class WorkerSide:
         try:
             if written:  # already in the reserved slots: checksum them where they are, commit
                 self.store.commit_written(keys, payloads, self.namespace, meta, reservation)
-            else:
-                self.store.put_payloads(keys, payloads, self.namespace, meta, reservation)
+            else:  # encoded here, on the save thread
+                for codec, run_keys, run in encoded_runs(self.codec, keys, payloads, self.geometry):
+                    self.store.put_payloads(
+                        run_keys, run, self.namespace, codec_meta(meta, codec, self.chunk_bytes), reservation
+                    )
         except Exception:
             self.store.cancel(reservation)  # lookups must stop counting what will not land
             raise

@@ -203,3 +203,30 @@ def test_kv_events_tell_the_index_what_the_engine_holds(models, daemon: Daemon, 
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def test_codecs_lossless_for_everyone_lossy_only_for_engines_that_opted_in(models, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    p = prompt(3 * CHUNK + 9, seed=21)
+    zstd = run_engine(models["tiny"], [p], daemon.tcp, {"codec": "zstd"})
+    namespace = bytes.fromhex(zstd[0]["namespace"])
+    keys = chunk_keys(namespace, p[: 3 * CHUNK], CHUNK)
+    deadline = time.monotonic() + 30
+    with Client(daemon.tcp) as c:
+        while time.monotonic() < deadline and any(r is None for r in c.get_records(keys)):
+            time.sleep(0.2)
+        records = c.get_records(keys)
+    assert all(r is not None and r.header.codec == "zstd" and r.header.raw_length > r.header.length for r in records)
+    raw = run_engine(models["tiny"], [p], daemon.tcp)  # decodes zstd chunks of its own namespace
+    assert raw[0]["namespace"] == zstd[0]["namespace"]
+    assert raw[0]["cached"] == 3 * CHUNK and raw[0]["tokens"] == zstd[0]["tokens"]
+
+    first = run_engine(models["tiny"], [p], daemon.tcp, {"codec": "int8"})
+    assert first[0]["namespace"] != zstd[0]["namespace"] and first[0]["cached"] == 0  # its own namespace
+    lossy_keys = chunk_keys(bytes.fromhex(first[0]["namespace"]), p[: 3 * CHUNK], CHUNK)
+    with Client(daemon.tcp) as c:
+        while time.monotonic() < deadline + 30 and any(r is None for r in c.get_records(lossy_keys)):
+            time.sleep(0.2)
+        lossy = c.get_records(lossy_keys)
+    assert all(r is not None and r.header.codec == "int8" and r.header.length < 0.3 * r.header.raw_length for r in lossy)  # f32 KV
+    second = run_engine(models["tiny"], [p], daemon.tcp, {"codec": "int8"})
+    assert second[0]["cached"] == 3 * CHUNK

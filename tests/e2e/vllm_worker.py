@@ -71,7 +71,8 @@ def main() -> None:
         from lmcache_mesh.engines.vllm.config import VllmMeshConfig
         from lmcache_mesh.engines.vllm.identity import engine_namespace
 
-        namespace, _ = engine_namespace(llm.llm_engine.vllm_config, VllmMeshConfig(chunk_tokens=args.chunk))
+        mesh = VllmMeshConfig(chunk_tokens=args.chunk, codec=args.extra.get("codec", "raw"))
+        namespace, _ = engine_namespace(llm.llm_engine.vllm_config, mesh)
         print("NAMESPACE " + namespace.hex(), flush=True)
     print("RESULT " + json.dumps(results), flush=True)
     if args.interactive:
