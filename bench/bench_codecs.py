@@ -32,7 +32,10 @@ Medians of ``--reps``.
 Prints tables, writes JSON to ``bench/results/bench_codecs.json`` and charts to
 ``docs/bench-codecs.png`` (size and perplexity change) and ``docs/bench-codecs-speed.png``.
 
-Run:  python bench/bench_codecs.py            (about 5 minutes)
+With ``--vllm``, also vLLM's greedy agreement per codec on the same model turned into a
+Hugging Face checkpoint (one engine per codec stores the prefixes and loads them back).
+
+Run:  python bench/bench_codecs.py            (about 20 minutes; --vllm about 6 more)
       python bench/bench_codecs.py --quick    (2 windows, fewer reps)
 """
 
@@ -223,6 +226,65 @@ def quality(args: argparse.Namespace, node: str, kv_type: int | None) -> dict[st
     return rows
 
 
+def vllm_agreement(args: argparse.Namespace, node: str) -> dict[str, Any]:
+    """Greedy agreement on vLLM (SmolLM2 turned into a Hugging Face checkpoint, f32 on this
+    CPU): per codec one engine stores the windows' prefixes, then asks each prefix again —
+    vLLM's own prefix cache is off, so the prefix is loaded from the mesh, decoded — and the
+    first ``--greedy`` tokens are compared with an engine without the connector."""
+    import tempfile
+
+    from bench_vllm import Engine
+    from transformers import AutoTokenizer
+
+    from lmcache_mesh.engines.vllm.smollm2 import write_checkpoint
+
+    checkpoint = write_checkpoint(Path(tempfile.gettempdir()) / "lmcache-mesh-bench" / "smollm2-hf")
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    from pydoc_data.topics import topics
+
+    text = tokenizer("\n\n".join(topics[name] for name in sorted(topics)), add_special_tokens=False)[
+        "input_ids"
+    ]
+    pairs = windows(list(text), tokenizer.bos_token_id or 1, args.windows, args.prefix, args.score)
+    prompts = [prefix for prefix, _ in pairs]
+    max_len = args.prefix + args.greedy + 64
+    plain = Engine("vllm", checkpoint, None, max_len, core=0)
+    try:
+        want = [plain.generate(p, args.greedy)["tokens"] for p in prompts]
+    finally:
+        plain.close()
+    rows: dict[str, Any] = {}
+    for codec in args.codecs:
+        engine = Engine(
+            f"vllm-{codec}",
+            checkpoint,
+            node,
+            max_len,
+            core=0,
+            extra={"codec": codec, "tenant": f"bench-vllm-{codec}"},
+        )
+        try:
+            for p in prompts:
+                engine.generate(p, 1)
+            time.sleep(2.0)  # the saves land
+            got = [engine.generate(p, args.greedy) for p in prompts]
+        finally:
+            engine.close()
+        agree = [
+            next((i for i, (a, b) in enumerate(zip(w, g["tokens"], strict=True)) if a != b), len(w)) / len(w)
+            for w, g in zip(want, got, strict=True)
+        ]
+        rows[codec] = {
+            "greedy_agreement": statistics.fmean(agree),
+            "cached_tokens": [g["cached"] for g in got],
+        }
+        print(
+            f"  vllm {codec:5s} greedy agreement {rows[codec]['greedy_agreement']:.3f} cached {rows[codec]['cached_tokens']}",
+            flush=True,
+        )
+    return rows
+
+
 def median_seconds(call: Any, reps: int) -> float:
     took = []
     for _ in range(reps):
@@ -334,6 +396,9 @@ def main() -> None:
     parser.add_argument("--greedy", type=int, default=32, help="greedy tokens compared after each prefix")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=CODECS)
+    parser.add_argument(
+        "--vllm", action="store_true", help="also vLLM's greedy agreement per codec (about 5 min more)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_codecs.json")
     parser.add_argument("--charts", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     args = parser.parse_args()
@@ -350,6 +415,9 @@ def main() -> None:
             **{**vars(args), "codecs": [c for c in args.codecs if c in ("raw", "zstd")]}
         )
         result["quality"]["bf16"] = quality(bf16_args, daemon.tcp, GGML_BF16)
+        if args.vllm:
+            print("vLLM greedy agreement:", flush=True)
+            result["vllm"] = vllm_agreement(args, daemon.tcp)
     finally:
         daemon.stop()
     print("speed:", flush=True)
@@ -380,6 +448,12 @@ def main() -> None:
         )
     )
     print(quality_table(result["quality"]["bf16"], "SmolLM2, bf16 KV (lossless sizes)"))
+    if "vllm" in result:
+        t = table(Column("codec"), "greedy agree", Column("tokens loaded per prompt"),
+                  title="vLLM on SmolLM2 (f32 KV): greedy tokens equal to vLLM alone, before the first difference")  # fmt: skip
+        for codec, r in result["vllm"].items():
+            t.add_row(codec, f"{r['greedy_agreement']:.3f}", " ".join(map(str, r["cached_tokens"])))
+        print(render(t))
     print(speed_table(result["speed"]))
     benchlib.write_results(result, args.out)
     charts(result, args.charts)

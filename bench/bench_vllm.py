@@ -59,15 +59,23 @@ def log(msg: str) -> None:
 
 
 class Engine:
-    """A vllm_engine.py process; ``ttft(prompt)`` -> (seconds, cached tokens)."""
+    """A vllm_engine.py process; ``ttft(prompt)`` -> (seconds, cached tokens); ``extra``: more
+    connector settings."""
 
     def __init__(
-        self, name: str, model: Path, node: str | None, max_len: int, core: int, prefix_cache: bool = False
+        self,
+        name: str,
+        model: Path,
+        node: str | None,
+        max_len: int,
+        core: int,
+        prefix_cache: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         cmd = [sys.executable, str(ENGINE), str(model), "--max-len", str(max_len)]
         if node:
-            cmd += ["--node", node]
+            cmd += ["--node", node, "--extra", json.dumps(extra or {})]
         if prefix_cache:
             cmd += ["--prefix-cache"]
         # Each engine on its own core: with both on all cores, whichever started first ran ~2x slower.
@@ -95,11 +103,16 @@ class Engine:
         raise RuntimeError(f"engine {self.name}: no {prefix!r} within {timeout_s:g} s")
 
     def ttft(self, prompt: list[int]) -> tuple[float, int]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt}) + "\n")
-        self.proc.stdin.flush()
-        reply = json.loads(self._wait_for("{", 600))
+        reply = self.generate(prompt, 1)
         return float(reply["s"]), int(reply["cached"])
+
+    def generate(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+        """{"s": seconds, "cached": tokens not computed, "tokens": greedy ids}"""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        reply: dict[str, Any] = json.loads(self._wait_for("{", 600))
+        return reply
 
     def close(self) -> None:
         if self.proc.poll() is None and self.proc.stdin is not None:
