@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lmcache_mesh.node import quant
-from lmcache_mesh.node.codecs import LOSSY, CodecError, decode, encode
+from lmcache_mesh.node.codecs import LOSSLESS, LOSSY, CodecError, decode, decode_lossless, encode
 from lmcache_mesh.node.kvformat import KVGeometry
 from lmcache_mesh.node.records import RecordHeader
 
@@ -41,12 +41,14 @@ def not_readable(header: RecordHeader, own_codec: str) -> str | None:
     return None
 
 
-def decoded(header: RecordHeader, payload: Any, geometry: KVGeometry | None) -> Any:
-    """The raw KV bytes of a payload (itself when raw); CodecError when it does not decode."""
-    if header.codec == "raw":
-        return payload
-    if geometry is None:
-        raise CodecError(f"a {header.codec} chunk for KV this engine cannot decode")
+def decoded(header: RecordHeader, payload: Any, raw_bytes: int, geometry: KVGeometry | None) -> Any:
+    """The ``raw_bytes`` of a payload before its codec (itself when raw): lossless codecs
+    decode any payload (chunks and tails; a node may have re-encoded one for a slow link),
+    lossy ones a chunk of ``geometry``. CodecError when it does not decode to exactly that."""
+    if header.codec in LOSSLESS:
+        return decode_lossless(header.codec, payload, raw_bytes)
+    if geometry is None or geometry.elements * geometry.element_bytes != raw_bytes:
+        raise CodecError(f"a {header.codec} record this engine cannot decode")
     return decode(header.codec, payload, geometry)
 
 

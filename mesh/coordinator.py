@@ -34,11 +34,12 @@ class MeshCoordinator(Generic[R]):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         directory: DirectoryConfig | None = None,
+        wire_codec: str = "auto",
     ) -> None:
         self.cluster = cluster
         self.peers = peers
         self.counters: defaultdict[str, int] = defaultdict(int)
-        self.remote = RemoteCalls(cluster, peers, holdings, clock, self.counters)
+        self.remote = RemoteCalls(cluster, peers, holdings, clock, self.counters, wire_codec)
         self.directory = HolderDirectory(
             cluster, holdings, self.remote, self.counters, replicas=replicas, config=directory, rng=rng
         )

@@ -39,6 +39,21 @@ again now and then: links change, and one bad sample must not exclude a peer for
 MIN_FETCH_WINDOW_S = 0.05
 """An untried fetch gets at least this long (one round trip on a slow link)."""
 
+WIRE_CODECS = ("auto", "raw", "zstd")
+"""``wire_codec`` settings: how raw float chunks travel from a peer (see :meth:`PeerStats.wire`)."""
+
+WIRE_RATIO = 0.8
+"""Bytes on the wire per raw byte under the lossless wire codec, as assumed before any is seen
+(measured on SmolLM2's KV: 0.86 for f16, 0.69 for bf16)."""
+
+WIRE_CODEC_S_PER_BYTE = 1 / 0.4e9 + 1 / 1.0e9
+"""Seconds per raw byte to encode (at the sender, about 0.4 GB/s) and decode (at the engine,
+about 1 GB/s) under the lossless wire codec, one core each (bench/bench_codecs.py)."""
+
+WIRE_BELOW_BYTES_PER_S = (1 - WIRE_RATIO) / WIRE_CODEC_S_PER_BYTE
+"""Below this bandwidth the bytes saved outweigh the encode and decode time (about 57 MB/s):
+``auto`` re-encodes for such peers."""
+
 
 @dataclass(slots=True)
 class PeerEstimate:
@@ -63,8 +78,17 @@ class PeerStats:
     """
 
     def __init__(
-        self, alpha: float = 0.3, max_peers: int = 4096, clock: Callable[[], float] = time.monotonic
+        self,
+        alpha: float = 0.3,
+        max_peers: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+        wire_codec: str = "auto",
     ) -> None:
+        if wire_codec not in WIRE_CODECS:
+            raise ValueError(f"wire_codec must be one of {', '.join(WIRE_CODECS)}, got {wire_codec!r}")
+        self.wire_codec = wire_codec
+        self.wire_ratio = WIRE_RATIO
+        """bytes on the wire per raw byte, as last seen (EWMA) in re-encoded replies"""
         self.clock = clock
         self.alpha = alpha
         self.max_peers = max_peers
@@ -103,8 +127,33 @@ class PeerStats:
         e.samples += 1
 
     def transfer_s(self, peer: str, nbytes: int) -> float | None:
+        """Estimated seconds to fetch ``nbytes`` of raw chunks from ``peer``, in the form they
+        would travel: re-encoded by the wire codec (fewer bytes, plus encode and decode time)
+        where :meth:`wire` picks it."""
         e = self.peers.get(peer)
-        return None if e is None else e.transfer_s(nbytes, self.clock())
+        if e is None:
+            return None
+        if self.wire(peer):
+            moved = e.transfer_s(int(nbytes * self.wire_ratio), self.clock())
+            return None if moved is None else moved + nbytes * WIRE_CODEC_S_PER_BYTE
+        return e.transfer_s(nbytes, self.clock())
+
+    def wire(self, peer: str, slow_link: bool = False) -> str:
+        """The codec to ask ``peer`` to re-encode raw chunks into for the trip ("" for none):
+        with ``auto``, the lossless one where the peer's measured bandwidth is below
+        :data:`WIRE_BELOW_BYTES_PER_S`, or, unmeasured, where the link is known to be slow
+        (``slow_link``: WebRTC)."""
+        if self.wire_codec != "auto":
+            return "" if self.wire_codec == "raw" else self.wire_codec
+        e = self.peers.get(peer)
+        if e is None or e.bytes_per_s is None or self.clock() - e.measured_at > REMEASURE_AFTER_S:
+            return "zstd" if slow_link else ""
+        return "zstd" if e.bytes_per_s < WIRE_BELOW_BYTES_PER_S else ""
+
+    def saw_wire_ratio(self, wire_bytes: int, raw_bytes: int) -> None:
+        """A re-encoded reply moved ``wire_bytes`` for ``raw_bytes`` of chunks."""
+        if raw_bytes > 0:
+            self.wire_ratio = self._ewma(self.wire_ratio, min(1.0, wire_bytes / raw_bytes))
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {

@@ -16,13 +16,17 @@ from .costs import Cost
 
 
 class Record(Protocol):
-    """A chunk record as the mesh sees it: its key and its size on the wire."""
+    """A chunk record as the mesh sees it: its key, its size on the wire, and the size of
+    what it holds (more when a codec made it smaller)."""
 
     @property
     def key(self) -> bytes: ...
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def raw_nbytes(self) -> int: ...
 
 
 R = TypeVar("R", bound=Record)
@@ -67,7 +71,10 @@ class Peer(Protocol[R]):
         local: bool = False,
         timeout_s: float | None = None,
         cost: Cost | None = None,
-    ) -> list[R | None]: ...
+        wire: str = "",
+    ) -> list[R | None]:
+        """``wire``: a lossless codec the peer re-encodes raw float payloads into for the trip."""
+        ...
 
 
 class Peers(Protocol[R]):

@@ -45,13 +45,14 @@ class RemoteCalls(Generic[R]):
         holdings: Holdings[R],
         clock: Callable[[], float],
         counters: defaultdict[str, int],
+        wire_codec: str = "auto",
     ) -> None:
         self.cluster = cluster
         self.peers = peers
         self.holdings = holdings
         self.clock = clock
         self.counters = counters
-        self.peer_stats = PeerStats(clock=clock)
+        self.peer_stats = PeerStats(clock=clock, wire_codec=wire_codec)
         """Latency and bandwidth per peer, from real requests: nearest-first GETs, cost decisions."""
 
     def address(self, name: str) -> str | None:
@@ -97,16 +98,18 @@ class RemoteCalls(Generic[R]):
         if address is None or remaining <= 0:
             return [None] * len(keys)
         client = self.peers.get(address)
+        webrtc = reachability(address) == "webrtc"
+        wire = self.peer_stats.wire(peer, slow_link=webrtc)
         # Ask in slices, side by side, all within the one deadline; the estimate comes from
         # the whole transfer. Replies over a WebRTC link are bounded (and slow).
-        if reachability(address) == "webrtc":
+        if webrtc:
             step = WEBRTC_GET_KEYS
         else:
             parts = min(FETCH_SLICES, -(-len(keys) * chunk_bytes // FETCH_SLICE_BYTES))
             step = max(1, -(-len(keys) // max(parts, 1)))
         slices = [list(keys[i : i + step]) for i in range(0, len(keys), step)]
         answers = await asyncio.gather(
-            *(client.get_records(part, local=True, timeout_s=remaining) for part in slices),
+            *(client.get_records(part, local=True, timeout_s=remaining, wire=wire) for part in slices),
             return_exceptions=True,
         )
         if client.checksum_failures:
@@ -122,7 +125,14 @@ class RemoteCalls(Generic[R]):
                 records.extend(answer)
         elapsed = self.clock() - started
         if failure is None:
-            self.peer_stats.observe(peer, sum(r.nbytes for r in records if r is not None), elapsed)
+            got = [r for r in records if r is not None]
+            moved = sum(r.nbytes for r in got)
+            self.peer_stats.observe(peer, moved, elapsed)
+            if wire and got:
+                held = sum(r.raw_nbytes for r in got)
+                self.peer_stats.saw_wire_ratio(moved, held)
+                self.counters["wire_fetched_bytes"] += moved
+                self.counters["wire_raw_bytes"] += held
             return records
         if not isinstance(failure, (MeshError, OSError)):
             raise failure

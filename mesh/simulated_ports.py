@@ -88,6 +88,10 @@ class SimRecord:
     def nbytes(self) -> int:
         return len(self.payload)
 
+    @property
+    def raw_nbytes(self) -> int:
+        return len(self.payload)  # simulated peers move records as they are (no wire codec)
+
     @classmethod
     def of(cls, name: str, nbytes: int = 1024) -> SimRecord:
         """A record whose 16-byte key and payload are derived from ``name``."""
@@ -355,7 +359,12 @@ class SimPeer:
         return holders
 
     async def get_records(
-        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Keys,
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
+        wire: str = "",
     ) -> list[SimRecord | None]:
         keys = list(keys)
 

@@ -239,8 +239,10 @@ def get_records(
     timeout_s: float | None = None,
     cost: Cost | None = None,
     arena: SharedArena | None = None,
+    wire: str = "",
 ) -> Call[Verified]:
-    """One GET; with ``arena``, payloads held in it come as views under a lease."""
+    """One GET; with ``arena``, payloads held in it come as views under a lease; ``wire``:
+    raw float payloads re-encoded under that lossless codec for the trip."""
     if not keys:
         return _answered(Op.GET, Verified([]))
 
@@ -254,6 +256,8 @@ def get_records(
     fields = _keys_fields(keys, local, cost)
     if arena is not None:
         fields["shm"] = True
+    if wire:
+        fields["wire"] = wire
     return Call(Op.GET, fields, read, timeout_s=timeout_s)
 
 
@@ -263,6 +267,7 @@ def get_all(
     timeout_s: float,
     cost: Cost | None = None,
     arena: SharedArena | None = None,
+    wire: str = "",
 ) -> Steps[Verified]:
     """Every record of ``keys`` within ``timeout_s`` in all: a node answers as many as one
     reply holds (``max-request``) and says where it stopped; the rest is asked for again."""
@@ -271,7 +276,7 @@ def get_all(
     start = 0
     while True:
         left = max(deadline - time.monotonic(), 1e-3)
-        part: Verified = yield get_records(keys[start:], local, left, cost, arena)
+        part: Verified = yield get_records(keys[start:], local, left, cost, arena, wire)
         out.bad += part.bad
         out.leases += part.leases
         taken = len(part.records) if part.next is None else part.next

@@ -220,13 +220,18 @@ class Client(_Core):
         self._run(calls.release(lease_ids))
 
     def read(
-        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Keys,
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
+        wire: str = "",
     ) -> Lease:
         """Like :meth:`get_records`, without copying: on the node's host the records are views
         into its shared memory, unchanged until the lease is released (use it as a context
         manager); verify each as it is used (:meth:`Lease.copy_into`, :meth:`Lease.payload`)."""
         steps = calls.get_all(
-            keys, local, self.timeout_s if timeout_s is None else timeout_s, cost, self._shared()
+            keys, local, self.timeout_s if timeout_s is None else timeout_s, cost, self._shared(), wire
         )
         got = self._drive(steps)
         return Lease(self._records(got), got.shared, got.leases, self._release, self._count_bad)
@@ -235,13 +240,19 @@ class Client(_Core):
         return _payloads(self.get_records(keys))
 
     def get_records(
-        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Keys,
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
+        wire: str = "",
     ) -> list[ChunkRecord | None]:
         """Verified records per key, None per miss; ``local``: this node's tiers only;
-        ``cost``: skip remote chunks that would take longer to fetch than to recompute.
-        A hit of any length comes back whole, in as many replies as it needs, all within
-        ``timeout_s``."""
-        with self.read(keys, local, timeout_s, cost) as lease:
+        ``cost``: skip remote chunks that would take longer to fetch than to recompute;
+        ``wire``: raw float payloads re-encoded under that lossless codec ("zstd") for the
+        trip (their headers say so). A hit of any length comes back whole, in as many replies
+        as it needs, all within ``timeout_s``."""
+        with self.read(keys, local, timeout_s, cost, wire) as lease:
             return lease.kept()
 
     def lookup(
@@ -454,10 +465,15 @@ class AsyncClient(_Core):
         await self._run(calls.release(lease_ids))
 
     async def read(
-        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Keys,
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
+        wire: str = "",
     ) -> Lease:
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        got = await self._drive(calls.get_all(keys, local, timeout, cost, await self._shared()))
+        got = await self._drive(calls.get_all(keys, local, timeout, cost, await self._shared(), wire))
         return Lease(self._records(got), got.shared, got.leases, self._release, self._count_bad)
 
     async def shared_arena(self) -> SharedArena | None:
@@ -468,9 +484,14 @@ class AsyncClient(_Core):
         return _payloads(await self.get_records(keys))
 
     async def get_records(
-        self, keys: Keys, local: bool = False, timeout_s: float | None = None, cost: Cost | None = None
+        self,
+        keys: Keys,
+        local: bool = False,
+        timeout_s: float | None = None,
+        cost: Cost | None = None,
+        wire: str = "",
     ) -> list[ChunkRecord | None]:
-        with await self.read(keys, local, timeout_s, cost) as lease:
+        with await self.read(keys, local, timeout_s, cost, wire) as lease:
             return lease.kept()
 
     async def lookup(

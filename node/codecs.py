@@ -34,6 +34,9 @@ LOSSY = quant.LOSSY
 CODECS = LOSSLESS + LOSSY
 """What the ``codec`` setting accepts."""
 
+FLOAT_TYPES = {"f16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "f32": 4, "float32": 4}
+"""Element bytes of the float types record headers name (llama.cpp's names and torch's)."""
+
 _HEAD = struct.Struct("<BBI")
 _PLANE = struct.Struct("<BI")
 _VERSION = 1
@@ -60,16 +63,34 @@ def decode(codec: str, data: Any, geometry: KVGeometry) -> npt.NDArray[np.uint8]
     """The engine's bytes of a payload stored under ``codec``; CodecError unless they are
     exactly the raw KV of ``geometry``."""
     raw_bytes = geometry.elements * geometry.element_bytes
-    if codec == "raw":
-        view = memoryview(data).cast("B")
-        if view.nbytes != raw_bytes:
-            raise CodecError(f"raw payload of {view.nbytes} bytes, expected {raw_bytes}")
-        return view
     if codec in LOSSY:
         return quant.decode(codec, data, raw_bytes, geometry)
-    if codec != "zstd":
+    if codec not in LOSSLESS:
         raise CodecError(f"unknown codec {codec!r}")
-    return _zstd_decode(data, raw_bytes)
+    return decode_lossless(codec, data, raw_bytes)
+
+
+def wire_encoded(payload: Any, dtype: str) -> npt.NDArray[np.uint8] | None:
+    """A raw payload of float ``dtype`` under ``zstd`` for a trip over a slow link, or None
+    where that would not make it smaller (or the type is not one the codec splits)."""
+    element_bytes = FLOAT_TYPES.get(dtype)
+    data = np.frombuffer(memoryview(payload).cast("B"), dtype=np.uint8)
+    if element_bytes is None or len(data) % element_bytes or len(data) < 1024:
+        return None
+    packed = _zstd_encode(data, element_bytes)
+    return packed if packed.nbytes < len(data) else None
+
+
+def decode_lossless(codec: str, data: Any, raw_bytes: int) -> npt.NDArray[np.uint8] | memoryview:
+    """The bytes of a ``raw`` or ``zstd`` payload that holds ``raw_bytes`` (CodecError if not)."""
+    if codec == "zstd":
+        return _zstd_decode(data, raw_bytes)
+    if codec != "raw":
+        raise CodecError(f"{codec!r} is not a lossless codec")
+    view = memoryview(data).cast("B")
+    if view.nbytes != raw_bytes:
+        raise CodecError(f"raw payload of {view.nbytes} bytes, expected {raw_bytes}")
+    return view
 
 
 def _zstd_encode(payload: npt.NDArray[np.uint8], element_bytes: int) -> npt.NDArray[np.uint8]:

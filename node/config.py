@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcache_mesh.mesh.costs import WIRE_CODECS
+
 from .settings import Schema, setting
 
 ENV_PREFIX = "LMCACHE_MESH_"
@@ -162,9 +164,17 @@ class MeshSettings:
     nat: bool = False
     """Behind NAT: accept no inbound peer connections; reach the mesh through the first join
     seed (the relay) and WebRTC."""
+    wire_codec: str = setting("auto", metavar="CODEC")
+    """How raw chunks travel from peers: auto (re-encoded losslessly, zstd, for peers whose
+    measured bandwidth is below about 57 MB/s, where the bytes saved outweigh encoding and
+    decoding, and over WebRTC), raw (always as stored) or zstd (always)."""
 
     def __post_init__(self) -> None:
         _check_range(self, "mesh.replicas", 1, 16)
+        if self.wire_codec not in WIRE_CODECS:
+            raise ValueError(
+                f"mesh.wire_codec must be one of {', '.join(WIRE_CODECS)}, got {self.wire_codec!r}"
+            )
         if self.profile not in MESH_PROFILES:
             raise ValueError(f"mesh.profile must be one of {', '.join(MESH_PROFILES)}, got {self.profile!r}")
         for ep in (*(split_seed(j)[1] for j in self.join), *([self.advertise] if self.advertise else [])):

@@ -38,6 +38,8 @@ class _StatsCollector(Collector):
             ("lmcache_bytes_out", "bytes_out", "Payload bytes served"),
             ("lmcache_deletes", "deletes", "Chunks deleted on request"),
             ("lmcache_checksum_failures", "checksum_failures", "Records dropped for a bad checksum"),
+            ("lmcache_wire_replies", "wire_replies", "Replies to peers re-encoded for the trip (wire codec)"),
+            ("lmcache_wire_bytes_saved", "wire_bytes_saved", "Payload bytes the wire codec saved in them"),
             ("lmcache_lookups", "lookups", "LOOKUP requests from clients"),
             ("lmcache_lookup_keys", "lookup_keys", "Chunks clients looked up"),
             (

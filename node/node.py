@@ -57,6 +57,8 @@ class Node:
         """Why the memory tier is not in shared memory ("" when it is, or before :meth:`open`)."""
         self.errors: dict[str, int] = {}
         self.lookups: Counter[str] = Counter()
+        self.wire = Counter[str]()
+        """Replies re-encoded for a peer's slow link: records and bytes saved."""
         self.tenant_requests: dict[str, Counter[str]] = {}
         """Per tenant: keys asked for (gets), found (hits), records put (puts)."""
         self._state = "new"  # new -> open -> closed
@@ -193,6 +195,12 @@ class Node:
                 lookups=1, lookup_keys=keys, lookup_hit_keys=hits, lookup_missed_keys=keys - hits
             )
 
+    def count_wire(self, saved: int) -> None:
+        """A reply went re-encoded for the trip, ``saved`` bytes smaller."""
+        with self._lock:
+            self.wire["replies"] += 1
+            self.wire["bytes_saved"] += saved
+
     def count_tenant(self, tenant: str, **counts: int) -> None:
         with self._lock:
             counter = self.tenant_requests.get(tenant)
@@ -226,6 +234,8 @@ class Node:
         with self._lock:
             counters["errors"] = dict(self.errors)
             counters.update({k: self.lookups[k] for k in LOOKUP_COUNTERS})
+            counters["wire_replies"] = self.wire["replies"]
+            counters["wire_bytes_saved"] = self.wire["bytes_saved"]
         report = self.store.disk.recovery if self.store.disk is not None else RecoveryReport()
         return {
             "node": {

@@ -187,6 +187,10 @@ class ChunkRecord:
     def nbytes(self) -> int:
         return self.header.length
 
+    @property
+    def raw_nbytes(self) -> int:
+        return self.header.raw_bytes
+
     @classmethod
     def build(
         cls, key: bytes, payload: Buffer, namespace: bytes, meta: Mapping[str, Any] | None = None

@@ -167,11 +167,17 @@ class Get(Body):
     """Fetch remote chunks only while that beats recomputing them."""
     shm: bool = False
     """The sender mapped this node's arena: answer with slots under a lease, not frames."""
+    wire: str = ""
+    """Re-encode raw float payloads under this lossless codec for the trip ("zstd"; "": as
+    stored). Asked by nodes fetching over slow links (``wire_codec``)."""
 
     @classmethod
     def decode(cls, f: Fields, payloads: Sequence[Buffer], limits: Limits) -> Get:
         keys, local, _ = _keyed(f, limits)
-        return cls(keys, local, _cost(f), f.flag("shm"))
+        wire = f.raw("wire", "")
+        if wire not in ("", "zstd"):
+            raise f.fail("wire", "'zstd' or absent", wire, width=40)
+        return cls(keys, local, _cost(f), f.flag("shm"), wire)
 
 
 @dataclass(frozen=True, slots=True)

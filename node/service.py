@@ -67,6 +67,7 @@ from .requests import (
 )
 from .sharing import Sharing
 from .tenants import client_records
+from .wirecodec import reencoded
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +472,11 @@ class NodeServer:
             found = await self._in_thread(self.node.get_records, keys, deadline=deadline, party=job.party)
         if self.coordinator is not None and self._mesh_wide(job.body.local) and None in found:
             found = await self.coordinator.reads.get(keys, found, deadline, job.body.cost)
+        if job.body.wire and not job.body.shm:  # frames over a slow link: fewer bytes
+            found, saved = await self._in_thread(
+                reencoded, found, job.body.wire, deadline=deadline, party=job.party
+            )
+            self.node.count_wire(saved)
         tenant = job.tenant
         if tenant is None:  # a member's request: keys and records as stored
             headers: list[RecordHeader | None] = [None if r is None else r.header for r in found]

@@ -35,6 +35,11 @@ def pack_tail(tokens: Sequence[int] | npt.NDArray[Any], kv: npt.NDArray[np.uint8
     return out
 
 
+def tail_bytes(tokens: int, kv_bytes: int) -> int:
+    """Payload bytes of a tail of ``tokens`` tokens whose KV takes ``kv_bytes``."""
+    return _COUNT.size + 4 * tokens + kv_bytes
+
+
 def unpack_tail(
     payload: bytes | memoryview | npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.int32], memoryview]:

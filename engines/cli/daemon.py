@@ -240,6 +240,7 @@ class _Mesh:
             NodeHoldings(node),
             PeerPool(PEER_TIMEOUT_S, links=self.peering, curve=curve_for, seal=seal),
             replicas=cfg.mesh.replicas,
+            wire_codec=cfg.mesh.wire_codec,
         )
         sections: dict[str, Callable[[], dict[str, Any]]] = {}
         proof = "curve" if keyring is not None else "mesh secret" if sealed is not None else "none"

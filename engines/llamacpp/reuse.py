@@ -26,10 +26,10 @@ from cachetools import TTLCache
 
 from lmcache_mesh.mesh.errors import BadRequest
 from lmcache_mesh.node.calls import Reservation
-from lmcache_mesh.node.codecs import CodecError
+from lmcache_mesh.node.codecs import LOSSY, CodecError
 from lmcache_mesh.node.keys import chunk_keys, namespace_id, tail_key, tokens_to_bytes
 from lmcache_mesh.node.shm import Lease
-from lmcache_mesh.node.tails import pack_tail, unpack_tail, usable_tokens
+from lmcache_mesh.node.tails import pack_tail, tail_bytes, unpack_tail, usable_tokens
 
 from ..codec import codec_meta, decoded, encoded_runs, lossy_codec, not_readable
 from ..fingerprint import model_fingerprint
@@ -329,7 +329,7 @@ class KVReuse:
             if payload is None:
                 break  # failed its checksum (counted): recompute from here
             try:
-                payload = memoryview(decoded(h, payload, self.geometry))
+                payload = memoryview(decoded(h, payload, self.chunk_bytes, self.geometry))
             except CodecError as exc:
                 self._drop("chunk", h.key, str(exc))
                 break
@@ -349,15 +349,17 @@ class KVReuse:
         if record is None:
             return None
         h = record.header
-        if h.namespace != self.namespace or not 0 < h.tokens < self.chunk_tokens or h.codec != "raw":
+        if h.namespace != self.namespace or not 0 < h.tokens < self.chunk_tokens or h.codec in LOSSY:
             self._drop("tail", h.key, "not a tail of this model and layout")
             return None
         payload = lease.payload(i)
         if payload is None:
             return None
-        try:
-            ids, kv = unpack_tail(payload)
-        except BadRequest as exc:
+        try:  # tails are stored raw; a node may re-encode one (losslessly) for a slow link
+            ids, kv = unpack_tail(
+                decoded(h, payload, tail_bytes(h.tokens, self.layout.chunk_bytes(h.tokens)), None)
+            )
+        except (BadRequest, CodecError) as exc:
             self._drop("tail", h.key, str(exc))
             return None
         if len(ids) != h.tokens or len(kv) != self.layout.chunk_bytes(h.tokens):

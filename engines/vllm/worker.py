@@ -277,7 +277,7 @@ class WorkerSide:
                 if payload is None:
                     break  # failed its checksum (counted): recompute from here
                 try:
-                    payload = memoryview(decoded(record.header, payload, self.geometry))
+                    payload = memoryview(decoded(record.header, payload, self.chunk_bytes, self.geometry))
                 except CodecError as exc:
                     self._count("bad_chunks")
                     logger.warning("dropping chunk %s: %s", record.key.hex(), exc)

@@ -215,7 +215,9 @@ def test_codecs_lossless_for_everyone_lossy_only_for_engines_that_opted_in(model
         while time.monotonic() < deadline and any(r is None for r in c.get_records(keys)):
             time.sleep(0.2)
         records = c.get_records(keys)
-    assert all(r is not None and r.header.codec == "zstd" and r.header.raw_length > r.header.length for r in records)
+    assert all(
+        r is not None and r.header.codec == "zstd" and r.header.raw_length > r.header.length for r in records
+    )
     raw = run_engine(models["tiny"], [p], daemon.tcp)  # decodes zstd chunks of its own namespace
     assert raw[0]["namespace"] == zstd[0]["namespace"]
     assert raw[0]["cached"] == 3 * CHUNK and raw[0]["tokens"] == zstd[0]["tokens"]
@@ -227,6 +229,9 @@ def test_codecs_lossless_for_everyone_lossy_only_for_engines_that_opted_in(model
         while time.monotonic() < deadline + 30 and any(r is None for r in c.get_records(lossy_keys)):
             time.sleep(0.2)
         lossy = c.get_records(lossy_keys)
-    assert all(r is not None and r.header.codec == "int8" and r.header.length < 0.3 * r.header.raw_length for r in lossy)  # f32 KV
+    assert all(
+        r is not None and r.header.codec == "int8" and r.header.length < 0.3 * r.header.raw_length
+        for r in lossy
+    )  # f32 KV
     second = run_engine(models["tiny"], [p], daemon.tcp, {"codec": "int8"})
     assert second[0]["cached"] == 3 * CHUNK

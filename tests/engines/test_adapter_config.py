@@ -13,12 +13,11 @@ from lmcache_mesh.engines.vllm.config import VllmMeshConfig
 
 def test_both_adapters_extend_the_one_base_with_only_their_own_fields() -> None:
     common = {f.name for f in fields(AdapterConfig)}
-    assert {"node", "chunk_tokens", "tenant", "key_file", "server_key", "lookup_timeout_s"} <= common
+    assert {"node", "chunk_tokens", "tenant", "key_file", "server_key", "lookup_timeout_s", "codec"} <= common
     assert {f.name for f in fields(LlamaMeshConfig)} - common == {
         "node_config",
         "save_completions",
         "tail_tokens",
-        "codec",
     }
     assert {f.name for f in fields(VllmMeshConfig)} - common == {
         "load_failure_policy",

@@ -89,3 +89,35 @@ def test_old_estimates_count_as_unknown_so_slow_peers_get_measured_again(
     monkeypatch.setattr(costs, "REMEASURE_AFTER_S", -1.0)
     assert s.transfer_s("p", MB) is None
     assert fetch_window(s, "p", 1, Cost(0.01, MB)) is not None  # tried again
+
+
+def test_auto_wire_codec_re_encodes_for_slow_peers_only_and_counts_codec_time() -> None:
+    from lmcache_mesh.mesh.costs import WIRE_BELOW_BYTES_PER_S, WIRE_CODEC_S_PER_BYTE, WIRE_RATIO
+
+    s = PeerStats(alpha=1.0)
+    assert s.wire("new") == "" and s.wire("new", slow_link=True) == "zstd"  # unmeasured: WebRTC only
+    s.observe("slow", 10 * MB, 10 * MB / 2e6)  # 2 MB/s
+    s.observe("fast", 100 * MB, 100 * MB / 1e9)  # 1 GB/s
+    assert WIRE_BELOW_BYTES_PER_S > 2e6 and s.wire("slow") == "zstd" and s.wire("fast") == ""
+    # the estimate of a re-encoded fetch: fewer bytes moved, plus encoding and decoding them
+    assert s.transfer_s("slow", MB) == pytest.approx(
+        WIRE_RATIO * MB / 2e6 + MB * WIRE_CODEC_S_PER_BYTE, rel=0.05
+    )
+    assert s.transfer_s("fast", MB) == pytest.approx(MB / 1e9, rel=0.05)
+    s.saw_wire_ratio(50, 100)
+    assert s.wire_ratio == 0.5  # learned from replies
+    assert PeerStats(wire_codec="raw").wire("x", slow_link=True) == ""
+    assert PeerStats(wire_codec="zstd").wire("x") == "zstd"
+    with pytest.raises(ValueError, match="wire_codec"):
+        PeerStats(wire_codec="lz4")
+
+
+@pytest.mark.parametrize("wire", ["lz4", 1, "int8"])
+def test_a_get_asking_for_an_unknown_wire_codec_is_a_bad_request(wire: object) -> None:
+    header = request_header(Op.GET, 1, 1000, keys=[bytes(16)], wire=wire)
+    with pytest.raises(BadRequest, match="wire"):
+        decode_request([header], Limits())
+    assert (
+        decode_request([request_header(Op.GET, 1, 1000, keys=[bytes(16)], wire="zstd")], Limits()).body.wire
+        == "zstd"
+    )

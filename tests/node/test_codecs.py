@@ -207,3 +207,24 @@ def test_e4m3_codes_decode_as_torch_decodes_them() -> None:
     ours = _e4m3_as_f16(codes).float() * 256
     theirs = codes.view(torch.float8_e4m3fn).float()
     assert torch.equal(ours[finite], theirs[finite])
+
+
+def test_records_re_encoded_for_the_wire_decode_to_the_same_bytes() -> None:
+    from lmcache_mesh.node.codecs import decode_lossless
+    from lmcache_mesh.node.records import ChunkRecord
+    from lmcache_mesh.node.wirecodec import reencoded
+
+    raw = kv_like(64 * 1024, "float16")
+    kv = ChunkRecord.build(bytes(16), raw.tobytes(), bytes(16), {"dtype": "f16", "tokens": 64})
+    ints = ChunkRecord.build(b"\x01" * 16, raw.tobytes(), bytes(16), {"dtype": "uint8"})
+    lossy = ChunkRecord.build(
+        b"\x02" * 16, raw.tobytes()[:4096], bytes(16), {"dtype": "f16", "codec": "int8"}
+    )
+    out, saved = reencoded([kv, None, ints, lossy], "zstd")
+    first = out[0]
+    assert first is not None and first.header.codec == "zstd" and first.header.raw_length == raw.nbytes
+    assert saved == raw.nbytes - first.nbytes > 0
+    assert ChunkRecord.verified(first.header, first.payload) is not None  # its own checksum
+    assert bytes(decode_lossless("zstd", first.payload, first.header.raw_length)) == raw.tobytes()
+    assert out[1:] == [None, ints, lossy]  # not float, or under another codec: as they are
+    assert first.header.key == kv.header.key and first.header.namespace == kv.header.namespace

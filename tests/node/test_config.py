@@ -17,7 +17,7 @@ KEYS_OF_EARLIER_RELEASES = """
     persist-on-shutdown
 """.split()
 
-KEYS_ADDED_SINCE = ["shm-dir", "lease-timeout", "insecure", "max-inflight-bytes"]
+KEYS_ADDED_SINCE = ["shm-dir", "lease-timeout", "insecure", "max-inflight-bytes", "wire-codec"]
 """Every flag (--KEY), environment variable (LMCACHE_MESH_KEY) and TOML key that worked before
 the settings had sections: each must keep working, with the same meaning."""
 
