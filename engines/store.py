@@ -275,27 +275,28 @@ class MeshStore:
                 mappings.append(arena.mapping)
         return mappings
 
-    def reserved_slots(self, reservation: Reservation | None, size: int) -> list[memoryview] | None:
-        """The node's slots of ``reservation`` as this process maps them (``size`` bytes each),
-        to write the chunks into; None when it has none (then: :meth:`put_payloads`)."""
+    def reserved_slots(
+        self, reservation: Reservation | None, sizes: Sequence[int]
+    ) -> list[memoryview] | None:
+        """The node's slots of ``reservation`` as this process maps them (``sizes``: bytes of
+        each, as reserved), to write the chunks into; None when it has none (then:
+        :meth:`put_payloads`)."""
         arena = self._back.arena if self._back is not None else None
         if reservation is None or reservation.slots is None or arena is None:
             return None
-        return [arena.slot(offset, size) for offset in reservation.slots]
+        return [arena.slot(offset, size) for offset, size in zip(reservation.slots, sizes, strict=True)]
 
-    def commit_written(
-        self,
-        keys: Sequence[bytes],
-        payloads: Sequence[Any],
-        namespace: bytes,
-        meta: Mapping[str, Any],
-        reservation: Reservation,
+    def commit_records(
+        self, records: Sequence[ChunkRecord], reservation: Reservation | None, written: bool
     ) -> None:
-        """Commit chunks written into :meth:`reserved_slots` (checksummed where they are)."""
-        records = [ChunkRecord.build(k, p, namespace, meta) for k, p in zip(keys, payloads, strict=True)]
-        assert self._back is not None
+        """Store ``records``, all of ``reservation`` at once when one announced them: into its
+        slots (``written``: their payloads are there already, checksummed where they are), or
+        as frames when it has none."""
+        if reservation is None or self._back is None:
+            self._storing(lambda: self._put_records(records))
+            return
         back = self._back
-        self._storing(lambda: back.commit(records, reservation, written=True))
+        self._storing(lambda: back.commit(records, reservation, written=written))
 
     def cancel(self, reservation: Reservation | None) -> None:
         """Withdraw an announced save that will not land (its keys stop counting at once)."""

@@ -15,6 +15,11 @@ own personalization, so no tail key can equal a chunk key, and it names the whol
 before the tail. One tail per prefix chain: a later tail after the same chain replaces it,
 so stored tails stay O(prompt). The tail's own tokens travel in its payload (see
 :mod:`lmcache_mesh.node.tails`), where readers check them against their prompt.
+
+Engines with blocks (vLLM) store a tail as whole blocks instead, each under a chained *block
+key*, ``b_1 = H'(k_{n-1} || block_1)``, ``b_j = H'(b_{j-1} || block_j)`` (H' = blake2b with a
+third personalization): a key again names its whole prefix, so a LOOKUP of the chain tells
+how far a prompt is cached, down to the block, without fetching anything.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ KEY_BYTES = 16
 
 _INT32 = struct.Struct("<i")
 _TAIL_PERSON = b"lmcache-tail-v1"
+_BLOCK_PERSON = b"lmcache-tblk-v1"
 
 
 def _canonical(value: Any, where: str) -> Any:
@@ -112,3 +118,21 @@ def tail_key(prev: bytes) -> bytes:
     if len(prev) != KEY_BYTES:
         raise ValueError(f"prev must be a {KEY_BYTES}-byte chunk key or namespace id, got {len(prev)} bytes")
     return hashlib.blake2b(prev, digest_size=KEY_BYTES, person=_TAIL_PERSON).digest()
+
+
+def block_keys(prev: bytes, tokens: Sequence[int], block_tokens: int) -> list[bytes]:
+    """Chained keys of every *full* block of ``tokens``, the tail after the chunk chain
+    ending in key ``prev`` (the namespace id for a prompt shorter than a chunk)."""
+    if len(prev) != KEY_BYTES:
+        raise ValueError(f"prev must be a {KEY_BYTES}-byte chunk key or namespace id, got {len(prev)} bytes")
+    if not isinstance(block_tokens, int) or block_tokens <= 0:
+        raise ValueError(f"block_tokens must be a positive int, got {block_tokens!r}")
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    keys: list[bytes] = []
+    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        h = hashlib.blake2b(prev, digest_size=KEY_BYTES, person=_BLOCK_PERSON)
+        h.update(tokens_to_bytes(tokens[start : start + block_tokens]))
+        prev = h.digest()
+        keys.append(prev)
+    return keys

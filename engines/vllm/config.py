@@ -33,6 +33,9 @@ class VllmMeshConfig(AdapterConfig):
     pin_shared_memory: bool = True
     """On a CUDA device, page-lock the node's shared memory (the node's memory budget, all of
     it, at start) so hits are copied to the GPU by DMA straight from it, and saves back."""
+    tails: bool = True
+    """Reuse past a prompt's last whole chunk, down to its last whole block: the blocks after
+    it are stored (and found) as records of one block each. False: whole chunks only."""
     async_loads: str = "remote"
     """Which hits load between steps instead of inside one, so a slow fetch never stalls the
     batch (the request waits outside it): "remote" (some of its chunks are on peers),

@@ -84,6 +84,7 @@ class MeshConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vllm is not ty
                 prefill,
                 chunk_bytes(self.descriptor, self.config.chunk_tokens),
                 self.config.async_loads,
+                self.config.tails,
             )
             self.ingest = _start_ingest(vllm_config, self.config, self.namespace, self.store)
         else:

@@ -18,7 +18,8 @@ class LoadSpec:
 
     req_id: str
     tokens: list[int]
-    """the prompt up to the end of the last chunk needed (for the chunk keys)"""
+    """the prompt up to the end of the last record needed (for the keys: whole chunks, then
+    whole tail blocks)"""
     block_ids: list[int]
     start: int
     end: int
@@ -30,11 +31,12 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Store chunks ``first .. first + count - 1`` of a request, all computed by now."""
+    """Store records ``first .. first + count - 1`` of a request's chain (whole chunks, then
+    whole tail blocks), all computed by now."""
 
     req_id: str
     tokens: list[int]
-    """the prompt up to the end of the last chunk to store"""
+    """the prompt up to the end of the last record to store"""
     block_ids: list[int]
     first: int
     count: int

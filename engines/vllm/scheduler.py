@@ -1,9 +1,11 @@
 """The scheduler side of ``MeshConnector``: how much of a prompt the mesh holds, and what to move.
 
 It runs in vLLM's engine-core process and never touches KV. Per request it remembers the
-mesh's answer for the prompt's chunk chain (asked once: vLLM may ask again while a request
-waits), the request's blocks, and how many chunks are known stored. Each step it tells the
-workers which tokens to load (a hit just allocated) and which newly computed chunks to save.
+mesh's answer for the prompt's record chain (its whole chunks, then its tail as whole blocks:
+:class:`~lmcache_mesh.engines.vllm.chain.Chain`; asked once: vLLM may ask again while a
+request waits), the request's blocks, and how many records are known stored. Each step it
+tells the workers which tokens to load (a hit just allocated) and which newly computed
+records to save.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcache_mesh.node.keys import chunk_keys
-
 from ..prefill import PrefillRate
 from ..store import MeshStore
+from .chain import Chain
 from .metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
 
 logger = logging.getLogger(__name__)
@@ -26,18 +27,18 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Tracked:
     prompt: list[int]
+    chain: Chain
+    """the prompt's records: whole chunks, then whole tail blocks"""
     hits: int
-    """leading chunks the mesh held at lookup"""
+    """leading records the mesh held at lookup"""
     local_computed: int = 0
     """tokens vLLM had itself (prefix cache) when it asked"""
     block_ids: list[int] = field(default_factory=list)
     stored: int = 0
-    """leading chunks known stored (mesh hits, then our saves)"""
+    """leading records known stored (mesh hits, then our saves)"""
     recompute_s: float = 0.0
     asynchronous: bool = False
     """the hit loads between steps"""
-    keys: list[bytes] = field(default_factory=list)
-    """the prompt's chunk keys (full chunks)"""
 
 
 def reusable(request: Any) -> bool:
@@ -76,6 +77,7 @@ class SchedulerSide:
         prefill: PrefillRate | None = None,
         chunk_bytes: int = 0,
         async_loads: str = "remote",
+        tails: bool = True,
     ) -> None:
         if chunk_tokens % block_size:
             raise ValueError(
@@ -90,6 +92,8 @@ class SchedulerSide:
         self.prefill = prefill
         self.chunk_bytes = chunk_bytes
         self.async_loads = async_loads
+        self.tails = tails
+        """reuse past the last whole chunk, down to the last whole block"""
         self._known: OrderedDict[bytes, None] = OrderedDict()
         """chunk keys known stored lately (saved by this engine, or found on the node): the
         last ``REMEMBERED_KEYS``"""
@@ -106,19 +110,19 @@ class SchedulerSide:
         if tracked is None:
             prompt = list(request.prompt_token_ids)
             c = self.chunk_tokens
-            keys = chunk_keys(self.namespace, prompt[: len(prompt) // c * c], c)
+            chain = Chain.of(self.namespace, prompt, c, self.block_size, self.tails)
             if num_computed_tokens >= most:
-                tracked = self._covered(prompt, keys, num_computed_tokens)
+                tracked = self._covered(prompt, chain, num_computed_tokens)
             else:
                 cost = self.prefill.cost(c, self.chunk_bytes) if self.prefill is not None else None
-                hits = self.store.lookup(keys, cost) if keys else 0
+                hits = self.store.lookup(chain.keys, cost) if chain.keys else 0
                 self.stats["lookups"] += 1
-                tracked = _Tracked(prompt, hits, stored=hits, keys=keys)
+                tracked = _Tracked(prompt, chain, hits, stored=hits)
                 tracked.recompute_s = cost.recompute_s if cost is not None else 0.0
-                tracked.asynchronous = hits > 0 and self._between_steps(keys[:hits])
+                tracked.asynchronous = hits > 0 and self._between_steps(chain.keys[:hits])
             self._tracked[request.request_id] = tracked
         tracked.local_computed = num_computed_tokens
-        matched = tracked.hits * self.chunk_tokens
+        matched = tracked.chain.end(tracked.hits)
         if matched >= request.num_tokens:
             # vLLM must compute at least one token; keep the hit block-aligned, so no block is
             # left half loaded (vLLM recomputes the prompt's last block instead).
@@ -126,19 +130,19 @@ class SchedulerSide:
         new = max(0, matched - num_computed_tokens)
         return new, new > 0 and tracked.asynchronous
 
-    def _covered(self, prompt: list[int], keys: list[bytes], computed: int) -> _Tracked:
-        """vLLM's own prefix cache covers all that a hit could: no lookup (its chunks were
-        saved when this engine computed them). Only a chunk that the cache covers in part may
+    def _covered(self, prompt: list[int], chain: Chain, computed: int) -> _Tracked:
+        """vLLM's own prefix cache covers all that a hit could: no lookup (its records were
+        saved when this engine computed them). Only a record that the cache covers in part may
         be new; it is saved unless known stored, or this node holds it (a LOOKUP of it here)."""
-        stored = computed // self.chunk_tokens
-        rest = keys[stored:]
+        stored = chain.within(computed)
+        rest = chain.keys[stored:]
         if rest and all(k in self._known for k in rest):
             stored += len(rest)  # saved by this engine or found on the node lately: no need to ask
         elif rest:
             held = self.store.lookup(rest, local=True)
             self._remember(rest[:held])
             stored += held
-        return _Tracked(prompt, 0, stored=stored, keys=keys)
+        return _Tracked(prompt, chain, 0, stored=stored)
 
     def _between_steps(self, hit: list[bytes]) -> bool:
         """Whether a hit loads between steps: with "remote", when some of it is on peers only
@@ -155,12 +159,11 @@ class SchedulerSide:
         if num_external_tokens > 0:
             start = tracked.local_computed
             end = start + num_external_tokens
-            c = self.chunk_tokens
-            last_chunk_end = -(-end // c) * c
+            last_record_end = tracked.chain.end(tracked.chain.at(end - 1) + 1)
             self._loads.append(
                 LoadSpec(
                     request.request_id,
-                    tracked.prompt[:last_chunk_end],
+                    tracked.prompt[:last_record_end],
                     list(block_ids),
                     start,
                     end,
@@ -211,22 +214,24 @@ class SchedulerSide:
         prefill.observe(n, now - started)
 
     def _plan_save(self, meta: MeshConnectorMetadata, req_id: str, tracked: _Tracked, computed: int) -> None:
-        """Save the prompt chunks this step completes (whole chunks only, each once)."""
-        c = self.chunk_tokens
-        full = min(computed, len(tracked.prompt)) // c
+        """Save the prompt records this step completes (whole chunks and whole tail blocks,
+        each once)."""
+        chain = tracked.chain
+        full = chain.within(min(computed, len(tracked.prompt)))
         if full <= tracked.stored:
             return
+        end = chain.end(full)
         meta.saves.append(
             SaveSpec(
                 req_id,
-                tracked.prompt[: full * c],
-                tracked.block_ids[: full * c // self.block_size],
+                tracked.prompt[:end],
+                tracked.block_ids[: end // self.block_size],
                 tracked.stored,
                 full - tracked.stored,
             )
         )
         self.stats["saved_chunks"] += full - tracked.stored
-        self._remember(tracked.keys[tracked.stored : full])
+        self._remember(chain.keys[tracked.stored : full])
         tracked.stored = full
 
     def _remember(self, keys: list[bytes]) -> None:

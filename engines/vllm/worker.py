@@ -38,7 +38,6 @@ import torch
 
 from lmcache_mesh.node.calls import Reservation
 from lmcache_mesh.node.codecs import CodecError
-from lmcache_mesh.node.keys import chunk_keys
 from lmcache_mesh.node.kvformat import KVGeometry
 from lmcache_mesh.node.protocol import Cost
 from lmcache_mesh.node.records import ChunkRecord
@@ -47,6 +46,7 @@ from lmcache_mesh.node.shm import Lease
 from ..codec import codec_meta, decoded, encoded_runs, not_readable
 from ..saver import Saver
 from ..store import MeshStore
+from .chain import Chain
 from .layout import Kind, PagedLayout, slots_of
 from .metadata import LoadSpec, MeshConnectorMetadata, SaveSpec
 from .transfer import Copies, forward_mark, forward_waits_for, pin_host_memory
@@ -67,6 +67,21 @@ def layer_order(names: list[str]) -> list[str]:
         return (int(m.group(1)) if m else 1 << 30, name)
 
     return sorted(names, key=index)
+
+
+def _by_tokens(
+    keys: list[bytes], chunks: list[torch.Tensor], payloads: list[Any]
+) -> list[tuple[int, list[bytes], list[Any]]]:
+    """Runs of records of one token count (chunks, then a prompt's tail blocks)."""
+    runs: list[tuple[int, list[bytes], list[Any]]] = []
+    for key, chunk, payload in zip(keys, chunks, payloads, strict=True):
+        tokens = chunk.shape[2]
+        if runs and runs[-1][0] == tokens:
+            runs[-1][1].append(key)
+            runs[-1][2].append(payload)
+        else:
+            runs.append((tokens, [key], [payload]))
+    return runs
 
 
 def _submit(pool: futures.ThreadPoolExecutor, job: Callable[..., Any], *args: Any) -> futures.Future[Any]:
@@ -254,9 +269,9 @@ class WorkerSide:
     def _prepare(self, spec: LoadSpec) -> _Load:
         """Read a load's chunks under a lease and verify them; the pieces to write, in order,
         up to the first chunk missing, of another model, or failing its checksum."""
-        c = self.chunk_tokens
-        first, last = spec.start // c, -(-spec.end // c)
-        keys = chunk_keys(self.namespace, spec.tokens[: last * c], c)[first:last]
+        chain = Chain.of(self.namespace, spec.tokens, self.chunk_tokens, self.block_size)
+        first = chain.at(spec.start)
+        keys = chain.keys[first:]
         cost = Cost(spec.recompute_s, self.chunk_bytes) if spec.recompute_s > 0 and self.chunk_bytes else None
         # On the node's host the records are views into its shared memory, unchanged while the
         # lease lasts: each is verified in place and copied once, into the paged blocks.
@@ -265,10 +280,11 @@ class WorkerSide:
         device = self.layers[0].device
         try:
             for i, record in enumerate(lease.records):
-                chunk = first + i
+                n = first + i  # the record's place in the prompt's chain
                 if record is None:
                     break
-                refused = self._refused(record)
+                tokens, begins = chain.tokens(n), chain.start(n)
+                refused = self._refused(record, tokens)
                 if refused:
                     self._count("bad_chunks")
                     logger.warning("dropping chunk %s: %s", record.key.hex(), refused)
@@ -277,15 +293,16 @@ class WorkerSide:
                 if payload is None:
                     break  # failed its checksum (counted): recompute from here
                 try:
-                    payload = memoryview(decoded(record.header, payload, self.chunk_bytes, self.geometry))
+                    geometry = self.geometry if tokens == self.chunk_tokens else None
+                    payload = memoryview(decoded(record.header, payload, self._bytes(tokens), geometry))
                 except CodecError as exc:
                     self._count("bad_chunks")
                     logger.warning("dropping chunk %s: %s", record.key.hex(), exc)
                     break
-                lo, hi = max(spec.start, chunk * c), min(spec.end, (chunk + 1) * c)
+                lo, hi = max(spec.start, begins), min(spec.end, begins + tokens)
                 slots = slots_of(spec.block_ids, self.block_size, lo, hi).to(device)
                 load.pieces.append(
-                    _Piece(self._as_tensor(payload), slots, slice(lo - chunk * c, hi - chunk * c))
+                    _Piece(self._as_tensor(payload, tokens), slots, slice(lo - begins, hi - begins))
                 )
                 load.end = hi
         except BaseException:
@@ -401,25 +418,29 @@ class WorkerSide:
             self._count("failed_tokens", -(load.spec.end - load.end))
             self._report(load.spec, load.spec.start, this_step=True)
 
-    def _refused(self, record: ChunkRecord) -> str | None:
-        """Why a fetched record must not be loaded here, or None."""
+    def _refused(self, record: ChunkRecord, tokens: int) -> str | None:
+        """Why a fetched record must not be loaded here as one of ``tokens`` tokens (a whole
+        chunk, or one tail block), or None."""
         h = record.header
-        if h.namespace != self.namespace or h.tokens != self.chunk_tokens:
+        if h.namespace != self.namespace or h.tokens != tokens:
             return "not of this model and layout"
-        if h.codec == "raw" and h.length != self.chunk_bytes:
-            return f"{h.length} bytes, not a chunk of this layout ({self.chunk_bytes})"
+        if h.codec == "raw" and h.length != self._bytes(tokens):
+            return f"{h.length} bytes, not a record of this layout ({self._bytes(tokens)})"
         return not_readable(h, self.codec)
 
-    @property
-    def _chunk_shape(self) -> tuple[int, ...]:
+    def _shape(self, tokens: int) -> tuple[int, ...]:
+        """A record of ``tokens`` tokens: ``[layers, 2, tokens, heads, head_size]``."""
         assert self.layout is not None
-        return (len(self.layers), 2, self.chunk_tokens, self.layout.kv_heads, self.layout.head_size)
+        return (len(self.layers), 2, tokens, self.layout.kv_heads, self.layout.head_size)
 
-    def _as_tensor(self, payload: memoryview) -> torch.Tensor:
+    def _bytes(self, tokens: int) -> int:
+        return self.chunk_bytes // self.chunk_tokens * tokens
+
+    def _as_tensor(self, payload: memoryview, tokens: int) -> torch.Tensor:
         with warnings.catch_warnings():  # a read-only buffer: we only read from it
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(payload, dtype=torch.uint8)
-        return flat.view(self.layers[0].dtype).view(self._chunk_shape)
+        return flat.view(self.layers[0].dtype).view(self._shape(tokens))
 
     def take_failed_blocks(self) -> set[int]:
         """Blocks this step failed to load (called once per step, after the saves)."""
@@ -460,7 +481,6 @@ class WorkerSide:
     def _begin_saves(self, meta: MeshConnectorMetadata) -> list[_Save]:
         """Announce this step's saves (lookups count them from now on) and give each chunk a
         destination: the slot the node reserved for it, or a host tensor."""
-        per_chunk = self.chunk_tokens // self.block_size
         saves = []
         for spec in meta.saves:
             if spec.req_id in self._failed_reqs:
@@ -468,26 +488,29 @@ class WorkerSide:
                 # computes after them is wrong, and vLLM will recompute it. Never store it.
                 self._count("dropped_saves")
                 continue
-            nbytes = spec.count * self.chunk_bytes
+            chain = Chain.of(self.namespace, spec.tokens, self.chunk_tokens, self.block_size)
+            records = range(spec.first, spec.first + spec.count)
+            sizes = [self._bytes(chain.tokens(i)) for i in records]
+            nbytes = sum(sizes)
             if not self.saver.has_room(nbytes):
                 self.saver.count_dropped()
                 self._count("dropped_saves")
                 continue
-            keys = chunk_keys(self.namespace, spec.tokens, self.chunk_tokens)[
-                spec.first : spec.first + spec.count
-            ]
+            keys = [chain.keys[i] for i in records]
             # Encoded chunks have other sizes: they are announced when they are put.
             raw = self.codec == "raw"
-            reservation = self.store.reserve(keys, [self.chunk_bytes] * len(keys)) if raw else None
-            slots = self.store.reserved_slots(reservation, self.chunk_bytes) if raw else None
+            reservation = self.store.reserve(keys, sizes) if raw else None
+            slots = self.store.reserved_slots(reservation, sizes) if raw else None
             if slots is not None:
-                chunks = [self._as_tensor(slot) for slot in slots]
+                chunks = [
+                    self._as_tensor(slot, chain.tokens(i)) for slot, i in zip(slots, records, strict=True)
+                ]
             else:
-                chunks = [torch.empty(self._chunk_shape, dtype=self.layers[0].dtype) for _ in keys]
-            blocks = [
-                spec.block_ids[c * per_chunk : (c + 1) * per_chunk]
-                for c in range(spec.first, spec.first + spec.count)
-            ]
+                chunks = [
+                    torch.empty(self._shape(chain.tokens(i)), dtype=self.layers[0].dtype) for i in records
+                ]
+            b = self.block_size
+            blocks = [spec.block_ids[chain.start(i) // b : chain.start(i + 1) // b] for i in records]
             saves.append(_Save(spec, keys, reservation, chunks, blocks, slots is not None, nbytes))
         return saves
 
@@ -535,25 +558,32 @@ class WorkerSide:
     def _put(
         self, keys: list[bytes], chunks: list[torch.Tensor], reservation: Reservation | None, written: bool
     ) -> None:
-        meta = {
-            "tokens": self.chunk_tokens,
-            "layout": self.descriptor,
-            "dtype": self.descriptor["dtype"],
-            "shape": list(chunks[0].shape),
-        }
         payloads = [chunk.view(torch.uint8).reshape(-1).numpy() for chunk in chunks]
         try:
-            if written:  # already in the reserved slots: checksum them where they are, commit
-                self.store.commit_written(keys, payloads, self.namespace, meta, reservation)
-            else:  # encoded here, on the save thread
-                for codec, run_keys, run in encoded_runs(self.codec, keys, payloads, self.geometry):
-                    self.store.put_payloads(
-                        run_keys, run, self.namespace, codec_meta(meta, codec, self.chunk_bytes), reservation
-                    )
+            if self.codec == "raw":  # all of the reservation at once: chunks and tail blocks
+                records = [
+                    ChunkRecord.build(k, p, self.namespace, self._meta(chunk.shape[2]))
+                    for k, p, chunk in zip(keys, payloads, chunks, strict=True)
+                ]
+                self.store.commit_records(records, reservation, written)
+            else:  # encoded here, on the save thread; tail blocks stay raw (a block is small)
+                for tokens, run_keys, run in _by_tokens(keys, chunks, payloads):
+                    codec = self.codec if tokens == self.chunk_tokens else "raw"
+                    for used, coded_keys, coded in encoded_runs(codec, run_keys, run, self.geometry):
+                        meta = codec_meta(self._meta(tokens), used, self._bytes(tokens))
+                        self.store.put_payloads(coded_keys, coded, self.namespace, meta)
         except Exception:
             self.store.cancel(reservation)  # lookups must stop counting what will not land
             raise
         self._count("saved_chunks", len(keys))
+
+    def _meta(self, tokens: int) -> dict[str, Any]:
+        return {
+            "tokens": tokens,
+            "layout": self.descriptor,
+            "dtype": self.descriptor["dtype"],
+            "shape": list(self._shape(tokens)),
+        }
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)

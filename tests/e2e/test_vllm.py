@@ -235,3 +235,20 @@ def test_codecs_lossless_for_everyone_lossy_only_for_engines_that_opted_in(model
     )  # f32 KV
     second = run_engine(models["tiny"], [p], daemon.tcp, {"codec": "int8"})
     assert second[0]["cached"] == 3 * CHUNK
+
+
+def test_a_hit_reaches_down_to_the_last_whole_block(models, daemon: Daemon) -> None:  # type: ignore[no-untyped-def]
+    """The blocks after a prompt's last whole chunk are stored as records of one block: a
+    repeated prompt recomputes less than a block, one differing inside that block reuses up
+    to its chunks, and the text is the same as without the mesh."""
+    p = prompt(3 * CHUNK + BLOCK + 9, seed=31)  # 3 chunks, 1 whole block, 8 more tokens
+    differs = p[: 3 * CHUNK + 5] + [7] + p[3 * CHUNK + 6 :]
+    first = run_engine(models["tiny"], [p], daemon.tcp)
+    assert first[0]["cached"] == 0
+    assert wait_until(lambda: stored_chunks(daemon) >= 4, 30) is not None  # 3 chunks + 1 block
+    second = run_engine(models["tiny"], [p, differs], daemon.tcp)
+    baseline = run_engine(models["tiny"], [p, differs], None)
+    assert [r["cached"] for r in second] == [3 * CHUNK + BLOCK, 3 * CHUNK]
+    assert [r["tokens"] for r in second] == [r["tokens"] for r in baseline]
+    off = run_engine(models["tiny"], [p], daemon.tcp, {"tails": False})
+    assert off[0]["cached"] == 3 * CHUNK

@@ -26,6 +26,7 @@ def test_both_adapters_extend_the_one_base_with_only_their_own_fields() -> None:
         "layerwise",
         "pin_shared_memory",
         "async_loads",
+        "tails",
     }
     assert VllmMeshConfig().max_pending_save_bytes == 2 * LlamaMeshConfig().max_pending_save_bytes
 

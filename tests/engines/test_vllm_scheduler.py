@@ -170,3 +170,40 @@ def test_the_prefill_rate_is_measured_from_step_times() -> None:
     time.sleep(0.05)
     side.build_meta(step(scheduled={"b": 512}))  # a 1-token step is no measurement
     assert side.prefill is not None and side.prefill.tokens_per_s == rate
+
+
+def cache_chain(side: SchedulerSide, tokens: list[int], records: int) -> None:
+    from lmcache_mesh.engines.vllm.chain import Chain
+
+    keys = Chain.of(NS, tokens, C, BS).keys[:records]
+    side.store.put([ChunkRecord.build(k, b"x" * 8, NS) for k in keys])
+
+
+def test_a_hit_reaches_down_to_the_last_whole_block_after_the_chunks(side: SchedulerSide) -> None:
+    tokens = list(range(1, 3 * C + BS + 9))  # 3 chunks, 1 whole block, 8 more
+    cache_chain(side, tokens, 4)
+    assert side.matched_tokens(request("r", tokens), 0) == (3 * C + BS, False)  # recomputes 8
+    differs = tokens[: 3 * C + 5] + [9999] + tokens[3 * C + 6 :]  # inside the tail block
+    assert side.matched_tokens(request("d", differs), 0) == (3 * C, False)
+    side.after_alloc(request("r", tokens), list(range(10, 18)), 3 * C + BS)
+    (load,) = side.build_meta(step()).loads
+    assert (load.start, load.end, len(load.tokens)) == (0, 3 * C + BS, 3 * C + BS)
+    off = SchedulerSide(NS, C, BS, side.store, tails=False)
+    assert off.matched_tokens(request("o", tokens), 0) == (3 * C, False)
+
+
+def test_the_tail_blocks_a_prefill_completes_are_saved_after_its_chunks(side: SchedulerSide) -> None:
+    tokens = list(range(1, 2 * C + BS + 4))  # 2 chunks, 1 whole block, 3 more
+    req = request("r", tokens)
+    assert side.matched_tokens(req, 0) == (0, False)
+    blocks = list(range(40, 46))
+    side.after_alloc(req, blocks, 0)
+    meta = side.build_meta(step([("r", blocks, 0)], scheduled={"r": len(tokens)}))
+    assert [(s.first, s.count, len(s.tokens), s.block_ids) for s in meta.saves] == [
+        (0, 3, 2 * C + BS, blocks[:5])
+    ]
+    # the next turn's prompt extends this one: its chain starts with the same two chunks
+    from lmcache_mesh.engines.vllm.chain import Chain
+
+    longer = Chain.of(NS, tokens + list(range(500, 600)), C, BS)
+    assert longer.keys[:2] == Chain.of(NS, tokens, C, BS).keys[:2]

@@ -125,3 +125,24 @@ def test_a_tail_key_names_its_prefix_and_is_never_a_chunk_key() -> None:
     assert tail_key(chunk_keys(ns, [9, *tokens[1:4]], 1)[-1]) != tail_key(keys[3])
     with pytest.raises(ValueError, match="16-byte"):
         tail_key(b"short")
+
+
+def test_block_keys_chain_after_the_last_chunk_and_never_equal_chunk_or_tail_keys() -> None:
+    from lmcache_mesh.node.keys import block_keys
+
+    ns = namespace_id(b"w", {"engine": "vllm"}, 64)
+    tokens = list(range(1, 64 + 3 * 16 + 5))
+    (chunk,) = chunk_keys(ns, tokens, 64)
+    blocks = block_keys(chunk, tokens[64:], 16)
+    assert len(blocks) == 3  # whole blocks only: the last 5 tokens get no key
+    assert block_keys(chunk, tokens[64 : 64 + 32], 16) == blocks[:2]  # a prefix of the chain
+    other = tokens[: 64 + 20] + [999] + tokens[64 + 21 :]
+    assert (
+        block_keys(chunk, other[64:], 16)[0] == blocks[0]
+        and block_keys(chunk, other[64:], 16)[1] != blocks[1]
+    )
+    assert block_keys(ns, tokens[:64], 16)[0] not in chunk_keys(ns, tokens, 16)  # other personalization
+    assert blocks[0] != tail_key(chunk)
+    assert (
+        block_keys(chunk_keys(ns, [7] + tokens[1:], 64)[0], tokens[64:], 16)[0] != blocks[0]
+    )  # names its prefix
