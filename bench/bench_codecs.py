@@ -17,9 +17,9 @@ the prefix itself, in the same run. Per codec:
   completion path), the share equal to the baseline's before the first difference;
 * size: bytes stored for the prefix's chunks against raw.
 
-A row "recomputed" gives the noise floor: the same engine computing the prefix in batches of
-32 tokens instead of 512 (other float sums, no codec) against the baseline: how much any KV
-that is not bit-identical moves these measures.
+A row "recomputed" is the control: the same engine computing the prefix in batches of 32
+tokens instead of 512 (no codec), against the baseline (on this CPU llama.cpp gives
+bit-identical KV, so every difference in the other rows is the codec's).
 
 The KV types are the model's f16 and, for the lossless codec's size, bf16 too (llama.cpp's
 ``type_k``/``type_v``).
@@ -35,7 +35,7 @@ Prints tables, writes JSON to ``bench/results/bench_codecs.json`` and charts to
 With ``--vllm``, also vLLM's greedy agreement per codec on the same model turned into a
 Hugging Face checkpoint (one engine per codec stores the prefixes and loads them back).
 
-Run:  python bench/bench_codecs.py            (about 20 minutes; --vllm about 6 more)
+Run:  python bench/bench_codecs.py            (about 15 minutes; --vllm about 5 more)
       python bench/bench_codecs.py --quick    (2 windows, fewer reps)
 """
 
@@ -177,8 +177,7 @@ def quality(args: argparse.Namespace, node: str, kv_type: int | None) -> dict[st
         base.append((score_after(plain, continuation), greedy(plain, prefix, args.greedy)))
     plain.close()
     rows: dict[str, Any] = {}
-    # The noise floor: the same engine computing the prefix in batches of 32 instead of 512
-    # (other float sums): how much agreement any KV that is not bit-identical keeps.
+    # The control: the same engine computing the prefix in batches of 32 instead of 512.
     other = Llama(model_path=model, **{**kw, "n_batch": 32, "n_ubatch": 32})
     floor = Scores()
     for (prefix, continuation), (want, want_greedy) in zip(pairs, base, strict=True):
