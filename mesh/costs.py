@@ -134,6 +134,8 @@ class PeerStats:
         if e is None:
             return None
         if self.wire(peer):
+            # (once re-encoded replies were measured, their time includes the sender's
+            # encoding, counted here once more: a cautious estimate, never an optimistic one)
             moved = e.transfer_s(int(nbytes * self.wire_ratio), self.clock())
             return None if moved is None else moved + nbytes * WIRE_CODEC_S_PER_BYTE
         return e.transfer_s(nbytes, self.clock())

@@ -28,6 +28,11 @@ class Record(Protocol):
     @property
     def raw_nbytes(self) -> int: ...
 
+    @property
+    def wire_coded(self) -> bool:
+        """Re-encoded by the sender for the trip (not stored that way there)."""
+        ...
+
 
 R = TypeVar("R", bound=Record)
 

@@ -128,10 +128,12 @@ class RemoteCalls(Generic[R]):
             got = [r for r in records if r is not None]
             moved = sum(r.nbytes for r in got)
             self.peer_stats.observe(peer, moved, elapsed)
-            if wire and got:
-                held = sum(r.raw_nbytes for r in got)
-                self.peer_stats.saw_wire_ratio(moved, held)
-                self.counters["wire_fetched_bytes"] += moved
+            # only what the wire codec changed (stored codecs are not the link's doing)
+            changed = [r for r in got if r.wire_coded]
+            if wire and changed:
+                sent, held = sum(r.nbytes for r in changed), sum(r.raw_nbytes for r in changed)
+                self.peer_stats.saw_wire_ratio(sent, held)
+                self.counters["wire_fetched_bytes"] += sent
                 self.counters["wire_raw_bytes"] += held
             return records
         if not isinstance(failure, (MeshError, OSError)):

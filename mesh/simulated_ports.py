@@ -92,6 +92,10 @@ class SimRecord:
     def raw_nbytes(self) -> int:
         return len(self.payload)  # simulated peers move records as they are (no wire codec)
 
+    @property
+    def wire_coded(self) -> bool:
+        return False
+
     @classmethod
     def of(cls, name: str, nbytes: int = 1024) -> SimRecord:
         """A record whose 16-byte key and payload are derived from ``name``."""

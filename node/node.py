@@ -196,7 +196,9 @@ class Node:
             )
 
     def count_wire(self, saved: int) -> None:
-        """A reply went re-encoded for the trip, ``saved`` bytes smaller."""
+        """A reply went re-encoded for the trip, ``saved`` bytes smaller (0: nothing was)."""
+        if not saved:
+            return
         with self._lock:
             self.wire["replies"] += 1
             self.wire["bytes_saved"] += saved

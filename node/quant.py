@@ -163,7 +163,8 @@ def _encode_block(codec: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _scale(scale: torch.Tensor) -> torch.Tensor:
-    """bf16 scales no smaller than ``scale`` (bf16 rounds within 2^-9 of the value)."""
+    """bf16 scales no smaller than ``scale`` (bf16 rounds within 2^-9 of the value, so
+    2^-8 more always lands above it)."""
     if not bool(scale.isfinite().all()):
         raise ValueError("KV values beyond what a lossy codec holds (non-finite)")
     return (scale * (1 + 2**-8)).bfloat16()
@@ -244,7 +245,10 @@ def decode(codec: str, data: Any, raw_bytes: int, geometry: KVGeometry) -> npt.N
     torch = require_torch()
     _check(codec, geometry)
     view = memoryview(data).cast("B")
-    expected = encoded_bytes(codec, geometry)
+    try:
+        expected = encoded_bytes(codec, geometry)
+    except ValueError as exc:  # a geometry no payload of this codec can have
+        raise CodecError(f"{codec}: {exc}") from None
     if raw_bytes != geometry.elements * geometry.element_bytes or len(view) != expected:
         raise CodecError(f"{codec} payload of {len(view)} bytes, expected {expected} for {raw_bytes} raw")
     version, codec_id, type_id, _, n = _HEAD.unpack_from(view, 0)
@@ -282,5 +286,7 @@ def decode(codec: str, data: Any, raw_bytes: int, geometry: KVGeometry) -> npt.N
                 x.add_(lows[first : first + count].float()[:, None])
             if not math.isfinite(float(x.sum())):  # one pass; NaN and inf survive a sum
                 raise CodecError(f"{codec} payload decodes to non-finite values")
+            if geometry.dtype == "f16":  # scales rounded up may reach just past f16's range
+                x.clamp_(-_F16_MAX, _F16_MAX)
             block.copy_(x.view(block.shape))
     return out

@@ -67,10 +67,12 @@ class RecordHeader:
     """Whose chunk this is, set by the node that admitted it ("": the shared default space)."""
     raw_length: int = 0
     """Bytes of the payload before its codec (0: as stored); for accounting only."""
+    wire_coded: bool = False
+    """Re-encoded for the trip by a node that sent it (``wire_codec``), not by its writer."""
 
     @property
     def raw_bytes(self) -> int:
-        return self.raw_length or self.length
+        return self.length if self.codec == "raw" else self.raw_length or self.length
 
     def to_wire(self) -> dict[str, Any]:
         """The header as a msgpack-ready map (the on-disk and on-wire form)."""
@@ -90,6 +92,8 @@ class RecordHeader:
             wire["tenant"] = self.tenant
         if self.raw_length:
             wire["raw"] = self.raw_length
+        if self.wire_coded:
+            wire["wire"] = True
         return wire
 
     def encode(self) -> bytes:
@@ -137,6 +141,7 @@ class RecordHeader:
             version,
             tenant,
             raw_length,
+            f.flag("wire"),
         )
 
     @classmethod
@@ -190,6 +195,10 @@ class ChunkRecord:
     @property
     def raw_nbytes(self) -> int:
         return self.header.raw_bytes
+
+    @property
+    def wire_coded(self) -> bool:
+        return self.header.wire_coded
 
     @classmethod
     def build(

@@ -67,7 +67,7 @@ from .requests import (
 )
 from .sharing import Sharing
 from .tenants import client_records
-from .wirecodec import reencoded
+from .wirecodec import for_reply
 
 logger = logging.getLogger(__name__)
 
@@ -472,11 +472,8 @@ class NodeServer:
             found = await self._in_thread(self.node.get_records, keys, deadline=deadline, party=job.party)
         if self.coordinator is not None and self._mesh_wide(job.body.local) and None in found:
             found = await self.coordinator.reads.get(keys, found, deadline, job.body.cost)
-        if job.body.wire and not job.body.shm:  # frames over a slow link: fewer bytes
-            found, saved = await self._in_thread(
-                reencoded, found, job.body.wire, deadline=deadline, party=job.party
-            )
-            self.node.count_wire(saved)
+        if job.body.wire and not job.body.shm and job.tenant is None:  # a member over a slow link
+            found = await self._wire(found, job.body.wire, deadline, job.party)
         tenant = job.tenant
         if tenant is None:  # a member's request: keys and records as stored
             headers: list[RecordHeader | None] = [None if r is None else r.header for r in found]
@@ -487,6 +484,19 @@ class NodeServer:
         if tenant is not None:
             self.node.count_tenant(tenant, gets=len(keys), hits=sum(r is not None for r in found))
         return self.sharing.get_reply(job.request.id, found, headers, job.party, job.body.shm)
+
+    async def _wire(
+        self, found: list[ChunkRecord | None], codec: str, deadline: float, party: Hashable
+    ) -> list[ChunkRecord | None]:
+        """``found`` re-encoded for the trip, or as stored if that would miss the deadline."""
+        try:
+            out, saved = await self._in_thread(
+                for_reply, found, codec, self.sharing.max_reply_bytes, deadline=deadline, party=party
+            )
+        except DeadlineExceeded:
+            return found  # an optimisation must never cost the fetch
+        self.node.count_wire(saved)
+        return list(out)
 
     async def _lookup(self, job: Job[Lookup], deadline: float) -> Reply:
         reply, hits = await self._lookup_hits(job, deadline)

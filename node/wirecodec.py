@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .codecs import wire_encoded
 from .records import ChunkRecord, checksum
+from .sharing import within
 
 
 def reencoded(records: Sequence[ChunkRecord | None], codec: str) -> tuple[list[ChunkRecord | None], int]:
@@ -31,8 +32,24 @@ def reencoded(records: Sequence[ChunkRecord | None], codec: str) -> tuple[list[C
             continue
         h = record.header
         header = dataclasses.replace(
-            h, length=packed.nbytes, checksum=checksum(packed), codec=codec, raw_length=h.length
+            h,
+            length=packed.nbytes,
+            checksum=checksum(packed),
+            codec=codec,
+            raw_length=h.length,
+            wire_coded=True,
         )
         out.append(ChunkRecord(header, packed.data))
         saved += h.length - packed.nbytes
     return out, saved
+
+
+def for_reply(
+    found: list[ChunkRecord | None], codec: str, max_reply_bytes: int
+) -> tuple[list[ChunkRecord | None], int]:
+    """:func:`reencoded` for what one reply carries (the rest is asked for again and encoded
+    then, so a long fetch is encoded once); returns all of ``found`` and the bytes saved."""
+    _, _, stop = within(found, [None if r is None else r.header for r in found], max_reply_bytes)
+    carried = len(found) if stop is None else stop
+    part, saved = reencoded(found[:carried], codec)
+    return part + found[carried:], saved

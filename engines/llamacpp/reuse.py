@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cachetools import TTLCache
 
-from lmcache_mesh.mesh.errors import BadRequest
 from lmcache_mesh.node.calls import Reservation
-from lmcache_mesh.node.codecs import LOSSY, CodecError
+from lmcache_mesh.node.codecs import LOSSY
 from lmcache_mesh.node.keys import chunk_keys, namespace_id, tail_key, tokens_to_bytes
 from lmcache_mesh.node.shm import Lease
 from lmcache_mesh.node.tails import pack_tail, tail_bytes, unpack_tail, usable_tokens
@@ -330,7 +329,7 @@ class KVReuse:
                 break  # failed its checksum (counted): recompute from here
             try:
                 payload = memoryview(decoded(h, payload, self.chunk_bytes, self.geometry))
-            except CodecError as exc:
+            except Exception as exc:  # a record that does not decode is a miss, never an error
                 self._drop("chunk", h.key, str(exc))
                 break
             payloads.append(payload)
@@ -359,7 +358,7 @@ class KVReuse:
             ids, kv = unpack_tail(
                 decoded(h, payload, tail_bytes(h.tokens, self.layout.chunk_bytes(h.tokens)), None)
             )
-        except (BadRequest, CodecError) as exc:
+        except Exception as exc:  # BadRequest, CodecError...: a miss, never an error
             self._drop("tail", h.key, str(exc))
             return None
         if len(ids) != h.tokens or len(kv) != self.layout.chunk_bytes(h.tokens):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lmcache_mesh.node.codecs import FLOAT_TYPES
 from lmcache_mesh.node.keys import namespace_id
 
 from ..codec import lossy_codec
@@ -88,5 +89,7 @@ def engine_namespace(vllm_config: Any, config: VllmMeshConfig) -> tuple[bytes, d
     """(namespace id, layout descriptor) of this engine."""
     check_supported(vllm_config)
     fingerprint = model_fingerprint(model_dir(vllm_config), config.fingerprint_cache_dir)
-    descriptor = layout_descriptor(vllm_config, lossy_codec(config.codec))
+    # KV of a type the codecs do not take (fp8 caches) is stored raw: its namespace is raw's
+    floats = kv_dtype_name(vllm_config) in FLOAT_TYPES
+    descriptor = layout_descriptor(vllm_config, lossy_codec(config.codec) if floats else None)
     return namespace_id(fingerprint, descriptor, config.chunk_tokens, config.tenant), descriptor

@@ -223,6 +223,10 @@ def test_records_re_encoded_for_the_wire_decode_to_the_same_bytes() -> None:
     out, saved = reencoded([kv, None, ints, lossy], "zstd")
     first = out[0]
     assert first is not None and first.header.codec == "zstd" and first.header.raw_length == raw.nbytes
+    assert first.header.wire_coded and not kv.header.wire_coded
+    from lmcache_mesh.node.records import RecordHeader
+
+    assert RecordHeader.decode(first.header.encode()) == first.header  # the mark survives the trip
     assert saved == raw.nbytes - first.nbytes > 0
     assert ChunkRecord.verified(first.header, first.payload) is not None  # its own checksum
     assert bytes(decode_lossless("zstd", first.payload, first.header.raw_length)) == raw.tobytes()
